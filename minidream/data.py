@@ -1,0 +1,208 @@
+"""The subject folder, class (prior) images, and SDXL-style crops.
+
+DreamBooth (Ruiz et al. 2022) fine-tunes on a handful of photos of one subject, captioned
+"a photo of [V] [class noun]" with a rare token [V], plus (for prior preservation) images of the
+class made by the base model itself, captioned "a photo of [class noun]".
+
+A subject folder looks like
+
+    data/raj/
+        subject.json        {"token": "rraj", "class_noun": "person"}   (optional)
+        01.jpg 02.png ...   the instance images, any size, jpg/png/webp
+
+SDXL conditions its UNet on the original image size and the crop it was cut with (Podell et al.
+2023, sec. 2.2 "micro-conditioning"), so every crop here returns those numbers too.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SETTINGS_FILE = "subject.json"
+
+
+class DataError(ValueError):
+    """Bad training data: the message names the file and the fix."""
+
+
+# ----------------------------------------------------------------------------- subject
+
+@dataclass
+class Subject:
+    """Who or what is learned, and how it is named in prompts."""
+
+    folder: Path
+    images: list[Path]  # usable instance images, sorted by name
+    token: str  # the rare identifier [V], e.g. "rraj"
+    class_noun: str  # e.g. "person"
+    instance_prompt: str  # "a photo of rraj person"
+    class_prompt: str  # "a photo of person"
+
+
+def load_subject(folder, token=None, class_noun=None, instance_prompt=None, class_prompt=None) -> Subject:
+    """Read a subject folder; command-line values override `subject.json`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"subject folder {folder} does not exist: create it and put 5-6 photos of the subject in it")
+    settings = {}
+    settings_path = folder / SETTINGS_FILE
+    if settings_path.exists():
+        try:
+            settings = json.loads(settings_path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"{settings_path} is not valid JSON ({e}); expected e.g. "
+                            '{"token": "rraj", "class_noun": "person"}') from None
+    token = token or settings.get("token")
+    class_noun = class_noun or settings.get("class_noun")
+    if not token or not class_noun:
+        raise DataError(f"no rare token / class noun for {folder}: pass --token and --class-noun, or write "
+                        f'{settings_path} with {{"token": "rraj", "class_noun": "person"}}')
+    images = find_images(folder)
+    return Subject(
+        folder=folder,
+        images=images,
+        token=token,
+        class_noun=class_noun,
+        instance_prompt=instance_prompt or settings.get("instance_prompt") or f"a photo of {token} {class_noun}",
+        class_prompt=class_prompt or settings.get("class_prompt") or f"a photo of {class_noun}",
+    )
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files of a folder by suffix; other files are skipped with a warning."""
+    images, skipped = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.name == SETTINGS_FILE or path.is_dir():
+            continue
+        (images if path.suffix.lower() in IMAGE_SUFFIXES else skipped).append(path)
+    if skipped:
+        warnings.warn(f"skipping {len(skipped)} non-image file(s) in {folder}: {', '.join(p.name for p in skipped[:5])}")
+    if not images:
+        raise DataError(f"no images in {folder}: add 5-6 photos ({', '.join(IMAGE_SUFFIXES)})")
+    return images
+
+
+# ----------------------------------------------------------------------------- images
+
+def open_rgb(path: Path) -> Image.Image:
+    """Open an image as 8-bit RGB, honouring EXIF orientation.
+
+    Phones store portrait photos as landscape pixels plus an EXIF rotation tag; ignoring it
+    would train on sideways faces. Transparent images are put on white, CMYK and 16-bit
+    images are converted (16-bit values are scaled down, not clipped).
+    """
+    try:
+        img = Image.open(path)
+        img.load()  # decode now, so a truncated file fails here and not mid-training
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{path} is not a readable image ({e}); re-export it or remove it") from None
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        peak = 65535.0 if img.mode.startswith("I;16") else max(float(np.asarray(img).max()), 1.0)
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / peak * 255.0).round().astype(np.uint8))
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def load_images(paths: list[Path], resolution: int, what: str = "instance") -> list[tuple[Path, Image.Image]]:
+    """Open every image; unreadable ones are named and skipped, none left is an error."""
+    good = []
+    for path in paths:
+        try:
+            img = open_rgb(path)
+        except DataError as e:
+            warnings.warn(f"skipping {what} image: {e}")
+            continue
+        if min(img.size) < resolution:
+            warnings.warn(f"{path} is {img.size[0]}x{img.size[1]}, smaller than the training resolution "
+                          f"{resolution}: it will be upscaled and look soft; use larger photos if you can")
+        good.append((path, img))
+    if not good:
+        raise DataError(f"none of the {len(paths)} {what} image(s) could be read")
+    return good
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1], the range the VAE was trained on."""
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Float tensor (B, 3, H, W) in [-1, 1] -> list of PIL RGB images."""
+    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in array]
+
+
+@dataclass
+class View:
+    """One training view of an image: pixels plus the SDXL micro-conditioning numbers."""
+
+    pixels: torch.Tensor  # (3, res, res) in [-1, 1]
+    original_size: tuple[int, int]  # (height, width) of the file's image
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+    flipped: bool
+
+
+def make_view(img: Image.Image, resolution: int, rng: random.Random, flip: bool, center: bool = False) -> View:
+    """Resize the short side to `resolution`, crop a square (random or centred), maybe flip.
+
+    The crop's top-left corner is what SDXL's time ids call crops_coords_top_left; the original
+    size is the image's size before resizing (Podell et al. 2023, sec. 2.2).
+    """
+    original_size = (img.height, img.width)
+    scale = resolution / min(img.size)
+    width, height = max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))
+    img = img.resize((width, height), Image.Resampling.BICUBIC)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if center:
+        top, left = (height - resolution) // 2, (width - resolution) // 2
+    else:
+        top, left = rng.randint(0, height - resolution), rng.randint(0, width - resolution)
+    img = img.crop((left, top, left + resolution, top + resolution))
+    return View(to_tensor(img), original_size, (top, left), flip)
+
+
+# ----------------------------------------------------------------------------- class images
+
+def class_image_folder(class_dir) -> Path:
+    """A folder of class images; a `.zip` is unpacked once beside itself (`prior.zip` -> `prior/`)."""
+    class_dir = Path(class_dir)
+    if class_dir.suffix.lower() != ".zip":
+        class_dir.mkdir(parents=True, exist_ok=True)
+        return class_dir
+    if not class_dir.exists():
+        raise DataError(f"class image archive {class_dir} does not exist")
+    folder = class_dir.with_suffix("")
+    if not folder.exists():
+        try:
+            with zipfile.ZipFile(class_dir) as archive:
+                members = [m for m in archive.namelist() if Path(m).suffix.lower() in IMAGE_SUFFIXES
+                           and not Path(m).name.startswith(".")]
+                tmp = folder.with_name(folder.name + ".unpacking")
+                tmp.mkdir(parents=True, exist_ok=True)
+                for m in members:  # flatten: archives often hold one top folder
+                    (tmp / Path(m).name).write_bytes(archive.read(m))
+                tmp.rename(folder)
+        except zipfile.BadZipFile:
+            raise DataError(f"{class_dir} is not a valid zip archive") from None
+    return folder
+
+
+def existing_class_images(folder: Path) -> list[Path]:
+    """Class images already present (generation fills up to the requested count)."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
