@@ -6,6 +6,7 @@ loads them with transformers' own from_pretrained, minidream's side with its own
 """
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from minidream.text import (
 )
 
 torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-6
 LONG = "a photo of rraj person wearing a red hat at the beach " * 8  # > 77 tokens
 
@@ -257,3 +259,18 @@ def test_tiny_vocab_keeps_prompt_words_whole_and_unknown_words_tokenizable(ours)
     ids = tok("zq, naïve 日本").input_ids
     assert tok.unk_token_id not in ids[1:-1]  # every byte has a symbol: nothing is unknown
     assert ours.tokenizer_2.pad_token == "!" and ours.tokenizer.pad_token == "<|endoftext|>"
+
+
+@pytest.mark.parametrize("sub, cls, act", [("text_encoder", CLIPTextModel, "quick_gelu"),
+                                           ("text_encoder_2", CLIPTextModelWithProjection, "gelu")])
+def test_shape_inference_recovers_the_real_sdxl_configs(ours, sub, cls, act):
+    # Full-size CLIP-L / bigG on the meta device (no memory): shapes alone must give back config.json.
+    real = cls.config_class.from_pretrained(ROOT / "configs" / "sdxl-base-1.0" / sub)
+    with torch.device("meta"):
+        sd = cls(real).state_dict()
+    inferred = clip_config_from_state_dict(sd, act, ours.tokenizer)
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                  "max_position_embeddings", "hidden_act", "layer_norm_eps"):
+        assert getattr(inferred, field) == getattr(real, field), field
+    if cls is CLIPTextModelWithProjection:
+        assert inferred.projection_dim == real.projection_dim == 1280
