@@ -1,0 +1,284 @@
+"""Samplers: walk the noise schedule backwards, from x_T (noise) to x_0 (a latent image).
+
+Every sampler is a free function with one signature, in the style of k-diffusion:
+
+    x0 = sampler(model, x_T, cfg, steps, *, ..., callback=None)
+
+`model(x, t)` is a closure returning the UNet output (eps or v, per cfg.prediction_type) for the
+batch x at the integer training timestep t (a Python int). The sampler never sees prompts:
+conditioning and classifier-free guidance live in the closure (see `with_guidance`). All state,
+such as the PLMS history, is local to one call. `callback(i, t, x)` is called after every model
+evaluation i (at timestep t) with the new x, so a caller can watch or test the whole trajectory.
+
+x_T must already be multiplied by `init_noise_sigma(cfg, steps, sampler)`: 1.0 for ddim and pndm.
+
+The samplers reproduce diffusers' DDIMScheduler, PNDMScheduler and EulerDiscreteScheduler
+(default settings) to float32 rounding, quirks included; each quirk is named where it happens.
+"""
+
+import torch
+
+from .schedule import (
+    ScheduleConfig,
+    alphas_cumprod,
+    final_alpha_cumprod,
+    inference_timesteps,
+    predicted_x0_eps,
+)
+
+
+def ddim(model, x, cfg: ScheduleConfig, steps: int, *, eta=0.0, generator=None, callback=None):
+    """DDIM: Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12,
+
+        x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat + sigma z,
+
+    with sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) (eq. 16), a = alpha_bar.
+    eta = 0 is deterministic DDIM; eta = 1 has DDPM's posterior variance. For eta > 0 the noise z
+    is drawn as diffusers draws it (one torch.randn of x's shape and dtype per step, from
+    `generator`, on the generator's device), so the same generator gives the same trajectory.
+
+    diffusers quirk kept: the "previous" timestep is always t - T // steps, even where trailing or
+    linspace spacing makes the next visited timestep a different one.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+    ts = inference_timesteps(cfg, steps)
+    stride = cfg.num_train_timesteps // steps
+    ac = alphas_cumprod(cfg).to(x.device)
+    final = final_alpha_cumprod(cfg, ac)
+    for i, t in enumerate(ts):
+        a_t = ac[t]
+        a_prev = ac[t - stride] if t - stride >= 0 else final
+        x0, eps = predicted_x0_eps(model(x, t), x, a_t, cfg.prediction_type)
+        x0 = _clip_x0(x0, cfg)
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        x = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
+        if eta > 0:
+            device = generator.device if generator is not None else x.device
+            z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+            x = x + sigma * z.to(x.device)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def pndm(model, x, cfg: ScheduleConfig, steps: int, *, prk_warmup=False, callback=None):
+    """PNDM: Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds".
+
+    Every step moves x from t to t - T // steps with PNDM's transfer part (`_pndm_step`, eq. 9),
+    driven by a combination of the latest model outputs: the pseudo linear multi-step method
+    (PLMS, eq. 13), 4th-order Adams-Bashforth (55 e_t - 59 e_t-1 + 37 e_t-2 - 9 e_t-3) / 24.
+    Until four outputs exist the history has to be started:
+
+      prk_warmup=False  what SD/SDXL use (diffusers' skip_prk_steps=True): `_plms_start`, then
+                        lower-order Adams-Bashforth steps until the history is full.
+      prk_warmup=True   the paper's pseudo Runge-Kutta warm-up (PRK, eq. 12; `_prk_start`),
+                        12 evaluations over the first 3 steps, then 4th-order PLMS at once.
+
+    diffusers quirk kept: outputs are combined as the model gave them (v for v_prediction) and
+    converted to eps only inside the transfer step, with the x that step starts from.
+    """
+    ac = alphas_cumprod(cfg).to(x.device)
+    final = final_alpha_cumprod(cfg, ac)
+
+    def step(x, out, t, t_prev):  # the transfer part with this schedule bound in
+        return _pndm_step(x, out, t, t_prev, ac, final, cfg.prediction_type)
+
+    ts = inference_timesteps(cfg, steps)
+    stride = cfg.num_train_timesteps // steps
+    start = _prk_start if prk_warmup else _plms_start
+    x, outs, rest, i = start(model, x, ts, stride, step, callback)
+    for t in rest:
+        outs = outs[-3:] + [model(x, t)]  # keep the 4 most recent outputs
+        x = step(x, _adams_bashforth(outs), t, t - stride)
+        if callback is not None:
+            callback(i, t, x)
+        i += 1
+    return x
+
+
+def _pndm_step(x, out, t, t_prev, ac, final, prediction_type):
+    """PNDM's transfer part phi (Liu et al. 2022, eq. 9): move x from alpha_bar a_t to a_prev
+    along eps. Algebraically this is the DDIM eta = 0 step, written the paper's way."""
+    a_t = ac[t]
+    a_prev = ac[t_prev] if t_prev >= 0 else final
+    eps = predicted_x0_eps(out, x, a_t, prediction_type)[1]
+    eps_coeff_denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
+    return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * eps / eps_coeff_denom
+
+
+def _adams_bashforth(outs):
+    """Adams-Bashforth combination of the last 1-4 model outputs (newest last). Orders 2 and 3
+    are diffusers' bridge after its PLMS start; the paper's F-PNDM uses order 4 right after
+    its Runge-Kutta warm-up."""
+    e = outs[::-1]  # e[0] newest
+    if len(e) == 1:
+        return e[0]
+    if len(e) == 2:
+        return (3 * e[0] - e[1]) / 2
+    if len(e) == 3:
+        return (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12
+    return (1 / 24) * (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3])
+
+
+def _plms_start(model, x, ts, stride, step, callback):
+    """diffusers' PLMS start (skip_prk_steps=True), a pseudo improved-Euler (Heun) step done as
+    two evaluations, which is why diffusers' timestep list repeats its second timestep:
+      1. e0 = model(x, t0); x' = step(x, e0, t0 -> t0 - stride)
+      2. e1 = model(x', t1); x = step(x, (e0 + e1) / 2, t1 + stride -> t1), from the *old* x
+    Quirks: e1 is not kept in the history (the PLMS loop evaluates t1 again), and the averaged
+    step runs from t1 + stride, which is t0 for leading spacing but not always for trailing.
+    Returns (x, history, timesteps left for PLMS, evaluations done)."""
+    t0 = ts[0]
+    e0 = model(x, t0)
+    x_start, x = x, step(x, e0, t0, t0 - stride)
+    if callback is not None:
+        callback(0, t0, x)
+    if len(ts) == 1:
+        return x, [e0], [], 1
+    t1 = ts[1]
+    e1 = model(x, t1)
+    x = step(x_start, (e1 + e0) / 2, t1 + stride, t1)
+    if callback is not None:
+        callback(1, t1, x)
+    return x, [e0], ts[1:], 2
+
+
+def _prk_start(model, x, ts, stride, step, callback):
+    """The paper's pseudo Runge-Kutta warm-up (PRK): over each of the first three intervals
+    t -> t_next, classic RK4 weights (1/6, 1/3, 1/3, 1/6) on four eps evaluations, every one
+    transferred from the interval's starting x. Only the first evaluation of each interval
+    joins the PLMS history.
+    diffusers quirk kept: the half step is t_next + stride // 2 for the evaluations but
+    t - stride // 2 for the first transfer (the same point under leading spacing).
+    Returns (x, history, timesteps left for PLMS, evaluations done)."""
+    if len(ts) < 4:
+        raise ValueError(f"prk_warmup needs steps >= 4, got {len(ts)}; use prk_warmup=False")
+    half, outs, i = stride // 2, [], 0
+
+    def report(t, x):
+        nonlocal i
+        if callback is not None:
+            callback(i, t, x)
+        i += 1
+
+    for t, t_next in zip(ts[:3], ts[1:4]):
+        mid = t_next + half
+        e1 = model(x, t)
+        outs.append(e1)
+        x1 = step(x, e1, t, t - half)
+        report(t, x1)
+        e2 = model(x1, mid)
+        x2 = step(x, e2, t, mid)
+        report(mid, x2)
+        e3 = model(x2, mid)
+        x3 = step(x, e3, t, t_next)
+        report(mid, x3)
+        e4 = model(x3, t_next)
+        x = step(x, 1 / 6 * e1 + 1 / 3 * e2 + 1 / 3 * e3 + 1 / 6 * e4, t, t_next)
+        report(t_next, x)
+    return x, outs, ts[3:], i
+
+
+def euler(model, x, cfg: ScheduleConfig, steps: int, *, callback=None):
+    """Euler steps on the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma: Karras et al.
+    2022, "Elucidating the Design Space of Diffusion-Based Generative Models", Algorithm 2 with
+    S_churn = 0 (no added noise) and without its second-order correction. SDXL's default.
+
+    Here x lives in sigma space, x = x_t / sqrt(alpha_bar_t) with sigma_t = sqrt((1 - a) / a),
+    so the UNet is given x / sqrt(sigma^2 + 1) = x_t, the input it was trained on. Matches
+    diffusers' EulerDiscreteScheduler with its defaults (no Karras sigmas, s_churn = 0).
+    """
+    if cfg.timestep_spacing == "linspace":
+        raise ValueError("euler supports leading or trailing spacing (linspace gives fractional timesteps)")
+    ac = _euler_alphas_cumprod(cfg).to(x.device)
+    ts = inference_timesteps(cfg, steps)
+    sigmas = [((1 - ac[t]) / ac[t]) ** 0.5 for t in ts] + [torch.zeros((), device=x.device)]
+    for i, t in enumerate(ts):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        out = model(x / (sigma**2 + 1) ** 0.5, t)
+        x = x.float()  # as diffusers: the step itself runs in float32 even for a half model
+        if cfg.prediction_type == "epsilon":
+            x0 = x - sigma * out
+        else:  # v_prediction, rewritten for sigma space
+            x0 = out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+        x = (x + (x - x0) / sigma * (sigma_next - sigma)).to(out.dtype)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def _euler_alphas_cumprod(cfg):
+    ac = alphas_cumprod(cfg)
+    if cfg.rescale_betas_zero_snr:  # diffusers: alpha_bar = 0 would make sigma_max infinite
+        ac[-1] = 2**-24
+    return ac
+
+
+def init_noise_sigma(cfg: ScheduleConfig, steps: int, sampler: str = "ddim") -> float:
+    """Scale for unit Gaussian noise before it is handed to `sampler` as x_T.
+
+    ddim and pndm work on x_t itself, whose variance is 1 at large t: 1.0.
+    euler works on x_t / sqrt(alpha_bar_t), whose std is sqrt(sigma_max^2 + 1) at the first
+    timestep. diffusers quirk kept: for trailing (and linspace) spacing it uses sigma_max.
+    """
+    if sampler in ("ddim", "pndm"):
+        return 1.0
+    if sampler != "euler":
+        raise ValueError(f"unknown sampler {sampler!r}; use 'ddim', 'pndm' or 'euler'")
+    ac = _euler_alphas_cumprod(cfg)
+    t_max = inference_timesteps(cfg, steps)[0]
+    sigma_max = ((1 - ac[t_max]) / ac[t_max]) ** 0.5
+    return float(sigma_max if cfg.timestep_spacing != "leading" else (sigma_max**2 + 1) ** 0.5)
+
+
+def _clip_x0(x0, cfg: ScheduleConfig):
+    """Optional clamping of the predicted x0, off by default: latents are not bounded to [-1, 1]."""
+    if cfg.thresholding:
+        return _dynamic_threshold(x0, cfg)
+    if cfg.clip_sample:
+        return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    return x0
+
+
+def _dynamic_threshold(x0, cfg: ScheduleConfig):
+    """Dynamic thresholding (Saharia et al. 2022, "Imagen"): per sample, s = the
+    `dynamic_thresholding_ratio` quantile of |x0|, kept within [1, sample_max_value]; x0 is
+    clamped to [-s, s] and divided by s."""
+    flat = x0.float().reshape(x0.shape[0], -1)  # (B, C*H*W); quantile needs float32
+    s = torch.quantile(flat.abs(), cfg.dynamic_thresholding_ratio, dim=1)
+    s = s.clamp(min=1, max=cfg.sample_max_value)[:, None]  # (B, 1)
+    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
+
+
+# ----------------------------------------------------------------------------- guidance
+
+
+def guidance(out_uncond, out_cond, scale: float, rescale: float = 0.0):
+    """Classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"):
+    out_uncond + scale * (out_cond - out_uncond). The paper writes it (1 + w) cond - w uncond,
+    so w = scale - 1; scale = 1 is the plain conditional model. Applied to whatever the UNet
+    predicts (eps or v), as diffusers does.
+
+    rescale > 0 (Lin et al. 2024, Sec. 3.4): rescale the guided output to the per-sample std of
+    out_cond, then blend: rescale * rescaled + (1 - rescale) * guided. Counters over-exposure at
+    high scales.
+    """
+    guided = out_uncond + scale * (out_cond - out_uncond)
+    if rescale > 0:
+        dims = list(range(1, guided.ndim))
+        std_ratio = out_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+        guided = rescale * (guided * std_ratio) + (1 - rescale) * guided
+    return guided
+
+
+def with_guidance(model, scale: float, rescale: float = 0.0):
+    """Turn `model(x2, t)`, which evaluates a doubled batch [uncond; cond] (the unconditional
+    half first, as diffusers orders it), into a guided `model(x, t)` for the samplers. One
+    UNet call per step serves both halves."""
+
+    def guided(x, t):
+        out_uncond, out_cond = model(torch.cat([x, x]), t).chunk(2)
+        return guidance(out_uncond, out_cond, scale, rescale)
+
+    return guided

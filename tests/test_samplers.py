@@ -1,0 +1,198 @@
+"""minidream.samplers against diffusers' schedulers, every intermediate x compared.
+
+Each configuration in make_reference.CASES runs twice: against the stored trajectory
+(tests/fixtures/scheduler_reference.safetensors, no diffusers needed) and against live diffusers
+when it is importable. Tolerance: max abs difference <= 1e-5 in float32 at every step.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minidream import samplers
+from minidream.schedule import ScheduleConfig
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+_spec = importlib.util.spec_from_file_location("make_reference", FIXTURES / "make_reference.py")
+ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ref)
+
+ATOL = 1e-5
+CASES = {ref.case_name(c): c for c in ref.CASES}
+
+
+@pytest.fixture(scope="module")
+def stored():
+    return load_file(ref.FIXTURE)
+
+
+def run_minidream(c: dict, x_T: torch.Tensor, model=ref.analytic_model):
+    """Run minidream's sampler for case c; returns (timesteps (S,), xs (S, ...)) from the callback."""
+    cfg = ScheduleConfig.from_dict(ref.scheduler_config(c))
+    ts, xs = [], []
+
+    def record(i, t, x):
+        assert i == len(ts), "callback indices must count model evaluations"
+        ts.append(t)
+        xs.append(x.clone())
+
+    x = x_T * samplers.init_noise_sigma(cfg, c["steps"], c["sampler"])
+    if c["sampler"] == "ddim":
+        g = torch.Generator().manual_seed(ref.NOISE_SEED) if c["eta"] > 0 else None
+        out = samplers.ddim(model, x, cfg, c["steps"], eta=c["eta"], generator=g, callback=record)
+    elif c["sampler"] == "pndm":
+        out = samplers.pndm(model, x, cfg, c["steps"], prk_warmup=c["prk"], callback=record)
+    else:
+        out = samplers.euler(model, x, cfg, c["steps"], callback=record)
+    assert torch.equal(out, xs[-1]), "the sampler returns the last x it reported"
+    return torch.tensor(ts, dtype=torch.int64), torch.stack(xs)
+
+
+def assert_same_trajectory(ts, xs, ref_ts, ref_xs):
+    assert ts.tolist() == ref_ts.tolist(), "timesteps differ"
+    assert xs.shape == ref_xs.shape and xs.dtype == ref_xs.dtype == torch.float32
+    err = (xs - ref_xs).abs().flatten(1).amax(1)  # worst element at each step
+    bad = [(i, e) for i, e in enumerate(err.tolist()) if not e <= ATOL]
+    assert not bad, f"max abs difference > {ATOL} at (step, diff): {bad[:5]}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_stored_reference(stored, name):
+    ts, xs = run_minidream(CASES[name], stored["x_T"])
+    assert_same_trajectory(ts, xs, stored[f"{name}/t"], stored[f"{name}/x"])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_live_diffusers(stored, name):
+    pytest.importorskip("diffusers")
+    ref_ts, ref_xs = ref.run_diffusers(CASES[name], stored["x_T"])
+    ts, xs = run_minidream(CASES[name], stored["x_T"])
+    assert_same_trajectory(ts, xs, ref_ts, ref_xs)
+
+
+@pytest.mark.parametrize(
+    "name", ["ddim-50-leading-epsilon-eta0.5", "pndm-20-trailing-v_prediction-prk", "euler-20-leading-v_prediction"]
+)
+def test_half_precision_matches_live_diffusers(stored, name):
+    """A float16 model keeps float16 latents; diffusers' Euler steps in float32 in between."""
+    pytest.importorskip("diffusers")
+    x_T = stored["x_T"].half()
+    ref_ts, ref_xs = ref.run_diffusers(CASES[name], x_T)
+    ts, xs = run_minidream(CASES[name], x_T)
+    assert ts.tolist() == ref_ts.tolist() and xs.dtype == ref_xs.dtype == torch.float16
+    torch.testing.assert_close(xs, ref_xs, atol=0, rtol=0)
+
+
+def test_fixture_holds_exactly_the_current_cases(stored):
+    names = {k[: -len("/x")] for k in stored if k.endswith("/x")}
+    assert names == set(CASES), "regenerate: python tests/fixtures/make_reference.py"
+    assert stored["x_T"].shape == ref.X_SHAPE
+
+
+def test_trajectory_lengths_show_the_pndm_warmups():
+    """PLMS evaluates steps + 1 times (diffusers' repeated timestep); PRK adds 3 * 4 - 3."""
+    x = torch.zeros(ref.X_SHAPE)
+    for steps in (2, 20):
+        ts, _ = run_minidream(ref._case("pndm", steps), x)
+        assert len(ts) == steps + 1 and ts[1] == ts[2]
+        ts, _ = run_minidream(ref._case("pndm", steps + 2, prk=True), x)
+        assert len(ts) == steps + 2 + 9
+
+
+def test_samplers_keep_no_state_between_calls(stored):
+    """Two identical calls give identical results: no history survives a call."""
+    x_T, cfg = stored["x_T"], ScheduleConfig()
+    for fn in (samplers.ddim, samplers.pndm, samplers.euler):
+        a = fn(ref.analytic_model, x_T, cfg, 10)
+        b = fn(ref.analytic_model, x_T, cfg, 10)
+        assert torch.equal(a, b), fn.__name__
+
+
+def test_ddim_eta_noise_comes_from_the_generator(stored):
+    x_T, cfg = stored["x_T"], ScheduleConfig()
+    run = lambda seed: samplers.ddim(ref.analytic_model, x_T, cfg, 10, eta=0.5,
+                                     generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(1), run(1)) and not torch.allclose(run(1), run(2))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5])
+def test_ddim_rejects_eta_outside_0_1(eta):
+    with pytest.raises(ValueError, match="eta must be in"):
+        samplers.ddim(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(), 10, eta=eta)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler"])
+@pytest.mark.parametrize("steps", [0, 1001])
+def test_samplers_reject_bad_step_counts(sampler, steps):
+    with pytest.raises(ValueError, match="steps must be between 1 and num_train_timesteps=1000"):
+        getattr(samplers, sampler)(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(), steps)
+
+
+def test_prk_warmup_needs_four_steps():
+    with pytest.raises(ValueError, match="prk_warmup needs steps >= 4"):
+        samplers.pndm(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(), 3, prk_warmup=True)
+
+
+def test_euler_rejects_linspace_and_init_noise_sigma_rejects_unknown_sampler():
+    with pytest.raises(ValueError, match="euler supports leading or trailing"):
+        samplers.euler(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(timestep_spacing="linspace"), 5)
+    with pytest.raises(ValueError, match="unknown sampler 'heun'"):
+        samplers.init_noise_sigma(ScheduleConfig(), 5, "heun")
+
+
+# ----------------------------------------------------------------------------- init sigma, guidance
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_init_noise_sigma_matches_diffusers(spacing):
+    diffusers = pytest.importorskip("diffusers")
+    cfg_dict = {**ref.scheduler_config(ref._case("euler", 30)), "timestep_spacing": spacing}
+    sched = diffusers.EulerDiscreteScheduler.from_config(cfg_dict)
+    sched.set_timesteps(30)
+    cfg = ScheduleConfig.from_dict(cfg_dict)
+    assert samplers.init_noise_sigma(cfg, 30, "euler") == float(sched.init_noise_sigma)
+    assert samplers.init_noise_sigma(cfg, 30, "ddim") == samplers.init_noise_sigma(cfg, 30, "pndm") == 1.0
+
+
+def test_guidance_formula():
+    g = torch.Generator().manual_seed(0)
+    u, c = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    torch.testing.assert_close(samplers.guidance(u, c, 7.5), u + 7.5 * (c - u))
+    torch.testing.assert_close(samplers.guidance(u, c, 1.0), c)
+    torch.testing.assert_close(samplers.guidance(u, c, 0.0), u)
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7, 1.0])
+def test_guidance_rescale_matches_diffusers(rescale):
+    pytest.importorskip("diffusers")
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
+
+    g = torch.Generator().manual_seed(1)
+    u, c = torch.randn(2, 4, 3, 3, generator=g), 2 * torch.randn(2, 4, 3, 3, generator=g)
+    guided = u + 5.0 * (c - u)
+    expected = rescale_noise_cfg(guided, c, guidance_rescale=rescale) if rescale > 0 else guided
+    torch.testing.assert_close(samplers.guidance(u, c, 5.0, rescale), expected, atol=1e-6, rtol=1e-6)
+    if rescale == 1.0:  # fully rescaled: each sample has the conditional output's std
+        torch.testing.assert_close(expected.flatten(1).std(1), c.flatten(1).std(1))
+
+
+def test_with_guidance_makes_one_batched_call_uncond_first(stored):
+    calls = []
+
+    def two_headed(x2, t):  # uncond half predicts 0, cond half predicts 1
+        calls.append(x2.shape[0])
+        return torch.cat([torch.zeros_like(x2[:1]).expand(x2.shape[0] // 2, *x2.shape[1:]),
+                          torch.ones_like(x2[: x2.shape[0] // 2])])
+
+    guided = samplers.with_guidance(two_headed, 3.0)
+    out = guided(stored["x_T"], 500)
+    assert calls == [2 * ref.X_SHAPE[0]]
+    torch.testing.assert_close(out, torch.full(ref.X_SHAPE, 3.0))
+    samplers.ddim(guided, stored["x_T"], ScheduleConfig(), 5)
+    assert calls == [4] * 6  # one UNet call per step
