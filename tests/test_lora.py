@@ -71,8 +71,12 @@ def test_text_encoder_lora_equals_peft():
     copy_peft_into_ours(ref, ours)
     ids = token_ids()
     with torch.no_grad():
-        err = rel_err(ours(ids).last_hidden_state, ref(ids).last_hidden_state)
+        got, want = ours(ids).last_hidden_state, ref(ids).last_hidden_state
+        plain = text_encoders()[0](ids).last_hidden_state
+    err = rel_err(got, want)
+    print(f"text encoder vs peft rel err {err:.2e}")
     assert err <= 1e-5
+    assert rel_err(got, plain) > 1e-3
 
 
 def test_fresh_adapter_matches_peft_init_and_changes_nothing():
