@@ -1,0 +1,409 @@
+"""LoRA: low-rank adapters on frozen Linear and Conv2d layers.
+
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. (3):
+
+    h = W0 x + dW x = W0 x + B A x
+
+W0 (out x in) stays frozen; only A (r x in, "down") and B (out x r, "up") are trained, with r much
+smaller than in/out. B starts at zero, so a fresh adapter changes nothing, and the update is scaled
+by alpha / r (paper, section 4.1) so that changing r does not change how big the update starts out.
+
+Here a layer can carry several named adapters at once (a subject LoRA plus a style LoRA), each with
+its own user `scale`; the forward adds every active adapter's `scale * alpha / r * B A x`.
+`merge()` folds the active adapters into W0 for fast sampling and `unmerge()` takes them out again.
+
+The layers subclass nn.Linear / nn.Conv2d and reuse the base layer's own `weight` and `bias`
+Parameters, so the model's state-dict keys for the base weights do not change (loralib's design);
+the adapters add `<module>.lora_A.<name>` and `<module>.lora_B.<name>`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Module-name targets. A target matches a module whose dotted name equals it or ends with
+# "." + target: the same rule as a list of peft `target_modules`, so parameter counts agree.
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")  # what diffusers' SDXL DreamBooth LoRA trains
+UNET_FEEDFORWARD = ("ff.net.0.proj", "ff.net.2")  # GEGLU input projection and output Linear
+UNET_PROJ = ("proj_in", "proj_out")  # the transformer's in/out projections (Linear in SDXL)
+UNET_CONV = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")  # kohya "LoCon"
+TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")  # transformers' CLIP attention
+TARGET_GROUPS = {
+    "attn": UNET_ATTENTION,
+    "ff": UNET_FEEDFORWARD,
+    "proj": UNET_PROJ,
+    "conv": UNET_CONV,
+    "text": TEXT_ATTENTION,
+}
+
+
+@dataclass
+class LoRAWeights:
+    """One module's adapter, the unit files hold: delta W = up @ down * alpha / rank."""
+
+    down: torch.Tensor  # A: (r, in) for Linear, (r, in, kh, kw) for Conv2d
+    up: torch.Tensor  # B: (out, r) for Linear, (out, r, 1, 1) for Conv2d
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+class LoRAMismatchError(ValueError):
+    """A LoRA names modules the model does not have (wrong base model, typo'd key)."""
+
+
+def mismatch_error(unmatched: list[str], where: str, hint: str = "") -> LoRAMismatchError:
+    """Build the error that lists the first few unmatched keys and how many there are."""
+    shown = ", ".join(unmatched[:5]) + (", ..." if len(unmatched) > 5 else "")
+    return LoRAMismatchError(
+        f"{len(unmatched)} LoRA key(s) match no module of {where}: {shown}. "
+        "The LoRA was probably made for another base model (e.g. SD 1.5 vs SDXL) or a key is "
+        f"misspelled; nothing was loaded.{(' ' + hint) if hint else ''}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The layers
+
+
+class LoRALayer:
+    """Adapter bookkeeping shared by LoRALinear and LoRAConv2d (the nn class owns weight/bias)."""
+
+    def _adopt(self, base: nn.Module):
+        """Take over the base layer's own weight/bias Parameters (no copy) and train/eval mode."""
+        self.weight, self.bias = base.weight, base.bias
+        self.train(base.training)
+        self._init_lora()
+        return self
+
+    def _init_lora(self) -> None:
+        self.lora_A = nn.ParameterDict()  # name -> down weight
+        self.lora_B = nn.ParameterDict()  # name -> up weight
+        self.lora_alpha: dict[str, float] = {}
+        self.lora_scale: dict[str, float] = {}  # user strength, e.g. 0.8 for a style LoRA
+        self.lora_dropout: dict[str, float] = {}  # dropout probability on the adapter's input
+        self.active_adapters: list[str] = []
+        self.merged: dict[str, float] = {}  # name -> scaling folded into weight; empty = unmerged
+
+    def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0,
+                    scale: float = 1.0, dtype: torch.dtype = torch.float32) -> None:
+        """Add adapter `name`, initialised as peft does by default (init_lora_weights=True).
+
+        A ~ kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
+        fan_in = in_features (* kh * kw for convs), the nn.Linear default loralib and peft use;
+        B = 0, so the adapter's delta is exactly zero until B is trained.
+        """
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"adapter name {name!r} must be a Python identifier (letters, digits, _)")
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer; remove it first")
+        self._check_unmerged("add an adapter")
+        device = self.weight.device
+        down = torch.empty(self._down_shape(rank), device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+        up = torch.zeros(self._up_shape(rank), device=device, dtype=dtype)
+        self.lora_A[name] = nn.Parameter(down)
+        self.lora_B[name] = nn.Parameter(up)
+        self.lora_alpha[name] = float(alpha)
+        self.lora_scale[name] = float(scale)
+        self.lora_dropout[name] = float(dropout)
+        self.active_adapters.append(name)
+
+    def remove_adapter(self, name: str) -> None:
+        self._check_unmerged("remove an adapter")
+        for table in (self.lora_A, self.lora_B, self.lora_alpha, self.lora_scale, self.lora_dropout):
+            del table[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def scaling(self, name: str) -> float:
+        """scale * alpha / r: the factor in front of B A (paper section 4.1, times user strength)."""
+        return self.lora_scale[name] * self.lora_alpha[name] / self.lora_A[name].shape[0]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The adapter's unscaled B A, shaped like `weight` (computed in the adapter's dtype)."""
+        down, up = self.lora_A[name], self.lora_B[name]
+        # A conv followed by a 1x1 conv is one conv whose kernel is B @ A over the flattened kernel.
+        return (up.flatten(1) @ down.flatten(1)).view(self.weight.shape)
+
+    def add_lora_outputs(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + sum over active adapters of scaling * B(A(dropout(x))) (nothing when merged)."""
+        if self.merged:
+            return out  # the active adapters are already inside self.weight
+        for name in self.active_adapters:
+            down, up = self.lora_A[name], self.lora_B[name]
+            h = F.dropout(x.to(down.dtype), self.lora_dropout[name], self.training)
+            out = out + (self._lora_path(h, down, up) * self.scaling(name)).to(out.dtype)
+        return out
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold every active adapter into `weight` (W0 + sum scaling * B A); forward then skips them."""
+        self._check_unmerged("merge again")
+        for name in self.active_adapters:
+            s = self.scaling(name)
+            self.weight += (self.delta_weight(name) * s).to(self.weight.dtype)
+            self.merged[name] = s
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract what merge() added. Exact up to rounding in the weight's dtype (fp32: ~1e-7)."""
+        for name, s in self.merged.items():
+            self.weight -= (self.delta_weight(name) * s).to(self.weight.dtype)
+        self.merged = {}
+
+    def _check_unmerged(self, action: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"cannot {action} while adapters are merged; call unmerge() first")
+
+
+class LoRALinear(nn.Linear, LoRALayer):
+    """nn.Linear + LoRA adapters: y = x W0^T + b + sum_k s_k * x A_k^T B_k^T (eq. 3)."""
+
+    @classmethod
+    def wrap(cls, base: nn.Linear) -> "LoRALinear":
+        # Built on the meta device so nothing is allocated, then given the base's own Parameters.
+        return cls(base.in_features, base.out_features, base.bias is not None, device="meta")._adopt(base)
+
+    def _down_shape(self, rank):
+        return (rank, self.in_features)
+
+    def _up_shape(self, rank):
+        return (self.out_features, rank)
+
+    def _lora_path(self, h, down, up):
+        return F.linear(F.linear(h, down), up)  # (..., in) -> (..., r) -> (..., out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_lora_outputs(x, super().forward(x))
+
+
+class LoRAConv2d(nn.Conv2d, LoRALayer):
+    """nn.Conv2d + LoRA: A is a conv with the base kernel/stride/padding, B a 1x1 conv (kohya's
+    conv LoRA). For a 1x1 base conv this is exactly LoRALinear applied at every pixel."""
+
+    @classmethod
+    def wrap(cls, base: nn.Conv2d) -> "LoRAConv2d":
+        if base.groups != 1 or base.padding_mode != "zeros":
+            raise ValueError("LoRA conv needs groups=1 and zero padding "
+                             f"(got groups={base.groups}, padding_mode={base.padding_mode!r})")
+        return cls(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
+                   base.dilation, bias=base.bias is not None, device="meta")._adopt(base)
+
+    def _down_shape(self, rank):
+        return (rank, self.in_channels, *self.kernel_size)
+
+    def _up_shape(self, rank):
+        return (self.out_channels, rank, 1, 1)
+
+    def _lora_path(self, h, down, up):
+        h = F.conv2d(h, down, None, self.stride, self.padding, self.dilation)  # (B, r, H', W')
+        return F.conv2d(h, up)  # (B, out, H', W')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_lora_outputs(x, super().forward(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Injection: find target modules by name and swap them for LoRA layers in place
+
+
+def matches(module_name: str, targets) -> bool:
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets) -> list[str]:
+    """Names of the Linear/Conv2d modules matched by `targets`; every target must match something."""
+    if isinstance(targets, str):
+        targets = TARGET_GROUPS[targets] if targets in TARGET_GROUPS else (targets,)
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, nn.Conv2d)) and matches(n, targets)]
+    unused = [t for t in targets if not any(matches(n, (t,)) for n in names)]
+    if unused:
+        raise ValueError(f"LoRA target(s) {unused} match no Linear/Conv2d module of "
+                         f"{type(model).__name__}; check the spelling (targets are module-name suffixes)")
+    return names
+
+
+def wrap_module(model: nn.Module, name: str) -> LoRALayer:
+    """Replace the Linear/Conv2d called `name` by its LoRA version (returns it if already one)."""
+    module = model.get_submodule(name)
+    if isinstance(module, LoRALayer):
+        return module
+    if isinstance(module, nn.Linear):
+        layer = LoRALinear.wrap(module)
+    elif isinstance(module, nn.Conv2d):
+        layer = LoRAConv2d.wrap(module)
+    else:
+        raise TypeError(f"LoRA supports nn.Linear and nn.Conv2d, but {name} is {type(module).__name__}")
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, layer)
+    return layer
+
+
+def inject_lora(model: nn.Module, targets=UNET_ATTENTION, *, name: str = "default", rank: int = 4,
+                alpha: float | None = None, dropout: float = 0.0, scale: float = 1.0,
+                dtype: torch.dtype = torch.float32) -> list[str]:
+    """Add a fresh adapter `name` to every module matched by `targets`; returns their names.
+
+    `targets` is a tuple of module-name suffixes or a TARGET_GROUPS key ("attn", "ff", "proj",
+    "conv", "text"). alpha defaults to rank (scaling 1, diffusers' convention).
+    """
+    names = find_targets(model, targets)
+    for module_name in names:
+        wrap_module(model, module_name).add_adapter(name, rank, rank if alpha is None else alpha,
+                                                    dropout, scale, dtype)
+    return names
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    seen: dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        seen.update(dict.fromkeys(layer.lora_A.keys()))
+    return list(seen)
+
+
+def set_adapter_scale(model: nn.Module, name: str, scale: float) -> None:
+    """Set the user strength of adapter `name` everywhere (e.g. 0.8 for a style LoRA)."""
+    _require_adapter(model, name)
+    for _, layer in lora_layers(model):
+        if name in layer.lora_A:
+            layer._check_unmerged("change a scale")
+            layer.lora_scale[name] = float(scale)
+
+
+def set_active_adapters(model: nn.Module, names: list[str]) -> None:
+    """Only `names` contribute to the forward (and to merge()); the others stay loaded but idle."""
+    for name in names:
+        _require_adapter(model, name)
+    for _, layer in lora_layers(model):
+        layer._check_unmerged("change the active adapters")
+        layer.active_adapters = [n for n in names if n in layer.lora_A]
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    _require_adapter(model, name)
+    for _, layer in lora_layers(model):
+        if name in layer.lora_A:
+            layer.remove_adapter(name)
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold all active adapters into the base weights (fast sampling: plain matmuls only)."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def _require_adapter(model: nn.Module, name: str) -> None:
+    if name not in adapter_names(model):
+        raise KeyError(f"no adapter named {name!r}; loaded adapters: {adapter_names(model)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training helpers
+
+
+def is_lora_parameter(param_name: str, adapter: str | None = None) -> bool:
+    parts = param_name.split(".")
+    return len(parts) >= 2 and parts[-2] in ("lora_A", "lora_B") and adapter in (None, parts[-1])
+
+
+def mark_only_lora_trainable(model: nn.Module, adapter: str | None = None) -> None:
+    """requires_grad on the LoRA parameters (of `adapter`, or all) and off everywhere else."""
+    for param_name, param in model.named_parameters():
+        param.requires_grad_(is_lora_parameter(param_name, adapter))
+
+
+def lora_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if is_lora_parameter(n, adapter)]
+
+
+def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA entries of model.state_dict() (`<module>.lora_A.<name>`), e.g. for checkpoints."""
+    return {k: v for k, v in model.state_dict().items() if is_lora_parameter(k, adapter)}
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bridge to files: adapters as {module name: LoRAWeights}
+
+
+def get_adapter_weights(model: nn.Module, name: str) -> dict[str, LoRAWeights]:
+    """Adapter `name` of every LoRA layer, detached, keyed by module name."""
+    _require_adapter(model, name)
+    return {module_name: LoRAWeights(layer.lora_A[name].detach(), layer.lora_B[name].detach(),
+                                     layer.lora_alpha[name])
+            for module_name, layer in lora_layers(model) if name in layer.lora_A}
+
+
+def _fit(tensor: torch.Tensor, shape: tuple) -> torch.Tensor | None:
+    """`tensor` as `shape` when only trailing 1x1 dims differ (SD 1.x files hold 1x1-conv LoRAs
+    for proj_in/out, Linear layers in SDXL, and back), else None."""
+    if tuple(tensor.shape[:2]) == tuple(shape[:2]) and tensor.numel() == math.prod(shape):
+        return tensor.reshape(shape)
+    return None
+
+
+def check_adapter_weights(model: nn.Module, name: str, weights: dict[str, LoRAWeights]) -> dict:
+    """Validate `weights` against `model` (names, ranks, shapes, free adapter name) without
+    changing anything; returns {module name: (down, up, alpha)} fitted to the module shapes."""
+    if name in adapter_names(model):
+        raise ValueError(f"adapter {name!r} is already loaded in {type(model).__name__}; "
+                         "pick another name or remove_adapter() it first")
+    known = dict(model.named_modules())
+    unmatched = [k for k in weights if not isinstance(known.get(k), (nn.Linear, nn.Conv2d))]
+    if unmatched:
+        raise mismatch_error(unmatched, type(model).__name__)
+    fitted = {}
+    for key, w in weights.items():
+        module = known[key]
+        if w.down.dim() < 2 or w.up.dim() < 2:
+            raise ValueError(f"LoRA shape mismatch at {key}: down {tuple(w.down.shape)} / up "
+                             f"{tuple(w.up.shape)} are not matrices (a corrupt file?)")
+        if w.down.shape[0] != w.up.shape[1]:
+            raise ValueError(f"LoRA rank mismatch at {key}: down has rank {w.down.shape[0]}, "
+                             f"up has rank {w.up.shape[1]} (a corrupt or hand-edited file?)")
+        rank = w.down.shape[0]
+        is_conv = isinstance(module, nn.Conv2d)
+        in_shape = (rank, module.in_channels, *module.kernel_size) if is_conv else (rank, module.in_features)
+        out_shape = (module.out_channels, rank, 1, 1) if is_conv else (module.out_features, rank)
+        down, up = _fit(w.down, in_shape), _fit(w.up, out_shape)
+        if down is None or up is None:
+            raise ValueError(f"LoRA shape mismatch at {key}: down {tuple(w.down.shape)} / up "
+                             f"{tuple(w.up.shape)} do not fit the module's weight "
+                             f"{tuple(module.weight.shape)} (wanted {in_shape} / {out_shape}); "
+                             "the LoRA was made for another base model")
+        fitted[key] = (down, up, w.alpha)
+    return fitted
+
+
+def load_adapter_weights(model: nn.Module, name: str, weights: dict[str, LoRAWeights],
+                         scale: float = 1.0, dtype: torch.dtype = torch.float32) -> None:
+    """Add adapter `name` holding `weights` to `model`. Everything is checked first
+    (check_adapter_weights), so a bad LoRA leaves the model untouched."""
+    for key, (down, up, alpha) in check_adapter_weights(model, name, weights).items():
+        layer = wrap_module(model, key)
+        layer.add_adapter(name, down.shape[0], alpha, scale=scale, dtype=dtype)
+        with torch.no_grad():
+            layer.lora_A[name].copy_(down)
+            layer.lora_B[name].copy_(up)

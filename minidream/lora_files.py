@@ -1,0 +1,359 @@
+"""LoRA adapter files (safetensors only): the layouts diffusers and kohya (ComfyUI, A1111) use.
+
+An adapter file holds, for each adapted module, a down (A) and an up (B) matrix and an alpha.
+Tools disagree on how to spell that:
+
+  "diffusers"      unet.<module>.lora_A.weight / .lora_B.weight; text encoders under
+                   text_encoder. / text_encoder_2. (CLIP names with "text_model."). alpha is not a
+                   tensor: diffusers' load_lora_weights reads each component's peft LoraConfig
+                   (r, lora_alpha, alpha_pattern, ...) from the JSON metadata entry
+                   "lora_adapter_metadata", keys prefixed "unet." etc. Without it, alpha = rank.
+  "diffusers_old"  unet.<module>.lora.down.weight / .lora.up.weight (what diffusers' training
+                   scripts wrote), text encoders ...q_proj.lora_linear_layer.down.weight, and the
+                   older attention-processor spelling ...attn1.processor.to_q_lora.down.weight.
+  "kohya"          lora_unet_<module with _ for .>.lora_down.weight / .lora_up.weight / .alpha;
+                   text encoders lora_te1_ / lora_te2_ (lora_te_ for SD 1.x's single encoder).
+                   ComfyUI and A1111 read the UNet module names either in diffusers spelling
+                   (down_blocks_1_attentions_0_...) or in SGM spelling (input_blocks_4_1_...).
+  "kohya_sgm"      kohya with SGM UNet names, what kohya's sd-scripts write for SDXL.
+
+Writing defaults to "diffusers" (rank and alpha survive a diffusers round trip); "kohya" is for
+ComfyUI/A1111, which ignore diffusers' metadata and would otherwise apply alpha = rank. Reading
+detects the layout from the keys, and every key must land on a module of the given models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from minidream import __version__
+from minidream.lora import (LoRAWeights, check_adapter_weights, get_adapter_weights,
+                            load_adapter_weights, mismatch_error)
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
+LAYOUTS = ("diffusers", "diffusers_old", "kohya", "kohya_sgm")
+SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+
+
+# ----------------------------------------------------------------------------------------------
+# SEAM (TODO coordinator): SGM <-> diffusers UNet module names.
+# minidream.sgm_keys / checkpoint.py (another helper) owns the full SGM key map. Wire this to it:
+# `path` is a diffusers module path ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+# the result the SGM one ("input_blocks.4.1.transformer_blocks.0.attn1.to_q"), no ".weight".
+# Reading kohya_sgm files only needs this direction: the loader builds an index of the model's own
+# modules under their SGM names, because a flattened key (input_blocks_4_1_...) cannot be split
+# back into dotted names on its own. tests/test_lora_files.py stubs it until it is wired.
+
+
+def unet_module_to_sgm(path: str, unet: nn.Module) -> str:
+    """diffusers UNet module path -> SGM (single-file) module path. TODO(coordinator): wire."""
+    raise NotImplementedError(
+        "kohya LoRA files with SGM UNet names (lora_unet_input_blocks_...) need the SGM key map "
+        "(minidream.sgm_keys), which is not wired into minidream.lora_files yet")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class LoRAFile:
+    layout: str
+    # component -> module name as the file spells it (dotted, or flattened for kohya) -> weights
+    adapters: dict[str, dict[str, LoRAWeights]]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the string metadata of a safetensors file, with errors that say what's wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip or pickle: torch.save
+            raise ValueError(f"{path} is a pickled PyTorch checkpoint (.ckpt/.pt/.bin), not "
+                             "safetensors; minidream reads LoRAs only from .safetensors files") from e
+        raise ValueError(f"{path} is not a valid safetensors file (corrupt or truncated?): {e}") from e
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors; it is not a LoRA file")
+    return tensors, metadata
+
+
+def read_lora(path) -> LoRAFile:
+    """Read and parse a LoRA file in any supported layout (detected from its keys)."""
+    tensors, metadata = read_safetensors(path)
+    layout = detect_layout(tensors.keys(), source=str(path))
+    if layout.startswith("kohya"):
+        adapters = _parse_kohya(tensors)
+    else:
+        adapters = _parse_diffusers(tensors, layout, _diffusers_alphas(metadata))
+    return LoRAFile(layout, adapters, metadata)
+
+
+def _key_kind(key: str) -> str:
+    if _KOHYA_PATTERN.fullmatch(key):
+        return "kohya"
+    if ".lora_A." in key or ".lora_B." in key:
+        return "diffusers"
+    if re.search(r"\.lora\.(down|up)\.|\.lora_linear_layer\.|_lora\.(down|up)\.", key):
+        return "diffusers_old"
+    if key.endswith(".alpha"):
+        return "alpha"  # a per-module alpha; fits both diffusers spellings
+    return "unknown"
+
+
+def detect_layout(keys, source: str = "the LoRA") -> str:
+    """One of LAYOUTS, decided from the tensor names; unknown or mixed spellings are an error."""
+    keys = list(keys)
+    if any("dora_scale" in k or "lora_magnitude_vector" in k for k in keys):
+        raise ValueError(f"{source} is a DoRA adapter; minidream supports plain LoRA only")
+    kinds = defaultdict(list)
+    for k in keys:
+        kinds[_key_kind(k)].append(k)
+    if "unknown" in kinds:
+        raise mismatch_error(kinds["unknown"], "any LoRA layout",
+                             f"{source} is not a LoRA file minidream can read (LyCORIS/LoHa keys?)")
+    layouts = sorted(set(kinds) - {"alpha"})
+    if len(layouts) != 1:
+        raise ValueError(f"{source} mixes LoRA key layouts {layouts or ['alpha only']}; expected one")
+    if layouts[0] == "kohya":
+        unet_keys = [k for k in keys if k.startswith("lora_unet_")]
+        return "kohya_sgm" if any(b in k for k in unet_keys for b in SGM_BLOCKS) else "kohya"
+    return layouts[0]
+
+
+def _split_component(key: str) -> tuple[str, str]:
+    for component in ("text_encoder_2", "text_encoder", "unet"):
+        if key.startswith(component + "."):
+            return component, key[len(component) + 1:]
+    return "unet", key  # UNet-only files (peft's own save, save_attn_procs) carry no prefix
+
+
+_DIFFUSERS_PATTERNS = {
+    "diffusers": re.compile(r"(?P<module>.+)\.lora_(?P<part>A|B)\.weight"),
+    "diffusers_old": re.compile(r"(?P<module>.+?)\.(lora|lora_linear_layer)\.(?P<part>down|up)\.weight"),
+}
+# The attention-processor spelling names the projection inside the key: to_q_lora, to_out_lora.
+_PROCESSOR_PATTERN = re.compile(r"(?P<parent>.+?)(\.processor)?\.to_(?P<proj>q|k|v|out)_lora\.(?P<part>down|up)\.weight")
+_PROCESSOR_PROJ = {"unet": {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"},
+                   "text": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}}
+_PART = {"A": "down", "B": "up", "down": "down", "up": "up"}
+
+
+def _parse_diffusers(tensors, layout, alphas) -> dict[str, dict[str, LoRAWeights]]:
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in tensors.items():
+        component, rest = _split_component(key)
+        if rest.endswith(".alpha"):
+            parts[component, rest[: -len(".alpha")]]["alpha"] = tensor
+            continue
+        m = _DIFFUSERS_PATTERNS[layout].fullmatch(rest)
+        if m:
+            parts[component, m["module"]][_PART[m["part"]]] = tensor
+            continue
+        m = _PROCESSOR_PATTERN.fullmatch(rest) if layout == "diffusers_old" else None
+        if m is None:
+            raise ValueError(f"LoRA key {key!r} is not in the {layout} layout of the other keys")
+        projections = _PROCESSOR_PROJ["unet" if component == "unet" else "text"]
+        parts[component, f"{m['parent']}.{projections[m['proj']]}"][m["part"]] = tensor
+    return _assemble(parts, lambda component, module, rank: alphas(component, module, rank))
+
+
+def _diffusers_alphas(metadata: dict[str, str]):
+    """alpha for (component, module, rank) from diffusers' per-component LoraConfig metadata."""
+    config = json.loads(metadata.get(DIFFUSERS_METADATA_KEY, "{}") or "{}")
+
+    def alpha(component: str, module: str, rank: int) -> float:
+        get = lambda name, default=None: config.get(f"{component}.{name}", default)  # noqa: E731
+        if get("use_dora"):
+            raise ValueError("this is a DoRA adapter (use_dora in its metadata); minidream supports plain LoRA only")
+        value = get("lora_alpha", rank)
+        for pattern, pattern_alpha in (get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):  # peft's rule for alpha_pattern keys
+                value = pattern_alpha
+                break
+        # rsLoRA scales by alpha / sqrt(r); alpha * sqrt(r) gives the same factor as alpha / r.
+        return float(value) * (rank ** 0.5 if get("use_rslora") else 1.0)
+
+    return alpha
+
+
+_KOHYA_PATTERN = re.compile(r"(?P<prefix>lora_unet|lora_te1|lora_te2|lora_te)_(?P<module>[^.]+)\."
+                            r"(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
+_KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
+                    "lora_te2": "text_encoder_2"}
+
+
+def _parse_kohya(tensors) -> dict[str, dict[str, LoRAWeights]]:
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in tensors.items():
+        m = _KOHYA_PATTERN.fullmatch(key)
+        if m is None:
+            raise ValueError(f"LoRA key {key!r} is not a kohya key (<prefix>_<module>.lora_down.weight / "
+                             ".lora_up.weight / .alpha)")
+        part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m["part"]]
+        parts[_KOHYA_COMPONENT[m["prefix"]], m["module"]][part] = tensor
+    return _assemble(parts, lambda component, module, rank: float(rank))  # kohya: no alpha = rank
+
+
+def _assemble(parts, default_alpha) -> dict[str, dict[str, LoRAWeights]]:
+    adapters: dict[str, dict[str, LoRAWeights]] = defaultdict(dict)
+    for (component, module), p in parts.items():
+        missing = [name for name in ("down", "up") if name not in p]
+        if missing:
+            raise ValueError(f"LoRA module {component}.{module} has no {' and no '.join(missing)} "
+                             "weight; the file is incomplete")
+        rank = p["down"].shape[0]
+        alpha = float(p["alpha"].item()) if "alpha" in p else default_alpha(component, module, rank)
+        adapters[component][module] = LoRAWeights(p["down"], p["up"], alpha)
+    return dict(adapters)
+
+
+# ----------------------------------------------------------------------------------------------
+# Matching file names to model modules
+
+
+def _flat(name: str) -> str:
+    """The spelling-independent form: dots -> underscores, no leading text_model (transformers 5's
+    CLIPTextModel dropped it from module names; files keep it)."""
+    return name.replace(".", "_").removeprefix("text_model_")
+
+
+def _module_index(model: nn.Module, sgm: bool) -> dict[str, str]:
+    index = {}
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            key = _flat(unet_module_to_sgm(path, model) if sgm else path)
+            if key in index:
+                raise RuntimeError(f"module names {index[key]} and {path} collide as {key}")
+            index[key] = path
+    return index
+
+
+def load_lora(path, *, unet: nn.Module | None = None, text_encoder: nn.Module | None = None,
+              text_encoder_2: nn.Module | None = None, name: str | None = None,
+              scale: float = 1.0) -> str:
+    """Add the LoRA in `path` to the given models as adapter `name` (default: the file's stem,
+    made an identifier) with strength `scale`; returns the adapter name.
+
+    Every key of the file must match a module (and every shape that module): a LoRA for another
+    base model or a misspelled key is an error, and then no model is changed.
+    """
+    lora = read_lora(path)
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    name = name or re.sub(r"\W", "_", Path(path).stem).lstrip("0123456789") or "lora"
+    resolved = {}
+    for component, weights in lora.adapters.items():
+        model = models[component]
+        if model is None:
+            raise ValueError(f"{path} has {len(weights)} {component} LoRA module(s) but no {component} "
+                             f"was given; pass {component}=... to load_lora")
+        index = _module_index(model, sgm=component == "unet" and lora.layout == "kohya_sgm")
+        unmatched = [k for k in weights if _flat(k) not in index]
+        if unmatched:
+            raise mismatch_error(unmatched, f"the {component} ({type(model).__name__})", f"File: {path}.")
+        resolved[component] = {index[_flat(k)]: w for k, w in weights.items()}
+    for component, weights in resolved.items():  # check every component before changing any
+        check_adapter_weights(models[component], name, weights)
+    for component, weights in resolved.items():
+        load_adapter_weights(models[component], name, weights, scale)
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _file_module_name(component: str, path: str) -> str:
+    """Files spell CLIP modules with the leading text_model. (as transformers 4 and kohya do)."""
+    return path if component == "unet" else "text_model." + path.removeprefix("text_model.")
+
+
+def _most_common(values):
+    return Counter(values).most_common(1)[0][0]
+
+
+def _diffusers_config(component: str, weights: dict[str, LoRAWeights]) -> dict:
+    """The peft LoraConfig fields diffusers rebuilds the adapter from (r, alpha, targets)."""
+    r = _most_common(w.rank for w in weights.values())
+    alpha = _most_common(w.alpha for w in weights.values())
+    # Text-encoder targets without text_model. match with or without it (peft suffix rule).
+    targets = {path: path if component == "unet" else path.removeprefix("text_model.") for path in weights}
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(targets.values()),
+        "rank_pattern": {re.escape(targets[p]): w.rank for p, w in weights.items() if w.rank != r},
+        "alpha_pattern": {re.escape(targets[p]): w.alpha for p, w in weights.items() if w.alpha != alpha},
+    }
+
+
+def lora_to_tensors(adapters: dict[str, dict[str, LoRAWeights]], layout: str = "diffusers",
+                    unet: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """{component: {model module path: LoRAWeights}} -> (file tensors, layout metadata)."""
+    tensors, config = {}, {}
+    for component, weights in adapters.items():
+        if component not in COMPONENTS:
+            raise ValueError(f"unknown LoRA component {component!r}; expected one of {COMPONENTS}")
+        for path, w in weights.items():
+            name = _file_module_name(component, path)
+            if layout == "diffusers":
+                tensors[f"{component}.{name}.lora_A.weight"] = w.down
+                tensors[f"{component}.{name}.lora_B.weight"] = w.up
+            elif layout in ("kohya", "kohya_sgm"):
+                if component == "unet" and layout == "kohya_sgm":
+                    name = unet_module_to_sgm(path, unet)
+                stem = KOHYA_PREFIX[component] + name.replace(".", "_")
+                tensors[f"{stem}.lora_down.weight"] = w.down
+                tensors[f"{stem}.lora_up.weight"] = w.up
+                tensors[f"{stem}.alpha"] = torch.tensor(float(w.alpha))
+            else:
+                raise ValueError(f"cannot write LoRA layout {layout!r}; use 'diffusers', 'kohya' or 'kohya_sgm'")
+        if layout == "diffusers" and weights:
+            config.update({f"{component}.{k}": v for k, v in _diffusers_config(component, weights).items()})
+    metadata = {DIFFUSERS_METADATA_KEY: json.dumps(config, sort_keys=True)} if config else {}
+    return tensors, metadata
+
+
+def save_lora(path, *, unet: nn.Module | None = None, text_encoder: nn.Module | None = None,
+              text_encoder_2: nn.Module | None = None, adapter: str = "default",
+              layout: str = "diffusers", base_model: str = "", token: str = "", class_noun: str = "",
+              steps: int | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write adapter `adapter` of the given models to `path` (atomically: temp file + rename).
+
+    The metadata records rank, alpha, base model, token, class noun, steps and minidream version.
+    """
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    adapters = {c: get_adapter_weights(m, adapter) for c, m in models.items() if m is not None}
+    if dtype is not None:
+        adapters = {c: {p: LoRAWeights(w.down.to(dtype), w.up.to(dtype), w.alpha) for p, w in ws.items()}
+                    for c, ws in adapters.items()}
+    tensors, metadata = lora_to_tensors(adapters, layout, unet)
+    every = [w for ws in adapters.values() for w in ws.values()]
+    metadata.update(format="pt", minidream_version=__version__, base_model=base_model, token=token,
+                    class_noun=class_noun, steps="" if steps is None else str(steps),
+                    rank=str(_most_common(w.rank for w in every)),
+                    alpha=str(_most_common(w.alpha for w in every)))
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
