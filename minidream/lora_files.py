@@ -25,7 +25,6 @@ detects the layout from the keys, and every key must land on a module of the giv
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minidream import __version__
+from minidream.files import atomic_write
 from minidream.lora import (LoRAWeights, check_adapter_weights, get_adapter_weights,
                             load_adapter_weights, mismatch_error)
 
@@ -352,8 +352,5 @@ def save_lora(path, *, unet: nn.Module | None = None, text_encoder: nn.Module | 
                     class_noun=class_noun, steps="" if steps is None else str(steps),
                     rank=str(_most_common(w.rank for w in every)),
                     alpha=str(_most_common(w.alpha for w in every)))
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
