@@ -103,6 +103,23 @@ def test_full_size_sdxl_unet_has_diffusers_names_and_shapes():
     assert sum(p.numel() for p in ours.parameters()) == 2_567_463_684
 
 
+# The keys by which the real SD 1.5 and SD 2.1 unet/config.json differ from diffusers' defaults.
+SD15_UNET = {"attention_head_dim": 8, "cross_attention_dim": 768, "sample_size": 64}
+SD21_UNET = {
+    "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024, "sample_size": 96,
+    "use_linear_projection": True, "upcast_attention": True,
+}
+
+
+@pytest.mark.parametrize("config", [SD15_UNET, SD21_UNET], ids=["sd15", "sd21"])
+def test_full_size_sd1_sd2_unets_have_diffusers_names_and_shapes(config):
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**config)
+        ours = UNet(UNetConfig.from_dict(config))
+    assert _shapes(ours) == _shapes(ref)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
 def test_config_defaults_are_sdxl_base():
     assert UNetConfig.from_dict(sdxl_config("unet")) == UNetConfig()
 
