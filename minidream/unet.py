@@ -1,0 +1,436 @@
+"""The denoising UNet of Stable Diffusion: SD 1.x, SD 2.x and SDXL from one config.
+
+The network of latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
+Diffusion Models", sec. 3.3): a convolutional UNet over the VAE latent whose resnets take the
+timestep embedding, with spatial transformers that cross-attend to the text tokens. SDXL (Podell et
+al. 2023, sec. 2.1) changes only numbers (levels, transformer depth per level, a 2048-wide text
+context) and adds one input (sec. 2.2): the pooled text embedding and six "micro-conditioning"
+integers (original size, crop corner, target size) summed into the timestep embedding.
+
+The file reads bottom-up: feed-forward, transformer block, spatial transformer, the three kinds of
+UNet level (down, mid, up), the time-embedding MLP, then UNetConfig and UNet itself.
+
+State-dict keys and shapes equal those of diffusers' UNet2DConditionModel built from the same
+config.json, so `unet/diffusion_pytorch_model.safetensors` loads with `load_state_dict(strict=True)`.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minidream.layers import (
+    Attention, Downsample, ResnetBlock, Upsample, maybe_checkpoint, read_diffusers_config, timestep_embedding,
+)
+
+
+class GEGLU(nn.Module):
+    """value * GELU(gate), both halves from one Linear (Shazeer 2020, "GLU Variants Improve
+    Transformer", eq. 6 / FFN_GEGLU)."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * hidden_dim)
+
+    def forward(self, x):
+        value, gate = self.proj(x).chunk(2, dim=-1)  # (B, L, hidden) each
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """The transformer MLP: GEGLU to mult*dim, then Linear back to dim."""
+
+    def __init__(self, dim, mult):
+        super().__init__()
+        # Index 1 held a dropout in the original; the Identity keeps the output layer at `net.2`.
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: self-attention, cross-attention to the text, feed-forward.
+
+    Each sub-layer is x + f(LayerNorm(x)). The cross-attention is the conditioning mechanism of
+    Rombach et al. 2022 sec. 3.3: queries from the image tokens, keys and values from the text.
+    """
+
+    def __init__(self, dim, heads, context_dim, cfg):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.attn1 = Attention(dim, heads, dim // heads)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.attn2 = Attention(dim, heads, dim // heads, context_dim=context_dim)
+        self.norm3 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.ff = FeedForward(dim, cfg.ff_mult)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Run transformer blocks over the H*W positions of a feature map, with a residual around all.
+
+    GroupNorm, proj_in, `depth` TransformerBlocks, proj_out. SD 1.x projects with 1x1 convs on the
+    (B, C, H, W) map; SD 2.x and SDXL with Linear layers on the (B, H*W, C) tokens
+    (use_linear_projection). The weights differ only in shape ((C, C, 1, 1) vs (C, C)).
+    """
+
+    def __init__(self, channels, heads, depth, cfg):
+        super().__init__()
+        self.linear = cfg.use_linear_projection
+        self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=cfg.transformer_norm_eps)
+        proj = nn.Linear if self.linear else (lambda i, o: nn.Conv2d(i, o, kernel_size=1))
+        self.proj_in = proj(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(channels, heads, cfg.cross_attention_dim, cfg) for _ in range(depth)]
+        )
+        self.proj_out = proj(channels, channels)
+        self.gradient_checkpointing = False  # set by UNet.enable_gradient_checkpointing
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if self.linear:
+            h = self.proj_in(h.permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, H*W, C)
+        else:
+            h = self.proj_in(h).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, H*W, C)
+        for block in self.transformer_blocks:
+            h = maybe_checkpoint(self.gradient_checkpointing, block, h, context)
+        if self.linear:
+            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
+        else:
+            h = self.proj_out(h.reshape(B, H, W, C).permute(0, 3, 1, 2))  # (B, C, H, W)
+        # x first: the sum takes x's contiguous (B, C, H, W) layout, no extra copy needed.
+        return x + h
+
+
+class DownLevel(nn.Module):
+    """One encoder level: `num_layers` x (resnet [+ spatial transformer]), then a stride-2 conv.
+
+    Returns the new features and every intermediate output: the skip connections the decoder
+    concatenates back, deepest last.
+    """
+
+    def __init__(self, in_ch, out_ch, temb_ch, num_layers, has_attention, heads, depth, add_downsample, cfg):
+        super().__init__()
+        groups, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps) for i in range(num_layers)]
+        )
+        n_attn = num_layers if has_attention else 0  # an empty ModuleList adds no keys
+        self.attentions = nn.ModuleList([SpatialTransformer(out_ch, heads, depth, cfg) for _ in range(n_attn)])
+        self.downsamplers = None
+        if add_downsample:
+            self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=cfg.downsample_padding)])
+        self.gradient_checkpointing = False
+
+    def forward(self, x, temb, context):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = maybe_checkpoint(self.gradient_checkpointing, resnet, x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """The bottleneck at the lowest resolution: resnet, spatial transformer, resnet."""
+
+    def __init__(self, ch, temb_ch, heads, depth, cfg):
+        super().__init__()
+        groups, eps = cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, temb_ch, groups, eps) for _ in range(2)])
+        self.attentions = nn.ModuleList([SpatialTransformer(ch, heads, depth, cfg)])
+        self.gradient_checkpointing = False
+
+    def forward(self, x, temb, context):
+        x = maybe_checkpoint(self.gradient_checkpointing, self.resnets[0], x, temb)
+        x = self.attentions[0](x, context)
+        return maybe_checkpoint(self.gradient_checkpointing, self.resnets[1], x, temb)
+
+
+class UpLevel(nn.Module):
+    """One decoder level: `num_layers` x (concat a skip, resnet [+ spatial transformer]), upsample.
+
+    in_ch: channels of the level below in the encoder (its downsampler output is this level's last
+    skip); prev_ch: channels coming up from the deeper decoder level; out_ch: this level's width.
+    """
+
+    def __init__(self, in_ch, prev_ch, out_ch, temb_ch, num_layers, has_attention, heads, depth, add_upsample, cfg):
+        super().__init__()
+        groups, eps = cfg.norm_num_groups, cfg.norm_eps
+        resnets = []
+        for i in range(num_layers):
+            skip_ch = in_ch if i == num_layers - 1 else out_ch
+            x_ch = prev_ch if i == 0 else out_ch
+            resnets.append(ResnetBlock(x_ch + skip_ch, out_ch, temb_ch, groups, eps))
+        self.resnets = nn.ModuleList(resnets)
+        n_attn = num_layers if has_attention else 0
+        self.attentions = nn.ModuleList([SpatialTransformer(out_ch, heads, depth, cfg) for _ in range(n_attn)])
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if add_upsample else None
+        self.gradient_checkpointing = False
+
+    def forward(self, x, skips, temb, context):
+        """Consumes (pops) its skip connections from the end of the list `skips`."""
+        for i, resnet in enumerate(self.resnets):
+            x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            x = maybe_checkpoint(self.gradient_checkpointing, resnet, x, temb)
+            if self.attentions:
+                x = self.attentions[i](x, context)
+        if self.upsamplers is not None:
+            # Upsample to the size of the next skip, which also covers odd latent sizes.
+            x = self.upsamplers[0](x, size=skips[-1].shape[-2:])
+        return x
+
+
+class EmbeddingMLP(nn.Module):
+    """Linear -> SiLU -> Linear: lifts a sinusoidal embedding to the time-embedding width."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has attention
+UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+
+# diffusers config.json keys for features minidream does not implement, with the values that mean
+# "feature off". Any other value is refused by UNetConfig.from_dict.
+_UNET_FEATURE_OFF = {
+    "act_fn": ("silu",), "attention_type": ("default",), "center_input_sample": (False,),
+    "class_embed_type": (None,), "class_embeddings_concat": (False,), "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,), "cross_attention_norm": (None,), "dropout": (0.0,),
+    "dual_cross_attention": (False,), "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,),
+    "mid_block_only_cross_attention": (None, False), "mid_block_scale_factor": (1.0,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",), "num_class_embeds": (None,),
+    "only_cross_attention": (False,), "resnet_out_scale_factor": (1.0,), "resnet_skip_time_act": (False,),
+    "resnet_time_scale_shift": ("default",), "reverse_transformer_layers_per_block": (None,),
+    "time_cond_proj_dim": (None,), "time_embedding_act_fn": (None,), "time_embedding_dim": (None,),
+    "time_embedding_type": ("positional",), "timestep_post_act": (None,),
+}
+# diffusers' UNet2DConditionModel defaults (an SD 1.x UNet), used for keys a config.json omits.
+_UNET_LIBRARY_DEFAULTS = dict(
+    sample_size=None, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    layers_per_block=2, transformer_layers_per_block=1, attention_head_dim=8, num_attention_heads=None,
+    cross_attention_dim=1280, use_linear_projection=False, upcast_attention=False, addition_embed_type=None,
+    addition_time_embed_dim=None, projection_class_embeddings_input_dim=None, norm_num_groups=32,
+    norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
+)
+# Keys with no effect on the models minidream builds.
+_UNET_IGNORED = {"addition_embed_type_num_heads"}  # only used by addition_embed_type "text"
+
+
+def _per_level(value, n, name):
+    """An int (same for every level) or a list/tuple of n values -> tuple of n values."""
+    values = (value,) * n if isinstance(value, int) else tuple(value)
+    if len(values) != n or not all(isinstance(v, int) and v > 0 for v in values):
+        raise ValueError(f"UNetConfig.{name}={value!r}: give one positive int, or a list of {n} (one per level)")
+    return values
+
+
+@dataclass
+class UNetConfig:
+    """UNet hyperparameters, named as in diffusers' unet/config.json. Defaults: SDXL base 1.0.
+
+    from_dict fills keys a config.json lacks with diffusers' defaults (an SD 1.x UNet), not with
+    these: an old SD 1.5 config without `addition_embed_type` must not become SDXL-shaped.
+
+    Heads: diffusers' `attention_head_dim` is, for every SD family, the NUMBER of heads per level
+    (a naming mistake kept for compatibility; diffusers itself refuses `num_attention_heads`).
+    SD 1.x: 8 heads everywhere (head size 40..160). SD 2.x: (5, 10, 20, 20) heads, i.e. head size 64
+    at every level. SDXL: (5, 10, 20), head size 64. Head size = channels // heads. minidream also
+    accepts `num_attention_heads`, which, when set, takes precedence with the same meaning.
+    """
+
+    sample_size: int | None = 128  # latent side the model was trained at (1024 px / 8); informational
+    in_channels: int = 4  # latent channels in
+    out_channels: int = 4  # predicted-noise channels out
+    block_out_channels: tuple = (320, 640, 1280)  # feature channels per resolution level
+    down_block_types: tuple = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")  # attn or not
+    up_block_types: tuple = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")  # deepest level first
+    layers_per_block: int | tuple = 2  # resnets per down level (up levels have one more); int or per level
+    transformer_layers_per_block: int | tuple = (1, 2, 10)  # TransformerBlocks per spatial transformer
+    attention_head_dim: int | tuple = (5, 10, 20)  # NUMBER of heads per level (diffusers' misnomer)
+    num_attention_heads: int | tuple | None = None  # correctly named head count; overrides the above
+    cross_attention_dim: int = 2048  # text-token width (CLIP-L 768 + OpenCLIP bigG 1280)
+    use_linear_projection: bool = True  # proj_in/out Linear (SD 2.x, SDXL) or 1x1 conv (SD 1.x)
+    upcast_attention: bool | None = None  # SD 2.1 fp16 softmax fix; no effect, SDPA accumulates in fp32
+    addition_embed_type: str | None = "text_time"  # SDXL pooled-text + size/crop conditioning; or None
+    addition_time_embed_dim: int | None = 256  # sinusoid width for each of the 6 time ids
+    projection_class_embeddings_input_dim: int | None = 2816  # pooled width + 6 * addition_time_embed_dim
+    norm_num_groups: int = 32  # GroupNorm groups everywhere
+    norm_eps: float = 1e-5  # eps of the resnet and output GroupNorms
+    flip_sin_to_cos: bool = True  # sinusoid order [cos, sin]
+    freq_shift: int = 0  # sinusoid frequency shift (DDPM used 1)
+    downsample_padding: int = 1  # padding of the stride-2 downsampling convs
+    # Fixed by the architecture (diffusers hard-codes them; not in config.json):
+    transformer_norm_eps: float = 1e-6  # eps of the GroupNorm before proj_in
+    layer_norm_eps: float = 1e-5  # eps of the LayerNorms in transformer blocks
+    ff_mult: int = 4  # feed-forward hidden width = ff_mult * channels
+    time_embed_mult: int = 4  # time-embedding width = time_embed_mult * block_out_channels[0]
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        if not (len(self.down_block_types) == len(self.up_block_types) == n):
+            raise ValueError("UNetConfig: block_out_channels, down/up_block_types need one entry per level")
+        unknown = [k for k in self.down_block_types if k not in DOWN_TYPES]
+        unknown += [k for k in self.up_block_types if k not in UP_TYPES]
+        if unknown:
+            raise ValueError(f"UNetConfig: block types {unknown} not implemented (use {[*DOWN_TYPES, *UP_TYPES]})")
+        if not isinstance(self.cross_attention_dim, int):
+            raise ValueError("UNetConfig.cross_attention_dim must be one int (per-level widths are not implemented)")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"UNetConfig.addition_embed_type={self.addition_embed_type!r} not implemented: "
+                             "use None (SD 1.x/2.x) or 'text_time' (SDXL)")
+        if self.addition_embed_type == "text_time" and not (
+            self.addition_time_embed_dim and self.projection_class_embeddings_input_dim
+        ):
+            raise ValueError("UNetConfig: addition_embed_type='text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim (SDXL: 256 and 2816)")
+        for ch, heads in zip(self.block_out_channels, self.per_level()[2]):
+            if ch % heads:
+                raise ValueError(f"UNetConfig: {ch} channels do not split into {heads} attention heads")
+
+    def per_level(self):
+        """(resnets per down level, TransformerBlocks per spatial transformer, attention heads),
+        each a tuple with one int per level. Heads: see the class docstring for the naming."""
+        n = len(self.block_out_channels)
+        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
+        return (
+            _per_level(self.layers_per_block, n, "layers_per_block"),
+            _per_level(self.transformer_layers_per_block, n, "transformer_layers_per_block"),
+            _per_level(heads, n, "attention_head_dim"),
+        )
+
+    @classmethod
+    def from_dict(cls, d):
+        """Read a diffusers unet/config.json dict; ValueError for features minidream lacks."""
+        return read_diffusers_config(cls, d, _UNET_LIBRARY_DEFAULTS, _UNET_FEATURE_OFF, _UNET_IGNORED, "UNet")
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t, text): predicts the noise in latent x_t (or v, as the checkpoint was trained).
+
+    forward(x, t, context, pooled=None, time_ids=None)
+      x:        (B, in_channels, H, W) noisy latent
+      t:        timestep: int, float, 0-d tensor or (B,) tensor
+      context:  (B, L, cross_attention_dim) text tokens
+      pooled:   (B, P) pooled text embedding        } SDXL only (addition_embed_type "text_time");
+      time_ids: (B, 6) original size, crop corner,  } P + 6 * addition_time_embed_dim must equal
+                target size, in pixels              } projection_class_embeddings_input_dim
+    returns (B, out_channels, H, W).
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        ch = cfg.block_out_channels
+        n = len(ch)
+        layers, depths, heads = cfg.per_level()
+        temb_ch = cfg.time_embed_mult * ch[0]
+
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], kernel_size=3, padding=1)
+        self.time_embedding = EmbeddingMLP(ch[0], temb_ch)
+        self.add_embedding = None
+        if cfg.addition_embed_type == "text_time":
+            self.add_embedding = EmbeddingMLP(cfg.projection_class_embeddings_input_dim, temb_ch)
+
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.down_block_types):
+            self.down_blocks.append(DownLevel(
+                ch[max(i - 1, 0)], ch[i], temb_ch, layers[i], DOWN_TYPES[kind], heads[i], depths[i],
+                add_downsample=i < n - 1, cfg=cfg,
+            ))
+        self.mid_block = MidBlock(ch[-1], temb_ch, heads[-1], depths[-1], cfg)
+        self.up_blocks = nn.ModuleList()
+        for i, kind in enumerate(cfg.up_block_types):
+            level = n - 1 - i  # up blocks run from the deepest level back to the first
+            self.up_blocks.append(UpLevel(
+                ch[max(level - 1, 0)], ch[min(level + 1, n - 1)], ch[level], temb_ch, layers[level] + 1,
+                UP_TYPES[kind], heads[level], depths[level], add_upsample=level > 0, cfg=cfg,
+            ))
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, kernel_size=3, padding=1)
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self, on=True):
+        """Checkpoint every resnet and every transformer block (torch.utils.checkpoint): activations
+        are recomputed in backward instead of stored. Outputs and gradients are unchanged."""
+        self.gradient_checkpointing = on
+        for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
+            block.gradient_checkpointing = on
+            for transformer in block.attentions:
+                transformer.gradient_checkpointing = on
+
+    def _batch_timesteps(self, t, batch, device):
+        """int / float / 0-d / (1,) / (B,) -> (B,) tensor on `device`."""
+        t = torch.as_tensor(t, device=device).reshape(-1)
+        if t.numel() == 1:
+            return t.expand(batch)
+        if t.numel() != batch:
+            raise ValueError(f"UNet: got {t.numel()} timesteps for a batch of {batch}; give one, or one per sample")
+        return t
+
+    def _micro_conditioning(self, pooled, time_ids, batch, dtype):
+        """SDXL's added condition (Podell et al. 2023, sec. 2.1-2.2): pooled text embedding
+        concatenated with a sinusoid of each of the 6 size/crop time ids -> (B, P + 6*D)."""
+        cfg = self.config
+        if pooled is None or time_ids is None:
+            raise ValueError(
+                "UNet: this is an SDXL-style UNet (addition_embed_type='text_time'); pass pooled (B, P) "
+                "text embeddings and time_ids (B, 6) = (orig_h, orig_w, crop_top, crop_left, target_h, target_w)"
+            )
+        width = pooled.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
+        if pooled.shape[0] != batch or time_ids.shape[0] != batch or width != cfg.projection_class_embeddings_input_dim:
+            raise ValueError(
+                f"UNet: pooled {tuple(pooled.shape)} and time_ids {tuple(time_ids.shape)} do not fit batch {batch} "
+                f"and projection_class_embeddings_input_dim {cfg.projection_class_embeddings_input_dim}"
+            )
+        ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+        ids = ids.reshape(batch, -1)  # (B*6, D) -> (B, 6*D)
+        return torch.cat([pooled.to(dtype), ids.to(dtype)], dim=-1)  # (B, P + 6*D)
+
+    def forward(self, x, t, context, pooled=None, time_ids=None):
+        cfg = self.config
+        B = x.shape[0]
+        t = self._batch_timesteps(t, B, x.device)
+        emb = self.time_embedding(
+            timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).to(x.dtype)
+        )  # (B, temb_ch)
+        if self.add_embedding is not None:
+            emb = emb + self.add_embedding(self._micro_conditioning(pooled, time_ids, B, emb.dtype))
+        elif pooled is not None or time_ids is not None:
+            raise ValueError("UNet: pooled/time_ids given, but this UNet (SD 1.x/2.x style) takes no added embedding")
+        temb = F.silu(emb)  # every resnet starts its time projection with SiLU: do it once here
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, temb, context)
+            skips += block_skips
+        h = self.mid_block(h, temb, context)
+        for block in self.up_blocks:
+            h = block(h, skips, temb, context)  # each up level pops its skips off the end
+        return self.conv_out(F.silu(self.conv_norm_out(h)))

@@ -1,0 +1,231 @@
+"""The KL-regularised autoencoder of latent diffusion (AutoencoderKL).
+
+Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models", sec. 3.1): an
+encoder maps an RGB image in [-1, 1] to a diagonal Gaussian over a latent 8x smaller per side
+(4 channels); a decoder maps a latent back to RGB. Diffusion runs on the latent.
+
+The file reads bottom-up: attention, the mid block, encoder and decoder levels, Encoder, Decoder,
+the Gaussian sampler, VAEConfig, VAE. State-dict keys and shapes equal those of diffusers'
+AutoencoderKL built from the same config.json.
+
+Latent scale: the diffusion model works on `z * scaling_factor` (LDM sec. 4.3.2 / appendix D.1
+rescale the latent to unit variance; SDXL 0.13025, SD 1.x/2.x 0.18215). encode/decode here do NOT
+scale; the caller multiplies after encode and divides before decode, so the step stays visible.
+
+fp16: the SDXL VAE's activations overflow fp16 (NaN latents, black images). Run it in fp32 unless
+the weights are an fp16-safe fine-tune ("sdxl-vae-fp16-fix", config force_upcast false); see
+`vae_dtype`, which the pipeline and the latent cache must use to pick the VAE's dtype.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minidream.layers import Attention, Downsample, ResnetBlock, Upsample, read_diffusers_config
+
+
+class VAEAttention(Attention):
+    """Single-head self-attention over the H*W positions of a feature map, GroupNorm first and a
+    residual around it (the LDM autoencoder's only attention, in its mid blocks). q/k/v have biases."""
+
+    def __init__(self, channels, groups, eps):
+        super().__init__(channels, heads=1, head_dim=channels, qkv_bias=True)
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)  # (B, H*W, C)
+        h = super().forward(h)  # (B, H*W, C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+
+
+class VAEMidBlock(nn.Module):
+    """resnet, attention, resnet at the lowest resolution (no time embedding in the VAE)."""
+
+    def __init__(self, ch, cfg):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, None, cfg.norm_num_groups, cfg.norm_eps) for _ in range(2)])
+        self.attentions = nn.ModuleList([VAEAttention(ch, cfg.norm_num_groups, cfg.norm_eps)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class EncoderLevel(nn.Module):
+    """`num_layers` resnets, then (except at the last level) a stride-2 conv padded right/bottom."""
+
+    def __init__(self, in_ch, out_ch, num_layers, add_downsample, cfg):
+        super().__init__()
+        self.resnets = nn.ModuleList([
+            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, None, cfg.norm_num_groups, cfg.norm_eps)
+            for i in range(num_layers)
+        ])
+        self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=0)]) if add_downsample else None
+
+    def forward(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.downsamplers is None else self.downsamplers[0](x)
+
+
+class DecoderLevel(nn.Module):
+    """`num_layers` resnets, then (except at the last level) nearest 2x upsampling and a conv."""
+
+    def __init__(self, in_ch, out_ch, num_layers, add_upsample, cfg):
+        super().__init__()
+        self.resnets = nn.ModuleList([
+            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, None, cfg.norm_num_groups, cfg.norm_eps)
+            for i in range(num_layers)
+        ])
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if add_upsample else None
+
+    def forward(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x if self.upsamplers is None else self.upsamplers[0](x)
+
+
+class Encoder(nn.Module):
+    """(B, in_channels, H, W) image -> (B, 2*latent_channels, H/f, W/f), f = 2**(levels-1)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], kernel_size=3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            EncoderLevel(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, add_downsample=i < n - 1, cfg=cfg)
+            for i in range(n)
+        ])
+        self.mid_block = VAEMidBlock(ch[-1], cfg)
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[-1], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h = block(h)
+        h = self.mid_block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """(B, latent_channels, h, w) latent -> (B, out_channels, h*f, w*f) image."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], kernel_size=3, padding=1)
+        self.mid_block = VAEMidBlock(ch[-1], cfg)
+        self.up_blocks = nn.ModuleList([
+            DecoderLevel(ch[min(n - i, n - 1)], ch[n - 1 - i], cfg.layers_per_block + 1, i < n - 1, cfg)
+            for i in range(n)  # deepest level first
+        ])
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, kernel_size=3, padding=1)
+
+    def forward(self, z):
+        h = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            h = block(h)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+
+def sample_latent(mean, logvar, generator=None):
+    """Draw z ~ N(mean, exp(logvar)) by reparameterisation: z = mean + exp(logvar / 2) * eps.
+
+    (The reparameterisation trick, Kingma & Welling 2014, sec. 2.4.) eps is one torch.randn of
+    mean's shape and dtype on the generator's device, then moved to mean's device: the same draw
+    as diffusers' DiagonalGaussianDistribution.sample, so a seed gives the same latent in both.
+    """
+    device = generator.device if generator is not None else mean.device
+    eps = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
+def vae_dtype(config, wanted):
+    """The dtype to run the VAE in: fp32 instead of fp16 when config.force_upcast (the SDXL VAE
+    overflows fp16: NaN latents, black images); an fp16-fix VAE (force_upcast false) keeps fp16,
+    and bf16, which has fp32's range, is kept too (diffusers' pipelines decide the same way)."""
+    if config.force_upcast and wanted == torch.float16:
+        return torch.float32
+    return wanted
+
+
+# diffusers vae/config.json keys for features minidream does not implement, with their "off" values.
+_VAE_FEATURE_OFF = {
+    "act_fn": ("silu",), "shift_factor": (None,), "latents_mean": (None,), "latents_std": (None,),
+    "use_quant_conv": (True,), "use_post_quant_conv": (True,), "mid_block_add_attention": (True,),
+}
+
+# diffusers' AutoencoderKL defaults, used for keys a config.json omits (old SD 1.x files lack
+# scaling_factor and force_upcast, and mean 0.18215 and True).
+_VAE_LIBRARY_DEFAULTS = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+    block_out_channels=(64,), layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=32,
+    scaling_factor=0.18215, force_upcast=True,
+)
+
+
+@dataclass
+class VAEConfig:
+    """AutoencoderKL hyperparameters, named as in diffusers' vae/config.json. Defaults: SDXL base 1.0.
+
+    from_dict fills keys a config.json lacks with diffusers' defaults (scaling_factor 0.18215, ...).
+    """
+
+    in_channels: int = 3  # image channels in
+    out_channels: int = 3  # image channels out
+    down_block_types: tuple = ("DownEncoderBlock2D",) * 4  # only this type exists in SD autoencoders
+    up_block_types: tuple = ("UpDecoderBlock2D",) * 4  # likewise
+    block_out_channels: tuple = (128, 256, 512, 512)  # channels per level; levels-1 halvings (f = 8)
+    layers_per_block: int = 2  # encoder resnets per level (decoder: one more)
+    latent_channels: int = 4  # latent channels
+    norm_num_groups: int = 32  # GroupNorm groups
+    sample_size: int = 1024  # training image side; informational
+    scaling_factor: float = 0.13025  # latent * scaling_factor has ~unit variance (SD 1.x/2.x: 0.18215)
+    force_upcast: bool = True  # True: overflows in fp16, run in fp32 (see vae_dtype)
+    # Fixed by the architecture (not in config.json):
+    norm_eps: float = 1e-6  # eps of every GroupNorm in the VAE
+    logvar_min: float = -30.0  # log-variance clamp of the latent Gaussian, as trained
+    logvar_max: float = 20.0
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        if self.down_block_types != ("DownEncoderBlock2D",) * n or self.up_block_types != ("UpDecoderBlock2D",) * n:
+            raise ValueError(
+                "VAEConfig: only DownEncoderBlock2D / UpDecoderBlock2D levels are implemented, one per entry of "
+                f"block_out_channels ({n}); got {self.down_block_types} / {self.up_block_types}"
+            )
+
+    @classmethod
+    def from_dict(cls, d):
+        """Read a diffusers vae/config.json dict; ValueError for features minidream lacks."""
+        return read_diffusers_config(cls, d, _VAE_LIBRARY_DEFAULTS, _VAE_FEATURE_OFF, set(), "VAE")
+
+
+class VAE(nn.Module):
+    """encode(x) -> (mean, logvar); sample_latent(mean, logvar, generator) -> z; decode(z) -> x.
+
+    Images are (B, 3, H, W) in [-1, 1]; latents (B, 4, H/8, W/8), unscaled (multiply by
+    config.scaling_factor before the UNet, divide after). Run in vae_dtype(config, dtype).
+    """
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, kernel_size=1)
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, kernel_size=1)
+
+    def encode(self, x):
+        """Image -> moments of the latent Gaussian: mean and log-variance, each (B, 4, H/8, W/8)."""
+        moments = self.quant_conv(self.encoder(x))  # (B, 2*latent_channels, h, w)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(self.config.logvar_min, self.config.logvar_max)
+
+    def decode(self, z):
+        """Unscaled latent (B, 4, h, w) -> image (B, 3, 8h, 8w), roughly in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))
