@@ -1,15 +1,13 @@
 """Tiny random models shared by tests/test_lora.py and tests/test_lora_files.py.
 
 The LoRA code only relies on module *names* (to_q, to_k, to_v, to_out.0, ff.net.0.proj, ...), which
-minidream's UNet shares with diffusers' UNet2DConditionModel. Until minidream/unet.py lands, the
-"model under test" is diffusers' UNet itself. To test minidream's UNet instead, change the two
-marked functions below (SWITCH) and nothing else.
+minidream's UNet shares with diffusers' UNet2DConditionModel. The reference is diffusers' UNet (+ peft);
+the model under test is minidream's UNet carrying the same weights.
 """
-
-import copy
 
 import torch
 from diffusers import UNet2DConditionModel
+from minidream.unet import UNet, UNetConfig
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 # A shrunken SDXL UNet: DownBlock2D then a cross-attention block with 2 transformer layers,
@@ -34,9 +32,11 @@ def reference_unet(seed: int = 0) -> UNet2DConditionModel:
 def unet_under_test(reference: torch.nn.Module) -> torch.nn.Module:
     """The UNet minidream's LoRA is tested on, holding `reference`'s weights.
 
-    SWITCH: `m = minidream.unet.UNet(<config from TINY_SDXL_UNET>); m.load_state_dict(reference.state_dict()); return m.eval()`
+    minidream's own UNet, built from the reference's config.
     """
-    return copy.deepcopy(reference)
+    model = UNet(UNetConfig.from_dict(dict(reference.config)))
+    model.load_state_dict(reference.state_dict())
+    return model.eval()
 
 
 def unet_inputs(seed: int = 1) -> dict:
@@ -52,8 +52,8 @@ def run_reference(unet: UNet2DConditionModel, inp: dict) -> torch.Tensor:
 
 
 def run_under_test(unet: torch.nn.Module, inp: dict) -> torch.Tensor:
-    """SWITCH: `return unet(inp["x"], inp["t"], inp["ctx"], inp["pooled"], inp["time_ids"])`"""
-    return run_reference(unet, inp)
+    """minidream's UNet forward signature."""
+    return unet(inp["x"], inp["t"], inp["ctx"], inp["pooled"], inp["time_ids"])
 
 
 def text_encoders(seed: int = 0):
