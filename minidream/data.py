@@ -142,8 +142,8 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """Float tensor (B, 3, H, W) in [-1, 1] -> list of PIL RGB images."""
-    array = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """Float tensor (B, 3, H, W) in [-1, 1] -> list of PIL RGB images (rounded as diffusers does)."""
+    array = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in array]
 
 
