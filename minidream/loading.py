@@ -10,7 +10,9 @@ copies and crash. Instead:
 4. read the tensors one at a time from the memory-mapped file, convert each straight to the target
    dtype and device, and put it in the module in place of its meta parameter.
 
-At any moment RAM holds the finished part of the model plus one tensor in flight.
+At any moment RAM holds the finished part of the model plus one tensor in flight. (safetensors
+maps the file copy-on-write: a CPU tensor loaded in the file's own dtype stays backed by the file's
+pages, which the OS can drop and re-read, until something writes to it.)
 """
 
 from __future__ import annotations

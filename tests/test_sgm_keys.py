@@ -207,3 +207,30 @@ def test_family_from_the_text_encoders_a_file_carries(family, unet, text):
     for prefix in text:
         header[prefix + "token_embedding.weight"] = (49408, 1024)
     assert single_file.SingleFile("x.safetensors", header).family == family
+
+
+def test_full_size_sdxl_single_file_fits_the_models_built_from_its_inferred_configs():
+    """The whole single-file path at full size, headers only: split by prefix, skip the known
+    extras, infer every config, rename, and pass the strict name + shape check of each model."""
+    from minidream.checkpoint import fit_text_model_prefix
+    from minidream.loading import check_weights
+
+    te1 = CLIPTextConfig.from_dict(sdxl_config("text_encoder"))
+    header = {UNET_PREFIX + k: s for k, s in sgm_unet_shapes(sdxl_config("unet")).items()}
+    header |= {VAE_PREFIX + k: s for k, s in ldm_vae_shapes(sdxl_config("vae")).items()}
+    clip_l = hf_v4_names(meta_state(CLIPTextModel, te1)) | {"text_model.embeddings.position_ids": (1, 77)}
+    header |= {"conditioner.embedders.0.transformer." + k: s for k, s in clip_l.items()}
+    header |= {"conditioner.embedders.1.model." + k: s for k, s in openclip_shapes(1280, 32, 49408, 77, 1280).items()}
+    sf = single_file.SingleFile("sd_xl_base_1.0.safetensors", header)
+    assert sf.family == "sdxl"
+    for part, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        config, weights = getattr(sf, part)()
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        check_weights(model, weights, part)
+        assert dict(model.config)["sample_size"] == sdxl_config(part)["sample_size"]
+    for part, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        config, weights = sf.text_encoder(part)
+        with torch.device("meta"):
+            model = cls(CLIPTextConfig.from_dict(config))
+        check_weights(model, fit_text_model_prefix(weights, model), part)
