@@ -1,0 +1,362 @@
+"""Checkpoints: what a path holds, and loading the UNet, VAE and text encoders from it.
+
+Two layouts hold the same SDXL weights:
+
+- a **diffusers folder**: `model_index.json` plus one folder per part (`unet/`, `vae/`,
+  `text_encoder/`, `text_encoder_2/`, `tokenizer*/`, `scheduler/`), each with a `config.json` and
+  its weights as `*.safetensors`, or as shards listed in `*.safetensors.index.json`. Tensor names
+  are already the ones minidream's modules use.
+- a **single file** (`sd_xl_base_1.0.safetensors`): everything in one file under the original
+  training code's names and no configs: single_file.py splits it into parts and reads the
+  architecture off the tensor shapes, sgm_keys.py renames the tensors.
+
+Folders may also hold an fp16 copy of each part (`*.fp16.safetensors`, `*.safetensors.index.fp16.json`).
+Rule: the plain files are read when present, the fp16 ones only when `variant="fp16"` is asked
+for (or when they are all there is). Either way tensors are converted to the `dtype` asked for.
+
+Pickle files (.ckpt/.bin/.pt/.pth) are refused: loading them runs code (see loading.refuse_pickle).
+Every load is strict (loading.check_weights) and low-RAM (loading.load_weights).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import nn
+
+from minidream import single_file
+from minidream.single_file import FAMILIES, SingleFile
+from minidream.loading import (
+    PICKLE_SUFFIXES,
+    CheckpointError,
+    TensorRef,
+    Weights,
+    load_weights,
+    materialize,
+    parameters_on_meta,
+    read_header,
+    refuse_pickle,
+)
+
+PathLike = Union[str, Path]
+LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", ".lora.", "lora_unet_", "lora_te", "hada_", "lokr_")
+
+
+def build_unet(config: dict) -> nn.Module:
+    """The one place that names minidream's UNet class."""
+    from minidream.unet import UNet, UNetConfig
+
+    return UNet(UNetConfig.from_dict(config))
+
+
+def build_vae(config: dict) -> nn.Module:
+    """The one place that names minidream's VAE class."""
+    from minidream.vae import VAE, VAEConfig
+
+    return VAE(VAEConfig.from_dict(config))
+
+
+def build_text_encoder(config: dict) -> nn.Module:
+    """transformers' CLIP text model for `config`: with projection for SDXL's second encoder."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    projected = "CLIPTextModelWithProjection" in config.get("architectures", ())
+    return (CLIPTextModelWithProjection if projected else CLIPTextModel)(CLIPTextConfig.from_dict(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# What is this path?
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelInfo:
+    """What a path holds, for messages and for choosing how to read it."""
+
+    path: Path
+    layout: str  # diffusers | component | single-file | lora | vae-file | unet-file | text-encoder-file | unknown
+    description: str  # one phrase a user can read: "an SDXL base model in one file (...)"
+    family: str = ""  # sdxl | sdxl-refiner | sd2 | sd1 | unknown; "" when not a whole model
+    parts: tuple[str, ...] = ()  # parts present: unet, vae, text_encoder, text_encoder_2, tokenizer, ...
+    missing: tuple[str, ...] = ()  # parts model_index.json lists but the folder lacks
+
+
+def detect(path: PathLike) -> ModelInfo:
+    """Say what `path` is (a diffusers folder, a single file, a LoRA, a lone VAE, ...) by its keys."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; give a diffusers folder or a .safetensors file")
+    return _detect_folder(path) if path.is_dir() else _detect_file(path, read_header(path))
+
+
+def model_kind(path: PathLike) -> str:
+    """The family of the model at `path`: "sdxl", "sdxl-refiner", "sd2", "sd1" or "unknown"."""
+    return detect(path).family
+
+
+def _detect_file(path: Path, header: dict[str, tuple]) -> ModelInfo:
+    keys = list(header)
+    if any(marker in k for k in keys for marker in LORA_MARKERS):
+        text = f"a LoRA adapter ({len(keys)} tensors), not a base model: apply it with --lora"
+        return ModelInfo(path, "lora", text)
+    parts = single_file.split_parts(header)
+    if "unet" in parts:
+        family, names = single_file.family(parts), tuple(sorted(parts))
+        text = f"{FAMILIES[family]} in one file ({', '.join(names)})"
+        return ModelInfo(path, "single-file", text, family, names)
+    vae_keys = ("encoder.down.0.block.0.conv1.weight", "encoder.down_blocks.0.resnets.0.conv1.weight")
+    if set(parts) == {"vae"} or any(k in header for k in vae_keys):
+        return ModelInfo(path, "vae-file", "a VAE alone, not a whole model (give it with --vae)", parts=("vae",))
+    if "conv_in.weight" in header and "time_embedding.linear_1.weight" in header:
+        text = "a UNet alone in diffusers names (a unet/ weight file); give the folder with model_index.json"
+        return ModelInfo(path, "unet-file", text, parts=("unet",))
+    if any("embeddings.token_embedding" in k for k in keys):
+        return ModelInfo(path, "text-encoder-file", "a text encoder alone, not a whole model")
+    return ModelInfo(path, "unknown", f"no tensor names minidream knows (first: {', '.join(keys[:3])})")
+
+
+def _detect_folder(path: Path) -> ModelInfo:
+    if (path / "model_index.json").is_file():
+        index = json.loads((path / "model_index.json").read_text())
+        listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]]
+        present = tuple(k for k in listed if (path / k).is_dir())
+        missing = tuple(k for k in listed if k not in present)
+        family = _folder_family(path, index)
+        text = f"{FAMILIES[family]} in diffusers layout"
+        if missing:
+            text += f", but without {', '.join(m + '/' for m in missing)} (an incomplete download?)"
+        return ModelInfo(path, "diffusers", text, family, present, missing)
+    if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        kind = config.get("_class_name") or (config.get("architectures") or ["?"])[0]
+        part = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae"}.get(kind, "text_encoder")
+        family = _family_from_unet_config(config) if part == "unet" else ""
+        return ModelInfo(path, "component", f"one {kind} folder (config.json + weights)", family, (part,))
+    found = sorted(p.name for p in path.glob("*.safetensors"))
+    hint = f"; it holds {', '.join(found[:3])}: give that file instead" if found else ""
+    return ModelInfo(path, "unknown", f"not a model folder (no model_index.json or config.json){hint}")
+
+
+def _family_from_unet_config(config: dict) -> str:
+    has_added = config.get("addition_embed_type") == "text_time"
+    return single_file.family_from_context(config.get("cross_attention_dim"), has_added)
+
+
+def _folder_family(path: Path, index: dict) -> str:
+    if (path / "unet" / "config.json").is_file():
+        family = _family_from_unet_config(json.loads((path / "unet" / "config.json").read_text()))
+        if family != "unknown":
+            return family
+    pipeline = index.get("_class_name", "")  # small SD 1.x-like test models: the pipeline says it
+    if pipeline.startswith("StableDiffusionXL"):
+        return "sdxl" if index.get("text_encoder", [None])[0] else "sdxl-refiner"
+    return "sd1" if pipeline.startswith("StableDiffusion") else "unknown"
+
+
+_ACCEPTS = {  # the layouts that can provide each part
+    "unet": ("diffusers", "component", "single-file"),
+    "vae": ("diffusers", "component", "single-file", "vae-file"),
+    "text_encoder": ("diffusers", "component", "single-file"),
+}
+
+
+def require(info: ModelInfo, expect: str | None, part: str) -> None:
+    """Refuse a path that cannot provide `part`, or holds a model of another family than `expect`."""
+    wanted = f"the {part} of {FAMILIES[expect]}" if expect else f"a {part}"
+    if info.layout not in _ACCEPTS[part] or (info.layout == "component" and info.parts != (part,)):
+        raise CheckpointError(f"{info.path} is {info.description}; {wanted} was expected here")
+    if expect and info.family and info.family != expect:
+        raise CheckpointError(
+            f"{info.path} is {FAMILIES[info.family]}, but {FAMILIES[expect]} was expected here. "
+            "Give a checkpoint of that family (or load with expect=None to accept any)."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Diffusers folders
+# ---------------------------------------------------------------------------------------------
+
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+
+
+def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors file(s) holding one part's weights (see the variant rule at the top)."""
+    tag = f".{variant or 'fp16'}"
+
+    def is_variant(p: Path) -> bool:  # x.fp16.safetensors, x.fp16-00001-of-00002.safetensors, x.index.fp16.json
+        return tag + "." in p.name or tag + "-" in p.name
+
+    for want_variant in [True, False] if variant else [False, True]:
+        for index in sorted(folder.glob("*.safetensors.index*.json")):
+            if is_variant(index) == want_variant:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                missing = [s for s in shards if not (folder / s).is_file()]
+                if missing:
+                    raise CheckpointError(f"{index} lists shards that are not there: {', '.join(missing)}")
+                return [folder / s for s in shards]
+        files = sorted(folder.glob("*.safetensors"))
+        singles = [p for p in files if is_variant(p) == want_variant and not _SHARD.search(p.name)]
+        if len(singles) > 1:
+            names = ", ".join(p.name for p in singles)
+            raise CheckpointError(f"{folder} holds several weight files ({names}); keep one")
+        if singles:
+            return singles
+    pickles = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in PICKLE_SUFFIXES]
+    if pickles:
+        refuse_pickle(pickles[0])
+    raise CheckpointError(
+        f"{folder} holds no weights: expected diffusion_pytorch_model.safetensors or model.safetensors "
+        "(or their .fp16 variant, or a sharded *.safetensors.index.json)"
+    )
+
+
+def _folder_part(info: ModelInfo, part: str, variant: str | None) -> tuple[dict, Weights]:
+    """(config.json, TensorRefs named as stored) of one part of a diffusers or part folder."""
+    folder = info.path / part if info.layout == "diffusers" else info.path
+    if info.layout == "diffusers" and part not in info.parts:
+        raise CheckpointError(
+            f"{info.path} has no {part}/ folder ({info.description}). Download the whole "
+            f"repository, including {part}/config.json and its weights."
+        )
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} has no config.json; download it with the weights")
+    weights = {}
+    for file in weight_files(folder, variant):
+        for key, shape in read_header(file).items():
+            weights[key] = TensorRef(file, key, shape)
+    return json.loads((folder / "config.json").read_text()), weights
+
+
+def _config_arg(config: Union[dict, PathLike, None], part: str) -> dict | None:
+    """A config given as a dict, a config.json, a part folder or a diffusers folder."""
+    if config is None or isinstance(config, dict):
+        return config
+    path = Path(config)
+    for candidate in (path, path / "config.json", path / part / "config.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    raise CheckpointError(f"no {part} config.json found at {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The API the pipeline and the training call
+# ---------------------------------------------------------------------------------------------
+#
+# `expect` is the model family the caller needs ("sdxl" by default, None for any); `variant="fp16"`
+# prefers a folder's fp16 files; `config` (a dict, or a path to a config.json or folder) replaces
+# the config a single file's shapes imply, for models that break single_file's head-width rule.
+
+
+def unet_weights(path: PathLike, *, expect="sdxl", variant=None, config=None) -> tuple[dict, Weights]:
+    """(diffusers-style UNet config dict, TensorRefs in minidream's names); reads headers only."""
+    info = detect(path)
+    require(info, expect, "unet")
+    config = _config_arg(config, "unet")
+    if info.layout == "single-file":
+        return SingleFile(info.path).unet(config)
+    stored, weights = _folder_part(info, "unet", variant)
+    return config or stored, weights
+
+
+def vae_weights(path: PathLike, *, expect="sdxl", variant=None, config=None) -> tuple[dict, Weights]:
+    """(AutoencoderKL config dict, TensorRefs); a lone VAE file gets the scaling factor of `expect`."""
+    info = detect(path)
+    require(info, expect, "vae")
+    config = _config_arg(config, "vae")
+    if info.layout == "vae-file":
+        return single_file.vae_file(info.path, expect or "sdxl", config)
+    if info.layout == "single-file":
+        single = SingleFile(info.path)
+        if "vae" not in single.parts:
+            raise CheckpointError(f"{info.path} holds no VAE (first_stage_model.*); give one with --vae")
+        return single.vae(config)
+    stored, weights = _folder_part(info, "vae", variant)
+    return config or stored, weights
+
+
+def load_unet(path: PathLike, dtype=torch.float32, device="cpu", *, expect="sdxl", variant=None, config=None):
+    """The UNet at `path` (diffusers folder or single file), streamed into `dtype` on `device`."""
+    config, weights = unet_weights(path, expect=expect, variant=variant, config=config)
+    with parameters_on_meta():
+        model = build_unet(config)
+    return load_weights(model, weights, dtype, device, what=f"UNet from {path}")
+
+
+def load_vae(path: PathLike, dtype=torch.float32, device="cpu", *, expect="sdxl", variant=None, config=None):
+    """The VAE of a diffusers folder, a VAE folder, a single file or a lone VAE file."""
+    config, weights = vae_weights(path, expect=expect, variant=variant, config=config)
+    with parameters_on_meta():
+        model = build_vae(config)
+    return load_weights(model, weights, dtype, device, what=f"VAE from {path}")
+
+
+def text_encoder_parts(path: PathLike) -> tuple[str, ...]:
+    """Which of "text_encoder", "text_encoder_2" the model at `path` has (SDXL: both)."""
+    info = detect(path)
+    if info.layout == "component" and info.parts == ("text_encoder",):
+        return ("text_encoder",)
+    return tuple(p for p in ("text_encoder", "text_encoder_2") if p in info.parts)
+
+
+def text_encoder_weights(path: PathLike, part="text_encoder", *, expect="sdxl", variant=None) -> tuple[dict, Weights]:
+    """(CLIPTextConfig dict, TensorRefs) of text encoder `part` ("text_encoder" / "text_encoder_2").
+
+    Names are as stored for folders (`text_model.*` in real repos, none in transformers 5's own
+    CLIPTextModel files) and transformers 4's `text_model.*` for single files; fit_text_model_prefix
+    adapts them to the model being filled. A folder of one text encoder serves any `part`.
+    """
+    info = detect(path)
+    require(info, expect, "text_encoder")
+    if info.layout in ("diffusers", "component"):
+        return _folder_part(info, part if info.layout == "diffusers" else "text_encoder", variant)
+    single = SingleFile(info.path)
+    if part not in single.parts:
+        raise CheckpointError(f"{info.path} holds no {part} ({info.description})")
+    return single.text_encoder(part)
+
+
+def _add_text_model_level(names: dict) -> dict:
+    return {(k if k.startswith("text_projection") else "text_model." + k): v for k, v in names.items()}
+
+
+def fit_text_model_prefix(weights: Weights, model: nn.Module) -> Weights:
+    """Add or drop the `text_model.` level so the names in `weights` match `model`'s.
+
+    transformers 4 names every CLIP text tensor `text_model.*`; transformers 5's CLIPTextModel has
+    no such level (its CLIPTextModelWithProjection keeps it). `text_projection` sits outside it.
+    """
+    wants = any(k.startswith("text_model.") for k in model.state_dict())
+    has = any(k.startswith("text_model.") for k in weights)
+    if wants and not has:
+        return _add_text_model_level(weights)
+    if has and not wants:
+        return {k.removeprefix("text_model."): v for k, v in weights.items()}
+    return weights
+
+
+def load_text_encoder(path: PathLike, part="text_encoder", dtype=torch.float32, device="cpu", *,
+                      expect="sdxl", variant=None, config: dict | None = None):  # fmt: skip
+    """transformers' CLIP text encoder `part` ("text_encoder" or "text_encoder_2") of `path`."""
+    stored, weights = text_encoder_weights(path, part, expect=expect, variant=variant)
+    with parameters_on_meta():
+        model = build_text_encoder(config or stored)
+    weights = fit_text_model_prefix(weights, model)
+    return load_weights(model, weights, dtype, device, what=f"{part} from {path}")
+
+
+def text_encoder_state_dicts(path: PathLike, dtype=None, *, expect="sdxl", variant=None) -> dict:
+    """{part: (CLIPTextConfig dict, state dict)} of every text encoder at `path`, tensors read,
+    in transformers 4 names (`text_model.*`) whatever the files use."""
+    out = {}
+    for part in text_encoder_parts(path):
+        config, weights = text_encoder_weights(path, part, expect=expect, variant=variant)
+        state = materialize(weights, dtype)
+        if not any(k.startswith("text_model.") for k in state):
+            state = _add_text_model_level(state)
+        out[part] = (config, state)
+    return out

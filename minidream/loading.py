@@ -1,0 +1,226 @@
+"""Strict, low-RAM loading of safetensors weights into a module.
+
+The fp32 SDXL UNet is 10 GB and a Colab machine has 12.7 GB of RAM, so the usual recipe (build the
+model with random weights, read the whole file into a state dict, copy it in) would need two full
+copies and crash. Instead:
+
+1. build the module with its parameters on the `meta` device (shapes only, no memory);
+2. describe every tensor the module needs as a `TensorRef` (which file, which name, which reshape);
+3. check names and shapes of *all* of them before reading a single byte (strict: one clear error);
+4. read the tensors one at a time from the memory-mapped file, convert each straight to the target
+   dtype and device, and put it in the module in place of its meta parameter.
+
+At any moment RAM holds the finished part of the model plus one tensor in flight. (safetensors
+maps the file copy-on-write: a CPU tensor loaded in the file's own dtype stays backed by the file's
+pages, which the OS can drop and re-read, until something writes to it.)
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Union
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives on disk, and how to reshape it for the module that receives it."""
+
+    file: Path  # the .safetensors file holding it
+    key: str  # its name inside that file
+    shape: tuple[int, ...]  # its shape after `op`
+    op: str = ""  # "" as is | "squeeze" 1x1 conv -> linear | "transpose" | "q"/"k"/"v" third of fused qkv
+
+
+Weights = Mapping[str, Union[TensorRef, torch.Tensor]]  # module tensor name -> where to get it
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading safetensors files
+# ---------------------------------------------------------------------------------------------
+
+
+def refuse_pickle(path: Path) -> None:
+    """Pickle checkpoints run code when loaded; say so and say how to get a safetensors file."""
+    if path.suffix.lower() not in PICKLE_SUFFIXES:
+        return
+    raise CheckpointError(
+        f"{path} is a pickle file ({path.suffix}). Loading a pickle runs Python code stored inside "
+        "it, so a malicious checkpoint could take over this machine; minidream reads only "
+        ".safetensors. Download the .safetensors version (most model pages offer one), or convert "
+        "a file you trust once with:\n"
+        '  python -c "import torch; from safetensors.torch import save_file; '
+        f"sd = torch.load('{path}', map_location='cpu', weights_only=True); "
+        "sd = sd.get('state_dict', sd); "
+        "save_file({k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}, "
+        f"'{path.with_suffix('.safetensors')}')\""
+    )
+
+
+def read_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in one safetensors file; reads the header only."""
+    path = Path(path)
+    refuse_pickle(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); it may be truncated (re-download it) "
+            "or another format."
+        ) from e
+
+
+def shaped_after(shape: tuple[int, ...], op: str) -> tuple[int, ...]:
+    """The shape a tensor has after `op` (see TensorRef), known before reading it."""
+    if op == "squeeze":  # (out, in, 1, 1) conv kernel -> (out, in) linear weight
+        return tuple(shape[:2])
+    if op == "transpose":
+        return tuple(reversed(shape))
+    if op in ("q", "k", "v"):
+        return (shape[0] // 3, *shape[1:])
+    return tuple(shape)
+
+
+def _read(handle, ref: TensorRef) -> torch.Tensor:
+    """Read one tensor and apply its op; q/k/v read only their third of the rows."""
+    if ref.op in ("q", "k", "v"):
+        part = "qkv".index(ref.op)
+        rows = ref.shape[0]
+        return handle.get_slice(ref.key)[part * rows : (part + 1) * rows]
+    tensor = handle.get_tensor(ref.key)
+    if ref.op == "squeeze":
+        return tensor.reshape(ref.shape)
+    if ref.op == "transpose":
+        return tensor.t().contiguous()
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a module without memory, then filling it
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules whose parameters are on `meta` (no memory, no random init) but whose buffers
+    are real.
+
+    Buffers must stay real because the non-persistent ones (CLIP's `position_ids`, a sinusoid's
+    frequencies) are computed in `__init__` and are not in any checkpoint: if they were created on
+    meta their values would be lost. Parameters are created on the CPU for an instant (uninitialised
+    `torch.empty`, which touches no memory pages) and moved to meta as they are registered, so the
+    random initialisation that follows runs on meta and costs nothing.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _names(names, limit: int = 8) -> str:
+    names = sorted(names)
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_weights(model: nn.Module, weights: Weights, what: str) -> None:
+    """Strict check before any reading: same names, same shapes, or one error saying what differs."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    missing = expected.keys() - weights.keys()
+    unexpected = weights.keys() - expected.keys()
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors of the model are missing from the checkpoint: {_names(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} checkpoint tensors match nothing in the model: {_names(unexpected)}")
+    wrong = [
+        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {expected[k]}"
+        for k in sorted(expected.keys() & weights.keys())
+        if tuple(weights[k].shape) != expected[k]
+    ]
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatches: " + "; ".join(wrong[:8]))
+    if problems:
+        raise CheckpointError(
+            f"{what}: the checkpoint does not fit the model built from its config.\n  "
+            + "\n  ".join(problems)
+            + "\nCheck that the file is the model you meant (and its config.json matches it)."
+        )
+
+
+def _install(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in the module in place of the (meta) parameter or buffer called `name`."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        old = owner._parameters[leaf]
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def load_weights(
+    model: nn.Module,
+    weights: Weights,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    what: str = "model",
+) -> nn.Module:
+    """Fill `model` (built under `parameters_on_meta`) with `weights`, one tensor at a time.
+
+    Floating-point tensors are converted to `dtype`, integer ones keep theirs; everything goes to
+    `device`. Buffers the checkpoint does not hold (non-persistent ones) are moved the same way.
+    """
+    check_weights(model, weights, what)
+    files = sorted({ref.file for ref in weights.values() if isinstance(ref, TensorRef)})
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
+        for name, ref in weights.items():
+            tensor = _read(handles[ref.file], ref) if isinstance(ref, TensorRef) else ref
+            target = dtype if tensor.is_floating_point() else tensor.dtype
+            _install(model, name, tensor.to(device=device, dtype=target))
+            del tensor  # the file-backed original; only the converted copy lives on
+    for owner in model.modules():
+        for leaf, buffer in owner._buffers.items():
+            if buffer is not None and buffer.device.type == "meta":
+                raise CheckpointError(f"{what}: buffer {leaf!r} of {type(owner).__name__} has no value")
+            if buffer is not None:
+                target = dtype if buffer.is_floating_point() else buffer.dtype
+                owner._buffers[leaf] = buffer.to(device=device, dtype=target)
+    return model
+
+
+def materialize(weights: Weights, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor of `weights` into an ordinary state dict (for small models and tests)."""
+    files = sorted({ref.file for ref in weights.values() if isinstance(ref, TensorRef)})
+    out = {}
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
+        for name, ref in weights.items():
+            tensor = _read(handles[ref.file], ref) if isinstance(ref, TensorRef) else ref
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            out[name] = tensor
+    return out
