@@ -34,18 +34,6 @@ UNET, VAE = "model.diffusion_model.", "first_stage_model."
 CLIP_L, OPENCLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 
 
-@pytest.fixture(autouse=True)
-def model_classes(monkeypatch):
-    """Until minidream's UNet and VAE exist on this branch, diffusers' classes (same state-dict
-    contract) stand in for them in checkpoint.build_unet / build_vae."""
-    try:
-        import minidream.unet  # noqa: F401
-        import minidream.vae  # noqa: F401
-    except ModuleNotFoundError:
-        monkeypatch.setattr(checkpoint, "build_unet", UNet2DConditionModel.from_config)
-        monkeypatch.setattr(checkpoint, "build_vae", AutoencoderKL.from_config)
-
-
 def original_names(converter, shapes, prefix, *args):
     """{diffusers name: original name}: diffusers' converter run on meta tensors, read backwards."""
     originals = meta_tensors(shapes, prefix)
