@@ -346,6 +346,10 @@ def load_text_encoder(path: PathLike, part="text_encoder", dtype=torch.float32, 
     with parameters_on_meta():
         model = build_text_encoder(config or stored)
     weights = fit_text_model_prefix(weights, model)
+    # transformers 4 saved the constant position_ids buffer (0..76) in real repos' text encoders;
+    # transformers 5 no longer counts it as state: the model builds its own.
+    state = model.state_dict()
+    weights = {k: v for k, v in weights.items() if not k.endswith("embeddings.position_ids") or k in state}
     return load_weights(model, weights, dtype, device, what=f"{part} from {path}")
 
 

@@ -12,20 +12,16 @@ SD 1.x / 2.x have one encoder and use its last hidden state after the final Laye
 "penultimate layer" is already baked into its diffusers folder: the saved OpenCLIP-H has 23 of
 its 24 layers, so "last" is the penultimate one.)
 
-The encoders are transformers' own modules; this file only builds, loads and calls them. Weights
-are loaded onto the meta device first and then *assigned* the loaded tensors, so the 1.4 GB (fp16)
-bigG encoder never exists twice in RAM.
+The encoders are transformers' own modules, loaded by checkpoint.py; this file finds the
+tokenizers and turns prompts into the vectors the UNet reads.
 """
 
-import json
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 HEAD_DIM = 64  # every CLIP / OpenCLIP text tower (ViT-L, ViT-H, ViT-bigG) uses 64-wide heads
@@ -88,161 +84,34 @@ def load_tokenizer(folder) -> CLIPTokenizer:
 # ---------------------------------------------------------------------------------------------
 # Encoders: config -> meta-device module -> assign the checkpoint's tensors.
 
-def _find(sd: dict, suffix: str) -> torch.Tensor:
-    matches = [k for k in sd if k.endswith(suffix)]
-    if len(matches) != 1:
-        raise KeyError(f"expected exactly one tensor named *{suffix} in the text-encoder state dict, found {matches}")
-    return sd[matches[0]]
+def load_text_encoders(path, dtype=torch.float32, device="cpu", *, tokenizer_dir=None, variant=None,
+                       expect=None) -> TextEncoders:
+    """Tokenizers and frozen CLIP text encoders of a model: a diffusers folder or a single file.
 
-
-def clip_config_from_state_dict(sd: dict, hidden_act: str, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
-    """A CLIPTextConfig read off tensor shapes, for checkpoints that ship no config.json.
-
-    Shapes give vocab size, width, positions, depth, MLP width and projection size. Two things
-    shapes cannot tell are fixed by what the encoder *is*: the head count (all CLIP text towers use
-    64-wide heads, so heads = width / 64), and the activation, which the caller names: OpenAI's
-    CLIP-L (SDXL's `conditioner.embedders.0`, SD 1.x) was trained with quick_gelu
-    x * sigmoid(1.702 x), LAION's OpenCLIP bigG / ViT-H (`embedders.1`, SD 2.x) with exact gelu.
-    Special-token ids come from the tokenizer, so pooling finds the real end-of-text token.
+    The weights come through checkpoint.load_text_encoder (strict, low-RAM, single-file names
+    converted, transformers 4 and 5 layouts both accepted). The tokenizers come from
+    `tokenizer_dir` if given, else from the model folder itself, else from the folder holding a
+    single file (single files carry no vocabulary). SD 1.x / 2.x models have one encoder.
     """
-    vocab, width = _find(sd, "embeddings.token_embedding.weight").shape
-    if width % HEAD_DIM:
-        raise ValueError(f"text encoder width {width} is not a multiple of {HEAD_DIM}: cannot infer its head count")
-    layers = {int(m.group(1)) for k in sd if (m := re.search(r"encoder\.layers\.(\d+)\.", k))}
-    projection = sd.get("text_projection.weight")
-    return CLIPTextConfig(
-        vocab_size=vocab,
-        hidden_size=width,
-        intermediate_size=_find(sd, "layers.0.mlp.fc1.weight").shape[0],
-        num_hidden_layers=len(layers),
-        num_attention_heads=width // HEAD_DIM,
-        max_position_embeddings=_find(sd, "embeddings.position_embedding.weight").shape[0],
-        projection_dim=projection.shape[0] if projection is not None else width,
-        hidden_act=hidden_act,
-        layer_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    from minidream.checkpoint import CheckpointError, detect, load_text_encoder, text_encoder_parts
 
+    path = Path(path)
+    parts = text_encoder_parts(path)
+    if "text_encoder" not in parts:
+        raise CheckpointError(f"{path} is {detect(path).description}: it holds no text encoder")
+    sdxl = "text_encoder_2" in parts
+    tok_dir = find_tokenizer_dir([tokenizer_dir, path if path.is_dir() else path.parent], need_second=sdxl)
 
-def _to_model_layout(sd: dict, wanted: set[str]) -> dict:
-    """Rename keys into the layout of the installed transformers.
+    def encoder(part):  # frozen: minidream trains LoRA on the UNet (text-encoder LoRA adds its own params)
+        model = load_text_encoder(path, part, dtype, device, expect=expect, variant=variant)
+        return model.eval().requires_grad_(False)
 
-    transformers 4 names CLIPTextModel's tensors `text_model.*` (as real SDXL repos and single files
-    do); transformers 5 dropped that prefix for CLIPTextModel but kept it inside
-    CLIPTextModelWithProjection. `position_ids` is a constant buffer older files saved; it is rebuilt.
-    """
-    out = {}
-    for key, value in sd.items():
-        if key.endswith("embeddings.position_ids"):
-            continue
-        if key not in wanted:
-            other = key.removeprefix("text_model.") if key.startswith("text_model.") else "text_model." + key
-            key = other if other in wanted else key
-        out[key] = value
-    missing, unexpected = sorted(wanted - out.keys()), sorted(out.keys() - wanted)
-    if missing or unexpected:
-        raise KeyError(f"text encoder weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-                       f" ({len(missing)} missing, {len(unexpected)} unexpected)")
-    return out
-
-
-def build_clip_text_model(config: CLIPTextConfig, sd: dict, with_projection: bool, dtype=torch.float32, device="cpu"):
-    """CLIPTextModel(WithProjection) holding the tensors of `sd` (either key layout), frozen, in eval mode.
-
-    The module is created on the meta device (no memory), then load_state_dict(assign=True) makes
-    the loaded tensors its parameters without copying them into freshly allocated ones.
-    """
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    with torch.device("meta"):
-        model = cls(config)
-    wanted = set(model.state_dict().keys())
-    sd = {k: _cast(v, dtype, device) for k, v in _to_model_layout(sd, wanted).items()}  # no-op when already cast
-    model.load_state_dict(sd, strict=True, assign=True)
-    # The non-persistent position_ids buffer (0..76) is not in any state dict: still on meta.
-    for name, buffer in list(model.named_buffers()):
-        if buffer.is_meta:
-            module_name, _, attr = name.rpartition(".")
-            assert attr == "position_ids", f"unexpected uninitialised buffer {name}"
-            positions = torch.arange(buffer.shape[-1], device=device).expand(1, -1)
-            model.get_submodule(module_name).register_buffer(attr, positions, persistent=False)
-    # Frozen: minidream trains LoRA adapters on the UNet only.
-    return model.eval().requires_grad_(False)
-
-
-def _cast(t: torch.Tensor, dtype, device) -> torch.Tensor:
-    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-
-
-def _weight_files(folder: Path, dtype) -> list[Path]:
-    """The weight file(s) of a transformers model folder (the fp16 variant first when loading fp16)."""
-    names = ["model.safetensors", "model.fp16.safetensors"]
-    if dtype == torch.float16:
-        names.reverse()
-    for name in [*names, "pytorch_model.bin"]:
-        if (folder / name).is_file():
-            return [folder / name]
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():  # sharded: {"weight_map": {tensor name: file name}}
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    raise FileNotFoundError(f"{folder} holds no model.safetensors, model.fp16.safetensors or pytorch_model.bin: "
-                            f"download the weights of this text encoder folder")
-
-
-def _read_weights(files: list[Path], dtype, device) -> dict:
-    """All tensors of `files`, each cast to dtype/device as it is read, so that an fp16 file loaded
-    as fp32 (or a file loaded onto the GPU) never sits in RAM twice."""
-    sd = {}
-    for file in files:
-        if file.suffix == ".bin":  # pickled torch file: mmap'd, so tensors are paged in one by one
-            sd |= {k: _cast(v, dtype, device) for k, v in torch.load(file, mmap=True, weights_only=True).items()}
-            continue
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            sd |= {k: _cast(f.get_tensor(k), dtype, device) for k in f.keys()}
-    return sd
-
-
-def load_clip_folder(folder, with_projection: bool, dtype=torch.float32, device="cpu"):
-    """A text_encoder*/ folder (config.json + weights) written by transformers 4 or 5."""
-    folder = Path(folder)
-    config = CLIPTextConfig.from_pretrained(str(folder))
-    sd = _read_weights(_weight_files(folder, dtype), dtype, device)
-    return build_clip_text_model(config, sd, with_projection, dtype, device)
-
-
-def load_text_encoders(folder, dtype=torch.float32, device="cpu") -> TextEncoders:
-    """Tokenizers and encoders of a diffusers model folder (SDXL, or SD 1.x / 2.x without the _2 parts)."""
-    folder = Path(folder)
-    if not (folder / "text_encoder" / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a diffusers model folder: it has no text_encoder/config.json")
-    sdxl = (folder / "text_encoder_2").is_dir()
-    tok_dir = find_tokenizer_dir([folder], need_second=sdxl)
     return TextEncoders(
         tokenizer=load_tokenizer(tok_dir / "tokenizer"),
-        text_encoder=load_clip_folder(folder / "text_encoder", False, dtype, device),
+        text_encoder=encoder("text_encoder"),
         tokenizer_2=load_tokenizer(tok_dir / "tokenizer_2") if sdxl else None,
-        text_encoder_2=load_clip_folder(folder / "text_encoder_2", True, dtype, device) if sdxl else None,
+        text_encoder_2=encoder("text_encoder_2") if sdxl else None,
     )
-
-
-def text_encoders_from_state_dicts(sd1: dict, sd2: dict | None, tokenizer_dir, dtype=torch.float32,
-                                   device="cpu") -> TextEncoders:
-    """Encoders from a single-file checkpoint's text tensors, already in transformers naming.
-
-    sd1: CLIP-L (`conditioner.embedders.0.transformer.*` of an SDXL file, prefix removed);
-    sd2: OpenCLIP bigG converted to CLIPTextModelWithProjection names, or None for SD 1.x.
-    tokenizer_dir: a folder with tokenizer/ (and tokenizer_2/), e.g. a diffusers SDXL folder.
-    """
-    tok_dir = find_tokenizer_dir([tokenizer_dir], need_second=sd2 is not None)
-    tokenizer = load_tokenizer(tok_dir / "tokenizer")
-    encoders = TextEncoders(tokenizer, build_clip_text_model(
-        clip_config_from_state_dict(sd1, "quick_gelu", tokenizer), sd1, False, dtype, device))
-    if sd2 is not None:
-        encoders.tokenizer_2 = load_tokenizer(tok_dir / "tokenizer_2")
-        config = clip_config_from_state_dict(sd2, "gelu", encoders.tokenizer_2)
-        encoders.text_encoder_2 = build_clip_text_model(config, sd2, True, dtype, device)
-    return encoders
 
 
 # ---------------------------------------------------------------------------------------------

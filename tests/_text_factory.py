@@ -173,4 +173,14 @@ def write_tiny_sdxl_text_parts(root, seed: int = 0, hidden=(64, 128), layers=(2,
     cfg2 = tiny_clip_config(hidden[1], layers[1], "gelu", vocab) | {"architectures": ["CLIPTextModelWithProjection"]}
     write_text_encoder(root / "text_encoder", cfg1, random_text_encoder_state_dict(cfg1, False, seed))
     write_text_encoder(root / "text_encoder_2", cfg2, random_text_encoder_state_dict(cfg2, True, seed + 1))
+    write_model_index(root, "StableDiffusionXLPipeline", ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2"))
     return root
+
+
+def write_model_index(root, pipeline: str, parts) -> Path:
+    """model_index.json: what makes a folder a diffusers model folder."""
+    classes = {"tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer", "text_encoder": "CLIPTextModel",
+               "text_encoder_2": "CLIPTextModelWithProjection"}
+    index = {"_class_name": pipeline} | {p: ["transformers", classes[p]] for p in parts}
+    (Path(root) / "model_index.json").write_text(json.dumps(index, indent=2))
+    return Path(root)
