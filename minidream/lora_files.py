@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 
 from minidream import __version__
 from minidream.files import atomic_write
+from minidream.sgm_keys import sgm_unet_name
 from minidream.lora import (LoRAWeights, check_adapter_weights, get_adapter_weights,
                             load_adapter_weights, mismatch_error)
 
@@ -48,20 +49,19 @@ SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
 
 # ----------------------------------------------------------------------------------------------
-# SEAM (TODO coordinator): SGM <-> diffusers UNet module names.
-# minidream.sgm_keys / checkpoint.py (another helper) owns the full SGM key map. Wire this to it:
-# `path` is a diffusers module path ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
-# the result the SGM one ("input_blocks.4.1.transformer_blocks.0.attn1.to_q"), no ".weight".
-# Reading kohya_sgm files only needs this direction: the loader builds an index of the model's own
-# modules under their SGM names, because a flattened key (input_blocks_4_1_...) cannot be split
-# back into dotted names on its own. tests/test_lora_files.py stubs it until it is wired.
+# SGM names: kohya's SDXL files name UNet modules as the original (SGM) code does.
 
 
 def unet_module_to_sgm(path: str, unet: nn.Module) -> str:
-    """diffusers UNet module path -> SGM (single-file) module path. TODO(coordinator): wire."""
-    raise NotImplementedError(
-        "kohya LoRA files with SGM UNet names (lora_unet_input_blocks_...) need the SGM key map "
-        "(minidream.sgm_keys), which is not wired into minidream.lora_files yet")
+    """diffusers UNet module path -> SGM (single-file) module path, through checkpoint's key map:
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q" -> "input_blocks.4.1.transformer_blocks.0.attn1.to_q".
+    Reading needs only this direction: a flattened key (input_blocks_4_1_...) cannot be split back
+    into dotted names, so the loader indexes the model's own modules under their SGM names."""
+    layers = set(unet.config.per_level()[0])
+    if len(layers) != 1:
+        raise ValueError("SGM names need the same number of resnets at every level")
+    config = {"layers_per_block": layers.pop(), "up_block_types": unet.config.up_block_types}
+    return sgm_unet_name(path, config)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -197,25 +197,7 @@ def test_file_written_by_diffusers_training_script(tmp_path):
         assert rel_err(run_under_test(unet, inp), run_reference(ref, inp)) <= 1e-5
 
 
-def _sgm_attention_stub(path: str, unet) -> str:
-    """diffusers -> SGM names of the attention blocks (enough for this test's adapters), used
-    only while minidream's SGM key map is not wired into lora_files.unet_module_to_sgm."""
-    step = unet.config.layers_per_block + 1  # SGM counts a block's layers plus its down/upsampler
-    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path)
-    if m:
-        kind, i, j, rest = m[1], int(m[2]), int(m[3]), m[4]
-        return f"input_blocks.{1 + step * i + j}.1.{rest}" if kind == "down" else f"output_blocks.{step * i + j}.1.{rest}"
-    if path.startswith("mid_block.attentions.0."):
-        return "middle_block.1." + path.removeprefix("mid_block.attentions.0.")
-    return "not_sgm_mapped_in_this_stub." + path
-
-
-def test_kohya_sgm_named_file(tmp_path, monkeypatch):
-    unet = reference_unet()
-    try:
-        lora_files.unet_module_to_sgm("mid_block.attentions.0.proj_in", unet)
-    except NotImplementedError:  # TODO(coordinator): drop once the seam is wired to sgm_keys
-        monkeypatch.setattr(lora_files, "unet_module_to_sgm", _sgm_attention_stub)
+def test_kohya_sgm_named_file(tmp_path):
     models = trained_models(own_alpha=False)
     path = save_lora(tmp_path / "sgm.safetensors", unet=models[0], text_encoder=models[1],
                      text_encoder_2=models[2], layout="kohya_sgm")
