@@ -170,10 +170,15 @@ def check_weights(model: nn.Module, weights: Weights, what: str) -> None:
         )
 
 
-def _install(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    """Put `tensor` in the module in place of the (meta) parameter or buffer called `name`."""
+def _install(modules: dict[str, nn.Module], name: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in the module in place of the (meta) parameter or buffer called `name`.
+
+    `modules` is dict(model.named_modules()), built once: a dict lookup per tensor instead of a
+    walk down the module tree (get_submodule), which took about half of load_weights' time for the
+    1680 tensors of the SDXL UNet (0.09 -> 0.04 s).
+    """
     owner_name, _, leaf = name.rpartition(".")
-    owner = model.get_submodule(owner_name)
+    owner = modules[owner_name]
     if leaf in owner._parameters:
         old = owner._parameters[leaf]
         owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
@@ -195,12 +200,13 @@ def load_weights(
     """
     check_weights(model, weights, what)
     files = sorted({ref.file for ref in weights.values() if isinstance(ref, TensorRef)})
+    modules = dict(model.named_modules())
     with ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
         for name, ref in weights.items():
             tensor = _read(handles[ref.file], ref) if isinstance(ref, TensorRef) else ref
             target = dtype if tensor.is_floating_point() else tensor.dtype
-            _install(model, name, tensor.to(device=device, dtype=target))
+            _install(modules, name, tensor.to(device=device, dtype=target))
             del tensor  # the file-backed original; only the converted copy lives on
     for owner in model.modules():
         for leaf, buffer in owner._buffers.items():

@@ -35,7 +35,9 @@ class GEGLU(nn.Module):
 
     def forward(self, x):
         value, gate = self.proj(x).chunk(2, dim=-1)  # (B, L, hidden) each
-        return value * F.gelu(gate)
+        # Multiply into GELU's fresh output instead of allocating a third (B, L, hidden) tensor.
+        # Safe under autograd: GELU's backward needs its input (gate), not its output.
+        return F.gelu(gate).mul_(value)
 
 
 class FeedForward(nn.Module):
