@@ -2,36 +2,38 @@
 
 Every metric is a mean of cosine similarities between embeddings:
 
-    CLIP-I  generated vs real subject images, all pairs, CLIP ViT-B/32 image embeddings    higher: more like the subject
-    DINO    the same pairs, DINO ViT-S/16 CLS embeddings (the paper's preferred metric)     higher: more like the subject
-    CLIP-T  each generated image vs its own prompt, CLIP image vs text embedding            higher: follows the prompt
-    PRES    class-prompt samples ("a photo of dog") vs the real subject images, DINO        lower: the class is not
-            (prior preservation: high means "a dog" now draws *this* dog)                   collapsed onto the subject
-    DIV     diversity among the samples of one prompt (the paper: LPIPS, Zhang et al. 2018) higher: more varied
+    CLIP-I  generated vs real subject images, all pairs, CLIP ViT-B/32 image embeddings  (higher: more alike)
+    DINO    the same pairs, DINO ViT-S/16 CLS embeddings (the paper's preferred metric)   (higher: more alike)
+    CLIP-T  each generated image vs its own prompt, CLIP image vs text embedding          (higher: on prompt)
+    PRES    class-prompt samples ("a photo of dog") vs the real subject images, DINO      (LOWER is better: a
+            high value means "a dog" now draws *this* dog, the class prior collapsed)
+    DIV     diversity among the samples of one prompt                                     (higher: more varied)
 
 CLIP-T uses the prompt without the rare token ("a rraj dog on the beach" -> "a dog on the beach").
 The paper only says "prompt and image CLIP embeddings"; the identifier is a rare token that means
 nothing to the evaluation CLIP (the LoRA changed the diffusion model, not this CLIP), so keeping it
-would only add noise to the text embedding. What CLIP-T should measure is whether the image shows
-the described scene.
+would only add noise to the text embedding. CLIP-T is meant to measure whether the image shows the
+described scene.
 
-DIV: the paper's LPIPS needs the `lpips` package, torchvision and AlexNet weights from the internet.
-minidream's default is `1 - mean cosine between the DINO embeddings of two samples of the same
-prompt`, averaged over prompts: the same deep-feature-distance idea as LPIPS (Zhang et al. found
-self-supervised features work as perceptual distances too), no extra model or download, the DINO
-model is loaded anyway. It is global (one CLS vector per image), so it reacts less to a change of
-pose or layout than LPIPS's spatial feature maps do. Its scale differs from LPIPS, so it is labelled "1-DINO" everywhere and
-must not be compared with the paper's DIV (0.391 / 0.371). `div="lpips"` uses LPIPS when available.
+DIV: the paper uses LPIPS (Zhang et al. 2018), which needs the `lpips` package, torchvision and
+AlexNet weights from the internet. minidream's default is 1 - (mean cosine between the DINO
+embeddings of two samples of the same prompt), averaged over prompts: the same deep-feature
+distance idea (Zhang et al. found self-supervised features work as perceptual distances too), no
+extra model or download, as the DINO model is loaded anyway. It is global (one CLS vector per
+image), so it reacts less to pose or layout changes than LPIPS's spatial feature maps. Its scale
+differs from LPIPS: it is labelled "1-DINO" wherever it is written and must not be compared with
+the paper's DIV (0.391 / 0.371). div="lpips" measures LPIPS where the package is installed.
 
 Models come through transformers: CLIPModel (openai/clip-vit-base-patch32) and ViTModel
 (facebook/dino-vits16), from a local folder or the Hugging Face cache; minidream never downloads
-them itself. Images are prepared by the processors saved with each model (CLIP: resize the short
-side to 224 bicubic + centre crop + CLIP's mean/std; DINO: resize to 224x224 bilinear + ImageNet
-mean/std), so the real models see exactly the inputs they were trained with.
+them itself. Images are prepared by the image processor saved with each model (CLIP: short side to
+224 bicubic, centre crop, CLIP's mean/std; DINO: 224x224 bilinear, ImageNet mean/std), so the real
+models get exactly the inputs their published preprocessing gives.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,12 +141,17 @@ def model_source(name: str) -> str:
     return str(local) if local.is_dir() else name
 
 
+def _looks_like_hub_id(name: str) -> bool:
+    """"owner/model" (not a local path such as weights/x or ./x)."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not name.startswith(("weights/", "."))
+
+
 def _load(load, name: str, what: str, flag: str, default: str):
     source = model_source(name)
     try:
         return load(source)
     except (OSError, ValueError) as e:  # not a folder, not cached (ValueError: a malformed hub id)
-        hub_id = name if name.count("/") == 1 and not Path(name).exists() else default
+        hub_id = name if _looks_like_hub_id(name) else default
         raise MetricModelError(
             f"{what} was not found at {name!r} (nor in the Hugging Face cache); minidream never downloads "
             f"it by itself. Fetch it once with\n{_download_hint(hub_id)}\nthen run again (that folder is "

@@ -94,7 +94,8 @@ def _standin_sdxl(folder: Path) -> Path:
 
     text = (64, 64)  # CLIP-L and bigG stand-ins: context 128, pooled 64
     unet = dict(_class_name="UNet2DConditionModel", sample_size=4, in_channels=4, out_channels=4,
-                block_out_channels=[32, 64], layers_per_block=1, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                block_out_channels=[32, 64], layers_per_block=1,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
                 up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 1],
                 attention_head_dim=[2, 4], cross_attention_dim=sum(text), use_linear_projection=True,
                 addition_embed_type="text_time", addition_time_embed_dim=8,

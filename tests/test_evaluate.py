@@ -16,13 +16,15 @@ from minidream.eval_prompts import LIVE_PROMPTS, OBJECT_PROMPTS, custom_prompts,
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: extra threads only contend on a shared CI machine
     root = tmp_path_factory.mktemp("evaluate")
     model = tiny_sdxl(root)
-    return dict(root=root, model=model, clip=write_tiny_clip(root / "clip"), dino=write_tiny_dino(root / "dino"),
+    yield dict(root=root, model=model, clip=write_tiny_clip(root / "clip"), dino=write_tiny_dino(root / "dino"),
                 prior=write_lora(root / "prior.safetensors", model, seed=1),
                 no_prior=write_lora(root / "no_prior.safetensors", model, seed=2),
                 subject=write_subject(root / "rraj"))
+    torch.set_num_threads(threads)
 
 
 def tiny_args(setup, out):
@@ -95,7 +97,8 @@ def test_experiment_writes_the_eight_row_table(setup, tmp_path, monkeypatch):
     assert all(-1 <= float(v) <= 1 for c in cells for v in c[3:])
     assert "DIV (1-DINO)" in md and "NOT the paper's LPIPS" in md and "0.668" in md
     for r in rows:
-        assert all(math.isfinite(v) for v in (r.scores.clip_i, r.scores.clip_t, r.scores.dino, r.scores.pres, r.scores.div))
+        sc = r.scores
+        assert all(math.isfinite(v) for v in (sc.clip_i, sc.clip_t, sc.dino, sc.pres, sc.div))
         for name in ("grid.png", "class_grid.png", "metrics.json", "images/p01-s1.png", "class/s1.png"):
             assert (r.folder / name).is_file(), name
     assert len(json.loads((out / "metrics.json").read_text())) == 8

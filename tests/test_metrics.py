@@ -16,10 +16,12 @@ from minidream import metrics
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: extra threads only contend on a shared CI machine
     root = tmp_path_factory.mktemp("metric_models")
     clip_dir, dino_dir = write_tiny_clip(root / "clip"), write_tiny_dino(root / "dino")
-    return clip_dir, dino_dir, metrics.load_clip(str(clip_dir)), metrics.load_dino(str(dino_dir))
+    yield clip_dir, dino_dir, metrics.load_clip(str(clip_dir)), metrics.load_dino(str(dino_dir))
+    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- math by hand
@@ -91,19 +93,26 @@ def test_identical_images_score_one(models):
 def test_score_equals_hand_computation_on_the_embeddings(models):
     *_, clip, dino = models
     real = [random_image(i) for i in range(3)]
-    gen = {"a rraj dog in the snow": [random_image(10), random_image(11)], "a red rraj dog": [random_image(12), random_image(13)]}
+    gen = {"a rraj dog in the snow": [random_image(10), random_image(11)],
+           "a red rraj dog": [random_image(12), random_image(13)]}
     cls = [random_image(20), random_image(21)]
     s = metrics.score(real, gen, cls, "rraj", clip, dino)
+
     images = [im for ims in gen.values() for im in ims]
-    gc, rc, gd, rd, cd = clip.images(images), clip.images(real), dino.images(images), dino.images(real), dino.images(cls)
-    # CLIP-T: each image against its own prompt, token removed
-    tc = clip.texts(["a dog in the snow", "a dog in the snow", "a red dog", "a red dog"])
-    assert s.clip_i == pytest.approx(np.mean([_cos(x, y) for x in gc.numpy() for y in rc.numpy()]), abs=1e-6)
-    assert s.dino == pytest.approx(np.mean([_cos(x, y) for x in gd.numpy() for y in rd.numpy()]), abs=1e-6)
-    assert s.pres == pytest.approx(np.mean([_cos(x, y) for x in cd.numpy() for y in rd.numpy()]), abs=1e-6)
-    assert s.clip_t == pytest.approx(np.mean([_cos(x, y) for x, y in zip(gc.numpy(), tc.numpy())]), abs=1e-6)
-    assert s.div == pytest.approx(1 - (_cos(gd[0].numpy(), gd[1].numpy()) + _cos(gd[2].numpy(), gd[3].numpy())) / 2, abs=1e-6)
-    assert s.clip_t != pytest.approx(metrics.clip_t(gc, clip.texts(list(np.repeat(list(gen), 2)))), abs=1e-4), \
+    gc, rc = clip.images(images).numpy(), clip.images(real).numpy()
+    gd, rd, cd = dino.images(images).numpy(), dino.images(real).numpy(), dino.images(cls).numpy()
+    tc = clip.texts(["a dog in the snow", "a dog in the snow", "a red dog", "a red dog"]).numpy()  # token removed
+
+    def all_pairs(xs, ys):
+        return np.mean([_cos(x, y) for x in xs for y in ys])
+
+    assert s.clip_i == pytest.approx(all_pairs(gc, rc), abs=1e-6)
+    assert s.dino == pytest.approx(all_pairs(gd, rd), abs=1e-6)
+    assert s.pres == pytest.approx(all_pairs(cd, rd), abs=1e-6)
+    assert s.clip_t == pytest.approx(np.mean([_cos(x, y) for x, y in zip(gc, tc)]), abs=1e-6)
+    assert s.div == pytest.approx(1 - (_cos(gd[0], gd[1]) + _cos(gd[2], gd[3])) / 2, abs=1e-6)
+    with_token = clip.texts([p for p in gen for _ in range(2)])
+    assert s.clip_t != pytest.approx(metrics.clip_t(torch.from_numpy(gc), with_token), abs=1e-4), \
         "the tiny CLIP should see a difference between prompts with and without the token"
 
 
@@ -149,6 +158,9 @@ def test_missing_models_say_how_to_fetch_them(tmp_path):
     with pytest.raises(metrics.MetricModelError, match="hf download someone/not-a-cached-dino --local-dir "
                                                        "weights/not-a-cached-dino"):
         metrics.load_dino("someone/not-a-cached-dino")  # a hub id: looked up in the local cache only
+    default_hint = "hf download facebook/dino-vits16 --local-dir weights/dino-vits16"
+    with pytest.raises(metrics.MetricModelError, match=default_hint):
+        metrics.load_dino("weights/not-there")  # a local path: the hint names the default model
 
 
 def test_models_under_weights_are_found(models, tmp_path, monkeypatch):
