@@ -37,13 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="sample.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Generate images from text with an SDXL model (diffusers folder or single .safetensors "
-                    "file), optionally with LoRA adapters. Writes one PNG per image, with the settings "
-                    "in its text metadata, plus a contact sheet grid.png.",
-        epilog="Without --model: weights/sdxl-base-1.0 (or weights/sd_xl_base_1.0.safetensors) when it has "
-               "been downloaded (README: 'Real SDXL on a T4'), else the bundled tiny model "
-               "weights/tiny-sdxl, which runs on a CPU in seconds (random weights: noise images).\n"
-               "The same seed, prompt and settings give the same image as diffusers' StableDiffusionXLPipeline.",
+        description="Generate images from text with an SDXL model (a diffusers folder or a single .safetensors\n"
+                    "file), optionally with LoRA adapters. Writes one PNG per image, its settings in the PNG's text\n"
+                    "metadata, plus a contact sheet grid.png. The same seed, prompt and settings give the same image\n"
+                    "as diffusers' StableDiffusionXLPipeline.",
+        epilog="Without --model: weights/sdxl-base-1.0 (or weights/sd_xl_base_1.0.safetensors) once downloaded\n"
+               "(README: 'Real SDXL on a T4'), else the bundled tiny model weights/tiny-sdxl, which runs on a CPU\n"
+               "in seconds (random weights for now: the images are noise).\n"
+               "Bad input ends in one line 'sample.py: error: ...' and exit code 2.",
     )
     what = p.add_argument_group("what to draw")
     what.add_argument("--prompt", action="append", default=[], metavar="TEXT",

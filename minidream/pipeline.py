@@ -54,7 +54,7 @@ def conditioning(model: Model, prompts, negative_prompt, guidance_scale: float, 
 
 
 def unet_closure(model: Model, context, pooled, time_ids):
-    """eps(x, t) for the samplers: the UNet with its text conditioning bound in."""
+    """model(x, t) for the samplers: the UNet (predicting eps, or v) with its text conditioning bound in."""
     unet = model.unet
     dtype = next(unet.parameters()).dtype
     context = context.to(dtype)

@@ -266,7 +266,7 @@ def main(argv=None) -> None:
     counts = parameter_counts()
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     print(f"wrote {folder}: {size / 1e6:.2f} MB, "
-          + ", ".join(f"{p} {n / 1e6:.2f}M" for p, n in counts.items()) + f" parameters (fp16)")
+          + ", ".join(f"{p} {n / 1e6:.2f}M" for p, n in counts.items()) + " parameters (fp16)")
 
 
 if __name__ == "__main__":

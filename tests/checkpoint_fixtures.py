@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from minidream.tiny import transformers4_names as hf_v4_names  # noqa: F401 (re-exported for the tests)
+from minidream.tiny import transformers4_names as hf_v4_names
 from tests._model_factory import SDXL_CONFIGS, sdxl_config  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------

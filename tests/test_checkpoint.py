@@ -23,7 +23,7 @@ from diffusers.loaders import single_file_utils as sfu
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from checkpoint_fixtures import (
-    CLIP_L, OPENCLIP, UNET, VAE, hf_v4_names, randomize, reference_models, sgm_unet_shapes, write_clip_folder,
+    OPENCLIP, UNET, VAE, hf_v4_names, randomize, reference_models, sgm_unet_shapes, write_clip_folder,
     write_single_file,
 )  # fmt: skip
 from minidream import checkpoint
