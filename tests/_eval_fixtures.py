@@ -15,10 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-try:  # the tokenizer writer moves into the package with the pipeline branch
-    from minidream.vocab import vocab_size, write_clip_tokenizer
-except ImportError:
-    from _text_factory import vocab_size, write_clip_tokenizer
+from minidream.vocab import vocab_size, write_clip_tokenizer
 
 WORDS = tuple("a an the of on in at with photo dog cat person backpack rraj sks red purple shiny wet cube shaped "
               "jungle snow beach city mountain wearing hat".split())
@@ -75,52 +72,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tiny_sdxl(tmp: Path) -> Path:
-    """The bundled tiny SDXL (weights/tiny-sdxl) once the pipeline branch has landed it, else a
-    stand-in written to `tmp`. STAND-IN: delete _standin_sdxl once weights/tiny-sdxl is in main."""
-    bundled = ROOT / "weights" / "tiny-sdxl"
-    if (bundled / "model_index.json").is_file():
-        return bundled
-    return _standin_sdxl(tmp / "tiny-sdxl")
-
-
-def _standin_sdxl(folder: Path) -> Path:
-    import shutil
-
-    from safetensors.torch import save_file
-
-    from _text_factory import write_tiny_sdxl_text_parts
-    from minidream.unet import UNet, UNetConfig
-    from minidream.vae import VAE, VAEConfig
-
-    text = (64, 64)  # CLIP-L and bigG stand-ins: context 128, pooled 64
-    unet = dict(_class_name="UNet2DConditionModel", sample_size=4, in_channels=4, out_channels=4,
-                block_out_channels=[32, 64], layers_per_block=1,
-                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
-                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 1],
-                attention_head_dim=[2, 4], cross_attention_dim=sum(text), use_linear_projection=True,
-                addition_embed_type="text_time", addition_time_embed_dim=8,
-                projection_class_embeddings_input_dim=text[1] + 6 * 8, norm_num_groups=8)
-    vae = dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-               block_out_channels=[16, 16, 16, 16], norm_num_groups=8, down_block_types=["DownEncoderBlock2D"] * 4,
-               up_block_types=["UpDecoderBlock2D"] * 4, sample_size=32, scaling_factor=0.13025, force_upcast=True)
-    write_tiny_sdxl_text_parts(folder, 0, hidden=text, layers=(1, 1), words=WORDS)
-    torch.manual_seed(0)
-    for part, config, model in (("unet", unet, UNet(UNetConfig.from_dict(unet))),
-                                ("vae", vae, VAE(VAEConfig.from_dict(vae)))):
-        with torch.no_grad():  # away from the init: no all-zero output convs
-            for p in model.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        (folder / part).mkdir(parents=True, exist_ok=True)
-        (folder / part / "config.json").write_text(json.dumps(config, indent=2))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(folder / part / "diffusion_pytorch_model.safetensors"))
-    (folder / "scheduler").mkdir(exist_ok=True)
-    shutil.copy(ROOT / "configs/sdxl-base-1.0/scheduler/scheduler_config.json", folder / "scheduler")
-    index = json.loads((folder / "model_index.json").read_text())
-    index.update(force_zeros_for_empty_prompt=True, unet=["diffusers", "UNet2DConditionModel"],
-                 vae=["diffusers", "AutoencoderKL"], scheduler=["diffusers", "EulerDiscreteScheduler"])
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    """The bundled tiny SDXL (weights/tiny-sdxl)."""
+    return ROOT / "weights" / "tiny-sdxl"
 
 
 def write_lora(path: Path, model_folder: Path, seed: int, token="rraj", class_noun="dog") -> Path:
