@@ -27,7 +27,8 @@ def image(size, color):
 def test_views_are_encoded_crops_with_their_time_ids(vae):
     images = [("a.png", image((40, 36), (10, 20, 30))), ("b.png", image((32, 48), (200, 0, 0)))]
     views = encode_views(vae, images, 32, 4, random.Random(0), flip=True)
-    assert views.mean.shape == views.std.shape == (8, 4, 8, 8) and (views.std > 0).all()
+    side = 32 // 2 ** (len(vae.config.block_out_channels) - 1)  # latent side at 32 px
+    assert views.mean.shape == views.std.shape == (8, 4, side, side) and (views.std > 0).all()
     assert views.image.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     ids = views.time_ids  # (orig_h, orig_w, top, left, 32, 32)
     assert ids[:4, :2].tolist() == [[36.0, 40.0]] * 4 and ids[4:, :2].tolist() == [[48.0, 32.0]] * 4
@@ -56,7 +57,8 @@ def test_batches_are_drawn_from_the_generator_only(vae):
                           num_timesteps=1000, noise_offset=0.1)
 
     a, b, c = draw(0), draw(0), draw(1)
-    assert a.latents.shape == a.noise.shape == (4, 4, 8, 8) and a.time_ids.shape == (4, 6)
+    side = 32 // 2 ** (len(vae.config.block_out_channels) - 1)
+    assert a.latents.shape == a.noise.shape == (4, 4, side, side) and a.time_ids.shape == (4, 6)
     assert a.prompt_index.tolist() == [0, 0, 1, 1] and a.num_instance == 2
     assert all(torch.equal(x, y) for x, y in [(a.latents, b.latents), (a.noise, b.noise), (a.timesteps, b.timesteps)])
     assert not torch.equal(a.noise, c.noise)

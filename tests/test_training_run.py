@@ -45,11 +45,12 @@ def world(tmp_path_factory):
     subject = root / "raj"
     subject.mkdir()
     (subject / "subject.json").write_text(json.dumps({"token": "rraj", "class_noun": "person"}))
-    for i, size in enumerate([(40, 36), (56, 40), (36, 48)]):
+    for i, size in enumerate([(72, 66), (96, 70), (66, 80)]):
         img = Image.new("RGB", size, (40 * i, 120, 200 - 50 * i))
         img.paste((250, 20, 180), (8, 8, 24, 24))
         img.save(subject / f"{i}.png")
-    return {"model": str(model), "subject": str(subject), "class_dir": str(root / "class-images")}
+    return {"model": str(model), "subject": str(subject), "class_dir": str(root / "class-images"),
+            "size": training.model_image_size(model)}
 
 
 def config(world, out, **overrides) -> TrainConfig:
@@ -68,16 +69,17 @@ def test_a_run_writes_its_folder(world, tmp_path, capsys):
     run = train(config(world, tmp_path, steps=4, validate_every=2, keep_checkpoints=1))
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == f"model: {world['model']}"
-    assert any(line.startswith("tiny model (32 px): demo settings") for line in printed)
+    size = world["size"]
+    assert any(line.startswith(f"tiny model ({size} px): demo settings") for line in printed)
 
     saved = json.loads((run / "config.json").read_text())
-    assert saved["steps"] == 4 and saved["resolution"] == 32 and saved["lr"] == training.TINY_RECIPE["lr"]
+    assert saved["steps"] == 4 and saved["resolution"] == size and saved["lr"] == training.TINY_RECIPE["lr"]
     assert [r[0] for r in losses(run)] == ["1", "2", "3", "4"]
     assert all(float(r[3]) > 0 for r in losses(run))  # the prior term is there
     assert Image.open(run / "loss.png").size == (720, 400)
     assert sorted(p.name for p in (run / "validation").iterdir()) == [f"step-00000{i}.png" for i in (0, 2, 4)]
     grid = Image.open(run / "validation" / "step-000004.png")
-    assert grid.size == (2 * 32, 6 * 32)  # 2 seeds x (5 prompts of the seed + the class prompt)
+    assert grid.size == (2 * size, 6 * size)  # 2 seeds x (5 prompts of the seed + the class prompt)
     assert [p.name for p in (run / "checkpoints").glob("*.pt")] == ["step-000004.pt"]  # keep_checkpoints=1
     assert not list(run.rglob(".*.tmp"))
 
@@ -156,7 +158,7 @@ def test_text_encoder_lora_trains_and_is_saved(world, tmp_path):
 def test_too_few_class_images_and_no_generation_fail_before_training(world, tmp_path):
     class_dir = tmp_path / "few"
     class_dir.mkdir()
-    Image.new("RGB", (32, 32)).save(class_dir / "a.png")
+    Image.new("RGB", (64, 64)).save(class_dir / "a.png")
     cfg = config(world, tmp_path / "runs", class_dir=str(class_dir), num_class_images=5, generate_class_images=False)
     with pytest.raises(DataError, match="holds 1 class image.*5 are needed.*--no-generate"):
         train(cfg)
@@ -170,16 +172,16 @@ def test_class_generation_fills_a_partial_folder_and_keeps_existing_images(world
     (folder / "notes.txt").write_text("not an image")
     mine = (folder / "mine.jpg").read_bytes()
     model = load_model(world["model"])
-    used = fill_class_folder(plan_class_images(folder, 4, True), model, "a photo of person", resolution=32, steps=3,
-                             progress=False)
+    used = fill_class_folder(plan_class_images(folder, 4, True), model, "a photo of person",
+                             resolution=world["size"], steps=3, progress=False)
     assert [p.name for p in used] == ["class-00000.png", "class-00001.png", "class-00002.png", "mine.jpg"]
     assert (folder / "mine.jpg").read_bytes() == mine
 
     # an interrupted generation continues, and image N is the same image whenever it is made
     second = (folder / "class-00001.png").read_bytes()
     (folder / "class-00001.png").unlink()
-    used = fill_class_folder(plan_class_images(folder, 4, True), model, "a photo of person", resolution=32, steps=3,
-                             progress=False)
+    used = fill_class_folder(plan_class_images(folder, 4, True), model, "a photo of person",
+                             resolution=world["size"], steps=3, progress=False)
     assert len(used) == 4 and (folder / "class-00001.png").read_bytes() == second
     assert plan_class_images(folder, 3, False).used() == used[:3]  # enough: nothing to generate
 

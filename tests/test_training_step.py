@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import compute_snr
 from peft import LoraConfig
 
-from lora_models import TINY_SDXL_UNET, randomize_lora, reference_unet, rel_err, unet_under_test
 from minidream.lora import UNET_ATTENTION, inject_lora, lora_parameters, mark_only_lora_trainable
 from minidream.optim import lr_at, make_optimizer
 from minidream.schedule import ScheduleConfig, alphas_cumprod
@@ -18,6 +17,15 @@ from minidream.step import Batch, apply_gradients, dreambooth_loss, min_snr_weig
 from minidream.unet import UNet, UNetConfig
 
 SCHEDULE = ScheduleConfig()  # SDXL's: scaled_linear 0.00085..0.012, 1000 steps
+# A shrunken SDXL UNet: a level without attention, then cross-attention with 2 transformer layers,
+# linear proj_in/out, text_time added conditioning (pooled 32 + 6 time ids x 8 = 80). 8x8 latents.
+TINY_SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+    cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80, norm_num_groups=8,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,6 +34,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def reference_unet(seed=0, config=TINY_SDXL_UNET) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**config).eval()
+
+
+def unet_under_test(reference) -> UNet:
+    """minidream's UNet with the reference's weights (same state-dict keys)."""
+    model = UNet(UNetConfig.from_dict(dict(reference.config)))
+    model.load_state_dict(reference.state_dict())
+    return model
+
+
+def randomize_lora(model, seed=3, std=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if ".lora_A." in name or ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def make_batch(seed=0, n_instance=1, n_class=1):
