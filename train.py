@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=DEFAULTS.out, help="where run folders are made [%(default)s]")
     g.add_argument("--resume", metavar="RUN", help="continue run folder RUN from its latest checkpoint (same "
                    "settings; only --steps, --save-every, --validate-every, --keep-checkpoints, --log-every, "
-                   "--device may change)")
+                   "--device, --cpu-threads may change)")
     g.add_argument("--device", help="cuda, cuda:1, cpu, ... [cuda if available]")
+    g.add_argument("--cpu-threads", type=int, help="torch CPU threads [torch's default; tiny model: 1, faster "
+                   "for its tiny tensors]")
 
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, help=RECIPE.format(1000, 300) + " (optimizer steps)")

@@ -171,6 +171,34 @@ def draw_loss_curve(rows: list[dict], size=(720, 400)) -> Image.Image:
     return img
 
 
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def labelled_grid(images: list[Image.Image], prompts: list[str], columns: int) -> Image.Image:
+    """Validation grid: one row per prompt (its text on the left), one column per seed."""
+    side = images[0].width
+    font = _font(max(10, side // 10))
+    label_width = max(3 * side, 200)
+    grid = Image.new("RGB", (label_width + columns * side, len(prompts) * side), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, prompt in enumerate(prompts):
+        lines, line = [], ""
+        for word in prompt.split():  # wrap the prompt to the label column
+            if line and draw.textlength(f"{line} {word}", font=font) > label_width - 8:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        draw.multiline_text((4, row * side + 4), "\n".join(lines + [line]), fill="black", font=font)
+        for col in range(columns):
+            grid.paste(images[row * columns + col], (label_width + col * side, row * side))
+    return grid
+
+
 # ----------------------------------------------------------------------------- Ctrl-C
 
 class StopRequest:
