@@ -16,7 +16,7 @@ import errno
 import sys
 import warnings
 
-from minidream.training import TrainConfig
+from minidream.train_config import TrainConfig
 
 DEFAULTS = TrainConfig()
 RECIPE = "default: T4 recipe {}, tiny model {}"
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     from minidream.data import DataError
     from minidream.lora import LoRAMismatchError
     from minidream.text import TokenizerNotFoundError
-    from minidream.training import TrainingError, train
+    from minidream.train_config import TrainingError
+    from minidream.training import train
 
     try:
         train(config_from_args(args))

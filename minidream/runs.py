@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from minidream.files import torch_save, write_text
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) looks for
 CHECKPOINT = re.compile(r"^step-(\d{6})\.pt$")
 LOG_COLUMNS = ("step", "loss", "instance_loss", "prior_loss", "lr", "grad_norm", "skipped", "seconds")
 

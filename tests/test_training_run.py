@@ -22,7 +22,9 @@ from minidream.lora_files import load_lora
 from minidream.model import load_model
 from minidream.optim import make_optimizer
 from minidream.prior import fill_class_folder, plan_class_images
-from minidream.training import TrainConfig, TrainingError, fill_defaults, train
+from minidream.runs import LORA_FILE
+from minidream.train_config import TINY_RECIPE, TrainConfig, TrainingError, fill_defaults, model_image_size
+from minidream.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,7 +52,7 @@ def world(tmp_path_factory):
         img.paste((250, 20, 180), (8, 8, 24, 24))
         img.save(subject / f"{i}.png")
     return {"model": str(model), "subject": str(subject), "class_dir": str(root / "class-images"),
-            "size": training.model_image_size(model)}
+            "size": model_image_size(model)}
 
 
 def config(world, out, **overrides) -> TrainConfig:
@@ -73,7 +75,7 @@ def test_a_run_writes_its_folder(world, tmp_path, capsys):
     assert any(line.startswith(f"tiny model ({size} px): demo settings") for line in printed)
 
     saved = json.loads((run / "config.json").read_text())
-    assert saved["steps"] == 4 and saved["resolution"] == size and saved["lr"] == training.TINY_RECIPE["lr"]
+    assert saved["steps"] == 4 and saved["resolution"] == size and saved["lr"] == TINY_RECIPE["lr"]
     assert [r[0] for r in losses(run)] == ["1", "2", "3", "4"]
     assert all(float(r[3]) > 0 for r in losses(run))  # the prior term is there
     assert Image.open(run / "loss.png").size == (720, 400)
@@ -85,7 +87,7 @@ def test_a_run_writes_its_folder(world, tmp_path, capsys):
     assert not list(run.rglob(".*.tmp"))
 
     # the LoRA file loads onto a fresh copy of the base model and changes its UNet
-    lora = run / training.LORA_FILE
+    lora = run / LORA_FILE
     assert all(k.startswith("unet.") for k in load_file(lora))
     model = load_model(world["model"])
     load_lora(lora, unet=model.unet)
@@ -110,12 +112,12 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_losses(world, tmp_path,
     run = train(config(world, tmp_path / "b", **kwargs))
     monkeypatch.setattr(training, "apply_gradients", real_apply)
     assert len(losses(run)) == 3 and (run / "checkpoints" / "step-000003.pt").is_file()
-    assert not (run / training.LORA_FILE).exists()
+    assert not (run / LORA_FILE).exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
     train(TrainConfig(resume=str(run)))
     assert losses(run) == uninterrupted  # bit for bit, as written to the CSV
-    assert (run / training.LORA_FILE).is_file()
+    assert (run / LORA_FILE).is_file()
 
     # resuming from an older mid-run checkpoint (step 2) gives the same numbers too
     older = tmp_path / "c"
@@ -149,7 +151,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(world, tmp_path, m
 
 def test_text_encoder_lora_trains_and_is_saved(world, tmp_path):
     run = train(config(world, tmp_path, steps=2, prior=False, train_text_encoder=True, text_encoder_lr=1e-3))
-    keys = load_file(run / training.LORA_FILE)
+    keys = load_file(run / LORA_FILE)
     for component in ("unet", "text_encoder", "text_encoder_2"):
         ups = [v for k, v in keys.items() if k.startswith(component + ".") and ".lora_B." in k]
         assert ups and any(v.abs().max() > 0 for v in ups), component
