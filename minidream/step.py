@@ -11,8 +11,8 @@
 very same step on fake tensors (shapes only). It never reads a tensor's value (no .item()): the
 losses come back as 0-d tensors for the caller to log.
 
-Instance and class rows go through the UNet as ONE batch, as in the DreamBooth paper's eq. 2,
-where both terms are averaged over the same sampled timesteps and noise draws.
+Instance and class rows go through the UNet as ONE batch: one forward and one backward compute
+both terms of eq. 2, each row with its own noise and timestep (the paper's eps, t and eps', t').
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def min_snr_weights(timesteps, alphas_cumprod, gamma: float, prediction_type: st
 
     Low-noise timesteps (huge SNR) get small weights, so they stop dominating the gradient. This is
     the weighting of diffusers' SDXL DreamBooth LoRA script, including its v-prediction variant
-    (the same weight + 1; the paper's v-form would be min(SNR, gamma) / (SNR + 1)).
+    (the same weight + 1; the paper's v-form would be min(SNR, gamma) / (SNR + 1)). With prior
+    preservation it weights the instance rows only, with their own timesteps, as that script does.
     """
     s = snr(timesteps, alphas_cumprod)
     weight = torch.clamp(s, max=gamma) / s
