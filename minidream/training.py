@@ -32,6 +32,7 @@ from minidream.runs import (LORA_FILE, StopRequest, draw_loss_curve, labelled_gr
                             new_run_folder, rng_states, save_checkpoint, set_rng_states, write_loss_csv)
 from minidream.schedule import alphas_cumprod as schedule_alphas
 from minidream.step import apply_gradients, training_step
+from minidream.text import encode_text
 from minidream.train_config import (VALIDATION_TEMPLATES, TrainConfig, TrainingError, check_config, fill_defaults,
                                     model_image_size, resumed_config, slug)
 
@@ -85,10 +86,8 @@ def add_lora(model, cfg: TrainConfig) -> list[dict]:
 def prompt_embedder(model, cache, subject, train_text_encoder: bool, device):
     """The embed_prompts() of training_step: the cached table, or the (LoRA) text encoders run anew."""
     if train_text_encoder:
-        from minidream.text import _encode  # with gradients (encode_prompt is no_grad)
-
         prompts = [subject.instance_prompt, subject.class_prompt]
-        return lambda: _encode(model.text, prompts)
+        return lambda: encode_text(model.text, prompts)  # with gradients (encode_prompt is no_grad)
     context, pooled = cache.context.to(device), None if cache.pooled is None else cache.pooled.to(device)
     return lambda: (context, pooled)
 

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import minidream.training as training
-from _tiny_sdxl import write_tiny_sdxl
+from minidream.tiny import write_tiny_sdxl
 from minidream.data import DataError
 from minidream.lora import lora_layers
 from minidream.lora_files import load_lora
