@@ -55,11 +55,12 @@ ALL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "brown", "bl
 
 TOKEN = "rraj"  # the subject's rare token; it never appears in a pretraining caption
 CLASS_NOUN = "person"
-# The subject's look. The first five keys are the reserved combination that sampling excludes
-# (skin + hat + glasses); hair and eyes are fixed too so the six pictures show one individual.
+# The subject's look. Its skin, hat and glasses (RESERVED) are the combination that sampling
+# excludes from pretraining; hair and eyes are fixed too so the six pictures show one individual.
 SUBJECT = {"kind": "person", "skin": "purple", "hat": "pointy", "hat_color": "green",
            "glasses": "glasses", "glasses_color": "red", "hair": "black", "eyes": "brown"}
 RESERVED = ("skin", "hat", "hat_color", "glasses", "glasses_color")
+SUBJECT_LOOK = {k: SUBJECT[k] for k in ("kind",) + RESERVED}  # what makes a picture "rraj"
 
 _PHRASE_WORDS = " ".join(list(STYLES.values()) + list(CONTEXTS.values())) + (
     " with skin hair eyes sunglasses glasses wearing a an hat in shirt")
@@ -101,7 +102,7 @@ JUDGED = ("kind", "style", "context", "color", "skin", "hair", "eyes", "hat", "h
 
 def is_reserved(a):
     """True when `a` has the subject's reserved look (this never happens in pretraining)."""
-    return all(getattr(a, k) == SUBJECT[k] for k in RESERVED) and a.kind == SUBJECT["kind"]
+    return all(getattr(a, k) == v for k, v in SUBJECT_LOOK.items())
 
 
 def _choice(rng, options, p=None):
@@ -154,6 +155,8 @@ def caption(a, mention=(), token=None):
     token="rraj" puts the rare token before the noun: "a photo of rraj person".
     """
     m = set(mention)
+    if m - set(MENTIONABLE):
+        raise ValueError(f"cannot mention {sorted(m - set(MENTIONABLE))}; fields: {MENTIONABLE}")
     words = [STYLES[a.style]] + ([token] if token else [])
     if "color" in m and a.kind != "person":
         words.append(a.color)

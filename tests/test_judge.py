@@ -45,7 +45,7 @@ def test_judge_is_robust_to_blur_and_noise(judge):
 
 def test_judge_sees_the_bundled_subject(judge):
     images = [Image.open(p) for p in sorted((ROOT / "data" / "raj").glob("*.png"))]
-    look = {k: tw.SUBJECT[k] for k in ("kind",) + tw.RESERVED}
+    look = tw.SUBJECT_LOOK
     assert judge.score(images, look) == 1.0
     # ...and not in a person with another skin colour, or in dogs.
     others = [render(tw.Attributes(**{**a.__dict__, "skin": "tan"})) for a in tw.subject_attributes()]
