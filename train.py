@@ -20,7 +20,7 @@ import os
 import sys
 import warnings
 
-from minidream.train_config import TrainConfig
+from minidream.train_config import METHODS, TrainConfig
 
 DEFAULTS = TrainConfig()
 RECIPE = "default: T4 recipe {}, tiny model {}"
@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "for its tiny tensors]")
 
     g = p.add_argument_group("training")
-    g.add_argument("--method", choices=("lora", "full", "textual-inversion"), default=DEFAULTS.method,
-                   help="what trains: LoRA adapters (a ~10 MB file), every UNet weight (a model folder; SD 1.x/2.x on "
+    g.add_argument("--method", choices=METHODS, default=DEFAULTS.method,
+                   help="what trains: LoRA adapters (SDXL rank 4: a 23 MB file), every UNet weight (a model folder; SD 1.x/2.x on "
                    "a T4, SDXL needs more than 16 GB) or a new word's embedding (a few KB) [%(default)s]")
     g.add_argument("--steps", type=int, help=RECIPE.format(1000, 300) + " (optimizer steps; full: 800, "
                    "textual inversion: 1500 on a T4)")

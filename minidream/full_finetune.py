@@ -3,9 +3,10 @@
 Same data, same prior-preservation loss (step.py, eq. 2), same loop as LoRA (training.py); what
 changes is what trains and how big everything gets:
 
-    LoRA (rank 4, SDXL)    ~3 M trained values    result ~10 MB file          fits a 16 GB T4
-    full SD 1.5 / 2.1      0.86 B / 0.87 B        + 1.7 GB (fp16 UNet)        fits a T4 with the recipe below
-    full SDXL              2.6 B                  + 5.1 GB (fp16 UNet)        does not fit 16 GB (see the T4 memory planner)
+    method (SDXL unless said)  trained values     result                         fp32 weights + grads + 8-bit Adam
+    LoRA rank 4                5.8 M              a 23 MB file                   0.05 GiB: fits a 16 GB T4
+    full SD 1.5 / SD 2.1       0.86 B / 0.87 B    a model folder, 1.7 GB new     8.0 GiB: fits a T4 with this recipe
+    full SDXL                  2.57 B             a model folder, 5.1 GB new     24 GiB: does not fit 16 GB
 
 The T4 recipe (the DreamBooth notebooks' SD 2 recipe) is the same as for LoRA:
 

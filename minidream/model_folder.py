@@ -30,22 +30,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minidream.checkpoint import (
-    detect,
-    text_encoder_state_dicts,
-    text_encoder_weights,
-    unet_weights,
-    vae_weights,
-)
+from minidream.checkpoint import detect, text_encoder_state_dicts, text_encoder_weights, unet_weights, vae_weights
 from minidream.loading import materialize
 from minidream.text import find_tokenizer_dir
-from minidream.tiny import (
-    _LIBRARY,
-    _WEIGHT_FILE,
-    transformers4_names,
-    write_model_index,
-    write_part,
-)
+from minidream.tiny import _LIBRARY, _WEIGHT_FILE, transformers4_names, write_model_index, write_part
 
 PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline"}
 

@@ -1,4 +1,4 @@
-"""Optimiser, learning-rate schedule and mixed precision for LoRA training.
+"""Optimiser, learning-rate schedule and mixed precision for training (LoRA, full, textual inversion).
 
 Three small pieces the training loop needs besides the model:
 
@@ -135,7 +135,7 @@ class Precision:
 
     name: str  # "fp16" | "bf16" | "fp32": what is actually used
     device: torch.device
-    weight_dtype: torch.dtype  # frozen UNet and text-encoder weights (LoRA parameters are always fp32)
+    weight_dtype: torch.dtype  # frozen UNet and text-encoder weights (trained parameters are always fp32)
     autocast_dtype: torch.dtype | None  # dtype of matmuls/convs under torch.autocast; None: no autocast
     use_grad_scaler: bool  # fp16 only
     note: str = ""  # why the request was changed, for the user

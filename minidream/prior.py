@@ -80,9 +80,7 @@ def fill_class_folder(plan: ClassImagePlan, model, prompt: str, *, resolution: i
     dist (distributed.Dist, several processes under torchrun): each rank makes its share, rank r
     the r-th, (r + N)-th, ... missing image. Image NNNNN is the same whichever rank makes it.
     """
-    from minidream.pipeline import (
-        generate,  # imported here: data-only users need no pipeline
-    )
+    from minidream.pipeline import generate  # imported here: data-only users need no pipeline
 
     if plan.missing:
         indices = next_indices(plan.folder, plan.missing)

@@ -232,10 +232,12 @@ class TextualInversion(Method):
     def prompt(self, text: str) -> str:
         return name_the_word(text, self.token, self.placeholder, self.cfg.num_vectors)
 
-    def check_instance_prompt(self, text: str) -> None:
-        if self.placeholder not in text:
-            raise TrainingError(f"the instance prompt {text!r} names neither {self.token!r} nor {self.placeholder!r}: "
-                                "textual inversion learns the word the prompt uses for the subject")
+    @staticmethod
+    def check_subject(cfg, subject) -> None:
+        placeholder = cfg.placeholder_token or f"<{subject.token}>"
+        if placeholder not in name_the_word(subject.instance_prompt, subject.token, placeholder):
+            raise TrainingError(f"the instance prompt {subject.instance_prompt!r} names neither {subject.token!r} nor "
+                                f"{placeholder!r}: textual inversion learns the word the prompt uses for the subject")
 
     def summary(self) -> str:
         widths = " + ".join(str(e.get_input_embeddings().vectors.shape[1]) for e in self.encoders.values())

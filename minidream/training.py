@@ -25,42 +25,19 @@ from minidream import distributed
 from minidream.data import load_images, load_subject
 from minidream.distributed import Dist
 from minidream.files import save_png, write_json
-from minidream.latent_cache import (
-    ShuffledOrder,
-    build_cache,
-    draw_batch,
-    load_cache,
-    offload_encoders,
-    save_cache,
-)
+from minidream.latent_cache import ShuffledOrder, build_cache, draw_batch, load_cache, offload_encoders, save_cache
 from minidream.methods import build_method, method_class
 from minidream.model import default_model_path, load_model
 from minidream.optim import make_grad_scaler, make_optimizer, resolve_precision, set_lr
 from minidream.prior import fill_class_folder, plan_class_images
-from minidream.runs import (
-    StopRequest,
-    draw_loss_curve,
-    labelled_grid,
-    load_latest_checkpoint,
-    new_run_folder,
-    rng_states,
-    save_checkpoint,
-    set_rng_states,
-    write_loss_csv,
-)
+from minidream.runs import (StopRequest, draw_loss_curve, labelled_grid, load_latest_checkpoint, new_run_folder,
+                            rng_states, save_checkpoint, set_rng_states, write_loss_csv)
 from minidream.schedule import alphas_cumprod as schedule_alphas
 from minidream.step import apply_gradients, training_step
 from minidream.text import encode_text
-from minidream.train_config import (
-    VALIDATION_TEMPLATES,
-    TrainConfig,
-    TrainingError,
-    check_config,
-    fill_defaults,
-    model_image_size,
-    resumed_config,
-    slug,
-)
+from minidream.train_config import (VALIDATION_TEMPLATES, TrainConfig, TrainingError, check_config, fill_defaults,
+                                    model_image_size, resumed_config, slug)
+
 
 # ----------------------------------------------------------------------------- helpers of the loop
 
@@ -152,6 +129,7 @@ def train(cfg: TrainConfig) -> Path:
     if note and not cfg.resume:
         print(note)
     check_config(cfg)
+    method_class(cfg.method).check_subject(cfg, subject)
     if cfg.cpu_threads and device.type == "cpu":
         # Tiny tensors: handing each op to several threads costs more than the math, and on a busy
         # machine threads wait for each other (measured here: 20 ms vs 380 ms per tiny-UNet forward).
@@ -181,7 +159,6 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)  # LoRA init
     method = build_method(model, cfg, subject.token, subject.class_noun)
     instance_prompt = method.prompt(subject.instance_prompt)
-    method.check_instance_prompt(instance_prompt)
     groups, params = method.param_groups(), method.parameters()
     optimizer, optimizer_name = make_optimizer(groups, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = make_grad_scaler(precision)
@@ -240,7 +217,7 @@ def train(cfg: TrainConfig) -> Path:
     # -- the loop
     base_lrs = [g["lr"] for g in groups]
     print(f"training {method.summary()} for {cfg.steps} steps on {device} ({precision.name}, {optimizer_name}, "
-          f"batch {cfg.batch_size}x{cfg.grad_accum}" + (f"x{dist.world_size} GPUs" if dist.enabled else "")
+          f"batch {cfg.batch_size}x{cfg.grad_accum}" + (f" x {dist.world_size} processes" if dist.enabled else "")
           + f", {'prior on' if plan else 'no prior'})")
     if step == 0 and cfg.validate_every:
         validation(0)

@@ -22,7 +22,9 @@ torch AdamW is used: AdamW8bit's block-wise quantisation would add its own round
 import csv
 import json
 import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,7 @@ from minidream import distributed
 from minidream.distributed import Dist
 from minidream.methods import build_method
 from minidream.model import BUNDLED_MODEL, load_model
+from minidream.runs import StopRequest
 from minidream.schedule import alphas_cumprod
 from minidream.step import Batch, training_step
 from minidream.text import encode_text
@@ -53,6 +56,18 @@ def test_shard_keeps_each_ranks_instance_and_class_rows():
     assert [s.latents.flatten().tolist() for s in shards] == [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
     assert all(s.num_instance == 1 and s.prompt_index.tolist() == [0, 1] and s.time_ids is None for s in shards)
     assert Dist().shard(batch) is batch  # one process: the whole batch
+
+
+def test_one_key_press_reaching_a_process_twice_is_one_stop_request():
+    """Under torchrun Ctrl-C reaches each rank from the terminal and again from torchrun."""
+    with StopRequest(grace=60.0) as stop:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)  # the forwarded copy: no KeyboardInterrupt
+        assert stop.requested
+    with pytest.raises(KeyboardInterrupt), StopRequest(grace=0.0) as stop:
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.01)
+        signal.raise_signal(signal.SIGINT)  # a real second Ctrl-C: abort at once
 
 
 def write_subject(root: Path) -> Path:

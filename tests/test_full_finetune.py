@@ -25,14 +25,7 @@ from minidream.training import train
 from tests._model_factory import one_cpu_thread  # noqa: F401 (autouse fixture)
 from tests.checkpoint_fixtures import reference_models, write_single_file
 from tests.test_distributed import losses, write_subject
-from tests.test_training_step import (
-    SCHEDULE,
-    make_batch,
-    reference_step,
-    reference_unet,
-    rel_err,
-    unet_under_test,
-)
+from tests.test_training_step import SCHEDULE, make_batch, reference_step, reference_unet, rel_err, unet_under_test
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_TEXT = SimpleNamespace(text_encoder=None, text_encoder_2=None)

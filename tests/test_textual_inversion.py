@@ -18,15 +18,10 @@ from minidream.pipeline import sample_latents
 from minidream.schedule import alphas_cumprod
 from minidream.step import Batch, apply_gradients, training_step
 from minidream.text import encode_text
-from minidream.textual_inversion import (
-    EmbeddingFileError,
-    TextualInversion,
-    expand_prompt,
-    load_embedding,
-    name_the_word,
-)
+from minidream.textual_inversion import (EmbeddingFileError, TextualInversion, expand_prompt, load_embedding,
+                                         name_the_word)
 from minidream.tiny import write_tiny_sdxl
-from minidream.train_config import TrainConfig
+from minidream.train_config import TrainConfig, TrainingError
 from minidream.training import train
 from tests._model_factory import one_cpu_thread  # noqa: F401 (autouse fixture)
 from tests.test_distributed import write_subject
@@ -170,3 +165,15 @@ def test_prompts_name_the_new_word():
     assert name_the_word("a photo of rrajx", "rraj", "<rraj>") == "a photo of rrajx"  # another word
     assert name_the_word("a photo of rraj", "rraj", "<r>", 2) == "a photo of <r> <r>_1"
     assert expand_prompt("<rraj> and <rraj>", "<rraj>", 3) == "<rraj> <rraj>_1 <rraj>_2 and <rraj> <rraj>_1 <rraj>_2"
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"instance_prompt": "a photo of a person"}, "names neither 'rraj' nor '<rraj>'"),
+    ({"train_text_encoder": True}, "--train-text-encoder does not go with --method textual-inversion"),
+])
+def test_settings_textual_inversion_cannot_use_fail_before_loading(tmp_path, setting, message):
+    write_subject(tmp_path)
+    with pytest.raises(TrainingError, match=message):
+        train(TrainConfig(subject=str(tmp_path / "raj"), model=str(ROOT / "weights/tiny-sdxl"), out=str(tmp_path / "runs"),
+                          method="textual-inversion", **setting))
+    assert not (tmp_path / "runs").exists()  # failed before a run folder (or the model) was made
