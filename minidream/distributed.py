@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
@@ -151,7 +152,9 @@ def setup(device: str | None = None) -> Dist:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if cuda else "gloo")
+        # Rank 0 alone encodes the cache and draws validation grids while the others wait at a
+        # barrier: minutes on real SDXL, so a longer wait than the default before giving up.
+        torch_dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=60))
     return Dist(rank, world_size, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
 
 
