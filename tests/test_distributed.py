@@ -22,6 +22,7 @@ torch AdamW is used: AdamW8bit's block-wise quantisation would add its own round
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -134,7 +135,7 @@ def gradient_errors(dist: Dist) -> dict[str, float]:
 
 def worker(rank: int, root: str, port: int) -> None:
     """One of two ranks, as torchrun would start it: gradients of one step, the LoRA and full runs,
-    then a stopped LoRA run resumed."""
+    then the LoRA run resumed from its step-1 checkpoint."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -143,9 +144,15 @@ def worker(rank: int, root: str, port: int) -> None:
     (root / f"gradients-rank{rank}.json").write_text(json.dumps(gradient_errors(dist)))
     for name, kw in RUNS.items():
         train(TrainConfig(**settings(root, f"ddp-{name}", batch_size=1, **kw)))
-    # stop a LoRA run after step 2 and resume it: continues as if uninterrupted (compared in the test)
-    run = train(TrainConfig(**settings(root, "ddp-resumed", batch_size=1, steps=2, **RUNS["lora"])))
-    train(TrainConfig(resume=str(run), steps=3))
+    # the LoRA run as if stopped after step 1 (its later checkpoints and result gone), resumed on 2 ranks
+    resumed = root / "ddp-resumed" / only_run(root / "ddp-lora").name
+    if dist.is_main:
+        shutil.copytree(only_run(root / "ddp-lora"), resumed)
+        for late in ("step-000002.pt", "step-000003.pt", "step-000003.safetensors"):
+            (resumed / "checkpoints" / late).unlink()
+        (resumed / "pytorch_lora_weights.safetensors").unlink()
+    dist.barrier()
+    train(TrainConfig(resume=str(resumed)))
     distributed.shutdown()
 
 
