@@ -3,6 +3,8 @@
     python sample.py --prompt "a photo of rraj person"                  # bundled tiny model, CPU
     python sample.py --model weights/sdxl-base-1.0 --prompt "a photo of rraj person" \\
         --lora runs/raj/lora.safetensors --lora pixel-art.safetensors:0.8 --num-images 4
+    python sample.py --embedding runs/raj/learned_embeds.safetensors --prompt "a photo of <rraj> person"
+    python sample.py --prompt "a photo of rraj person" --morph 4 --frames 48 --fps 12   # looping morph.gif
 
 Error policy: everything the user gives (arguments, prompt files, model, VAE, tokenizer, LoRA files)
 is checked and loaded before the first sampling step. A problem there is a user error: one line
@@ -78,8 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                        help="a LoRA adapter and its strength (default 1.0); repeat to combine several, "
                             "e.g. --lora subject.safetensors --lora style.safetensors:0.8")
+    model.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                       help="a textual-inversion embedding (.safetensors, e.g. train.py --method textual-inversion's "
+                            "learned_embeds.safetensors); prompts name it by TOKEN (default: the token stored in the "
+                            "file, else the file name), e.g. '<rraj>'; repeatable")
     model.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     model.add_argument("--dtype", choices=list(DTYPES), help="weights dtype (default: fp16 on cuda, fp32 elsewhere)")
+
+    morph = p.add_argument_group("morph animation (a loop through N seeds' starting noise, spherical interpolation)")
+    morph.add_argument("--morph", type=int, metavar="N", help="keyframes: seeds --seed .. --seed + N - 1, with one "
+                       "prompt, or N prompts (one per keyframe, their embeddings interpolated too)")
+    morph.add_argument("--frames", type=int, default=24, help="frames in the whole loop (default: %(default)s)")
+    morph.add_argument("--fps", type=float, default=8.0, help="frames per second (default: %(default)s)")
+    morph.add_argument("--animation", choices=("gif", "webp"), default="gif",
+                       help="file format of OUT/morph.FORMAT (default: %(default)s)")
 
     p.add_argument("--out", default="runs/samples", metavar="DIR", help="where the PNGs go (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -94,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 class Request:
     prompts: list[str]
     loras: list[tuple[Path, float]]
+    embeddings: list[tuple[Path, str | None]]
     model: Path
     model_note: str
     device: str
@@ -108,6 +123,29 @@ def parse_lora(spec: str) -> tuple[Path, float]:
         return (Path(path), float(scale)) if path else (Path(spec), 1.0)
     except ValueError:
         return Path(spec), 1.0
+
+
+def parse_embedding(spec: str) -> tuple[Path, str | None]:
+    """"FILE[:TOKEN]" -> (path, token or None); a colon inside a path (C:\\x) stays in the path."""
+    path, _, token = spec.rpartition(":")
+    if path and path.endswith(".safetensors") and token and "/" not in token and "\\" not in token:
+        return Path(path), token
+    return Path(spec), None
+
+
+def check_morph(args, prompts: list[str]) -> None:
+    if args.morph is None:
+        return
+    if args.morph < 2:
+        raise UserError(f"--morph {args.morph}: a morph needs at least 2 keyframes (seeds)")
+    if args.frames < args.morph:
+        raise UserError(f"--frames {args.frames} is fewer than the {args.morph} keyframes; give --frames {4 * args.morph} or more")
+    if args.fps <= 0:
+        raise UserError(f"--fps must be positive, got {args.fps}")
+    if len(prompts) not in (1, args.morph):
+        raise UserError(f"--morph {args.morph} takes one prompt or {args.morph} (one per keyframe), got {len(prompts)}")
+    if args.num_images != 1 or args.eta:
+        raise UserError("--morph makes one image per frame from its own noise: drop --num-images and --eta")
 
 
 def read_prompts_file(path: str) -> list[str]:
@@ -140,10 +178,15 @@ def check(args) -> Request:
         raise UserError(f"--eta must be between 0 and 1, got {args.eta}")
     if args.eta and args.scheduler != "ddim":
         raise UserError(f"--eta is DDIM's noise; use --scheduler ddim or drop --eta ({args.scheduler} has none)")
+    check_morph(args, prompts)
     loras = [parse_lora(spec) for spec in args.lora]
     for path, _ in loras:
         if not path.is_file():
             raise UserError(f"LoRA file {path} not found; give --lora FILE.safetensors[:SCALE]")
+    embeddings = [parse_embedding(spec) for spec in args.embedding]
+    for path, _ in embeddings:
+        if not path.is_file():
+            raise UserError(f"embedding file {path} not found; give --embedding FILE.safetensors[:TOKEN]")
     if args.vae and not Path(args.vae).exists():
         raise UserError(f"--vae {args.vae} does not exist; give a VAE folder or .safetensors file")
     if args.tokenizer and not Path(args.tokenizer).is_dir():
@@ -159,6 +202,11 @@ def check(args) -> Request:
 
     for path, _ in loras:  # readable and in a known layout, before minutes of model loading
         read_lora(path)
+    if embeddings:
+        from minidream.textual_inversion import read_embedding
+
+        for path, token in embeddings:
+            read_embedding(path, token)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: this torch has no CUDA device; use --device cpu")
@@ -176,19 +224,24 @@ def check(args) -> Request:
     if info.layout not in ("diffusers", "single-file"):
         raise UserError(f"{model} is {info.description}. --model needs a diffusers SDXL folder "
                         "(with model_index.json) or a single-file .safetensors checkpoint")
-    return Request(prompts, loras, model, note, device, dtype)
+    return Request(prompts, loras, embeddings, model, note, device, dtype)
 
 
 def load(args, req: Request):
-    """The model with its LoRAs fused in; minidream's loaders raise ValueError / OSError subclasses
-    (CheckpointError, LoRAMismatchError, TokenizerNotFoundError, ...) with messages naming the fix."""
+    """The model with its LoRAs fused in and its embeddings' words added; minidream's loaders raise
+    ValueError / OSError subclasses (CheckpointError, LoRAMismatchError, EmbeddingFileError, ...)
+    with messages naming the fix. A multi-vector word is spelled out in the prompts (req.prompts)."""
     import torch
 
     from minidream.model import add_loras, load_model
+    from minidream.textual_inversion import expand_prompt, load_embedding
 
     dtype = getattr(torch, DTYPES[req.dtype])
     model = load_model(req.model, dtype, req.device, vae=args.vae, tokenizer=args.tokenizer, variant=args.variant)
     add_loras(model, req.loras)
+    for path, token in req.embeddings:
+        token, n = load_embedding(model.text, path, token)
+        req.prompts = [expand_prompt(p, token, n) for p in req.prompts]
     return model
 
 
@@ -237,6 +290,23 @@ def run(args, req: Request, model) -> list[Path]:
     return written + [grid]
 
 
+def run_morph(args, req: Request, model) -> list[Path]:
+    """Frames (PNG) and the looping animation of `--morph N` keyframes."""
+    from minidream import __version__
+    from minidream.files import save_png
+    from minidream.morph import render_morph, save_animation
+
+    out = Path(args.out)
+    seeds = [args.seed + i for i in range(args.morph)]
+    frames = render_morph(model, req.prompts, seeds, args.frames, negative_prompt=args.negative_prompt,
+                          height=args.height, width=args.width, sampler=args.scheduler, steps=args.steps,
+                          guidance_scale=args.guidance, progress=not args.no_progress)
+    meta = {"prompts": "\n".join(req.prompts), "seeds": " ".join(map(str, seeds)), "frames": str(args.frames),
+            "model": str(req.model), "minidream": __version__}
+    written = [save_png(out / "morph" / f"frame-{k:04d}.png", f, meta | {"frame": str(k)}) for k, f in enumerate(frames)]
+    return written + [save_animation(out / f"morph.{args.animation}", frames, args.fps)]
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     try:
@@ -252,16 +322,17 @@ def main(argv=None) -> int:
     print(f"loaded in {time.time() - t0:.1f} s" + (f" with {len(req.loras)} LoRA(s) fused" if req.loras else ""))
     try:
         t0 = time.time()
-        files = run(args, req, model)
+        files = run_morph(args, req, model) if args.morph else run(args, req, model)
     except RuntimeError as e:
         if "out of memory" not in str(e).lower():
             raise
         print("sample.py: error: out of memory; use --dtype fp16, a smaller --height/--width or --num-images 1",
               file=sys.stderr)
         return 1
-    print(f"wrote {len(files) - 1} image(s) and a grid in {time.time() - t0:.1f} s to {shown(Path(args.out))}/:")
-    for f in files:
-        print(f"  {f.name}")
+    what = "an animation" if args.morph else "a grid"
+    print(f"wrote {len(files) - 1} image(s) and {what} in {time.time() - t0:.1f} s to {shown(Path(args.out))}/:")
+    for f in files[:3] + (["..."] if len(files) > 6 else []) + files[max(3, len(files) - 3):]:
+        print(f"  {getattr(f, 'name', f)}")
     return 0
 
 

@@ -1,8 +1,11 @@
-"""DreamBooth LoRA training for SDXL: the command line around minidream.training.train().
+"""DreamBooth training for SDXL: the command line around minidream.training.train().
 
-    python train.py --subject data/raj                 # bundled tiny model on CPU, or SDXL if in weights/
+    python train.py --subject data/raj                 # LoRA; bundled tiny model on CPU, or SDXL if in weights/
     python train.py --subject data/me --token zwx --class-noun person
+    python train.py --subject data/raj --method full   # every UNet weight -> a diffusers model folder
+    python train.py --subject data/raj --method textual-inversion   # a new word "<rraj>" -> a few KB
     python train.py --resume runs/raj-20250101-120000  # continue a stopped run
+    torchrun --nproc_per_node 2 train.py --subject data/raj        # 2 GPUs (DistributedDataParallel)
 
 Settings left out are chosen from the model: the T4 recipe for SDXL (1000 steps, lr 1e-4, rank 4,
 1024 px, batch 1, fp16, gradient checkpointing, AdamW8bit, prior preservation with 200 class
@@ -13,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 import warnings
 
-from minidream.train_config import TrainConfig
+from minidream.train_config import METHODS, TrainConfig
 
 DEFAULTS = TrainConfig()
 RECIPE = "default: T4 recipe {}, tiny model {}"
@@ -47,8 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "for its tiny tensors]")
 
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, help=RECIPE.format(1000, 300) + " (optimizer steps)")
-    g.add_argument("--lr", type=float, help="LoRA learning rate; " + RECIPE.format("1e-4", "1e-3"))
+    g.add_argument("--method", choices=METHODS, default=DEFAULTS.method,
+                   help="what trains: LoRA adapters (SDXL rank 4: a 23 MB file), every UNet weight (a model folder; SD 1.x/2.x on "
+                   "a T4, SDXL needs more than 16 GB) or a new word's embedding (a few KB) [%(default)s]")
+    g.add_argument("--steps", type=int, help=RECIPE.format(1000, 300) + " (optimizer steps; full: 800, "
+                   "textual inversion: 1500 on a T4)")
+    g.add_argument("--lr", type=float, help="learning rate; " + RECIPE.format("1e-4", "1e-3")
+                   + "; full: 2e-6 (tiny 1e-4); textual inversion: 5e-4 (tiny 5e-3)")
     g.add_argument("--rank", type=int, default=DEFAULTS.rank, help="LoRA rank [%(default)s]")
     g.add_argument("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha/rank [= rank]")
     g.add_argument("--resolution", type=int, help="training image side in px [the model's: SDXL 1024]")
@@ -82,9 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--views-per-image", type=int, default=DEFAULTS.views_per_image,
                    help="augmented crops/flips cached per subject photo [%(default)s]")
     g.add_argument("--train-text-encoder", action="store_true",
-                   help="LoRA on both text encoders too (more memory; prompts are then encoded every step)")
+                   help="train both text encoders too: LoRA on them, or with --method full all their weights "
+                   "(more memory; prompts are then encoded every step)")
     g.add_argument("--text-encoder-lr", type=float, default=DEFAULTS.text_encoder_lr,
                    help="learning rate of the text-encoder LoRA [%(default)s]")
+
+    g = p.add_argument_group("textual inversion (--method textual-inversion)")
+    g.add_argument("--placeholder-token", help="the new word [<TOKEN>, e.g. <rraj>]; prompts' TOKEN becomes it")
+    g.add_argument("--init-word", help="the new word starts as this word's embedding [the class noun]")
+    g.add_argument("--num-vectors", type=int, default=DEFAULTS.num_vectors,
+                   help="embedding vectors per text encoder for the new word [%(default)s]")
 
     g = p.add_argument_group("prior preservation")
     g.add_argument("--no-prior", dest="prior", action="store_false", help="train without class images")
@@ -127,16 +143,21 @@ def short_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = short_warning
+    from minidream import distributed
     from minidream.checkpoint import CheckpointError
     from minidream.data import DataError
     from minidream.lora import LoRAMismatchError
     from minidream.text import TokenizerNotFoundError
+    from minidream.textual_inversion import EmbeddingFileError
     from minidream.train_config import TrainingError
     from minidream.training import train
 
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 prints (errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")
     try:
         train(config_from_args(args))
-    except (DataError, TrainingError, CheckpointError, TokenizerNotFoundError, LoRAMismatchError) as e:
+    except (DataError, TrainingError, CheckpointError, TokenizerNotFoundError, LoRAMismatchError,
+            EmbeddingFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
@@ -148,6 +169,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
 
 

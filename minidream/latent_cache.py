@@ -1,7 +1,7 @@
 """Encode the training images and prompts once, then train on the cached tensors.
 
-With LoRA only the UNet learns, so the VAE encoder and (usually) the text encoders give the same
-output for the same input at every step. Encoding each image and the two prompts once, before
+The VAE never trains, and the text encoders only with --train-text-encoder or textual inversion,
+so they give the same output for the same input at every step. Encoding each image and the two prompts once, before
 training, and moving the VAE and text encoders off the GPU saves their memory (the SDXL VAE must
 run in fp32, and the text encoders hold 0.8 B parameters) and their compute at every step.
 

@@ -1,4 +1,4 @@
-"""Optimiser, learning-rate schedule and mixed precision for LoRA training.
+"""Optimiser, learning-rate schedule and mixed precision for training (LoRA, full, textual inversion).
 
 Three small pieces the training loop needs besides the model:
 
@@ -34,6 +34,7 @@ OPTIMIZERS = ("adamw8bit", "adamw")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine")
 PRECISIONS = ("fp16", "bf16", "fp32")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256  # bitsandbytes AdamW8bit: smallest quantised tensor, block size
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -60,6 +61,22 @@ def make_optimizer(param_groups, name: str = "adamw8bit", *, lr: float, betas=(0
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), "adamw"
 
 
+def optimizer_state_bytes(params, name: str = "adamw8bit") -> int:
+    """Bytes of Adam's two moments for `params` (shapes only: meta tensors work).
+
+    torch AdamW: two fp32 moments, 8 bytes per parameter. bitsandbytes AdamW8bit: two uint8 moments
+    plus one fp32 scale per 256-element block for each (block-wise quantisation); tensors under
+    4096 elements keep fp32 moments.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    total = 0
+    for p in params:
+        n = p.numel()
+        total += 8 * n if name == "adamw" or n < BNB_MIN_8BIT_SIZE else 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK)
+    return total
+
+
 def _bitsandbytes_problem(param_groups) -> str | None:
     """None if AdamW8bit works on the parameters' device, else why not.
 
@@ -72,7 +89,7 @@ def _bitsandbytes_problem(param_groups) -> str | None:
     try:
         import bitsandbytes
 
-        probe = torch.nn.Parameter(torch.zeros(4096, device=device))
+        probe = torch.nn.Parameter(torch.zeros(BNB_MIN_8BIT_SIZE, device=device))
         probe.grad = torch.ones_like(probe)
         bitsandbytes.optim.AdamW8bit([probe], lr=1e-3).step()
         if not torch.isfinite(probe).all():
@@ -118,7 +135,7 @@ class Precision:
 
     name: str  # "fp16" | "bf16" | "fp32": what is actually used
     device: torch.device
-    weight_dtype: torch.dtype  # frozen UNet and text-encoder weights (LoRA parameters are always fp32)
+    weight_dtype: torch.dtype  # frozen UNet and text-encoder weights (trained parameters are always fp32)
     autocast_dtype: torch.dtype | None  # dtype of matmuls/convs under torch.autocast; None: no autocast
     use_grad_scaler: bool  # fp16 only
     note: str = ""  # why the request was changed, for the user

@@ -35,13 +35,16 @@ def check_size(height: int, width: int, multiple: int = 8) -> None:
 
 
 def conditioning(model: Model, prompts, negative_prompt, guidance_scale: float, num_images: int,
-                 height: int, width: int):
-    """(context, pooled, time_ids, use_cfg) for the UNet; with guidance the batch is [uncond; cond]."""
+                 height: int, width: int, embeddings=None):
+    """(context, pooled, time_ids, use_cfg) for the UNet; with guidance the batch is [uncond; cond].
+    embeddings: (context, pooled) to use instead of the prompts' own (e.g. between two prompts)."""
     use_cfg = guidance_scale > 1.0  # as diffusers: a scale <= 1 is the plain conditional model
     context, pooled, u_context, u_pooled = encode_prompt(
         model.text, prompts, negative_prompt, guidance=use_cfg,
         force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt, num_images_per_prompt=num_images,
     )
+    if embeddings is not None:
+        context, pooled = (None if e is None else e.to(context) for e in embeddings)
     if use_cfg:
         context = torch.cat([u_context, context])
         pooled = None if pooled is None else torch.cat([u_pooled, pooled])
@@ -68,11 +71,20 @@ def unet_closure(model: Model, context, pooled, time_ids):
     return eps
 
 
+def initial_noise(model: Model, batch: int, height: int, width: int, generator: torch.Generator,
+                  dtype=torch.float32) -> torch.Tensor:
+    """x_T ~ N(0, I), (batch, C, H/8, W/8), drawn as diffusers draws it (in the prompt embeddings'
+    dtype, from a CPU generator: the same numbers on any device)."""
+    shape = (batch, model.unet.config.in_channels, height // model.vae_scale, width // model.vae_scale)
+    return torch.randn(shape, generator=generator, dtype=dtype)
+
+
 @torch.no_grad()
 def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler: str = "ddim", steps: int = 30,
                    guidance_scale: float = 5.0, seed: int = 0, height: int | None = None,
                    width: int | None = None, num_images: int = 1, eta: float = 0.0,
-                   guidance_rescale: float = 0.0, progress: bool = True, initial_latents=None) -> torch.Tensor:
+                   guidance_rescale: float = 0.0, progress: bool = True, initial_latents=None,
+                   embeddings=None) -> torch.Tensor:
     """Run the sampler; returns the final latents (len(prompts) * num_images, 4, H/8, W/8), still
     scaled by the VAE's scaling_factor, images in prompt-major order (p0, p0, p1, p1, ...).
 
@@ -81,6 +93,8 @@ def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler: str 
     guidance_scale: classifier-free guidance, off at <= 1. eta: DDIM's noise (0 = deterministic).
     height / width: pixels, multiples of 8; default the model's training size (SDXL: 1024).
     initial_latents: x_T before the sampler's sigma scaling, instead of drawing it from `seed`.
+    embeddings: (context, pooled) of the conditional half instead of the prompts' (one row per
+    image; e.g. interpolated between prompts, morph.py); the prompts then only set the batch size.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
@@ -89,12 +103,11 @@ def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler: str 
     height, width = height or model.default_size, width or model.default_size
     check_size(height, width, model.vae_scale)
     context, pooled, time_ids, use_cfg = conditioning(model, prompts, negative_prompt, guidance_scale,
-                                                      num_images, height, width)
+                                                      num_images, height, width, embeddings)
     batch = context.shape[0] // (2 if use_cfg else 1)
     generator = torch.Generator("cpu").manual_seed(seed)  # on the CPU: the same numbers on any device
     if initial_latents is None:
-        shape = (batch, model.unet.config.in_channels, height // model.vae_scale, width // model.vae_scale)
-        initial_latents = torch.randn(shape, generator=generator, dtype=context.dtype)
+        initial_latents = initial_noise(model, batch, height, width, generator, context.dtype)
     x = initial_latents.to(context.device) * samplers.init_noise_sigma(model.schedule, steps, sampler)
 
     eps = unet_closure(model, context, pooled, time_ids)

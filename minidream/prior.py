@@ -73,14 +73,21 @@ def next_indices(folder: Path, count: int) -> list[int]:
 
 def fill_class_folder(plan: ClassImagePlan, model, prompt: str, *, resolution: int, seed: int = 0,
                       steps: int = 30, guidance_scale: float = 5.0, sampler: str = "ddim",
-                      negative_prompt: str | None = None, progress: bool = True) -> list[Path]:
+                      negative_prompt: str | None = None, progress: bool = True, dist=None) -> list[Path]:
     """Generate the plan's missing images with `model` (the base model, before any LoRA) and
-    return the images training uses. Images already in the folder are kept untouched."""
+    return the images training uses. Images already in the folder are kept untouched.
+
+    dist (distributed.Dist, several processes under torchrun): each rank makes its share, rank r
+    the r-th, (r + N)-th, ... missing image. Image NNNNN is the same whichever rank makes it.
+    """
     from minidream.pipeline import generate  # imported here: data-only users need no pipeline
 
     if plan.missing:
         indices = next_indices(plan.folder, plan.missing)
-        bar = tqdm(indices, desc=f"class images for {prompt!r}", disable=not progress)
+        rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+        if dist is not None:
+            dist.barrier()  # every rank listed the folder before any rank writes to it
+        bar = tqdm(indices[rank::world_size], desc=f"class images for {prompt!r}", disable=not progress)
         for index in bar:
             image = generate(model, prompt, negative_prompt, sampler=sampler, steps=steps,
                              guidance_scale=guidance_scale, seed=seed + index, height=resolution,
@@ -88,5 +95,7 @@ def fill_class_folder(plan: ClassImagePlan, model, prompt: str, *, resolution: i
             save_png(plan.folder / f"class-{index:05d}.png", image,
                      {"prompt": prompt, "seed": seed + index, "steps": steps, "sampler": sampler,
                       "guidance_scale": guidance_scale, "model": getattr(model, "name", "")})
+        if dist is not None:
+            dist.barrier()  # every share is written
         plan = ClassImagePlan(plan.folder, existing_class_images(plan.folder), plan.wanted)
     return plan.used()

@@ -2,15 +2,16 @@
 
     runs/raj-20250101-120000/
         config.json                       every setting of the run (what --resume reads back)
-        pytorch_lora_weights.safetensors  the final LoRA (diffusers layout; sample.py --lora)
+        pytorch_lora_weights.safetensors  the result: the final LoRA (diffusers layout; sample.py --lora),
+                                          or model/ (--method full), learned_embeds.safetensors (textual inversion)
         loss.csv, loss.png                one row per step; the curve drawn with PIL
         validation/step-000250.png        fixed prompts x fixed seeds, every --validate-every steps
-        checkpoints/step-000250.pt        LoRA + optimizer + loss scale + RNG states + data order
-        checkpoints/step-000250.safetensors   that step's LoRA, usable like the final one
+        checkpoints/step-000250.pt        trained tensors + optimizer + loss scale + RNG states + data order
+        checkpoints/step-000250.safetensors   that step's LoRA or embedding, usable like the final one
         cache.safetensors                 the encoded images and prompts (latent_cache.py)
 
 A run resumed from a checkpoint continues bit for bit: the checkpoint holds every piece of state
-a step reads (LoRA weights, Adam moments, GradScaler scale, the training generator and the global
+a step reads (the trained weights, Adam moments, GradScaler scale, the training generator and the global
 RNGs, the epoch's image order and position in it). Every file is written atomically (files.py),
 so a crash or a full disk leaves the previous checkpoint intact.
 """
@@ -204,17 +205,24 @@ def labelled_grid(images: list[Image.Image], prompts: list[str], columns: int) -
 
 class StopRequest:
     """Turn the first Ctrl-C into a request the loop sees at the end of its current step (then it
-    saves a checkpoint and returns); a second Ctrl-C interrupts at once, as usual."""
+    saves a checkpoint and returns); a second Ctrl-C interrupts at once, as usual.
 
-    def __init__(self):
+    Under torchrun one key press reaches a training process twice, from the terminal and forwarded
+    by torchrun, a moment apart: a second SIGINT within `grace` seconds counts as the same one.
+    """
+
+    def __init__(self, grace: float = 2.0):
         self.requested = False
         self._previous = None
+        self._first = 0.0
+        self.grace = grace
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.requested and time.monotonic() - self._first > self.grace:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step and saving a checkpoint (press Ctrl-C again to abort at once)")
+        if not self.requested:
+            self.requested, self._first = True, time.monotonic()
+            print("\nCtrl-C: stopping after this step and saving a checkpoint (press Ctrl-C again to abort at once)")
 
     def __enter__(self):
         try:

@@ -4,7 +4,7 @@
       x_t = add_noise(x0, noise, t)                                       [schedule.py]
       pred = UNet(x_t, t, context, pooled, time_ids)      under torch.autocast
       loss = MSE(instance rows) + prior_weight * MSE(class rows)           Ruiz et al. 2022, eq. 2
-      (loss * loss_scale / accumulation).backward()                        LoRA parameters only
+      (loss * loss_scale / accumulation).backward()                        the trained parameters only
     apply_gradients: unscale, clip, skip if inf/NaN, optimizer step, update the scale
 
 `training_step` is a plain function of modules and tensors, so the T4 memory planner can run the
@@ -90,10 +90,11 @@ def training_step(unet: torch.nn.Module, batch: Batch, embed_prompts: PromptEmbe
                   *, prediction_type: str = "epsilon", prior_weight: float = 1.0, snr_gamma: float | None = None,
                   autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                   accumulation: int = 1) -> StepLosses:
-    """Forward and backward of one micro-batch; gradients accumulate in the LoRA parameters' .grad.
+    """Forward and backward of one micro-batch; gradients accumulate in the trained parameters' .grad
+    (LoRA adapters, all UNet weights, or a new word's embedding: see methods.py).
 
     embed_prompts() returns the prompt table (context (P, L, D), pooled (P, Dp) or None): the cached
-    embeddings, or the text encoders run now (with their LoRA) when they are trained. It is called
+    embeddings, or the text encoders run now when gradients must reach them. It is called
     under autocast, so trained text encoders run in the autocast dtype too.
     autocast_dtype: fp16/bf16 run matmuls and convs in that dtype (weights stay as they are, LoRA
     parameters fp32); None runs in the weights' own dtype. scaler: fp16 loss scaling (see optim.py).

@@ -31,6 +31,14 @@ T4_RECIPE = dict(steps=1000, lr=1e-4, num_class_images=200, gradient_checkpointi
 TINY_RECIPE = dict(steps=300, lr=1e-3, num_class_images=40, gradient_checkpointing=False,
                    validate_every=100, save_every=100, class_steps=20, validation_steps=20, cpu_threads=1)
 TINY_MODEL_MAX_SIZE = 128
+# What --method changes in those recipes. Full fine-tuning moves every weight: a learning rate ~50x
+# below LoRA's (DreamBooth's SD recipes use 1e-6 .. 5e-6). Textual inversion moves one vector per
+# encoder: a larger lr and more steps (diffusers' example: 5e-4 for 3000 steps at batch 4).
+METHOD_RECIPES = {
+    "full": {"t4": dict(steps=800, lr=2e-6), "tiny": dict(lr=1e-4)},
+    "textual-inversion": {"t4": dict(steps=1500, lr=5e-4), "tiny": dict(lr=5e-3)},
+}
+METHODS = ("lora", "full", "textual-inversion")
 VALIDATION_TEMPLATES = ("a painting of {} at Oktoberfest", "a painting of {} in the style of Van Gogh",
                         "a painting of {} with blonde hair", "a side view photo of {}", "a photo of {} with sunglasses")
 RESUME_OVERRIDES = ("steps", "save_every", "validate_every", "keep_checkpoints", "log_every", "device",
@@ -51,8 +59,9 @@ class TrainConfig:
     tokenizer: str | None = None  # folder with tokenizer/ and tokenizer_2/ (for single files)
     out: str = "runs"  # run folders go here
     resume: str | None = None  # a run folder to continue from its latest checkpoint
+    method: str = "lora"  # lora | full (every UNet weight) | textual-inversion (a new word's embedding)
     steps: int | None = None  # optimizer steps
-    lr: float | None = None  # UNet LoRA learning rate
+    lr: float | None = None  # learning rate of the LoRA / the UNet weights / the new word's vectors
     rank: int = 4  # LoRA rank r
     alpha: float | None = None  # LoRA alpha (None: = rank, scaling 1)
     resolution: int | None = None  # training image side in px (None: the model's, SDXL 1024)
@@ -73,7 +82,7 @@ class TrainConfig:
     flip: bool = True  # random horizontal flips (turn off for asymmetric subjects, e.g. text)
     center_crop: bool = False  # centre crops instead of random crops
     views_per_image: int = VIEWS_PER_INSTANCE_IMAGE  # cached augmented views per subject image
-    train_text_encoder: bool = False  # LoRA on both text encoders' q/k/v/out_proj too
+    train_text_encoder: bool = False  # LoRA on both text encoders' q/k/v/out_proj too (full: all their weights)
     text_encoder_lr: float = 5e-6  # their learning rate
     prior: bool = True  # prior preservation (class images)
     prior_weight: float = 1.0  # lambda of the prior term
@@ -89,6 +98,9 @@ class TrainConfig:
     save_every: int | None = None  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept (0: all)
     log_every: int = 10  # steps between log lines (and loss.csv/png rewrites)
+    placeholder_token: str | None = None  # textual inversion: the new word (None: "<token>", e.g. "<rraj>")
+    init_word: str | None = None  # textual inversion: its vectors start as this word's (None: the class noun)
+    num_vectors: int = 1  # textual inversion: vectors per encoder for the new word
 
 
 # ----------------------------------------------------------------------------- settings
@@ -104,16 +116,21 @@ def model_image_size(path) -> int:
 def fill_defaults(cfg: TrainConfig, size: int) -> str:
     """Fill every None setting from the recipe for a model of native size `size`; returns a note."""
     tiny = size <= TINY_MODEL_MAX_SIZE
-    recipe = TINY_RECIPE if tiny else T4_RECIPE
+    recipe = (TINY_RECIPE if tiny else T4_RECIPE) | METHOD_RECIPES.get(cfg.method, {}).get("tiny" if tiny else "t4", {})
     chosen = {k: v for k, v in recipe.items() if getattr(cfg, k) is None}
     if cfg.resolution is None:
         chosen["resolution"] = size
     for k, v in chosen.items():
         setattr(cfg, k, v)
-    if not tiny or not chosen:
-        return ""
-    return (f"tiny model ({size} px): demo settings " + ", ".join(f"{k} {v}" for k, v in chosen.items())
-            + " (flags you pass override these)")
+    notes = []
+    if tiny and chosen:
+        notes.append(f"tiny model ({size} px): demo settings " + ", ".join(f"{k} {v}" for k, v in chosen.items())
+                     + " (flags you pass override these)")
+    if cfg.method == "textual-inversion" and cfg.prior:
+        cfg.prior = False
+        notes.append("textual inversion trains without class images: the model is frozen, and the class prompt "
+                     "does not contain the new word, so the prior term would have no gradient")
+    return "\n".join(notes)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -134,6 +151,11 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}")
     need(cfg.snr_gamma is None or cfg.snr_gamma > 0, "--snr-gamma must be positive")
     need(cfg.resolution % 8 == 0, f"--resolution must be a multiple of 8 (got {cfg.resolution})")
+    need(cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)} (got {cfg.method!r})")
+    need(cfg.num_vectors >= 1, "--num-vectors must be at least 1")
+    need(not (cfg.method == "textual-inversion" and cfg.train_text_encoder),
+         "--train-text-encoder does not go with --method textual-inversion, which trains only the new word's "
+         "embedding: drop one of them")
 
 
 def resumed_config(cfg: TrainConfig) -> TrainConfig:

@@ -72,8 +72,10 @@ def make_batch(seed=0, n_instance=1, n_class=1):
     return batch, prompts
 
 
-def reference_step(ref, batch, prompts, prediction_type, snr_gamma, lr, weight_decay, max_norm):
-    """The step as diffusers' train_dreambooth_lora_sdxl.py computes it, with peft's LoRA and torch AdamW."""
+def reference_step(ref, batch, prompts, prediction_type, snr_gamma, lr, weight_decay, max_norm,
+                   trained=lambda name: "lora_" in name):
+    """The step as diffusers' train_dreambooth_lora_sdxl.py computes it, with peft's LoRA and torch AdamW.
+    trained(name) picks the parameters the optimizer updates (all of them for full fine-tuning)."""
     scheduler = DDPMScheduler.from_config(dict(SCHEDULE.__dict__, prediction_type=prediction_type))
     t, idx = batch.timesteps, batch.prompt_index
     noisy = scheduler.add_noise(batch.latents, batch.noise, t)
@@ -91,11 +93,11 @@ def reference_step(ref, batch, prompts, prediction_type, snr_gamma, lr, weight_d
         weights = weights + 1 if prediction_type == "v_prediction" else weights
         loss = (F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
     loss = loss + 1.0 * prior_loss
-    params = [p for n, p in ref.named_parameters() if "lora_" in n]
+    params = [p for n, p in ref.named_parameters() if trained(n)]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grads = {n: p.grad.clone() for n, p in ref.named_parameters() if "lora_" in n}
+    grads = {n: p.grad.clone() for n, p in ref.named_parameters() if trained(n)}
     optimizer.step()
     return loss.detach(), grads
 
