@@ -355,10 +355,12 @@ def load_text_encoder(path: PathLike, part="text_encoder", dtype=torch.float32, 
 
 def text_encoder_state_dicts(path: PathLike, dtype=None, *, expect="sdxl", variant=None) -> dict:
     """{part: (CLIPTextConfig dict, state dict)} of every text encoder at `path`, tensors read,
-    in transformers 4 names (`text_model.*`) whatever the files use."""
+    in transformers 4 names (`text_model.*`) whatever the files use. The constant position_ids
+    buffer that real repos' files still carry is left out, as single files' is: it is no weight."""
     out = {}
     for part in text_encoder_parts(path):
         config, weights = text_encoder_weights(path, part, expect=expect, variant=variant)
+        weights = {k: v for k, v in weights.items() if not k.endswith("embeddings.position_ids")}
         state = materialize(weights, dtype)
         if not any(k.startswith("text_model.") for k in state):
             state = _add_text_model_level(state)

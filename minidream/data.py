@@ -7,7 +7,8 @@ class made by the base model itself, captioned "a photo of [class noun]".
 A subject folder looks like
 
     data/raj/
-        subject.json        {"token": "rraj", "class_noun": "person"}   (optional)
+        subject.json        {"token": "rraj", "class_noun": "person"}   (optional; may also set
+                            instance_prompt, class_prompt and validation_prompts)
         01.jpg 02.png ...   the instance images, any size, jpg/png/webp
 
 SDXL conditions its UNet on the original image size and the crop it was cut with (Podell et al.
@@ -47,6 +48,7 @@ class Subject:
     class_noun: str  # e.g. "person"
     instance_prompt: str  # "a photo of rraj person"
     class_prompt: str  # "a photo of person"
+    validation_prompts: list[str] | None = None  # subject.json may list prompts to watch during training
 
 
 def load_subject(folder, token=None, class_noun=None, instance_prompt=None, class_prompt=None) -> Subject:
@@ -75,6 +77,7 @@ def load_subject(folder, token=None, class_noun=None, instance_prompt=None, clas
         class_noun=class_noun,
         instance_prompt=instance_prompt or settings.get("instance_prompt") or f"a photo of {token} {class_noun}",
         class_prompt=class_prompt or settings.get("class_prompt") or f"a photo of {class_noun}",
+        validation_prompts=settings.get("validation_prompts"),
     )
 
 
@@ -117,9 +120,9 @@ def open_rgb(path: Path) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_images(paths: list[Path], resolution: int, what: str = "instance") -> list[tuple[Path, Image.Image]]:
-    """Open every image; unreadable ones are named and skipped, none left is an error."""
-    good = []
+def iter_images(paths: list[Path], resolution: int, what: str = "instance"):
+    """Yield (path, RGB image) for each readable file, one at a time (class folders hold hundreds of
+    large images: they are never all in memory). Unreadable files are named and skipped."""
     for path in paths:
         try:
             img = open_rgb(path)
@@ -129,7 +132,12 @@ def load_images(paths: list[Path], resolution: int, what: str = "instance") -> l
         if min(img.size) < resolution:
             warnings.warn(f"{path} is {img.size[0]}x{img.size[1]}, smaller than the training resolution "
                           f"{resolution}: it will be upscaled and look soft; use larger photos if you can")
-        good.append((path, img))
+        yield path, img
+
+
+def load_images(paths: list[Path], resolution: int, what: str = "instance") -> list[tuple[Path, Image.Image]]:
+    """Open every image; unreadable ones are named and skipped, none left is an error."""
+    good = list(iter_images(paths, resolution, what))
     if not good:
         raise DataError(f"none of the {len(paths)} {what} image(s) could be read")
     return good

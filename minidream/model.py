@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from minidream.checkpoint import detect, load_unet, load_vae, vae_weights
+from minidream.lora import merge_lora
+from minidream.lora_files import load_lora
 from minidream.schedule import ScheduleConfig
 from minidream.text import TextEncoders, load_text_encoders
 from minidream.vae import VAEConfig, vae_dtype
@@ -54,8 +56,8 @@ def default_model_path() -> tuple[Path, str]:
     for location in SDXL_LOCATIONS:
         if (REPO / location).exists():
             return REPO / location, f"SDXL base found at {location}"
-    return REPO / BUNDLED_MODEL, (f"the bundled tiny model ({BUNDLED_MODEL}); no SDXL at "
-                                  f"{' or '.join(SDXL_LOCATIONS)}, see README 'Real SDXL on a T4'")
+    return REPO / BUNDLED_MODEL, (f"the bundled tiny model, random weights; for real images put SDXL at "
+                                  f"{SDXL_LOCATIONS[0]} (README: 'Real SDXL on a T4')")
 
 
 def _folder_json(path: Path, name: str) -> dict:
@@ -85,3 +87,23 @@ def load_model(path, dtype=torch.float32, device="cpu", *, vae=None, tokenizer=N
         name=str(path),
         force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", family == "sdxl"),
     )
+
+
+def add_loras(model: Model, loras, fuse: bool = True) -> list[str]:
+    """Apply LoRA files to the model: `loras` is [(path, scale), ...]; returns the adapter names.
+
+    Each file may hold UNet and text-encoder adapters (diffusers or kohya layout, see lora_files);
+    every key must fit, or nothing of that file is loaded. fuse=True folds all of them into the
+    base weights (W += scale * B A * alpha / r, lora.merge_lora), so sampling runs plain matmuls
+    at the base model's speed; unmerge_lora undoes it.
+    """
+    text = model.text
+    names = []
+    for i, (path, scale) in enumerate(loras):
+        names.append(load_lora(path, unet=model.unet, text_encoder=text.text_encoder,
+                               text_encoder_2=text.text_encoder_2, name=f"lora{i}", scale=scale))
+    if fuse:
+        for module in (model.unet, text.text_encoder, text.text_encoder_2):
+            if module is not None:
+                merge_lora(module)
+    return names

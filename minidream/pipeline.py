@@ -2,13 +2,14 @@
 
     prompts ──encode_prompt──> context (B, 77, 2048), pooled (B, 1280)    [text.py]
     seed ──randn (CPU generator)──> x_T (B, 4, H/8, W/8)
-    x_T ──ddim / pndm (closure: UNet on [uncond; cond], guidance)──> x_0  [samplers.py]
+    x_T ──ddim / pndm / euler (closure: UNet on [uncond; cond], guidance)──> x_0  [samplers.py]
     x_0 / scaling_factor ──VAE.decode──> image in [-1, 1] ──> PIL          [vae.py]
 
-Every step matches diffusers' StableDiffusionXLPipeline, so the same seed gives the same image:
-the initial noise is one torch.randn of shape (B, 4, H/8, W/8) from a CPU torch.Generator seeded
-with `seed`, times the sampler's initial sigma; for DDIM with eta > 0 the sampler draws its
-noise from that same generator afterwards.
+Every step is taken as diffusers' StableDiffusionXLPipeline takes it, so the same seed gives the same
+image (tests/test_pipeline.py): the initial noise is one torch.randn of shape (B, 4, H/8, W/8) from a
+CPU torch.Generator seeded with `seed`, times the sampler's initial sigma; DDIM with eta > 0 draws
+its per-step noise from that same generator afterwards; classifier-free guidance runs the
+unconditional and conditional halves in one UNet call, unconditional first.
 """
 
 from __future__ import annotations
@@ -26,85 +27,115 @@ from minidream.vae import vae_dtype
 SAMPLERS = {"ddim": samplers.ddim, "pndm": samplers.pndm, "euler": samplers.euler}
 
 
-def check_size(height: int, width: int, multiple: int) -> None:
-    if height % multiple or width % multiple or height <= 0 or width <= 0:
-        raise ValueError(f"height and width must be positive multiples of {multiple}, got {height}x{width}")
+def check_size(height: int, width: int, multiple: int = 8) -> None:
+    """The VAE halves the image `log2(multiple)` times: sides must divide evenly (SDXL: by 8)."""
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(f"height and width must be positive multiples of {multiple} (the VAE's "
+                         f"downsampling factor), got {height}x{width}")
 
 
-def unet_closure(model: Model, context, pooled, time_ids):
-    """model(x, t) for the samplers: the UNet with its text conditioning bound in."""
-    unet = model.unet
-    dtype = next(unet.parameters()).dtype
-
-    def eps(x, t):
-        t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        return unet(x.to(dtype), t, context.to(dtype), pooled, time_ids).to(x.dtype)
-
-    return eps
-
-
-def conditioning(model: Model, prompts, negative_prompt, guidance_scale: float, num_images: int, height: int, width: int):
-    """(context, pooled, time_ids) for the UNet; with guidance the batch is [uncond; cond]."""
-    use_cfg = guidance_scale > 1.0  # as diffusers: scale <= 1 is the plain conditional model
+def conditioning(model: Model, prompts, negative_prompt, guidance_scale: float, num_images: int,
+                 height: int, width: int, embeddings=None):
+    """(context, pooled, time_ids, use_cfg) for the UNet; with guidance the batch is [uncond; cond].
+    embeddings: (context, pooled) to use instead of the prompts' own (e.g. between two prompts)."""
+    use_cfg = guidance_scale > 1.0  # as diffusers: a scale <= 1 is the plain conditional model
     context, pooled, u_context, u_pooled = encode_prompt(
         model.text, prompts, negative_prompt, guidance=use_cfg,
         force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt, num_images_per_prompt=num_images,
     )
+    if embeddings is not None:
+        context, pooled = (None if e is None else e.to(context) for e in embeddings)
     if use_cfg:
         context = torch.cat([u_context, context])
         pooled = None if pooled is None else torch.cat([u_pooled, pooled])
-    time_ids = None
-    if model.is_sdxl:
-        # at inference SDXL is asked for an uncropped image of the output size
-        ids = sdxl_time_ids((height, width), (0, 0), (height, width), dtype=context.dtype)
-        time_ids = ids.to(context.device).expand(context.shape[0], -1)  # (B, 6)
-    else:
-        pooled = None
+    if not model.is_sdxl:  # SD 1.x / 2.x: the UNet reads the context only
+        return context, None, None, use_cfg
+    # At inference SDXL is asked for an uncropped image of the output size (Podell et al. sec. 2.2).
+    ids = sdxl_time_ids((height, width), (0, 0), (height, width), dtype=context.dtype)
+    time_ids = ids.to(context.device).expand(context.shape[0], -1)  # (B, 6), same for both halves
     return context, pooled, time_ids, use_cfg
+
+
+def unet_closure(model: Model, context, pooled, time_ids):
+    """model(x, t) for the samplers: the UNet (predicting eps, or v) with its text conditioning bound in."""
+    unet = model.unet
+    dtype = next(unet.parameters()).dtype
+    context = context.to(dtype)
+    pooled = None if pooled is None else pooled.to(dtype)
+    time_ids = None if time_ids is None else time_ids.to(dtype)
+
+    def eps(x, t):
+        t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        return unet(x.to(dtype), t, context, pooled, time_ids).to(x.dtype)
+
+    return eps
+
+
+def initial_noise(model: Model, batch: int, height: int, width: int, generator: torch.Generator,
+                  dtype=torch.float32) -> torch.Tensor:
+    """x_T ~ N(0, I), (batch, C, H/8, W/8), drawn as diffusers draws it (in the prompt embeddings'
+    dtype, from a CPU generator: the same numbers on any device)."""
+    shape = (batch, model.unet.config.in_channels, height // model.vae_scale, width // model.vae_scale)
+    return torch.randn(shape, generator=generator, dtype=dtype)
 
 
 @torch.no_grad()
 def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler: str = "ddim", steps: int = 30,
                    guidance_scale: float = 5.0, seed: int = 0, height: int | None = None,
                    width: int | None = None, num_images: int = 1, eta: float = 0.0,
-                   guidance_rescale: float = 0.0, progress: bool = True, initial_latents=None) -> torch.Tensor:
-    """Run the sampler; returns final latents (B * num_images, 4, H/8, W/8), still scaled."""
+                   guidance_rescale: float = 0.0, progress: bool = True, initial_latents=None,
+                   embeddings=None) -> torch.Tensor:
+    """Run the sampler; returns the final latents (len(prompts) * num_images, 4, H/8, W/8), still
+    scaled by the VAE's scaling_factor, images in prompt-major order (p0, p0, p1, p1, ...).
+
+    prompts / negative_prompt: a string or a list (one negative for all, or one per prompt; None
+    gives SDXL's zero unconditional embedding). sampler: "ddim", "pndm" (PLMS) or "euler".
+    guidance_scale: classifier-free guidance, off at <= 1. eta: DDIM's noise (0 = deterministic).
+    height / width: pixels, multiples of 8; default the model's training size (SDXL: 1024).
+    initial_latents: x_T before the sampler's sigma scaling, instead of drawing it from `seed`.
+    embeddings: (context, pooled) of the conditional half instead of the prompts' (one row per
+    image; e.g. interpolated between prompts, morph.py); the prompts then only set the batch size.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta is DDIM's noise; the {sampler} sampler has none (use sampler='ddim' or eta=0)")
     height, width = height or model.default_size, width or model.default_size
     check_size(height, width, model.vae_scale)
     context, pooled, time_ids, use_cfg = conditioning(model, prompts, negative_prompt, guidance_scale,
-                                                      num_images, height, width)
+                                                      num_images, height, width, embeddings)
     batch = context.shape[0] // (2 if use_cfg else 1)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    shape = (batch, model.unet.config.in_channels, height // model.vae_scale, width // model.vae_scale)
+    generator = torch.Generator("cpu").manual_seed(seed)  # on the CPU: the same numbers on any device
     if initial_latents is None:
-        initial_latents = torch.randn(shape, generator=generator, dtype=context.dtype)
+        initial_latents = initial_noise(model, batch, height, width, generator, context.dtype)
     x = initial_latents.to(context.device) * samplers.init_noise_sigma(model.schedule, steps, sampler)
 
     eps = unet_closure(model, context, pooled, time_ids)
     if use_cfg:
         eps = samplers.with_guidance(eps, guidance_scale, guidance_rescale)
-    evaluations = steps + 1 if sampler == "pndm" else steps  # PLMS evaluates its first pair twice
-    bar = tqdm(total=evaluations, desc=f"{sampler} x{steps}", disable=not progress, leave=False)
-    kwargs = dict(eta=eta, generator=generator) if sampler == "ddim" else {}
-    x = SAMPLERS[sampler](eps, x, model.schedule, steps, callback=lambda *_: bar.update(), **kwargs)
-    bar.close()
-    return x
+    evaluations = steps + 1 if sampler == "pndm" else steps  # PLMS evaluates its second step twice
+    noise = dict(eta=eta, generator=generator) if sampler == "ddim" else {}
+    with tqdm(total=evaluations, desc=f"{sampler} x{steps}", disable=not progress, leave=False) as bar:
+        return SAMPLERS[sampler](eps, x, model.schedule, steps, callback=lambda *_: bar.update(), **noise)
 
 
 @torch.no_grad()
 def decode(model: Model, latents: torch.Tensor) -> list[Image.Image]:
-    """Scaled latents -> PIL images. The SDXL VAE overflows in fp16 (NaN -> black images), so it
-    runs in fp32 unless its config says it is fp16-safe (vae_dtype, force_upcast)."""
+    """Scaled latents -> PIL images, one at a time (a 1024 px SDXL decode in fp32 needs GBs).
+
+    The SDXL VAE overflows in fp16 (NaN -> black images), so it runs in fp32 unless its config
+    says it is fp16-safe (force_upcast false, e.g. an fp16-fix VAE given with --vae)."""
     vae = model.vae
     dtype = vae_dtype(vae.config, next(vae.parameters()).dtype)
-    if next(vae.parameters()).dtype != dtype:
-        vae.to(dtype)
-    images = vae.decode(latents.to(dtype) / vae.config.scaling_factor)
-    return to_pil(images)
+    vae.to(dtype)  # a no-op when load_model already chose it
+    device = next(vae.parameters()).device
+    images = []
+    for z in latents:
+        z = z[None].to(device, dtype) / vae.config.scaling_factor  # (1, 4, h, w), unscaled
+        images += to_pil(vae.decode(z))
+    return images
 
 
 def generate(model: Model, prompts, negative_prompt=None, **kwargs) -> list[Image.Image]:
-    """Prompt(s) -> PIL images (num_images per prompt, prompt-major). See sample_latents for options."""
+    """Prompt(s) -> PIL images (num_images per prompt, prompt-major). Options: see sample_latents."""
     return decode(model, sample_latents(model, prompts, negative_prompt, **kwargs))

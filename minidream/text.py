@@ -130,8 +130,9 @@ def _tokenize(tokenizer: CLIPTokenizer, texts: list[str], length: int, warn: boo
     return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
 
 
-def _encode(encoders: TextEncoders, texts: list[str]):
-    """(context, pooled) for a list of texts; pooled is None for SD 1.x / 2.x."""
+def encode_text(encoders: TextEncoders, texts: list[str]):
+    """(context, pooled) for a list of texts, with gradients (training a text-encoder LoRA);
+    pooled is None for SD 1.x / 2.x. encode_prompt wraps it for inference."""
     out_dtype, out_device = encoders.output_encoder.dtype, encoders.output_encoder.device
     if not encoders.is_sdxl:
         enc = encoders.text_encoder
@@ -176,13 +177,13 @@ def encode_prompt(encoders: TextEncoders, prompts, negative_prompts=None, *, gui
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompt given: pass at least one prompt")
-    context, pooled = _encode(encoders, prompts)
+    context, pooled = encode_text(encoders, prompts)
     uncond_context = uncond_pooled = None
     if guidance and negative_prompts is None and force_zeros_for_empty_prompt and encoders.is_sdxl:
         uncond_context, uncond_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
     elif guidance:
         negatives = _as_batch("" if negative_prompts is None else negative_prompts, len(prompts), "negative prompts")
-        uncond_context, uncond_pooled = _encode(encoders, negatives)
+        uncond_context, uncond_pooled = encode_text(encoders, negatives)
 
     def repeat(x):
         return None if x is None else x.repeat_interleave(num_images_per_prompt, dim=0)

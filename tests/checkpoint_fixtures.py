@@ -16,16 +16,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from minidream.tiny import transformers4_names as hf_v4_names
+from tests._model_factory import SDXL_CONFIGS, sdxl_config  # noqa: F401
+
 # ---------------------------------------------------------------------------------------------
 # Configs
 # ---------------------------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parent.parent
-SDXL_DIR = ROOT / "configs" / "sdxl-base-1.0"
-
-
-def sdxl_config(part: str) -> dict:
-    return json.loads((SDXL_DIR / part / "config.json").read_text())
+SDXL_DIR = SDXL_CONFIGS
+UNET, VAE = "model.diffusion_model.", "first_stage_model."  # single-file prefixes of each part
+CLIP_L, OPENCLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 
 
 # Public diffusers configs of SD 1.5 and SD 2.1 UNets (the architecture fields).
@@ -37,27 +37,6 @@ SD15_UNET = {
 }  # fmt: skip
 SD21_UNET = dict(SD15_UNET, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
                  use_linear_projection=True, sample_size=96)  # fmt: skip
-
-# Tiny SDXL-shaped models: 3 UNet levels (the first without attention, a level with depth 2),
-# text_time added embedding, 4 VAE levels, two CLIP encoders whose widths add up to the context.
-# Head counts follow single_file's rule (64-wide heads, at least one).
-TINY_TEXT = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=1, max_position_embeddings=77, projection_dim=32,
-                 bos_token_id=0, eos_token_id=2, pad_token_id=1)  # fmt: skip
-TINY_UNET = {
-    "block_out_channels": [32, 64, 64], "layers_per_block": 2, "transformer_layers_per_block": [1, 2, 2],
-    "attention_head_dim": [1, 1, 1], "cross_attention_dim": 64, "use_linear_projection": True,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 32 + 6 * 8, "sample_size": 16,
-}  # fmt: skip
-TINY_VAE = {
-    "block_out_channels": [32, 32, 64, 64], "layers_per_block": 2, "latent_channels": 4,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "sample_size": 64, "scaling_factor": 0.13025,
-}  # fmt: skip
-
 
 # ---------------------------------------------------------------------------------------------
 # Original key sets from the original architectures
@@ -206,11 +185,6 @@ def openclip_shapes(width, layers, vocab, context, projection, mlp=None) -> dict
     return out
 
 
-def hf_v4_names(state: dict) -> dict:
-    """transformers 4 layout: every CLIP text tensor under `text_model.` (text_projection outside)."""
-    return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in state.items()}
-
-
 def openclip_from_hf(hf: dict) -> dict[str, torch.Tensor]:
     """Write HF CLIPTextModelWithProjection weights the way OpenCLIP stores them (the inverse of
     the documented OpenCLIP -> HF correspondence: fused q/k/v, transposed projection)."""
@@ -240,7 +214,7 @@ def meta_tensors(shapes: dict[str, tuple], prefix: str = "") -> dict[str, torch.
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing tiny models in real layouts
+# Tiny models in real layouts (the diffusers folder itself comes from minidream.tiny)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -253,26 +227,67 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def write_clip_folder(folder: Path, model, prefixed: bool = True, fp16_variant: bool = False) -> None:
-    """A text_encoder*/ folder as real SDXL repos have it: config.json + model.safetensors with
-    transformers 4 names (`text_model.*`), or transformers 5's unprefixed names when not `prefixed`."""
+def reference_models(folder: Path) -> dict:
+    """The parts of a diffusers folder as diffusers and transformers themselves load them."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(folder / "unet").eval(),
+        "vae": AutoencoderKL.from_pretrained(folder / "vae").eval(),
+        "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder").eval(),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2").eval(),
+    }
+
+
+def original_names(converter, shapes, prefix, *args) -> dict[str, str]:
+    """{diffusers name: original name}: diffusers' converter run on meta tensors, read backwards."""
+    originals = meta_tensors(shapes, prefix)
+    by_id = {id(t): k for k, t in originals.items()}
+    converted = converter(originals, *args)
+    return {k: by_id[id(t._base if t._base is not None else t)] for k, t in converted.items()}
+
+
+def single_file_state(models: dict) -> dict[str, torch.Tensor]:
+    """The models' weights as an SGM single file (sd_xl_base_1.0.safetensors) holds them.
+
+    UNet and VAE names come from diffusers' own single-file converters run backwards (never from
+    minidream's renames); the VAE attention is stored as 1x1 convs like the original files; CLIP-L
+    keeps transformers 4 names (+ position_ids), bigG is written the OpenCLIP way.
+    """
+    from diffusers.loaders import single_file_utils as sfu
+
+    unet, vae, te1, te2 = (models[k] for k in ("unet", "vae", "text_encoder", "text_encoder_2"))
+    single = {}
+    unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
+    config = dict(unet.config)
+    names = original_names(sfu.convert_ldm_unet_checkpoint, sgm_unet_shapes(config), UNET, config)
+    assert set(names) == set(unet_sd)
+    single.update({names[k]: v for k, v in unet_sd.items()})
+    config = dict(vae.config)
+    vae_shapes = ldm_vae_shapes(config)  # attention as 1x1 convs, like the original files
+    names = original_names(sfu.convert_ldm_vae_checkpoint, vae_shapes, VAE, config)
+    assert set(names) == set(vae_sd)
+    single.update({names[k]: v.reshape(vae_shapes[names[k][len(VAE) :]]) for k, v in vae_sd.items()})
+    single.update({CLIP_L + k: v for k, v in hf_v4_names(te1.state_dict()).items()})
+    single[CLIP_L + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    single.update({OPENCLIP + k: v for k, v in openclip_from_hf(te2.state_dict()).items()})
+    return {k: v.contiguous() for k, v in single.items()}
+
+
+def write_single_file(models: dict, path: Path) -> dict[str, torch.Tensor]:
+    """Save single_file_state(models) to `path`; returns the tensors written."""
+    single = single_file_state(models)
+    save_file(single, str(path))
+    return single
+
+
+def write_clip_folder(folder: Path, model) -> None:
+    """A text_encoder*/ folder as transformers 5 saves it: CLIPTextModel keys without the
+    `text_model.` level, no position_ids (real repos, written by transformers 4, have both)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
     (folder / "config.json").write_text(json.dumps(config))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    state = hf_v4_names(state) if prefixed else {k.removeprefix("text_model."): v for k, v in state.items()}
-    save_file(state, str(folder / ("model.fp16.safetensors" if fp16_variant else "model.safetensors")))
-
-
-def write_model_index(folder: Path, parts=("unet", "vae", "text_encoder", "text_encoder_2")) -> None:
-    classes = {
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-    }  # fmt: skip
-    index = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True}
-    index.update({k: classes[k] for k in parts})
-    (folder / "model_index.json").write_text(json.dumps(index))
+    state = {k.removeprefix("text_model."): v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))

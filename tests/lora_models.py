@@ -7,21 +7,15 @@ the model under test is minidream's UNet carrying the same weights.
 
 import torch
 from diffusers import UNet2DConditionModel
+from minidream.tiny import TEXT_WIDTHS, UNET, configs
 from minidream.unet import UNet, UNetConfig
+from tests._model_factory import rel_err  # noqa: F401 (re-exported for the LoRA tests)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-# A shrunken SDXL UNet: DownBlock2D then a cross-attention block with 2 transformer layers,
-# linear proj_in/out, text_time added conditioning (6 time ids x 8 + pooled 32 = 80).
-TINY_SDXL_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
-    cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=80, norm_num_groups=8,
-)
-TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                 vocab_size=99, projection_dim=32, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+# The bundled tiny SDXL's architecture (minidream.tiny): 3 levels, the first without attention,
+# depth-2 transformers at the deepest, linear proj_in/out, text_time added conditioning.
+TINY_SDXL_UNET = UNET
+POOLED = TEXT_WIDTHS[1]  # pooled text width (text_encoder_2's projection)
 
 
 def reference_unet(seed: int = 0) -> UNet2DConditionModel:
@@ -42,8 +36,8 @@ def unet_under_test(reference: torch.nn.Module) -> torch.nn.Module:
 def unet_inputs(seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     return dict(x=torch.randn(2, 4, 8, 8, generator=g), t=torch.tensor([10, 700]),
-                ctx=torch.randn(2, 5, 64, generator=g), pooled=torch.randn(2, 32, generator=g),
-                time_ids=torch.randn(2, 6, generator=g))
+                ctx=torch.randn(2, 5, UNET["cross_attention_dim"], generator=g),
+                pooled=torch.randn(2, POOLED, generator=g), time_ids=torch.randn(2, 6, generator=g))
 
 
 def run_reference(unet: UNet2DConditionModel, inp: dict) -> torch.Tensor:
@@ -57,9 +51,11 @@ def run_under_test(unet: torch.nn.Module, inp: dict) -> torch.Tensor:
 
 
 def text_encoders(seed: int = 0):
+    """The tiny model's two text encoders (CLIP-L and OpenCLIP bigG stand-ins), randomly initialised."""
     torch.manual_seed(seed)
-    config = CLIPTextConfig(**TINY_CLIP)
-    return CLIPTextModel(config).eval(), CLIPTextModelWithProjection(config).eval()
+    tiny = configs()
+    return (CLIPTextModel(CLIPTextConfig.from_dict(tiny["text_encoder"])).eval(),
+            CLIPTextModelWithProjection(CLIPTextConfig.from_dict(tiny["text_encoder_2"])).eval())
 
 
 def token_ids(seed: int = 2) -> torch.Tensor:
@@ -76,5 +72,17 @@ def randomize_lora(model: torch.nn.Module, seed: int = 3, std: float = 0.1) -> N
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
+
+def write_random_lora(path, unet, text_encoder=None, text_encoder_2=None, seed: int = 3):
+    """A LoRA file for these models (attention of the UNet and of the given text encoders; rank 4,
+    alpha 8) with random weights. The models get the adapter "default": pass throwaway copies."""
+    from minidream.lora import inject_lora
+    from minidream.lora_files import save_lora
+
+    inject_lora(unet, "attn", rank=4, alpha=8)
+    for i, encoder in enumerate((text_encoder, text_encoder_2)):
+        if encoder is not None:
+            inject_lora(encoder, "text", rank=4, alpha=8)
+            randomize_lora(encoder, seed=seed + 1 + i)
+    randomize_lora(unet, seed=seed)
+    return save_lora(path, unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)

@@ -18,65 +18,36 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from checkpoint_fixtures import (
-    SDXL_DIR, TINY_TEXT, TINY_UNET, TINY_VAE, hf_v4_names, ldm_vae_shapes, meta_tensors,
-    openclip_from_hf, randomize, sgm_unet_shapes, write_clip_folder, write_model_index,
+    OPENCLIP, UNET, VAE, hf_v4_names, randomize, reference_models, sgm_unet_shapes, write_clip_folder,
+    write_single_file,
 )  # fmt: skip
 from minidream import checkpoint
 from minidream.checkpoint import CheckpointError
+from minidream.tiny import UNET as TINY_UNET
+from minidream.tiny import configs as tiny_configs
+from minidream.tiny import write_tiny_sdxl
 
 torch.set_num_threads(1)
-UNET, VAE = "model.diffusion_model.", "first_stage_model."
-CLIP_L, OPENCLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
-
-
-def original_names(converter, shapes, prefix, *args):
-    """{diffusers name: original name}: diffusers' converter run on meta tensors, read backwards."""
-    originals = meta_tensors(shapes, prefix)
-    by_id = {id(t): k for k, t in originals.items()}
-    converted = converter(originals, *args)
-    return {k: by_id[id(t._base if t._base is not None else t)] for k, t in converted.items()}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny SDXL model as a diffusers folder and as a single file; returns their paths and weights."""
-    root = tmp_path_factory.mktemp("tiny")
-    unet = randomize(UNet2DConditionModel(**TINY_UNET), 0)
-    vae = randomize(AutoencoderKL(**TINY_VAE), 1)
-    te1 = randomize(CLIPTextModel(CLIPTextConfig(**TINY_TEXT, hidden_act="quick_gelu")), 2)
-    te2 = randomize(CLIPTextModelWithProjection(CLIPTextConfig(**TINY_TEXT, hidden_act="gelu")), 3)
-    folder = root / "sdxl-tiny"
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    write_clip_folder(folder / "text_encoder", te1)
-    write_clip_folder(folder / "text_encoder_2", te2)
-    for part in ("tokenizer", "tokenizer_2"):
-        (folder / part).mkdir()
-        (folder / part / "tokenizer_config.json").write_text("{}")
-    (folder / "scheduler").mkdir()
-    shutil.copy(SDXL_DIR / "scheduler" / "scheduler_config.json", folder / "scheduler")
-    write_model_index(folder, ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"))
+    """The tiny SDXL (fp32) as a diffusers folder and as a single file; returns their paths and weights.
 
-    single = {}
-    unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
-    names = original_names(sfu.convert_ldm_unet_checkpoint, sgm_unet_shapes(TINY_UNET), UNET, dict(unet.config))
-    assert set(names) == set(unet_sd)
-    single.update({names[k]: v for k, v in unet_sd.items()})
-    vae_shapes = ldm_vae_shapes(TINY_VAE)  # attention as 1x1 convs, like the original files
-    names = original_names(sfu.convert_ldm_vae_checkpoint, vae_shapes, VAE, dict(vae.config))
-    assert set(names) == set(vae_sd)
-    single.update({names[k]: v.reshape(vae_shapes[names[k][len(VAE) :]]) for k, v in vae_sd.items()})
-    single.update({CLIP_L + k: v for k, v in hf_v4_names(te1.state_dict()).items()})
-    single[CLIP_L + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    single.update({OPENCLIP + k: v for k, v in openclip_from_hf(te2.state_dict()).items()})
+    The folder is minidream.tiny's (the real SDXL repo layout); the reference models are what
+    diffusers and transformers load from it; the single file is written from those through
+    diffusers' converters run backwards (checkpoint_fixtures), not through minidream's renames.
+    """
+    root = tmp_path_factory.mktemp("tiny")
+    folder = write_tiny_sdxl(root / "sdxl-tiny", seed=0, dtype=torch.float32)
+    models = reference_models(folder)
     file = root / "tiny_sdxl.safetensors"
-    save_file({k: v.contiguous() for k, v in single.items()}, str(file))
-    models = {"unet": unet, "vae": vae, "text_encoder": te1, "text_encoder_2": te2}
+    single = write_single_file(models, file)
     return {"folder": folder, "file": file, "single": single, "models": models, "root": root}
 
 
@@ -168,7 +139,7 @@ def test_transformers5_text_layout_loads_too(tiny, tmp_path):
     folder = tmp_path / "v5"
     shutil.copytree(tiny["folder"], folder)
     shutil.rmtree(folder / "text_encoder")
-    write_clip_folder(folder / "text_encoder", tiny["models"]["text_encoder"], prefixed=False)
+    write_clip_folder(folder / "text_encoder", tiny["models"]["text_encoder"])
     assert not any(k.startswith("text_model.") for k in load_file(folder / "text_encoder" / "model.safetensors"))
     assert_same_weights(checkpoint.load_text_encoder(folder, "text_encoder"), tiny["models"]["text_encoder"])
 
@@ -315,7 +286,7 @@ def tiny_sd15_file(path):
               "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}  # fmt: skip
     shapes = sgm_unet_shapes(config)
     state = {UNET + k: torch.randn(s) for k, s in shapes.items()}
-    te = randomize(CLIPTextModel(CLIPTextConfig(**TINY_TEXT)), 4)
+    te = randomize(CLIPTextModel(CLIPTextConfig.from_dict(tiny_configs()["text_encoder"])), 4)
     state.update({"cond_stage_model.transformer." + k: v for k, v in hf_v4_names(te.state_dict()).items()})
     save_file(state, str(path))
     return config, state

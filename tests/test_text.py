@@ -1,6 +1,6 @@
 """minidream.text against diffusers' StableDiffusionXLPipeline.encode_prompt on a tiny random SDXL.
 
-The tiny text parts are written in the layout real SDXL repos have (vocab.json + merges.txt
+The tiny model (minidream.tiny) is written in the layout real SDXL repos have (vocab.json + merges.txt
 tokenizers, transformers-4 `text_model.*` keys with a saved position_ids buffer); diffusers' side
 loads them with transformers' own from_pretrained, minidream's side with its own loader.
 """
@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from _text_factory import PROMPT_WORDS, write_clip_tokenizer, write_model_index, write_tiny_sdxl_text_parts
 from minidream.text import SDXL_REPO, TokenizerNotFoundError, encode_prompt, load_text_encoders, sdxl_time_ids
+from minidream.tiny import WORDS, write_model_index, write_tiny_sdxl
+from minidream.vocab import write_clip_tokenizer
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +25,7 @@ LONG = "a photo of rraj person wearing a red hat at the beach " * 8  # > 77 toke
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return write_tiny_sdxl_text_parts(tmp_path_factory.mktemp("tiny-sdxl"), seed=0)
+    return write_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"), seed=0, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -130,12 +131,12 @@ def test_loaded_encoders_hold_the_files_weights_frozen(folder, ours):
 def test_missing_tokenizer_names_the_files_and_where_to_get_them(folder, tmp_path):
     for sub in ("text_encoder", "text_encoder_2"):  # weights without any tokenizer
         shutil.copytree(folder / sub, tmp_path / "model" / sub)
-    write_model_index(tmp_path / "model", "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"))
+    write_model_index(tmp_path / "model", ("text_encoder", "text_encoder_2"))
     with pytest.raises(TokenizerNotFoundError) as err:
         load_text_encoders(tmp_path / "model")
     for needed in ("--tokenizer", "tokenizer/", "tokenizer_2/", "vocab.json", "merges.txt", SDXL_REPO):
         assert needed in str(err.value)
-    write_clip_tokenizer(tmp_path / "tok" / "tokenizer")  # tokenizer_2/ still missing
+    write_clip_tokenizer(tmp_path / "tok" / "tokenizer", WORDS)  # tokenizer_2/ still missing
     with pytest.raises(TokenizerNotFoundError, match=str(tmp_path / "tok")):
         load_text_encoders(tmp_path / "model", tokenizer_dir=tmp_path / "tok")
     shutil.copytree(folder / "tokenizer_2", tmp_path / "tok" / "tokenizer_2")
@@ -176,7 +177,7 @@ def test_sd1_conditioning_matches_diffusers(folder, tmp_path):
 
     for sub in ("tokenizer", "text_encoder"):
         shutil.copytree(folder / sub, tmp_path / sub)
-    write_model_index(tmp_path, "StableDiffusionPipeline", ("tokenizer", "text_encoder"))
+    write_model_index(tmp_path, ("tokenizer", "text_encoder"), pipeline="StableDiffusionPipeline")
     ours = load_text_encoders(tmp_path)
     assert ours.text_encoder_2 is None
     pipe = StableDiffusionPipeline(
@@ -204,7 +205,7 @@ def test_time_ids():
 
 def test_tiny_vocab_keeps_prompt_words_whole_and_unknown_words_tokenizable(ours):
     tok = ours.tokenizer
-    for word in PROMPT_WORDS:
+    for word in WORDS:
         assert len(tok(word).input_ids) == 3, word  # <start> word </end>
     ids = tok("zq, naïve 日本").input_ids
     assert tok.unk_token_id not in ids[1:-1]  # every byte has a symbol: nothing is unknown

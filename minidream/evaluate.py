@@ -1,0 +1,405 @@
+"""Evaluate DreamBooth LoRAs as the paper does, and the seed's scheduler x steps x prior table.
+
+    python -m minidream.evaluate runs/raj-20250101-120000               # a training run folder
+    python -m minidream.evaluate --lora raj.safetensors --subject data/raj
+    python -m minidream.evaluate --prior RUN_OR_LORA --no-prior RUN_OR_LORA   # the 8-row table
+    python -m minidream.evaluate --train-pair --subject data/raj       # train both first (see train_pair)
+
+For each LoRA and each (sampler, steps): the 25 DreamBooth prompts (eval_prompts.py) x 4 fixed
+seeds, plus samples of the class prompt for PRES, are generated and scored against the subject's
+photos (metrics.py). Written to the output folder (atomically, see files.py):
+
+    <out>/[<label>/]<sampler>-<steps>/images/p00-s0.png ...  samples (PNG text: prompt, seed, settings)
+    <out>/[<label>/]<sampler>-<steps>/class/s0.png ...       class-prompt samples
+    <out>/[<label>/]<sampler>-<steps>/grid.png, class_grid.png, metrics.json
+    <out>/metrics.md, metrics.json                            the table, one row per LoRA x sampler x steps
+
+(<label>/ = prior/ and no-prior/ in the experiment.)
+
+Image j of every prompt starts from the noise of seed `--seed + j`, whatever the batch size, so rows
+differ only by what the row says. Samples already on disk with the same settings are reused: an
+interrupted evaluation continues where it stopped, and re-scoring costs no sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from minidream import metrics
+from minidream.data import Subject, load_subject, open_rgb
+from minidream.eval_prompts import custom_prompts, dreambooth_prompts, subject_kind
+from minidream.files import image_grid, save_png, write_json, write_text
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what a run folder's final LoRA is called (training.py)
+ADAPTER = "evaluated"  # the adapter name the LoRA is loaded under while it is evaluated
+THUMB = 256  # grid tiles, px
+PAPER = ("Paper (Ruiz et al. 2022, Table 1), DreamBooth on Stable Diffusion: DINO 0.668, CLIP-I 0.803, "
+         "CLIP-T 0.305; real images: DINO 0.774, CLIP-I 0.885. Table 3 (Imagen), with / without prior "
+         "preservation: PRES 0.493 / 0.664, DIV (LPIPS) 0.391 / 0.371.")
+
+
+@dataclass
+class Target:
+    """One LoRA to evaluate and the subject it learned."""
+
+    label: str  # names its output folder and its rows ("prior", "no-prior", the run's name)
+    lora: Path | None  # None: the base model alone (a baseline)
+    subject: Subject  # photos, token, class noun, class prompt
+    model: str | None = None  # the base model it was trained on (None: minidream's default)
+    vae: str | None = None
+    tokenizer: str | None = None
+    prior: bool | None = None  # trained with prior preservation? (None: unknown)
+    guidance_scale: float | None = None  # the run's, used unless --guidance-scale is given
+    size: int | None = None  # the run's training resolution
+
+
+@dataclass
+class Settings:
+    samplers: list[str] = field(default_factory=lambda: ["ddim"])
+    steps: list[int] = field(default_factory=lambda: [50])
+    images_per_prompt: int = 4  # the paper: 4
+    class_images: int = 16  # class-prompt samples for PRES
+    seed: int = 0  # image j of every prompt uses seed + j
+    guidance_scale: float | None = None  # None: the run's, else 5.0
+    size: int | None = None  # None: the run's resolution, else the model's
+    prompts: list[str] | None = None  # None: the 25 DreamBooth prompts
+    limit: int | None = None  # only the first N prompts (quick runs)
+    kind: str | None = None  # "live" | "object" (None: from the class noun)
+    batch_size: int = 1  # images per sampler call (results do not depend on it)
+    div: str = "dino"  # "dino" | "lpips"
+
+
+@dataclass
+class Row:
+    label: str
+    sampler: str
+    steps: int
+    prior: bool | None
+    scores: metrics.Scores
+    folder: Path
+
+
+# ----------------------------------------------------------------------------- what to evaluate
+
+def lora_metadata(path: Path) -> dict[str, str]:
+    """The string metadata minidream writes into a LoRA file (token, class_noun, base_model, ...)."""
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def target_from_run(run: Path, label: str | None = None, subject: str | None = None) -> Target:
+    """A training run folder: config.json (TrainConfig's fields) + the final LoRA file."""
+    config_file, lora = run / "config.json", run / LORA_FILE
+    if not config_file.is_file() or not lora.is_file():
+        raise FileNotFoundError(f"{run} is not a finished run folder (it needs config.json and {LORA_FILE}); "
+                                f"pass a run folder, or --lora FILE --subject DIR")
+    cfg = json.loads(config_file.read_text())
+    return Target(
+        label=label or run.name, lora=lora,
+        subject=load_subject(subject or cfg["subject"], cfg.get("token"), cfg.get("class_noun"),
+                             cfg.get("instance_prompt"), cfg.get("class_prompt")),
+        model=cfg.get("model"), vae=cfg.get("vae"), tokenizer=cfg.get("tokenizer"), prior=cfg.get("prior"),
+        guidance_scale=cfg.get("guidance_scale"), size=cfg.get("resolution"),
+    )
+
+
+def target_from_lora(lora: Path | None, subject: str | None, label: str | None = None, token=None,
+                     class_noun=None, prior: bool | None = None) -> Target:
+    """A LoRA file (or None: the base model) and the subject folder; token and class noun default
+    to the ones minidream wrote into the file's metadata, then to the folder's subject.json."""
+    if subject is None:
+        raise ValueError("evaluating a LoRA file needs the subject's photos: pass --subject DIR")
+    meta = lora_metadata(lora) if lora else {}
+    return Target(label=label or (lora.stem if lora else "base"), lora=lora, prior=prior,
+                  subject=load_subject(subject, token or meta.get("token") or None,
+                                       class_noun or meta.get("class_noun") or None),
+                  model=meta.get("base_model") or None)
+
+
+def target(path: str, subject: str | None, label: str | None = None, prior: bool | None = None) -> Target:
+    p = Path(path)
+    if p.is_dir():
+        t = target_from_run(p, label, subject)
+        if prior is not None and t.prior is not None and t.prior != prior:
+            raise ValueError(f"{p}/config.json says prior={t.prior}, but it was passed as "
+                             f"--{'prior' if prior else 'no-prior'}: swap the two runs")
+        t.prior = prior if prior is not None else t.prior
+        return t
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} is neither a run folder nor a LoRA file")
+    return target_from_lora(p, subject, label, prior=prior)
+
+
+def prompt_set(t: Target, s: Settings) -> list[str]:
+    subject = t.subject
+    if s.prompts:
+        prompts = custom_prompts(s.prompts, subject.token, subject.class_noun)
+    else:
+        prompts = dreambooth_prompts(subject.token, subject.class_noun, s.kind)
+    return prompts[: s.limit] if s.limit else prompts
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def file_id(path: Path | None) -> str:
+    """A short content hash: a sample on disk is reused only if it came from these exact weights."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path else "none"
+
+
+def initial_noise(model, seeds: list[int], size: int) -> torch.Tensor:
+    """x_T for each seed, drawn exactly as pipeline.sample_latents draws it for a batch of one
+    (one CPU generator per seed, in the text encoders' dtype); (len(seeds), 4, size/8, size/8)."""
+    dtype = next(model.text.output_encoder.parameters()).dtype
+    shape = (1, model.unet.config.in_channels, size // model.vae_scale, size // model.vae_scale)
+    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=dtype)
+                      for s in seeds])
+
+
+def samples(model, prompt: str, paths: list[Path], seeds: list[int], meta: dict[str, str],
+            batch_size: int) -> list[Image.Image]:
+    """One image per seed; a PNG already at its path with the same prompt, seed and settings is reused."""
+    from minidream.pipeline import generate
+
+    def wanted(seed):
+        return {**meta, "prompt": prompt, "seed": str(seed)}
+
+    images: dict[int, Image.Image] = {}
+    for i, (path, seed) in enumerate(zip(paths, seeds)):
+        if path.is_file():
+            with Image.open(path) as img:
+                if all(img.text.get(k) == v for k, v in wanted(seed).items()):
+                    images[i] = img.convert("RGB")
+    todo = [i for i in range(len(seeds)) if i not in images]
+    size = int(meta["size"])
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
+        noise = initial_noise(model, [seeds[i] for i in batch], size)
+        out = generate(model, prompt, sampler=meta["sampler"], steps=int(meta["steps"]),
+                       guidance_scale=float(meta["guidance_scale"]), height=size, width=size,
+                       num_images=len(batch), initial_latents=noise, progress=False)
+        for i, img in zip(batch, out):
+            save_png(paths[i], img, wanted(seeds[i]))
+            images[i] = img
+    return [images[i] for i in range(len(seeds))]
+
+
+def thumbnails(images: list[Image.Image]) -> list[Image.Image]:
+    out = []
+    for img in images:
+        img = img.copy()
+        img.thumbnail((THUMB, THUMB))
+        out.append(img)
+    return out
+
+
+def evaluate_one(model, t: Target, s: Settings, sampler: str, steps: int, folder: Path, clip, dino,
+                 real: list[Image.Image]) -> Row:
+    """Sample the prompt set and the class prompt with one sampler setting, score, write the folder."""
+    prompts = prompt_set(t, s)
+    size = s.size or t.size or model.default_size
+    guidance = next(g for g in (s.guidance_scale, t.guidance_scale, 5.0) if g is not None)
+    meta = {"sampler": sampler, "steps": str(steps), "guidance_scale": str(guidance), "size": str(size),
+            "lora": str(t.lora), "lora_sha256": file_id(t.lora), "model": model.name,
+            "dtype": str(next(model.unet.parameters()).dtype).removeprefix("torch.")}
+    seeds = [s.seed + j for j in range(s.images_per_prompt)]
+    class_seeds = [s.seed + j for j in range(s.class_images)]
+    generated = {}
+    with tqdm(total=len(prompts) + bool(class_seeds), desc=f"{t.label} {sampler} x{steps}", unit="prompt") as bar:
+        for i, prompt in enumerate(prompts):
+            paths = [folder / "images" / f"p{i:02d}-s{seed}.png" for seed in seeds]
+            generated[prompt] = samples(model, prompt, paths, seeds, meta, s.batch_size)
+            bar.update()
+        class_samples = []
+        if class_seeds:  # PRES: what the class prompt draws now
+            paths = [folder / "class" / f"s{seed}.png" for seed in class_seeds]
+            class_samples = samples(model, t.subject.class_prompt, paths, class_seeds, meta, s.batch_size)
+            bar.update()
+    scores = metrics.score(real, generated, class_samples, t.subject.token, clip, dino, s.div)
+    save_png(folder / "grid.png", image_grid(thumbnails([im for p in prompts for im in generated[p]]),
+                                             columns=len(seeds)), {"prompts": prompts, "seeds": seeds})
+    if class_samples:
+        save_png(folder / "class_grid.png", image_grid(thumbnails(class_samples), columns=4),
+                 {"prompt": t.subject.class_prompt})
+    write_json(folder / "metrics.json", {**scores.as_dict(), **meta, "steps": steps, "guidance_scale": guidance,
+                                         "size": size, "prompts": prompts, "seeds": seeds,
+                                         "class_prompt": t.subject.class_prompt, "prior": t.prior})
+    return Row(t.label, sampler, steps, t.prior, scores, folder)
+
+
+# ----------------------------------------------------------------------------- the table
+
+def _f(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
+def markdown_table(rows: list[Row], title: str, notes: list[str]) -> str:
+    div_kind = rows[0].scores.div_kind if rows else metrics.DIV_DINO
+    lines = [f"# {title}", "",
+             f"| scheduler | steps | prior | CLIP-I ↑ | CLIP-T ↑ | DINO ↑ | PRES ↓ | DIV ({div_kind}) ↑ |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        prior = {True: "on", False: "off", None: "?"}[r.prior]
+        sc = r.scores
+        lines.append(f"| {r.sampler.upper()} | {r.steps} | {prior} | {_f(sc.clip_i)} | {_f(sc.clip_t)} | "
+                     f"{_f(sc.dino)} | {_f(sc.pres)} | {_f(sc.div)} |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def notes(rows: list[Row], targets: list[Target], s: Settings) -> list[str]:
+    first, t = rows[0].scores, targets[0]
+    n_prompts = len(prompt_set(t, s))
+    kind = "custom" if s.prompts else (s.kind or subject_kind(t.subject.class_noun))
+    div = ("1 - mean DINO cosine among the samples of one prompt, NOT the paper's LPIPS: compare it only "
+           "within this table" if first.div_kind == metrics.DIV_DINO else "mean LPIPS (AlexNet) distance "
+           "among the samples of one prompt, as the paper")
+    pres = (f"{s.class_images} samples of \"{t.subject.class_prompt}\" for PRES" if s.class_images
+            else "no PRES (--class-images 0)")
+    last_seed = s.seed + s.images_per_prompt - 1
+    out = [f"Subject: {t.subject.token} {t.subject.class_noun} ({first.real} photos in {t.subject.folder}); "
+           f"{n_prompts} {kind} prompts x {s.images_per_prompt} images (seeds {s.seed}..{last_seed}); {pres}.",
+           "CLIP-T compares each image with its prompt without the rare token.",
+           f"DIV: {div}."]
+    if first.real_clip_i is not None:
+        out.append(f"The subject's photos among themselves (the paper's 'real images' row): CLIP-I "
+                   f"{_f(first.real_clip_i)}, DINO {_f(first.real_dino)}. Samples scoring above this are "
+                   f"likely near-copies of the photos (overfitting), not better likenesses.")
+    return out + ["Higher is better except PRES (a high PRES means the class prompt draws the subject).", PAPER]
+
+
+def write_results(out: Path, rows: list[Row], targets: list[Target], s: Settings) -> Path:
+    t = targets[0]
+    write_json(out / "metrics.json", [{"label": r.label, "sampler": r.sampler, "steps": r.steps, "prior": r.prior,
+                                       "folder": str(r.folder), **r.scores.as_dict()} for r in rows])
+    title = f"DreamBooth evaluation: {t.subject.token} {t.subject.class_noun}"
+    return write_text(out / "metrics.md", markdown_table(rows, title, notes(rows, targets, s)))
+
+
+# ----------------------------------------------------------------------------- running it
+
+def _remove_adapter(model) -> None:
+    from minidream.lora import adapter_names, remove_adapter
+
+    for m in (model.unet, model.text.text_encoder, model.text.text_encoder_2):
+        if m is not None and ADAPTER in adapter_names(m):
+            remove_adapter(m, ADAPTER)
+
+
+def run(targets: list[Target], s: Settings, out: Path, *, model_path=None, clip_name=metrics.CLIP_MODEL,
+        dino_name=metrics.DINO_MODEL, device=None, dtype=None) -> list[Row]:
+    """Evaluate every target with every (sampler, steps); returns the rows, writes <out>/metrics.md."""
+    from minidream.lora_files import load_lora
+    from minidream.model import default_model_path, load_model
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    # the metric models first: a missing one fails in seconds, not after an hour of sampling
+    clip, dino = metrics.load_clip(clip_name, device), metrics.load_dino(dino_name, device)
+    paths = {model_path or t.model or str(default_model_path()[0]) for t in targets}
+    if len(paths) > 1:
+        raise ValueError(f"the LoRAs were trained on different base models ({', '.join(sorted(paths))}); "
+                         f"evaluate them separately or pass --model")
+    path, t0 = paths.pop(), targets[0]
+    if not Path(path).exists():
+        raise FileNotFoundError(f"base model {path} (where the LoRA was trained) does not exist here: pass --model")
+    model = load_model(path, dtype, device, vae=t0.vae, tokenizer=t0.tokenizer)
+    rows = []
+    for t in targets:
+        real = [open_rgb(p) for p in t.subject.images]
+        if t.lora:
+            load_lora(t.lora, unet=model.unet, text_encoder=model.text.text_encoder,
+                      text_encoder_2=model.text.text_encoder_2, name=ADAPTER)
+        try:
+            for sampler in s.samplers:
+                for steps in s.steps:
+                    folder = (out / t.label if len(targets) > 1 else out) / f"{sampler}-{steps}"
+                    rows.append(evaluate_one(model, t, s, sampler, steps, folder, clip, dino, real))
+                    write_results(out, rows, targets, s)  # the table grows row by row
+        finally:
+            _remove_adapter(model)
+    return rows
+
+
+def train_pair(subject: str, out: str, model: str | None = None, seed: int = 0) -> tuple[Path, Path]:
+    """WIRE (issue 8 item 3): train the subject with and without prior preservation, return both
+    run folders. Written against the training branch's draft API (TrainConfig(subject, out, model,
+    seed, prior) and train(cfg) -> run folder); untested until minidream.training is merged."""
+    try:
+        from minidream.training import TrainConfig, train
+    except ImportError:
+        raise SystemExit("--train-pair needs minidream.training (train.py), not in this checkout yet: train the "
+                         "subject twice with train.py (prior preservation on, then off) and pass the two run "
+                         "folders with --prior RUN --no-prior RUN") from None
+    runs = [train(TrainConfig(subject=subject, out=out, model=model, seed=seed, prior=p)) for p in (True, False)]
+    return runs[0], runs[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m minidream.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", nargs="?", help="a training run folder (config.json + LoRA)")
+    p.add_argument("--lora", help="a LoRA file (with --subject)")
+    p.add_argument("--subject", help="subject folder: the real photos (+ subject.json)")
+    p.add_argument("--prior", help="run folder or LoRA trained WITH prior preservation (8-row experiment)")
+    p.add_argument("--no-prior", dest="no_prior", help="run folder or LoRA trained WITHOUT it")
+    p.add_argument("--train-pair", action="store_true", help="train both first (needs train.py, see train_pair)")
+    p.add_argument("--sampler", nargs="+", choices=["ddim", "pndm", "euler"],
+                   help="default: ddim (experiment: ddim pndm)")
+    p.add_argument("--steps", nargs="+", type=int, help="default: 50 (experiment: 50 80)")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--class-images", type=int, default=16, help="class-prompt samples for PRES (0: skip PRES)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--size", type=int, help="image side in px (default: the run's resolution / the model's)")
+    p.add_argument("--prompts", nargs="+", help="prompts or a .txt file, one per line; {} = '[V] [class]'")
+    p.add_argument("--limit", type=int, help="only the first N prompts (a quick look)")
+    p.add_argument("--kind", choices=["live", "object"], help="which DreamBooth prompt list (default: by class noun)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per sampler call")
+    p.add_argument("--div", choices=["dino", "lpips"], default="dino", help="DIV measure (lpips: pip install lpips)")
+    p.add_argument("--clip", default=metrics.CLIP_MODEL, help="CLIP folder or cached hub id")
+    p.add_argument("--dino", default=metrics.DINO_MODEL, help="DINO ViT-S/16 folder or cached hub id")
+    p.add_argument("--model", help="base model (default: the run's)")
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--out", help="output folder (default: <run>/eval, or runs/experiment-<subject>)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[Row]:
+    a = parse_args(argv)
+    experiment = bool(a.prior or a.no_prior or a.train_pair)
+    if a.train_pair:
+        if not a.subject:
+            raise SystemExit("--train-pair needs --subject DIR")
+        a.prior, a.no_prior = map(str, train_pair(a.subject, "runs", a.model, a.seed))
+    if experiment:
+        if not (a.prior and a.no_prior):
+            raise SystemExit("the experiment needs both --prior RUN_OR_LORA and --no-prior RUN_OR_LORA")
+        targets = [target(a.prior, a.subject, "prior", True), target(a.no_prior, a.subject, "no-prior", False)]
+        out = Path(a.out or f"runs/experiment-{targets[0].subject.folder.name}")
+    elif a.run:
+        targets = [target(a.run, a.subject)]
+        out = Path(a.out or Path(a.run) / "eval")
+    else:
+        targets = [target_from_lora(Path(a.lora) if a.lora else None, a.subject)]  # no --lora: the base model
+        lora = Path(a.lora) if a.lora else None
+        out = Path(a.out or (lora.parent / f"eval-{lora.stem}" if lora else "runs/eval-base"))
+    s = Settings(samplers=a.sampler or (["ddim", "pndm"] if experiment else ["ddim"]),
+                 steps=a.steps or ([50, 80] if experiment else [50]), images_per_prompt=a.images_per_prompt,
+                 class_images=a.class_images, seed=a.seed, guidance_scale=a.guidance_scale, size=a.size,
+                 prompts=a.prompts, limit=a.limit, kind=a.kind, batch_size=a.batch_size, div=a.div)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(a.dtype)
+    rows = run(targets, s, out, model_path=a.model, clip_name=a.clip, dino_name=a.dino, device=a.device, dtype=dtype)
+    print((out / "metrics.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Encode the training images and prompts once, then train on the cached tensors.
+
+The VAE never trains, and the text encoders only with --train-text-encoder or textual inversion,
+so they give the same output for the same input at every step. Encoding each image and the two prompts once, before
+training, and moving the VAE and text encoders off the GPU saves their memory (the SDXL VAE must
+run in fp32, and the text encoders hold 0.8 B parameters) and their compute at every step.
+
+Augmentation: training uses random crops and horizontal flips, each with its own SDXL size/crop
+conditioning (data.make_view). A crop of a latent is not the latent of a crop (the VAE's receptive
+field crosses the crop border), so each augmented *view* is encoded on its own. Subject images get
+VIEWS_PER_INSTANCE_IMAGE views: with 5-6 photos and ~1000 steps every photo is seen ~170 times,
+and one fixed crop per photo would teach the model the framing along with the subject. Four views
+(half of them flipped) already vary the framing, and cost only 4x a few VAE calls and ~MBs of
+memory. Class images get one view each: there are ~200 of them, different enough already.
+
+The posterior of each view is kept (mean and std of the VAE's Gaussian); each step draws a fresh
+latent from it (Kingma & Welling 2014 reparameterisation), as training without a cache would.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, fields
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from minidream.data import DataError, iter_images, make_view
+from minidream.files import atomic_write
+from minidream.step import Batch
+from minidream.text import encode_prompt, sdxl_time_ids
+from minidream.vae import vae_dtype
+
+VIEWS_PER_INSTANCE_IMAGE = 4
+VIEWS_PER_CLASS_IMAGE = 1
+
+
+@dataclass
+class Views:
+    """Encoded augmented views of a set of images, all at one resolution."""
+
+    mean: torch.Tensor  # (V, 4, h, w) posterior mean (unscaled VAE latent)
+    std: torch.Tensor  # (V, 4, h, w) posterior standard deviation
+    time_ids: torch.Tensor  # (V, 6) float32: orig_h, orig_w, crop_top, crop_left, target_h, target_w
+    image: torch.Tensor  # (V,) int64: which image each view comes from
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image.max()) + 1 if len(self) else 0
+
+
+@dataclass
+class LatentCache:
+    """Everything the UNet reads during training except noise and timesteps."""
+
+    instance: Views
+    classes: Views | None  # None without prior preservation
+    context: torch.Tensor | None  # (2, L, D): row 0 instance prompt, row 1 class prompt; None: text encoders train
+    pooled: torch.Tensor | None  # (2, Dp) SDXL pooled embeddings; None for SD 1.x / 2.x or when not cached
+
+    def to(self, device) -> "LatentCache":
+        def move(x):
+            return None if x is None else x.to(device)
+
+        def move_views(v):
+            return None if v is None else Views(*(move(getattr(v, f.name)) for f in fields(Views)))
+
+        return LatentCache(move_views(self.instance), move_views(self.classes), move(self.context), move(self.pooled))
+
+
+# ----------------------------------------------------------------------------- encoding
+
+@torch.no_grad()
+def encode_views(vae, images, resolution: int, views_per_image: int, rng: random.Random, flip: bool,
+                 center_crop: bool = False, desc: str = "encoding", total: int | None = None) -> Views:
+    """VAE-encode `views_per_image` augmented views of each (path, PIL image) of an iterable.
+
+    View k of an image is flipped when flip is on and k is odd (one view per image: flipped at
+    random), so flipped and unflipped views are balanced. The VAE runs in its own dtype (fp32 for
+    the SDXL VAE, which overflows in fp16); the cache is fp32.
+    """
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    means, stds, ids, which = [], [], [], []
+    total = len(images) if total is None else total
+    for i, (_, img) in enumerate(tqdm(images, desc=desc, total=total, leave=False, disable=total < 8)):
+        for k in range(views_per_image):
+            flipped = flip and (rng.random() < 0.5 if views_per_image == 1 else k % 2 == 1)
+            view = make_view(img, resolution, rng, flipped, center=center_crop)
+            mean, logvar = vae.encode(view.pixels[None].to(device, dtype))  # (1, 4, h, w) each
+            means.append(mean.float().cpu())
+            stds.append(torch.exp(0.5 * logvar.float()).cpu())
+            ids.append(sdxl_time_ids(view.original_size, view.crop_top_left, (resolution, resolution)))
+            which.append(i)
+    if not means:
+        raise DataError(f"no readable image to encode ({desc})")
+    return Views(torch.cat(means), torch.cat(stds), torch.stack(ids), torch.tensor(which, dtype=torch.int64))
+
+
+def encode_training_prompts(text, instance_prompt: str, class_prompt: str, force_zeros: bool = True):
+    """(context (2, L, D), pooled (2, Dp) or None) for [instance prompt, class prompt], fp32."""
+    context, pooled, _, _ = encode_prompt(text, [instance_prompt, class_prompt], guidance=False,
+                                          force_zeros_for_empty_prompt=force_zeros)
+    return context.float().cpu(), None if pooled is None else pooled.float().cpu()
+
+
+def build_cache(model, instance_images, class_paths, *, resolution: int, instance_prompt: str, class_prompt: str,
+                seed: int, flip: bool = True, center_crop: bool = False, cache_text: bool = True,
+                views_per_image: int = VIEWS_PER_INSTANCE_IMAGE) -> LatentCache:
+    """Encode the instance images ((path, PIL image) pairs from data.load_images), the class images
+    (paths, opened one at a time) and, if cache_text, the two prompts. Returns a CPU cache. Crops
+    and flips come from random.Random(seed), so the same inputs give the same cache."""
+    vae = model.vae
+    wanted = vae_dtype(vae.config, next(vae.parameters()).dtype)
+    if next(vae.parameters()).dtype != wanted:
+        vae.to(wanted)
+    rng = random.Random(seed)
+    instance = encode_views(vae, instance_images, resolution, views_per_image, rng, flip, center_crop,
+                            "encoding subject images")
+    classes = None
+    if class_paths:
+        classes = encode_views(vae, iter_images(class_paths, resolution, "class"), resolution, VIEWS_PER_CLASS_IMAGE,
+                               rng, flip, center_crop, "encoding class images", total=len(class_paths))
+    context = pooled = None
+    if cache_text:
+        context, pooled = encode_training_prompts(model.text, instance_prompt, class_prompt,
+                                                  model.force_zeros_for_empty_prompt)
+    return LatentCache(instance, classes, context, pooled)
+
+
+def offload_encoders(model, keep_text: bool = False) -> None:
+    """Move the VAE (and the text encoders unless they train) to the CPU and release GPU memory."""
+    model.vae.to("cpu")
+    if not keep_text:
+        for encoder in (model.text.text_encoder, model.text.text_encoder_2):
+            if encoder is not None:
+                encoder.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- file
+
+def save_cache(path, cache: LatentCache, fingerprint: str) -> None:
+    """Write the cache (safetensors, atomically); a resumed run reads it back instead of re-encoding,
+    so it trains on bit-identical latents even where GPU convolutions are not deterministic."""
+    tensors = {}
+    for part, views in (("instance", cache.instance), ("class", cache.classes)):
+        if views is not None:
+            tensors.update({f"{part}.{f.name}": getattr(views, f.name).contiguous() for f in fields(Views)})
+    for name in ("context", "pooled"):
+        if getattr(cache, name) is not None:
+            tensors[name] = getattr(cache, name).contiguous()
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint}))
+
+
+def load_cache(path, fingerprint: str) -> LatentCache | None:
+    """The cache at `path` if it was made from the same inputs (fingerprint), else None."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") != fingerprint:
+                return None
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError):  # missing, truncated or not a safetensors file
+        return None
+
+    def views(part):
+        if f"{part}.mean" not in tensors:
+            return None
+        return Views(*(tensors[f"{part}.{f.name}"] for f in fields(Views)))
+
+    return LatentCache(views("instance"), views("class"), tensors.get("context"), tensors.get("pooled"))
+
+
+# ----------------------------------------------------------------------------- batches
+
+class ShuffledOrder:
+    """Endless passes over n items, each pass a fresh permutation from the training generator.
+    Its state (the pass's order and the position in it) goes into checkpoints."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.generator = n, generator
+        self.order: list[int] = []
+        self.pos = 0
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos == len(self.order):
+                self.order, self.pos = torch.randperm(self.n, generator=self.generator).tolist(), 0
+            out.append(self.order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"order": list(self.order), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order, self.pos = list(state["order"]), int(state["pos"])
+
+
+def _pick_views(views: Views, images: list[int], generator: torch.Generator) -> torch.Tensor:
+    """One random cached view (row index) of each image."""
+    rows = []
+    for img in images:
+        candidates = torch.nonzero(views.image == img).flatten()
+        rows.append(int(candidates[torch.randint(len(candidates), (1,), generator=generator)]))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def draw_batch(cache: LatentCache, instance_order: ShuffledOrder, class_order: ShuffledOrder | None,
+               batch_size: int, generator: torch.Generator, *, scaling_factor: float, num_timesteps: int,
+               noise_offset: float = 0.0, sdxl: bool = True, device="cpu") -> Batch:
+    """batch_size instance rows (+ as many class rows): latents drawn from the cached posteriors,
+    noise, uniform timesteps. Every random number comes from `generator`, on the CPU, so a run is
+    reproducible on any device and resumable from the generator's saved state.
+
+    noise_offset (Guttenberg 2023, "Diffusion with Offset Noise"): add offset * N(0, 1) per sample
+    and channel to the noise, a constant shift over the whole latent, so the model also learns to
+    change an image's mean brightness (plain noise almost never does: very dark or bright images).
+    """
+    parts = [(cache.instance, _pick_views(cache.instance, instance_order.take(batch_size), generator))]
+    if class_order is not None:
+        parts.append((cache.classes, _pick_views(cache.classes, class_order.take(batch_size), generator)))
+    mean = torch.cat([v.mean[rows] for v, rows in parts])  # (N, 4, h, w)
+    std = torch.cat([v.std[rows] for v, rows in parts])
+    time_ids = torch.cat([v.time_ids[rows] for v, rows in parts])  # (N, 6)
+    x0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling_factor
+    noise = torch.randn(x0.shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(x0.shape[:2] + (1, 1), generator=generator)
+    timesteps = torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator)
+    prompt_index = torch.tensor([0] * batch_size + [1] * (x0.shape[0] - batch_size))
+    return Batch(x0.to(device), noise.to(device), timesteps.to(device), time_ids.to(device) if sdxl else None,
+                 prompt_index.to(device), num_instance=batch_size)

@@ -1,0 +1,185 @@
+"""What a DreamBooth run trains: the three methods behind `train.py --method`.
+
+    lora                low-rank adapters on the frozen model's attention      (Hu et al. 2021)  here
+    full                every UNet weight (+ the text encoders)                (Ruiz et al. 2022) full_finetune.py
+    textual-inversion   a new word's embedding in each text encoder            (Gal et al. 2022) textual_inversion.py
+
+The training loop (training.py) is the same for all three: the same loss (step.py), optimizer,
+loss scaling and clipping (optim.py, step.apply_gradients), cached latents (latent_cache.py), run
+folder, checkpoints and exact resume (runs.py), multi-GPU (distributed.py). A method says only:
+which parameters train (and sets the model up for it), what a checkpoint stores of them, how the
+result is written, and how the subject is named in prompts.
+
+    method = build_method(model, cfg, token, class_noun)   # mutates the model: adapters, fp32, new rows
+    method.param_groups()   -> the optimizer's groups          method.state_dict() / load_state_dict()
+    method.save(path, step) -> the result file or folder        method.prompt(text) -> text with the token
+
+`build_method` touches no file and reads no tensor value, so the T4 memory planner can call it on
+a meta-device model to learn which parameters train (see `parameter_plan`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minidream.lora import (TEXT_ATTENTION, UNET_ATTENTION, inject_lora, lora_parameters, lora_state_dict,
+                            mark_only_lora_trainable)
+from minidream.lora_files import save_lora
+from minidream.optim import optimizer_state_bytes
+from minidream.runs import LORA_FILE
+from minidream.train_config import METHODS, TrainingError
+
+
+class Method:
+    """Base class: a training method on a loaded model (see the module docstring)."""
+
+    name = ""
+    output = ""  # the result's name in the run folder
+    sample_flag = ""  # how sample.py uses the result
+    checkpoint_result = True  # also write the result beside each checkpoint (cheap for small results)
+
+    def __init__(self, model, cfg, token: str, class_noun: str):
+        self.model, self.cfg, self.token, self.class_noun = model, cfg, token, class_noun
+
+    @staticmethod
+    def trains_text(cfg) -> bool:
+        """Do gradients reach the text encoders? Then prompts are encoded every step, not cached."""
+        return bool(cfg.train_text_encoder)
+
+    def trained_modules(self) -> dict[str, nn.Module]:
+        """{name: module} of the modules holding trained parameters (DDP wraps them)."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        raise NotImplementedError
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for g in self.param_groups() for p in g["params"]]
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{module name: {tensor name: tensor}}: what a checkpoint must store to resume."""
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
+        """Put a checkpoint's trained tensors back; the key sets must be exactly this run's."""
+        mine = self.state_dict()
+        for name, tensors in mine.items():
+            if set(state) != set(mine) or set(state[name]) != set(tensors):
+                raise TrainingError(f"{where} holds other {self.name} tensors for {name} than this run builds "
+                                    "(was config.json edited?); start a new run instead")
+        for name, module in self.trained_modules().items():
+            module.load_state_dict(state[name], strict=False)
+
+    def save(self, path, step: int) -> Path:
+        raise NotImplementedError
+
+    def prompt(self, text: str) -> str:
+        """`text` as this method's result is prompted (textual inversion names the subject differently)."""
+        return text
+
+    @staticmethod
+    def check_subject(cfg, subject) -> None:
+        """Raise TrainingError if this method cannot learn from the subject's prompts (checked before
+        anything heavy is loaded)."""
+
+    def summary(self) -> str:
+        return f"{sum(p.numel() for p in self.parameters()):,} {self.name} parameters"
+
+
+def text_encoders(text) -> dict[str, nn.Module]:
+    """{"text_encoder": ..., "text_encoder_2": ...} of a TextEncoders (SD 1.x / 2.x: the first only)."""
+    return {k: m for k, m in (("text_encoder", text.text_encoder), ("text_encoder_2", text.text_encoder_2))
+            if m is not None}
+
+
+def train_mode(module: nn.Module, gradient_checkpointing: bool) -> None:
+    """train() mode, and activation checkpointing for minidream's UNet or a transformers CLIP encoder."""
+    module.train()  # CLIP's dropout is 0; transformers only checkpoints in train mode
+    if hasattr(module, "enable_gradient_checkpointing"):  # minidream.unet.UNet
+        module.enable_gradient_checkpointing(gradient_checkpointing)
+    elif gradient_checkpointing:  # transformers 5 renamed it; 4.x has only the old name
+        if hasattr(module, "activation_checkpointing_enable"):
+            module.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+class LoRA(Method):
+    """Fresh fp32 adapters on the frozen UNet's attention (and on both text encoders' attention with
+    --train-text-encoder); only they train. The result: one diffusers-layout LoRA file (SDXL, rank 4:
+    5.8 M values, 23 MB in fp32)."""
+
+    name = "lora"
+    output = LORA_FILE
+    sample_flag = "--lora"
+
+    def __init__(self, model, cfg, token, class_noun):
+        super().__init__(model, cfg, token, class_noun)
+        self.modules = {"unet": model.unet} | (text_encoders(model.text) if cfg.train_text_encoder else {})
+        for name, module in self.modules.items():
+            inject_lora(module, UNET_ATTENTION if name == "unet" else TEXT_ATTENTION, rank=cfg.rank, alpha=cfg.alpha)
+            mark_only_lora_trainable(module)
+            train_mode(module, cfg.gradient_checkpointing)
+
+    def trained_modules(self):
+        return self.modules
+
+    def param_groups(self):
+        return [{"params": lora_parameters(m), "lr": self.cfg.lr if name == "unet" else self.cfg.text_encoder_lr}
+                for name, m in self.modules.items()]
+
+    def state_dict(self):
+        return {name: lora_state_dict(m) for name, m in self.modules.items()}
+
+    def save(self, path, step):
+        return save_lora(path, **self.modules, token=self.token, class_noun=self.class_noun, steps=step,
+                         base_model=self.model.name)
+
+
+# ----------------------------------------------------------------------------- choosing one
+
+def method_class(name: str) -> type[Method]:
+    from minidream.full_finetune import FullFinetune  # imported here: both import this module
+    from minidream.textual_inversion import TextualInversion
+
+    classes = {"lora": LoRA, "full": FullFinetune, "textual-inversion": TextualInversion}
+    if name not in classes:
+        raise ValueError(f"unknown training method {name!r}: choose one of {', '.join(METHODS)}")
+    return classes[name]
+
+
+def build_method(model, cfg, token: str, class_noun: str) -> Method:
+    """Set `model` up for cfg.method (adapters / fp32 weights / new token rows) and return the method."""
+    return method_class(cfg.method)(model, cfg, token, class_noun)
+
+
+@dataclass
+class ParameterPlan:
+    """Which parameters a method trains, for memory estimates (no tensor values needed)."""
+
+    trained: int  # parameters updated by the optimizer: fp32 weights, fp32 gradients
+    frozen: int  # every other parameter of the UNet and text encoders, in the weight dtype
+    optimizer: str  # "adamw8bit" | "adamw"
+    optimizer_state_bytes: int  # Adam's two moments for the trained parameters
+
+
+def parameter_plan(model, cfg, token: str = "sks", class_noun: str = "person") -> ParameterPlan:
+    """Build cfg.method on `model` (a meta-device model works) and count what trains.
+
+    For the memory planner: weights = trained * 4 + frozen * bytes(weight dtype), gradients =
+    trained * 4, optimizer state = optimizer_state_bytes; activations come from running
+    step.training_step on fake tensors.
+    """
+    method = build_method(model, cfg, token, class_noun)
+    trained = method.parameters()
+    ids = {id(p) for p in trained}
+    modules = [model.unet, *text_encoders(model.text).values()]
+    frozen = sum(p.numel() for m in modules for p in m.parameters() if id(p) not in ids)
+    return ParameterPlan(sum(p.numel() for p in trained), frozen, cfg.optimizer,
+                         optimizer_state_bytes(trained, cfg.optimizer))

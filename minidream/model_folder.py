@@ -1,0 +1,127 @@
+"""Write a whole model as a diffusers folder: the result of full fine-tuning.
+
+    model/
+        model_index.json              which class each part is (the file that makes it a diffusers model)
+        unet/config.json + diffusion_pytorch_model.safetensors     written: the trained weights
+        text_encoder*/config.json + model.safetensors              written when trained, else as the source
+        vae/, tokenizer*/, scheduler/                              as the source
+
+A complete folder, so that both `minidream.model.load_model(folder)` and diffusers'
+`StableDiffusionXLPipeline.from_pretrained(folder)` (or StableDiffusionPipeline for SD 1.x / 2.x)
+load it, and it stays usable when the base model is moved or deleted. The parts that did not train
+are *hard links* to the source folder's files where the file system allows it (no extra disk space:
+SDXL's VAE and text encoders are 1.9 GB in fp16), else copies. A hard link is a second name for the
+same file, not a pointer to a path, and minidream never edits a weight file in place (every file is
+written anew and renamed), so neither copy can change the other. From a single-file checkpoint the
+untouched parts are written out from its tensors, under diffusers' names.
+
+Text encoders are written under transformers 4's names (`text_model.*`) as real SDXL repos are, so
+transformers 4 and 5 both read them (see DESIGN.md, "key layouts drift").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minidream.checkpoint import detect, text_encoder_state_dicts, text_encoder_weights, unet_weights, vae_weights
+from minidream.loading import materialize
+from minidream.text import find_tokenizer_dir
+from minidream.tiny import _LIBRARY, _WEIGHT_FILE, transformers4_names, write_model_index, write_part
+
+PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline"}
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """target = the same file as source (hard link), or a copy where links are impossible
+    (another file system, or one without hard links)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def link_tree(source: Path, target: Path) -> None:
+    for file in sorted(source.rglob("*")):
+        if file.is_file():
+            link_or_copy(file, target / file.relative_to(source))
+
+
+def part_config(source: Path, part: str) -> dict:
+    """The source's config.json of `part` (inferred from tensor shapes for a single file)."""
+    if part == "unet":
+        config = unet_weights(source, expect=None)[0]
+        return {"_class_name": _LIBRARY["unet"][1], **config}
+    return text_encoder_weights(source, part, expect=None)[0]
+
+
+def trained_state(part: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    state = module.state_dict()
+    return transformers4_names(state) if part.startswith("text_encoder") else state
+
+
+def save_model_folder(folder, model, trained: dict[str, nn.Module], dtype: torch.dtype,
+                      tokenizer_dir=None) -> Path:
+    """Write `model` (loaded from model.name) to `folder` with the parts in `trained` replaced.
+
+    trained: {"unet": module, ["text_encoder": ..., "text_encoder_2": ...]}, written in `dtype`
+    (the run's weight dtype: fp16 halves the files; the fp32 master weights are in the checkpoint).
+    The folder is assembled beside its final name and renamed into place when complete.
+    """
+    folder, source = Path(folder), Path(model.name)
+    info = detect(source)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for part, module in trained.items():
+            write_part(tmp / part, part_config(source, part), trained_state(part, module), _WEIGHT_FILE[part], dtype)
+        if info.layout == "diffusers":
+            copy_untouched_parts(source, tmp, skip=set(trained))
+        else:
+            write_untouched_parts(source, model, tmp, skip=set(trained), family=info.family, tokenizer_dir=tokenizer_dir)
+        if folder.exists():  # an earlier save of this run: replaced only now that the new one is complete
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def copy_untouched_parts(source: Path, folder: Path, skip: set[str]) -> None:
+    """model_index.json and every part folder it names, except those in `skip`, from a diffusers folder."""
+    index = json.loads((source / "model_index.json").read_text())
+    link_or_copy(source / "model_index.json", folder / "model_index.json")
+    for part, value in index.items():
+        if isinstance(value, list) and value[0] and part not in skip and (source / part).is_dir():
+            link_tree(source / part, folder / part)
+
+
+def write_untouched_parts(source: Path, model, folder: Path, skip: set[str], family: str, tokenizer_dir) -> None:
+    """The parts of a single-file checkpoint that did not train, as a diffusers folder's parts."""
+    parts = {}
+    if "vae" not in skip:
+        config, weights = vae_weights(source, expect=None)
+        parts["vae"] = ({"_class_name": _LIBRARY["vae"][1], **config}, materialize(weights))
+    parts |= {k: v for k, v in text_encoder_state_dicts(source, expect=None).items() if k not in skip}
+    for part, (config, state) in parts.items():  # in the dtype the file stores them
+        stored = next(v.dtype for v in state.values() if v.is_floating_point())
+        write_part(folder / part, config, state, _WEIGHT_FILE[part], stored)
+    tokenizers = ("tokenizer", "tokenizer_2") if model.text.is_sdxl else ("tokenizer",)
+    found = find_tokenizer_dir([tokenizer_dir, source.parent], need_second=model.text.is_sdxl)
+    for part in tokenizers:
+        link_tree(found / part, folder / part)
+    scheduler = {"_class_name": "EulerDiscreteScheduler" if family == "sdxl" else "PNDMScheduler",
+                 **asdict(model.schedule)}
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+    names = ("unet", "vae", *(p for p in ("text_encoder", "text_encoder_2") if getattr(model.text, p) is not None),
+             *tokenizers, "scheduler")
+    write_model_index(folder, names, PIPELINES.get(family, "StableDiffusionXLPipeline"))

@@ -1,0 +1,174 @@
+"""Optimiser, learning-rate schedule and mixed precision for training (LoRA, full, textual inversion).
+
+Three small pieces the training loop needs besides the model:
+
+    make_optimizer   bitsandbytes AdamW8bit (default: 8-bit optimizer states, Dettmers et al. 2022,
+                     "8-bit Optimizers via Block-wise Quantization"), or torch AdamW
+                     (Loshchilov & Hutter 2019, decoupled weight decay); falls back to torch AdamW
+                     with a warning when bitsandbytes cannot run on this machine
+    lr_at            the learning rate of optimizer step i (constant, warmup, cosine), a plain
+                     function of the step as in nanoGPT, so a resumed run gets the same numbers
+    resolve_precision / make_grad_scaler
+                     which dtypes the frozen weights and autocast use, and whether the loss is
+                     scaled (fp16 only)
+
+Why a GradScaler for fp16 (Micikevicius et al. 2018, "Mixed Precision Training", sec. 3.2):
+gradients flowing back through fp16 activations underflow to zero below ~6e-8. Multiplying the
+loss by a large factor S (2^16 at first) lifts them into fp16's range; the scaler divides the
+gradients by S again before clipping and the optimizer step. If S was too large some gradient
+overflows to inf/NaN: that step is skipped and S halved; after 2000 clean steps S doubles.
+bf16 has fp32's exponent range and fp32 needs nothing, so neither uses a scaler (the scaler object
+still exists, disabled, so the loop has one code path).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+OPTIMIZERS = ("adamw8bit", "adamw")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine")
+PRECISIONS = ("fp16", "bf16", "fp32")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256  # bitsandbytes AdamW8bit: smallest quantised tensor, block size
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def make_optimizer(param_groups, name: str = "adamw8bit", *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                   weight_decay: float = 1e-4):
+    """(optimizer, name actually used). param_groups: a list of {"params": [...], "lr": ...} dicts.
+
+    AdamW8bit stores Adam's two moments in 8 bits (block-wise quantised) instead of 32: for LoRA
+    the states are small anyway, but it is the recipe people run on a 16 GB T4. bitsandbytes keeps
+    tensors under 4096 elements in 32-bit states (quantisation would cost more than it saves).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if name == "adamw8bit":
+        problem = _bitsandbytes_problem(param_groups)
+        if problem is None:
+            import bitsandbytes
+
+            return bitsandbytes.optim.AdamW8bit(param_groups, lr=lr, betas=betas, eps=eps,
+                                                weight_decay=weight_decay), "adamw8bit"
+        warnings.warn(f"bitsandbytes AdamW8bit cannot run here ({problem}); using torch.optim.AdamW instead "
+                      "(same algorithm, 32-bit states: 4x the optimizer-state memory)")
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), "adamw"
+
+
+def optimizer_state_bytes(params, name: str = "adamw8bit") -> int:
+    """Bytes of Adam's two moments for `params` (shapes only: meta tensors work).
+
+    torch AdamW: two fp32 moments, 8 bytes per parameter. bitsandbytes AdamW8bit: two uint8 moments
+    plus one fp32 scale per 256-element block for each (block-wise quantisation); tensors under
+    4096 elements keep fp32 moments.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    total = 0
+    for p in params:
+        n = p.numel()
+        total += 8 * n if name == "adamw" or n < BNB_MIN_8BIT_SIZE else 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK)
+    return total
+
+
+def _bitsandbytes_problem(param_groups) -> str | None:
+    """None if AdamW8bit works on the parameters' device, else why not.
+
+    Importing is not enough (a CUDA-less or unsupported build imports fine and fails at the first
+    step), so one step is taken on a throwaway 4096-element tensor (the smallest size it quantises).
+    """
+    device = param_groups[0]["params"][0].device
+    # bitsandbytes logs a harmless warning about optional CPU kernels at import; keep stdout clean.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+
+        probe = torch.nn.Parameter(torch.zeros(BNB_MIN_8BIT_SIZE, device=device))
+        probe.grad = torch.ones_like(probe)
+        bitsandbytes.optim.AdamW8bit([probe], lr=1e-3).step()
+        if not torch.isfinite(probe).all():
+            return "its test step produced NaN"
+    except Exception as e:  # ImportError, missing CUDA libraries, unsupported device, ...
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+# ----------------------------------------------------------------------------- learning rate
+
+def lr_at(step: int, lr: float, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 1) -> float:
+    """Learning rate for optimizer step `step` (0-based).
+
+    constant              lr throughout (warmup_steps ignored)
+    constant_with_warmup  linear ramp lr/warmup, 2 lr/warmup, ..., lr over the first warmup_steps, then lr
+    cosine                the same ramp, then half a cosine from lr down to 0 at total_steps
+                          (Loshchilov & Hutter 2017, "SGDR", eq. 5 with one cycle and no restart)
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
+    if schedule == "constant":
+        return lr
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant_with_warmup":
+        return lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer, step: int, base_lrs: list[float], schedule: str, warmup_steps: int, total_steps: int) -> None:
+    """Write lr_at(step) into every parameter group (each group scales its own base lr)."""
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        group["lr"] = lr_at(step, base, schedule, warmup_steps, total_steps)
+
+
+# ----------------------------------------------------------------------------- precision
+
+@dataclass
+class Precision:
+    """How training runs numerically on one device."""
+
+    name: str  # "fp16" | "bf16" | "fp32": what is actually used
+    device: torch.device
+    weight_dtype: torch.dtype  # frozen UNet and text-encoder weights (trained parameters are always fp32)
+    autocast_dtype: torch.dtype | None  # dtype of matmuls/convs under torch.autocast; None: no autocast
+    use_grad_scaler: bool  # fp16 only
+    note: str = ""  # why the request was changed, for the user
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+
+def resolve_precision(requested: str, device) -> Precision:
+    """Turn --precision into dtypes for `device`.
+
+    CUDA fp16 (the T4 recipe): weights fp16, autocast fp16, GradScaler. bf16: weights and autocast
+    bf16, no scaler (GPUs before Ampere, like the T4, lack fast bf16: fp16 is used there instead).
+    CPU: fp32 by default (CPUs have no fast fp16 matmuls); bf16 works and halves the memory.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"unknown precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    note = ""
+    if device.type != "cuda" and requested == "fp16":
+        requested, note = "fp32", (f"no CUDA GPU ({device.type}): training in fp32 instead of fp16 "
+                                   "(pass --precision bf16 for half the memory)")
+    if device.type == "cuda" and requested == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        requested, note = "fp16", "this GPU has no native bf16: training in fp16 with loss scaling instead"
+    dtype = DTYPES[requested]
+    return Precision(
+        name=requested, device=device, weight_dtype=dtype,
+        autocast_dtype=None if requested == "fp32" else dtype,
+        use_grad_scaler=requested == "fp16", note=note,
+    )
+
+
+def make_grad_scaler(precision: Precision) -> torch.amp.GradScaler:
+    """A loss scaler for fp16; for bf16/fp32 a disabled one (its methods then do nothing)."""
+    return torch.amp.GradScaler(precision.device_type, enabled=precision.use_grad_scaler)

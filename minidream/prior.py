@@ -1,0 +1,101 @@
+"""Class images for prior preservation, made by the base model itself.
+
+DreamBooth's prior-preservation loss (Ruiz et al. 2022, sec. 3.3, eq. 2; the loss is in step.py)
+needs images of the subject's class ("a photo of person") that the *base* model generates: training
+on them keeps the model's own idea of the class while it learns the subject, so "person" does not
+drift towards the subject and the class stays diverse. The paper uses ~1000 images per class
+(200 is the common LoRA recipe).
+
+A class folder may already hold images (from a .zip, an earlier run, or a run that was stopped).
+`fill_class_folder` generates only the missing ones, one file at a time, each written atomically
+as class-NNNNN.png with seed = class_seed + NNNNN: an interrupted generation resumes where it
+stopped, and image NNNNN is the same image whenever it is made.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from minidream.data import DataError, class_image_folder, existing_class_images
+from minidream.files import save_png
+
+NAME = re.compile(r"^class-(\d{5})\.png$")
+
+
+@dataclass
+class ClassImagePlan:
+    folder: Path  # where the class images are (a .zip is unpacked beside itself)
+    existing: list[Path]  # images already there, sorted
+    wanted: int  # how many training uses
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.wanted - len(self.existing))
+
+    def used(self) -> list[Path]:
+        """The images training reads: the first `wanted` in name order (all, if fewer)."""
+        return self.existing[: self.wanted]
+
+
+def plan_class_images(class_dir, wanted: int, can_generate: bool) -> ClassImagePlan:
+    """Look at the class folder before any model is loaded; raise DataError right away if it holds
+    too few images and none may be generated (no hour of training lost to a late failure)."""
+    if wanted < 1:
+        raise DataError(f"--num-class-images must be at least 1 (got {wanted}); use --no-prior to train without")
+    folder = class_image_folder(class_dir)
+    plan = ClassImagePlan(folder, existing_class_images(folder), wanted)
+    if plan.missing and not can_generate:
+        raise DataError(f"{folder} holds {len(plan.existing)} class image(s) but {wanted} are needed, and class-image "
+                        f"generation is off (--no-generate): add images, lower --num-class-images to "
+                        f"{len(plan.existing)}, drop --no-generate, or train with --no-prior")
+    if plan.missing and not os.access(folder, os.W_OK):
+        raise DataError(f"{folder} holds {len(plan.existing)} class image(s) but {wanted} are needed, and the folder "
+                        f"is not writable, so the missing {plan.missing} cannot be generated: pass a writable "
+                        "--class-dir, lower --num-class-images, or train with --no-prior")
+    return plan
+
+
+def next_indices(folder: Path, count: int) -> list[int]:
+    """The `count` smallest class-NNNNN indices not used yet in `folder`."""
+    taken = {int(m.group(1)) for p in folder.iterdir() if (m := NAME.match(p.name))}
+    indices, i = [], 0
+    while len(indices) < count:
+        if i not in taken:
+            indices.append(i)
+        i += 1
+    return indices
+
+
+def fill_class_folder(plan: ClassImagePlan, model, prompt: str, *, resolution: int, seed: int = 0,
+                      steps: int = 30, guidance_scale: float = 5.0, sampler: str = "ddim",
+                      negative_prompt: str | None = None, progress: bool = True, dist=None) -> list[Path]:
+    """Generate the plan's missing images with `model` (the base model, before any LoRA) and
+    return the images training uses. Images already in the folder are kept untouched.
+
+    dist (distributed.Dist, several processes under torchrun): each rank makes its share, rank r
+    the r-th, (r + N)-th, ... missing image. Image NNNNN is the same whichever rank makes it.
+    """
+    from minidream.pipeline import generate  # imported here: data-only users need no pipeline
+
+    if plan.missing:
+        indices = next_indices(plan.folder, plan.missing)
+        rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+        if dist is not None:
+            dist.barrier()  # every rank listed the folder before any rank writes to it
+        bar = tqdm(indices[rank::world_size], desc=f"class images for {prompt!r}", disable=not progress)
+        for index in bar:
+            image = generate(model, prompt, negative_prompt, sampler=sampler, steps=steps,
+                             guidance_scale=guidance_scale, seed=seed + index, height=resolution,
+                             width=resolution, num_images=1, progress=False)[0]
+            save_png(plan.folder / f"class-{index:05d}.png", image,
+                     {"prompt": prompt, "seed": seed + index, "steps": steps, "sampler": sampler,
+                      "guidance_scale": guidance_scale, "model": getattr(model, "name", "")})
+        if dist is not None:
+            dist.barrier()  # every share is written
+        plan = ClassImagePlan(plan.folder, existing_class_images(plan.folder), plan.wanted)
+    return plan.used()

@@ -1,0 +1,237 @@
+"""The run folder: checkpoints, exact resume, the loss log and its plot, Ctrl-C.
+
+    runs/raj-20250101-120000/
+        config.json                       every setting of the run (what --resume reads back)
+        pytorch_lora_weights.safetensors  the result: the final LoRA (diffusers layout; sample.py --lora),
+                                          or model/ (--method full), learned_embeds.safetensors (textual inversion)
+        loss.csv, loss.png                one row per step; the curve drawn with PIL
+        validation/step-000250.png        fixed prompts x fixed seeds, every --validate-every steps
+        checkpoints/step-000250.pt        trained tensors + optimizer + loss scale + RNG states + data order
+        checkpoints/step-000250.safetensors   that step's LoRA or embedding, usable like the final one
+        cache.safetensors                 the encoded images and prompts (latent_cache.py)
+
+A run resumed from a checkpoint continues bit for bit: the checkpoint holds every piece of state
+a step reads (the trained weights, Adam moments, GradScaler scale, the training generator and the global
+RNGs, the epoch's image order and position in it). Every file is written atomically (files.py),
+so a crash or a full disk leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import re
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from minidream.files import torch_save, write_text
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) looks for
+CHECKPOINT = re.compile(r"^step-(\d{6})\.pt$")
+LOG_COLUMNS = ("step", "loss", "instance_loss", "prior_loss", "lr", "grad_norm", "skipped", "seconds")
+
+
+def new_run_folder(out, subject_name: str) -> Path:
+    """out/<subject>-<YYYYmmdd-HHMMSS>, with -2, -3, ... if two runs start in the same second."""
+    stem = Path(out) / f"{subject_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder, n = stem, 1
+    while folder.exists():
+        n += 1
+        folder = stem.with_name(f"{stem.name}-{n}")
+    folder.mkdir(parents=True)
+    return folder
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+def rng_states(generator: torch.Generator) -> dict:
+    """Every random number generator a step may read: the training generator, torch's global CPU
+    and CUDA generators, Python's and NumPy's. Stored as tensors and plain Python values, so
+    torch.load(weights_only=True) reads them back."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "generator": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "cached_gaussian": cached},
+    }
+
+
+def set_rng_states(states: dict, generator: torch.Generator) -> None:
+    generator.set_state(states["generator"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    random.setstate(states["python"])
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoint_path(run: Path, step: int) -> Path:
+    return Path(run) / "checkpoints" / f"step-{step:06d}.pt"
+
+
+def list_checkpoints(run: Path) -> list[Path]:
+    folder = Path(run) / "checkpoints"
+    found = [p for p in folder.iterdir() if CHECKPOINT.match(p.name)] if folder.is_dir() else []
+    return sorted(found)
+
+
+def save_checkpoint(run: Path, step: int, state: dict, keep: int = 2) -> Path:
+    """Write checkpoints/step-NNNNNN.pt atomically, then delete all but the newest `keep`.
+
+    The old ones are removed only after the new file is complete: if writing fails (disk full),
+    the exception propagates and the previous checkpoints are all still there.
+    """
+    path = torch_save(checkpoint_path(run, step), state)
+    if keep > 0:
+        for old in list_checkpoints(run)[:-keep]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".safetensors").unlink(missing_ok=True)
+    return path
+
+
+def load_latest_checkpoint(run: Path) -> tuple[Path, dict] | tuple[None, None]:
+    """The newest checkpoint of a run that loads; a damaged one is skipped with a message."""
+    for path in reversed(list_checkpoints(run)):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or corrupt: fall back to the one before
+            print(f"warning: cannot read {path} ({type(e).__name__}: {e}); trying the previous checkpoint")
+    return None, None
+
+
+# ----------------------------------------------------------------------------- loss log
+
+def write_loss_csv(path: Path, rows: list[dict]) -> None:
+    """The whole log, rewritten atomically (a few KB: cheaper to rewrite than to repair)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (diffusion losses are noisy: each step draws its own timestep)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def draw_loss_curve(rows: list[dict], size=(720, 400)) -> Image.Image:
+    """Loss per step (grey), its moving average (blue), and the prior term's average (orange)."""
+    width, height = size
+    left, right, top, bottom = 64, 16, 28, 36
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    finite = [r for r in rows if np.isfinite(r["loss"])]
+    if not finite:
+        draw.text((left, top), "no finite loss yet", fill="black", font=font)
+        return img
+    steps = [r["step"] for r in finite]
+    window = max(1, len(finite) // 20)
+    series = [([r["loss"] for r in finite], (190, 190, 190)),
+              (smooth([r["loss"] for r in finite], window), (31, 119, 180))]
+    if any(r["prior_loss"] for r in finite):
+        series.append((smooth([r["prior_loss"] for r in finite], window), (255, 127, 14)))
+    lo = min(min(v) for v, _ in series)
+    hi = max(max(v) for v, _ in series)
+    hi = hi if hi > lo else lo + 1.0
+    s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+
+    def xy(step, value):
+        x = left + (step - s0) / (s1 - s0) * (width - left - right)
+        y = top + (hi - value) / (hi - lo) * (height - top - bottom)
+        return x, y
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for values, color in series:
+        draw.line([xy(s, v) for s, v in zip(steps, values)], fill=color, width=1 if color[0] == 190 else 2)
+    draw.text((4, top - 4), f"{hi:.4g}", fill="black", font=font)
+    draw.text((4, height - bottom - 8), f"{lo:.4g}", fill="black", font=font)
+    draw.text((left, height - bottom + 6), f"step {s0}", fill="black", font=font)
+    draw.text((width - right - 70, height - bottom + 6), f"step {s1}", fill="black", font=font)
+    legend = f"loss (grey), mean of {window} (blue)" + (", prior term (orange)" if len(series) > 2 else "")
+    draw.text((left, 8), legend, fill="black", font=font)
+    return img
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def labelled_grid(images: list[Image.Image], prompts: list[str], columns: int) -> Image.Image:
+    """Validation grid: one row per prompt (its text on the left), one column per seed."""
+    side = images[0].width
+    font = _font(max(10, side // 10))
+    label_width = max(3 * side, 200)
+    grid = Image.new("RGB", (label_width + columns * side, len(prompts) * side), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, prompt in enumerate(prompts):
+        lines, line = [], ""
+        for word in prompt.split():  # wrap the prompt to the label column
+            if line and draw.textlength(f"{line} {word}", font=font) > label_width - 8:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        draw.multiline_text((4, row * side + 4), "\n".join(lines + [line]), fill="black", font=font)
+        for col in range(columns):
+            grid.paste(images[row * columns + col], (label_width + col * side, row * side))
+    return grid
+
+
+# ----------------------------------------------------------------------------- Ctrl-C
+
+class StopRequest:
+    """Turn the first Ctrl-C into a request the loop sees at the end of its current step (then it
+    saves a checkpoint and returns); a second Ctrl-C interrupts at once, as usual.
+
+    Under torchrun one key press reaches a training process twice, from the terminal and forwarded
+    by torchrun, a moment apart: a second SIGINT within `grace` seconds counts as the same one.
+    """
+
+    def __init__(self, grace: float = 2.0):
+        self.requested = False
+        self._previous = None
+        self._first = 0.0
+        self.grace = grace
+
+    def _handler(self, signum, frame):
+        if self.requested and time.monotonic() - self._first > self.grace:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.requested, self._first = True, time.monotonic()
+            print("\nCtrl-C: stopping after this step and saving a checkpoint (press Ctrl-C again to abort at once)")
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: signals cannot be caught here
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False

@@ -1,0 +1,235 @@
+"""minidream.training end to end on a tiny random SDXL-shaped model (CPU, seconds): the run folder,
+Ctrl-C and exact resume, a full disk, text-encoder LoRA, class images, the command line."""
+
+import csv
+import errno
+import json
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import minidream.training as training
+from minidream.tiny import write_tiny_sdxl
+from minidream.data import DataError
+from minidream.lora import lora_layers
+from minidream.lora_files import load_lora
+from minidream.model import load_model
+from minidream.optim import make_optimizer
+from minidream.prior import fill_class_folder, plan_class_images
+from minidream.runs import LORA_FILE
+from minidream.train_config import TINY_RECIPE, TrainConfig, TrainingError, fill_defaults, model_image_size
+from minidream.training import train
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train as train_cli  # noqa: E402  (the CLI script at the repo root)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny model, a subject folder (3 photos of different sizes) and a shared class folder."""
+    root = tmp_path_factory.mktemp("world")
+    model = write_tiny_sdxl(root / "tiny-sdxl")
+    subject = root / "raj"
+    subject.mkdir()
+    (subject / "subject.json").write_text(json.dumps({"token": "rraj", "class_noun": "person"}))
+    for i, size in enumerate([(72, 66), (96, 70), (66, 80)]):
+        img = Image.new("RGB", size, (40 * i, 120, 200 - 50 * i))
+        img.paste((250, 20, 180), (8, 8, 24, 24))
+        img.save(subject / f"{i}.png")
+    return {"model": str(model), "subject": str(subject), "class_dir": str(root / "class-images"),
+            "size": model_image_size(model)}
+
+
+def config(world, out, **overrides) -> TrainConfig:
+    settings = dict(subject=world["subject"], model=world["model"], out=str(out), class_dir=world["class_dir"],
+                    steps=6, num_class_images=2, validate_every=0, save_every=2, keep_checkpoints=0, log_every=1,
+                    class_steps=4, validation_steps=3, views_per_image=2)
+    return TrainConfig(**(settings | overrides))
+
+
+def losses(run: Path) -> list[tuple[str, ...]]:
+    with open(run / "loss.csv") as f:
+        return [(r["step"], r["loss"], r["instance_loss"], r["prior_loss"], r["lr"]) for r in csv.DictReader(f)]
+
+
+def test_a_run_writes_its_folder(world, tmp_path, capsys):
+    run = train(config(world, tmp_path, steps=4, validate_every=2, keep_checkpoints=1))
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"model: {world['model']}"
+    size = world["size"]
+    assert any(line.startswith(f"tiny model ({size} px): demo settings") for line in printed)
+
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["steps"] == 4 and saved["resolution"] == size and saved["lr"] == TINY_RECIPE["lr"]
+    assert [r[0] for r in losses(run)] == ["1", "2", "3", "4"]
+    assert all(float(r[3]) > 0 for r in losses(run))  # the prior term is there
+    assert Image.open(run / "loss.png").size == (720, 400)
+    assert sorted(p.name for p in (run / "validation").iterdir()) == [f"step-00000{i}.png" for i in (0, 2, 4)]
+    grid = Image.open(run / "validation" / "step-000004.png")
+    assert grid.height == 6 * size and grid.width > 2 * size  # 6 rows (the seed's 5 prompts + the class
+    assert "a photo of person" in grid.text["prompts"]  # prompt) x 2 seeds, after a column of labels
+    assert [p.name for p in (run / "checkpoints").glob("*.pt")] == ["step-000004.pt"]  # keep_checkpoints=1
+    assert not list(run.rglob(".*.tmp"))
+
+    # the LoRA file loads onto a fresh copy of the base model and changes its UNet
+    lora = run / LORA_FILE
+    assert all(k.startswith("unet.") for k in load_file(lora))
+    model = load_model(world["model"])
+    load_lora(lora, unet=model.unet)
+    trained = [layer.lora_B[n] for _, layer in lora_layers(model.unet) for n in layer.lora_B]
+    assert trained and any(b.abs().max() > 0 for b in trained)
+
+
+def test_ctrl_c_then_resume_reproduces_the_uninterrupted_losses(world, tmp_path, monkeypatch):
+    kwargs = dict(noise_offset=0.1, snr_gamma=5.0, grad_accum=2, lr_schedule="cosine", warmup_steps=2)
+    uninterrupted = losses(train(config(world, tmp_path / "a", **kwargs)))
+
+    calls = {"n": 0}
+    real_apply = training.apply_gradients
+
+    def apply_then_ctrl_c(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
+        return real_apply(*args, **kw)
+
+    monkeypatch.setattr(training, "apply_gradients", apply_then_ctrl_c)
+    run = train(config(world, tmp_path / "b", **kwargs))
+    monkeypatch.setattr(training, "apply_gradients", real_apply)
+    assert len(losses(run)) == 3 and (run / "checkpoints" / "step-000003.pt").is_file()
+    assert not (run / LORA_FILE).exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    train(TrainConfig(resume=str(run)))
+    assert losses(run) == uninterrupted  # bit for bit, as written to the CSV
+    assert (run / LORA_FILE).is_file()
+
+    # resuming from an older mid-run checkpoint (step 2) gives the same numbers too
+    older = tmp_path / "c"
+    shutil.copytree(run, older)
+    for late in ("step-000003", "step-000004", "step-000006"):
+        (older / "checkpoints" / f"{late}.pt").unlink(missing_ok=True)
+    train(TrainConfig(resume=str(older)))
+    assert losses(older) == uninterrupted
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_until_disk_full(obj, f, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: half a file, then ENOSPC
+            Path(f).write_bytes(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kw)
+
+    monkeypatch.setattr(torch, "save", save_until_disk_full)
+    with pytest.raises(TrainingError, match="step-4 checkpoint.*No space left.*intact.*--resume"):
+        train(config(world, tmp_path))
+    monkeypatch.setattr(torch, "save", real_save)
+    run = next(p for p in tmp_path.iterdir() if p.name.startswith("raj-"))
+    assert [p.name for p in (run / "checkpoints").glob("*.pt")] == ["step-000002.pt"]
+    assert torch.load(run / "checkpoints" / "step-000002.pt", weights_only=True)["step"] == 2
+    assert not list(run.rglob(".*.tmp"))  # no half-written file left behind
+
+
+def test_text_encoder_lora_trains_and_is_saved(world, tmp_path):
+    run = train(config(world, tmp_path, steps=2, prior=False, train_text_encoder=True, text_encoder_lr=1e-3))
+    keys = load_file(run / LORA_FILE)
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        ups = [v for k, v in keys.items() if k.startswith(component + ".") and ".lora_B." in k]
+        assert ups and any(v.abs().max() > 0 for v in ups), component
+    assert all(r[3] == "0.0" for r in losses(run))  # no prior term
+
+
+def test_too_few_class_images_and_no_generation_fail_before_training(world, tmp_path):
+    class_dir = tmp_path / "few"
+    class_dir.mkdir()
+    Image.new("RGB", (64, 64)).save(class_dir / "a.png")
+    cfg = config(world, tmp_path / "runs", class_dir=str(class_dir), num_class_images=5, generate_class_images=False)
+    with pytest.raises(DataError, match="holds 1 class image.*5 are needed.*--no-generate"):
+        train(cfg)
+    assert not (tmp_path / "runs").exists()  # failed before a run folder (or the model) was made
+
+
+def test_class_generation_fills_a_partial_folder_and_keeps_existing_images(world, tmp_path):
+    folder = tmp_path / "classes"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(folder / "mine.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    mine = (folder / "mine.jpg").read_bytes()
+    model = load_model(world["model"])
+    used = fill_class_folder(plan_class_images(folder, 4, True), model, "a photo of person",
+                             resolution=world["size"], steps=3, progress=False)
+    assert [p.name for p in used] == ["class-00000.png", "class-00001.png", "class-00002.png", "mine.jpg"]
+    assert (folder / "mine.jpg").read_bytes() == mine
+
+    # an interrupted generation continues, and image N is the same image whenever it is made
+    second = (folder / "class-00001.png").read_bytes()
+    (folder / "class-00001.png").unlink()
+    used = fill_class_folder(plan_class_images(folder, 4, True), model, "a photo of person",
+                             resolution=world["size"], steps=3, progress=False)
+    assert len(used) == 4 and (folder / "class-00001.png").read_bytes() == second
+    assert plan_class_images(folder, 3, False).used() == used[:3]  # enough: nothing to generate
+
+
+def test_tiny_and_t4_defaults():
+    cfg = TrainConfig()
+    assert "tiny model (64 px)" in fill_defaults(cfg, 64)
+    assert (cfg.resolution, cfg.steps, cfg.num_class_images) == (64, 300, 40)
+    cfg = TrainConfig(steps=50)
+    assert fill_defaults(cfg, 1024) == ""
+    assert (cfg.resolution, cfg.steps, cfg.lr, cfg.num_class_images) == (1024, 50, 1e-4, 200)
+    assert cfg.gradient_checkpointing is True
+    assert (cfg.rank, cfg.batch_size, cfg.precision, cfg.optimizer, cfg.prior) == (4, 1, "fp16", "adamw8bit", True)
+
+
+def test_optimizer_falls_back_to_torch_adamw_when_bitsandbytes_cannot_run(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.warns(UserWarning, match="AdamW8bit cannot run here.*torch.optim.AdamW"):
+        optimizer, name = make_optimizer([{"params": [p]}], "adamw8bit", lr=1e-3)
+    assert name == "adamw" and isinstance(optimizer, torch.optim.AdamW)
+
+
+def test_cli_help_names_every_setting(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for field in TrainConfig.__dataclass_fields__:
+        flag = {"prior": "--no-prior", "generate_class_images": "--no-generate",
+                "validation_prompts": "--validation-prompt"}.get(field, "--" + field.replace("_", "-"))
+        assert flag in text, flag
+    args = train_cli.build_parser().parse_args(["--no-prior", "--no-flip", "--validation-prompt", "x"])
+    cfg = train_cli.config_from_args(args)
+    assert (cfg.prior, cfg.flip, cfg.validation_prompts, cfg.steps) == (False, False, ["x"], None)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--subject", "/no/such/folder"], "subject folder /no/such/folder does not exist"),
+    (["--model", "/no/such/model"], "model /no/such/model does not exist"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--resume", "/no/such/run"], "is not a run folder"),
+])
+def test_cli_user_errors_are_one_line(world, tmp_path, capsys, argv, message):
+    base = ["--subject", world["subject"], "--model", world["model"], "--out", str(tmp_path)]
+    assert train_cli.main(base + argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
