@@ -159,6 +159,12 @@ def _load(load, name: str, what: str, flag: str, default: str):
         ) from None
 
 
+def pixel_batches(processor, images: list[Image.Image], device):
+    """The model's own preprocessing (resize, crop, normalise), BATCH images at a time."""
+    for i in range(0, len(images), BATCH):
+        yield processor(images=images[i:i + BATCH], return_tensors="pt")["pixel_values"].to(device)
+
+
 @dataclass
 class ClipEmbedder:
     """CLIP image and text embeddings (the projected ones CLIP compares by cosine)."""
@@ -172,9 +178,8 @@ class ClipEmbedder:
     def images(self, images: list[Image.Image]) -> torch.Tensor:
         """(N, projection_dim): visual_projection(pooled CLS of the vision tower)."""
         out = []
-        for i in range(0, len(images), BATCH):
-            pixels = self.processor(images=images[i:i + BATCH], return_tensors="pt")["pixel_values"]
-            pooled = self.model.vision_model(pixel_values=pixels.to(self.device)).pooler_output
+        for pixels in pixel_batches(self.processor, images, self.device):
+            pooled = self.model.vision_model(pixel_values=pixels).pooler_output
             out.append(self.model.visual_projection(pooled).float().cpu())
         return torch.cat(out)
 
@@ -204,9 +209,8 @@ class DinoEmbedder:
     @torch.no_grad()
     def images(self, images: list[Image.Image]) -> torch.Tensor:
         out = []
-        for i in range(0, len(images), BATCH):
-            pixels = self.processor(images=images[i:i + BATCH], return_tensors="pt")["pixel_values"]
-            hidden = self.model(pixel_values=pixels.to(self.device)).last_hidden_state  # (B, 1 + patches, D)
+        for pixels in pixel_batches(self.processor, images, self.device):
+            hidden = self.model(pixel_values=pixels).last_hidden_state  # (B, 1 + patches, D)
             out.append(hidden[:, 0].float().cpu())  # CLS
         return torch.cat(out)
 

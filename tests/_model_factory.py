@@ -8,7 +8,6 @@ projections, SDXL's added text_time embedding) at widths small enough for a CPU 
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -53,17 +52,6 @@ TINY_VAE = dict(
     down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
     sample_size=32, scaling_factor=0.13025, force_upcast=True,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Run a test module's tiny models on one CPU thread, then restore the setting. At these sizes
-    thread hand-offs cost more than the math, and on a shared 2-core CI machine extra threads only
-    contend (measured here: 12 s with one thread vs ~60 s with the default under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def rel_err(a, b):

@@ -32,7 +32,6 @@ from minidream.tiny import UNET as TINY_UNET
 from minidream.tiny import configs as tiny_configs
 from minidream.tiny import write_tiny_sdxl
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

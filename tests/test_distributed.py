@@ -183,12 +183,9 @@ def weight_differences(a: dict, b: dict) -> tuple[float, float]:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     write_subject(root)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     mp.spawn(worker, args=(str(root), free_port()), nprocs=2, join=True)
     for name, kw in RUNS.items():  # one process, twice the batch: the same global batch
         train(TrainConfig(**settings(root, f"single-{name}", batch_size=2, **kw)))
-    torch.set_num_threads(before)
     return root
 
 

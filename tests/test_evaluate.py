@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from _eval_fixtures import tiny_sdxl, write_lora, write_subject, write_tiny_clip, write_tiny_dino
@@ -16,15 +15,12 @@ from minidream.eval_prompts import LIVE_PROMPTS, OBJECT_PROMPTS, custom_prompts,
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only contend on a shared CI machine
     root = tmp_path_factory.mktemp("evaluate")
     model = tiny_sdxl(root)
     yield dict(root=root, model=model, clip=write_tiny_clip(root / "clip"), dino=write_tiny_dino(root / "dino"),
                 prior=write_lora(root / "prior.safetensors", model, seed=1),
                 no_prior=write_lora(root / "no_prior.safetensors", model, seed=2),
                 subject=write_subject(root / "rraj"))
-    torch.set_num_threads(threads)
 
 
 def tiny_args(setup, out):

@@ -22,7 +22,6 @@ from minidream.step import Batch, apply_gradients, training_step
 from minidream.tiny import write_tiny_sdxl
 from minidream.train_config import TrainConfig
 from minidream.training import train
-from tests._model_factory import one_cpu_thread  # noqa: F401 (autouse fixture)
 from tests.checkpoint_fixtures import reference_models, write_single_file
 from tests.test_distributed import losses, write_subject
 from tests.test_training_step import SCHEDULE, make_batch, reference_step, reference_unet, rel_err, unet_under_test

@@ -27,7 +27,6 @@ MIN_ACC = {"kind": 0.98, "style": 0.98, "context": 0.98, "color": 0.98, "skin": 
 
 @pytest.fixture(scope="module")
 def judge():
-    torch.set_num_threads(1)
     return Judge.load(WEIGHTS)
 
 
@@ -94,7 +93,6 @@ def test_gaussian_blur_keeps_flat_images_and_softens_edges():
 
 
 def test_training_is_deterministic_from_the_seed(tmp_path):
-    torch.set_num_threads(1)
     small = JudgeConfig(width=4, hidden=8)
     a = train(steps=2, batch_size=8, seed=3, config=small, log_every=10)
     b = train(steps=2, batch_size=8, seed=3, config=small, log_every=10)

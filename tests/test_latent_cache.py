@@ -14,7 +14,6 @@ from minidream.model import load_model
 
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
-    torch.set_num_threads(1)
     return load_model(write_tiny_sdxl(tmp_path_factory.mktemp("m") / "tiny")).vae
 
 

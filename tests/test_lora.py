@@ -20,7 +20,6 @@ from minidream.lora import (TEXT_ATTENTION, UNET_ATTENTION, UNET_CONV, UNET_FEED
                             set_adapter_scale, unmerge_lora, wrap_module)
 
 ROOT = Path(__file__).resolve().parent.parent
-torch.set_num_threads(1)
 
 
 def copy_peft_into_ours(peft_model: nn.Module, ours: nn.Module, adapter: str = "default") -> int:

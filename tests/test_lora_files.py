@@ -17,7 +17,6 @@ from minidream import __version__
 from minidream.lora import LoRAMismatchError, LoRALayer, get_adapter_weights, inject_lora
 from minidream.lora_files import detect_layout, load_lora, read_lora, save_lora
 
-torch.set_num_threads(1)
 ATTN1 = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
 ATTN2 = ("attn2.to_q", "attn2.to_v", "attn2.to_out.0")
 

@@ -16,12 +16,9 @@ from minidream import metrics
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: extra threads only contend on a shared CI machine
     root = tmp_path_factory.mktemp("metric_models")
     clip_dir, dino_dir = write_tiny_clip(root / "clip"), write_tiny_dino(root / "dino")
     yield clip_dir, dino_dir, metrics.load_clip(str(clip_dir)), metrics.load_dino(str(dino_dir))
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- math by hand

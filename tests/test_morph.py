@@ -13,7 +13,6 @@ from PIL import Image
 from minidream.model import BUNDLED_MODEL, load_model
 from minidream.morph import lerp, loop_positions, morph_latents, render_morph, save_animation, slerp
 from minidream.pipeline import generate
-from tests._model_factory import one_cpu_thread  # noqa: F401 (autouse fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -19,7 +19,6 @@ from minidream.model import add_loras, load_model
 from minidream.pipeline import check_size, decode, generate, sample_latents
 from minidream.tiny import write_tiny_sdxl
 
-torch.set_num_threads(1)
 LATENT_TOL = 1e-4  # max |ours - theirs| / max |theirs|
 SCHEDULERS = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler}
 

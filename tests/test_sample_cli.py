@@ -21,7 +21,6 @@ from lora_models import write_random_lora
 from minidream.model import BUNDLED_MODEL, add_loras, default_model_path, load_model
 from minidream.pipeline import generate
 
-torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / BUNDLED_MODEL
 PROMPTS = ["a photo of rraj person", "a dog on the beach"]

@@ -17,7 +17,6 @@ from minidream.text import SDXL_REPO, TokenizerNotFoundError, encode_prompt, loa
 from minidream.tiny import WORDS, write_model_index, write_tiny_sdxl
 from minidream.vocab import write_clip_tokenizer
 
-torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-6
 LONG = "a photo of rraj person wearing a red hat at the beach " * 8  # > 77 tokens

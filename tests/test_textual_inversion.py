@@ -23,7 +23,6 @@ from minidream.textual_inversion import (EmbeddingFileError, TextualInversion, e
 from minidream.tiny import write_tiny_sdxl
 from minidream.train_config import TrainConfig, TrainingError
 from minidream.training import train
-from tests._model_factory import one_cpu_thread  # noqa: F401 (autouse fixture)
 from tests.test_distributed import write_subject
 
 ROOT = Path(__file__).resolve().parent.parent

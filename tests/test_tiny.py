@@ -14,7 +14,6 @@ from minidream.checkpoint import load_unet
 from minidream.model import default_model_path, load_model
 from minidream.tiny import WORDS, write_tiny_sdxl
 
-torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "weights" / "tiny-sdxl"
 REAL = ROOT / "configs" / "sdxl-base-1.0"

@@ -31,14 +31,6 @@ sys.path.insert(0, str(ROOT))
 import train as train_cli  # noqa: E402  (the CLI script at the repo root)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny model, a subject folder (3 photos of different sizes) and a shared class folder."""

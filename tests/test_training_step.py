@@ -28,14 +28,6 @@ TINY_SDXL_UNET = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def reference_unet(seed=0, config=TINY_SDXL_UNET) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(**config).eval()

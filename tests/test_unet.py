@@ -10,8 +10,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from minidream.unet import UNet, UNetConfig
-from tests._model_factory import (  # one_cpu_thread: autouse fixture
-    TINY_SD1_UNET, TINY_SD2_UNET, TINY_SDXL_POOLED_DIM, TINY_SDXL_UNET, load_minidream, one_cpu_thread, perturb_,
+from tests._model_factory import (
+    TINY_SD1_UNET, TINY_SD2_UNET, TINY_SDXL_POOLED_DIM, TINY_SDXL_UNET, load_minidream, perturb_,
     rel_err, save_diffusers, sdxl_config,
 )
 

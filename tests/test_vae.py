@@ -10,8 +10,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from minidream.vae import VAE, VAEConfig, sample_latent, vae_dtype
-from tests._model_factory import (  # one_cpu_thread: autouse fixture
-    TINY_VAE, load_minidream, one_cpu_thread, rel_err, save_diffusers, sdxl_config,
+from tests._model_factory import (
+    TINY_VAE, load_minidream, rel_err, save_diffusers, sdxl_config,
 )
 
 TOL = 1e-5
