@@ -144,6 +144,17 @@ def paired_ratio(ours: list[dict], reference: list[dict], key: str) -> float:
     return statistics.median(a[key] / b[key] for a, b in zip(ours, reference, strict=True))
 
 
+def noise_note(cases: dict[str, list[dict]], key: str, limit: float = 1.25) -> str:
+    """"" when every case's slowest repeat is within `limit` x its fastest; else a warning naming
+    the spreads, to print next to a verdict: such a run says little, run it again when quieter."""
+    wide = {name: max(r[key] for r in runs) / min(r[key] for r in runs) for name, runs in cases.items()}
+    wide = {name: w for name, w in wide.items() if w > limit}
+    if not wide:
+        return ""
+    spreads = ", ".join(f"{name} max/min {w:.2f}" for name, w in wide.items())
+    return f" [noisy run ({spreads}): not conclusive]"
+
+
 def spread(runs: list[dict], key: str) -> str:
     """min..max of one figure over the repeats, for the table (shows how noisy the machine was)."""
     values = [r[key] for r in runs]

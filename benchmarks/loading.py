@@ -274,7 +274,8 @@ def main() -> None:
         verdicts.append(f"- {name}: peak RSS {peak:.2f} GiB {'<=' if peak <= goal_rss else '>'} "
                         f"{goal_rss:.2f} GiB (1.25 x weights): {'met' if peak <= goal_rss else 'NOT met'}; "
                         f"faster than {versus}: ready ratio {ready:.2f} ({'met' if ready < 1 else 'NOT met'}), "
-                        f"whole process ratio {process:.2f} ({'met' if process < 1 else 'NOT met'})")
+                        f"whole process ratio {process:.2f} ({'met' if process < 1 else 'NOT met'})"
+                        + harness.noise_note({name: r, versus: runs[versus]}, "ready_s"))
     print("\n".join(verdicts))
     if args.no_write:
         return

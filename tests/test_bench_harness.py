@@ -63,3 +63,10 @@ def test_paired_ratio_cancels_load_shared_by_a_round():
     ours = [{"s": 0.9}, {"s": 9.0}, {"s": 0.9}]
     ref = [{"s": 1.0}, {"s": 10.0}, {"s": 1.0}]
     assert harness.paired_ratio(ours, ref, "s") == pytest.approx(0.9)
+
+
+def test_noise_note_flags_only_wide_spreads():
+    quiet = {"ours": [{"s": 1.0}, {"s": 1.1}], "ref": [{"s": 2.0}, {"s": 2.2}]}
+    assert harness.noise_note(quiet, "s") == ""
+    busy = {"ours": [{"s": 1.0}, {"s": 3.0}], "ref": [{"s": 2.0}, {"s": 2.2}]}
+    assert "ours max/min 3.00" in harness.noise_note(busy, "s") and "ref" not in harness.noise_note(busy, "s")
