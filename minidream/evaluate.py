@@ -38,8 +38,8 @@ from minidream import metrics
 from minidream.data import Subject, load_subject, open_rgb
 from minidream.eval_prompts import custom_prompts, dreambooth_prompts, subject_kind
 from minidream.files import image_grid, save_png, write_json, write_text
+from minidream.runs import LORA_FILE
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # what a run folder's final LoRA is called (training.py)
 ADAPTER = "evaluated"  # the adapter name the LoRA is loaded under while it is evaluated
 THUMB = 256  # grid tiles, px
 PAPER = ("Paper (Ruiz et al. 2022, Table 1), DreamBooth on Stable Diffusion: DINO 0.668, CLIP-I 0.803, "
@@ -156,12 +156,12 @@ def file_id(path: Path | None) -> str:
 
 
 def initial_noise(model, seeds: list[int], size: int) -> torch.Tensor:
-    """x_T for each seed, drawn exactly as pipeline.sample_latents draws it for a batch of one
-    (one CPU generator per seed, in the text encoders' dtype); (len(seeds), 4, size/8, size/8)."""
+    """x_T for each seed, drawn exactly as pipeline.sample_latents draws it for a batch of one,
+    so an image does not depend on the batch it was made in; (len(seeds), 4, size/8, size/8)."""
+    from minidream.pipeline import initial_noise as draw
+
     dtype = next(model.text.output_encoder.parameters()).dtype
-    shape = (1, model.unet.config.in_channels, size // model.vae_scale, size // model.vae_scale)
-    return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=dtype)
-                      for s in seeds])
+    return torch.cat([draw(model, 1, size, size, torch.Generator("cpu").manual_seed(s), dtype) for s in seeds])
 
 
 def samples(model, prompt: str, paths: list[Path], seeds: list[int], meta: dict[str, str],
@@ -328,17 +328,14 @@ def run(targets: list[Target], s: Settings, out: Path, *, model_path=None, clip_
     return rows
 
 
-def train_pair(subject: str, out: str, model: str | None = None, seed: int = 0) -> tuple[Path, Path]:
-    """WIRE (issue 8 item 3): train the subject with and without prior preservation, return both
-    run folders. Written against the training branch's draft API (TrainConfig(subject, out, model,
-    seed, prior) and train(cfg) -> run folder); untested until minidream.training is merged."""
-    try:
-        from minidream.training import TrainConfig, train
-    except ImportError:
-        raise SystemExit("--train-pair needs minidream.training (train.py), not in this checkout yet: train the "
-                         "subject twice with train.py (prior preservation on, then off) and pass the two run "
-                         "folders with --prior RUN --no-prior RUN") from None
-    runs = [train(TrainConfig(subject=subject, out=out, model=model, seed=seed, prior=p)) for p in (True, False)]
+def train_pair(subject: str, out: str, model: str | None = None, seed: int = 0, **settings) -> tuple[Path, Path]:
+    """Issue 8's experiment from scratch: train the subject with and without prior preservation
+    (train.py's defaults, or `settings`: any TrainConfig field) and return the two run folders."""
+    from minidream.train_config import TrainConfig
+    from minidream.training import train
+
+    runs = [train(TrainConfig(subject=subject, out=out, model=model, seed=seed, prior=p, **settings))
+            for p in (True, False)]
     return runs[0], runs[1]
 
 
@@ -349,7 +346,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--subject", help="subject folder: the real photos (+ subject.json)")
     p.add_argument("--prior", help="run folder or LoRA trained WITH prior preservation (8-row experiment)")
     p.add_argument("--no-prior", dest="no_prior", help="run folder or LoRA trained WITHOUT it")
-    p.add_argument("--train-pair", action="store_true", help="train both first (needs train.py, see train_pair)")
+    p.add_argument("--train-pair", action="store_true", help="train the subject with and without prior preservation first (train.py defaults)")
     p.add_argument("--sampler", nargs="+", choices=["ddim", "pndm", "euler"],
                    help="default: ddim (experiment: ddim pndm)")
     p.add_argument("--steps", nargs="+", type=int, help="default: 50 (experiment: 50 80)")

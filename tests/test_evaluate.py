@@ -153,3 +153,17 @@ def test_bad_input_is_named(setup, tmp_path):
         evaluate.main(["--lora", str(setup["prior"]), *tiny_args(setup, tmp_path)])
     with pytest.raises(FileNotFoundError, match="config.json"):
         evaluate.main([str(tmp_path), *tiny_args(setup, tmp_path)])
+
+
+def test_train_pair_then_experiment(setup, tmp_path):
+    """Issue 8 item 3 from scratch: train with and without prior preservation, then the 8-row table."""
+    tiny = dict(steps=2, num_class_images=2, class_steps=2, validate_every=0, save_every=0, device="cpu",
+                resolution=64)
+    prior_run, no_prior_run = evaluate.train_pair(str(setup["subject"]), str(tmp_path / "runs"),
+                                                  str(setup["model"]), **tiny)
+    assert json.loads((prior_run / "config.json").read_text())["prior"] is True
+    assert json.loads((no_prior_run / "config.json").read_text())["prior"] is False
+    rows = evaluate.main(["--prior", str(prior_run), "--no-prior", str(no_prior_run), "--steps", "2", "3",
+                          *tiny_args(setup, tmp_path / "exp")])
+    assert [(r.prior, r.sampler, r.steps) for r in rows] == [(p, s, n) for p in (True, False)
+                                                             for s in ("ddim", "pndm") for n in (2, 3)]
