@@ -1,6 +1,7 @@
-"""Does the T4 memory planner count right? Its fake-tensor accounting vs a real step's memory, on the CPU.
+"""Does the T4 memory planner count right? Its fake-tensor accounting vs a real step's memory, on the CPU;
+then the planner's T4 predictions for the runs README quotes.
 
-    python -m benchmarks.planner_validation [--latent 96] [--threads 2]
+    python -m benchmarks.planner_validation [--latent 96] [--threads 2] [--skip-validation] [--skip-plans]
 
 No GPU here, so the planner's method is checked where the real thing can run: the CPU. For a
 mid-size SDXL-shaped UNet (benchmarks/training_step.py's config) and a few settings (LoRA / full,
@@ -19,6 +20,10 @@ bf16 / fp32, checkpointing on / off), each in a fresh process:
 Compared: that increment against the planner's (its peak - the weights and optimizer states held
 before the step). The weights themselves are left out of the comparison because they are easy:
 counting them right would flatter the agreement. Goal (issue 7): within 15%.
+
+Then `train.py --plan` for: the default SDXL LoRA recipe, the same with an fp16-fix VAE, with LoRA on
+both text encoders, and full fine-tuning of SD 1.5, SD 2.1 and SDXL (configs/ holds their
+config.json files), written to RESULTS.md as one table.
 """
 
 from __future__ import annotations
@@ -43,6 +48,20 @@ CASES = {  # name -> (method, precision, gradient checkpointing)
     "full-bf16-ckpt": ("full", "bf16", True),
 }
 ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # see the docstring
+REPO = Path(__file__).resolve().parent.parent
+SDXL = "configs/sdxl-base-1.0"
+PLANS = [  # (what, train.py flags after --plan, TrainConfig settings)
+    ("SDXL LoRA, default T4 recipe", "--model configs/sdxl-base-1.0", dict(model=SDXL)),
+    ("SDXL LoRA, default recipe + an fp16-fix VAE", "--model configs/sdxl-base-1.0 --vae FP16_FIX_VAE",
+     dict(model=SDXL, vae="fp16-fix")),
+    ("SDXL LoRA on UNet + both text encoders", "--model configs/sdxl-base-1.0 --train-text-encoder",
+     dict(model=SDXL, train_text_encoder=True)),
+    ("SD 1.5 full fine-tuning (512 px)", "--model configs/sd-1.5 --method full",
+     dict(model="configs/sd-1.5", method="full")),
+    ("SD 2.1 full fine-tuning (768 px)", "--model configs/sd-2.1 --method full",
+     dict(model="configs/sd-2.1", method="full")),
+    ("SDXL full fine-tuning (1024 px)", "--model configs/sdxl-base-1.0 --method full", dict(model=SDXL, method="full")),
+]
 
 
 def mid_configs() -> dict:
@@ -100,13 +119,15 @@ def child(case: str, side: str, latent: int, threads: int) -> dict:
     scaler = make_grad_scaler(precision)
     alphas = memory.alphas_cumprod(model.schedule)
     g = torch.Generator().manual_seed(0)
-    context, pooled = torch.randn(2, 77, MID_UNET["cross_attention_dim"], generator=g), torch.randn(2, MID_TEXT[1], generator=g)
+    context = torch.randn(2, 77, MID_UNET["cross_attention_dim"], generator=g)
+    pooled = torch.randn(2, MID_TEXT[1], generator=g)
 
     def one_step():
         shape = (2, 4, latent, latent)
         batch = memory.fake_batch(2, 1, (latent, latent), True)  # shapes; values filled below
         batch.latents, batch.noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         batch.timesteps, batch.time_ids = torch.randint(0, 1000, (2,), generator=g), torch.full((2, 6), 1024.0)
+        batch.prompt_index = torch.tensor([0, 1])
         training_step(model.unet, batch, lambda: (context, pooled), alphas, autocast_dtype=precision.autocast_dtype,
                       scaler=scaler)
         apply_gradients(optimizer, method.parameters(), scaler, cfg.max_grad_norm)
@@ -119,11 +140,70 @@ def child(case: str, side: str, latent: int, threads: int) -> dict:
     return {"increment_mib": (rss_kib("VmHWM") - before) / 1024, "rss_before_mib": before / 1024}
 
 
+def fp16_fix_vae(folder: Path) -> Path:
+    """A VAE config like an fp16-fix SDXL VAE's: SDXL's architecture with force_upcast false."""
+    config = json.loads((REPO / SDXL / "vae" / "config.json").read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
+    return folder
+
+
+def plans_section(info: dict) -> str:
+    """`train.py --plan` for PLANS, as a RESULTS.md section."""
+    import tempfile
+
+    from minidream import memory
+    from minidream.train_config import TrainConfig
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for what, flags, settings in PLANS:
+            if settings.get("vae") == "fp16-fix":
+                settings = {**settings, "vae": str(fp16_fix_vae(Path(tmp) / "vae"))}
+            plan = memory.plan_training(TrainConfig(**{**settings, "model": str(REPO / settings["model"])}))
+            s, (phase, peak) = plan.step, plan.worst()
+            step_total = s.peak + memory.margin(s.peak)
+            verdict = "yes" if plan.fits else f"no, {plan.predicted / memory.GiB - memory.T4_USABLE_GIB:.1f} GiB over"
+            rows.append([what, f"`{flags}`", f"{s.peak / memory.GiB:.2f}", f"{step_total / memory.GiB:.2f}",
+                         phase, f"{plan.predicted / memory.GiB:.2f}", verdict,
+                         f"{s.flops / 1e12:.1f}", f"{memory.seconds_per_step(s.flops)[1]:.1f}"])
+            print(rows[-1])
+    table = harness.markdown_table(["run", "python train.py --plan ...", "step peak allocated GiB",
+                                    "step predicted GiB", "largest phase of the run", "run predicted GiB",
+                                    "fits a T4 (15.0 GiB)", "TFLOP / step", "est. s/step on a T4"], rows)
+    return f"""## T4 memory plans (`train.py --plan`)
+
+Command: `{harness.command_line()}` (each row is also `python train.py --plan` with the flags shown)
+
+{harness.machine_lines(info)}
+
+Every setting not shown is the T4 recipe: 1 subject + 1 class image per step, fp16 (autocast, loss
+scaling), gradient checkpointing, 8-bit AdamW, cached latents and text, resolution = the model's
+(SDXL 1024, SD 2.1 768, SD 1.5 512 px), LoRA rank 4, validation grids and class images generated on
+the GPU. "step": one training step (forward + backward, or the optimizer step if larger), run on fake
+tensors under CUDA's autocast policy; "allocated" = what torch.cuda.max_memory_allocated would report;
+"predicted" adds the stated margin (0.6 GiB CUDA context and workspaces + 10% allocator
+fragmentation: assumptions). "run": the largest phase of the whole run, including the latent cache (VAE
+encode), class images and validation grids (UNet with guidance, VAE decode) with every model part on
+the GPU, as train.py does. FP16_FIX_VAE: a VAE folder whose config says force_upcast false (e.g.
+madebyollin/sdxl-vae-fp16-fix); here a copy of SDXL's VAE config with that flag. Attention: SDPA's
+memory-efficient kernel on a T4 (never the L x L scores; the fake run used the fused CPU flash kernel,
+which keeps the same tensors). s/step: FLOPs / (30% of the T4's 65 TFLOP/s fp16 peak), an assumption.
+
+{table}
+
+Issue 7 targets for the default recipe: predicted peak <= 10 GiB (moonshot <= 8 GiB); issue 10: full
+fine-tuning of SD 1.5 / SD 2.1 fits a T4, SDXL does not (by how much: the last row).
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latent", type=int, default=96, help="latent side (image side / 8) [%(default)s]")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--skip-validation", action="store_true")
+    parser.add_argument("--skip-plans", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -132,6 +212,21 @@ def main() -> None:
         return
     info = harness.machine(args.threads)
     print(harness.machine_lines(info))
+    if not args.skip_validation:
+        body = validation_section(args, info)
+        if not args.no_write:
+            harness.write_section("planner-validation", body)
+    if not args.skip_plans:
+        body = plans_section(info)
+        print(body)
+        if not args.no_write:
+            harness.write_section("t4-plans", body)
+    if not args.no_write:
+        print(f"wrote {harness.RESULTS}")
+
+
+def validation_section(args, info: dict) -> str:
+    """Run CASES (predicted and measured, each in a fresh process); the RESULTS.md section."""
     rows, verdicts = [], []
     for case in args.cases:
         figures = {side: harness.run_child(["-m", "benchmarks.planner_validation", "--latent", str(args.latent),
@@ -150,9 +245,7 @@ def main() -> None:
                "error"]
     table = harness.markdown_table(headers, rows)
     print(table)
-    if args.no_write:
-        return
-    body = f"""## Planner validation: fake-tensor accounting vs a real step's memory (CPU)
+    return f"""## Planner validation: fake-tensor accounting vs a real step's memory (CPU)
 
 Command: `{harness.command_line()}`
 
@@ -175,8 +268,6 @@ increment is the larger of its forward + backward and optimizer-step increments.
 Goal (issue 7): agreement within 15%.
 {chr(10).join(verdicts)}
 """
-    harness.write_section("planner-validation", body)
-    print(f"wrote {harness.RESULTS}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,9 @@ def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_val=No
     return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
 
 
+_cpu_attention_flops._get_raw = _cpu_attention_backward_flops._get_raw = True  # take tensors (FlopCounterMode)
+
+
 # torch.utils.flop_counter's formulas (matmuls, convolutions, GPU attention kernels), plus the CPU
 # flash-attention ops it does not know, which cost what any exact attention costs. (Its
 # FlopCounterMode is not used: its module tracker keeps tensors alive and would inflate the count.)

@@ -35,6 +35,8 @@ MARGIN_FIXED_GIB = 0.6  # assumed: CUDA context (~0.4 GiB with lazy module loadi
 MARGIN_FRACTION = 0.10  # assumed: caching-allocator fragmentation (reserved - allocated) as a fraction of the peak
 T4_FP16_TFLOPS = 65.0  # T4 datasheet: fp16 tensor-core peak (fp32 accumulate)
 T4_EFFICIENCY = (0.25, 0.30, 0.35)  # assumed fraction of that peak a training step sustains (low, mid, high)
+T4_BANDWIDTH = 320e9  # bytes/s (datasheet): the optimizer step is memory-bound, not FLOP-bound
+OPTIMIZER_BYTES_PER_VALUE = 24  # ~ unscale (read + write grad) + clip (read grad) + Adam (param, grad, moments)
 ATTENTION_NOTE = ("a T4 (Turing, sm_75) has no FlashAttention-2: torch's SDPA runs its memory-efficient kernel, "
                   "which keeps the output and one logsumexp per query for backward and never materialises the "
                   "(B, heads, L, L) scores")
@@ -45,7 +47,8 @@ ATTENTION_NOTE = ("a T4 (Turing, sm_75) has no FlashAttention-2: torch's SDPA ru
 def read_configs(path) -> dict:
     """{"unet", "vae", "text_encoder", ["text_encoder_2"], "scheduler"} config dicts of a diffusers folder
     (config.json files are enough: no weights needed) or of a single file (tensor headers only)."""
-    from minidream.checkpoint import CheckpointError, detect, text_encoder_parts, text_encoder_weights, unet_weights, vae_weights
+    from minidream.checkpoint import (CheckpointError, detect, text_encoder_parts, text_encoder_weights, unet_weights,
+                                      vae_weights)
 
     path = Path(path)
     if path.is_dir():
@@ -68,6 +71,17 @@ def read_configs(path) -> dict:
     return configs
 
 
+def read_vae_config(path) -> dict:
+    """The VAE config of --vae: a VAE folder, a model folder, or a single file (header only)."""
+    from minidream.checkpoint import vae_weights
+
+    path = Path(path)
+    for file in (path / "config.json", path / "vae" / "config.json"):
+        if file.is_file():
+            return json.loads(file.read_text())
+    return vae_weights(path, expect=None)[0]
+
+
 def meta_model(configs: dict, weight_dtype: torch.dtype, vae_dtype_wanted: torch.dtype):
     """A minidream Model whose parameters live on `meta` in the dtypes load_model would give them."""
     from minidream.checkpoint import build_text_encoder, build_unet, build_vae
@@ -78,13 +92,15 @@ def meta_model(configs: dict, weight_dtype: torch.dtype, vae_dtype_wanted: torch
 
     with parameters_on_meta():
         unet, vae = build_unet(configs["unet"]), build_vae(configs["vae"])
-        encoders = [build_text_encoder(configs[p]) if p in configs else None for p in ("text_encoder", "text_encoder_2")]
+        encoders = [build_text_encoder(configs[p]) if p in configs else None
+                    for p in ("text_encoder", "text_encoder_2")]
     unet.to(weight_dtype).eval().requires_grad_(False)
     vae.to(vae_dtype(vae.config, vae_dtype_wanted)).eval().requires_grad_(False)
     for enc in encoders:
         if enc is not None:
             enc.to(weight_dtype).eval().requires_grad_(False)
-    text = TextEncoders(ShapeTokenizer(), encoders[0], ShapeTokenizer() if encoders[1] is not None else None, encoders[1])
+    text = TextEncoders(ShapeTokenizer(), encoders[0], ShapeTokenizer() if encoders[1] is not None else None,
+                        encoders[1])
     schedule = {k: v for k, v in configs["scheduler"].items() if k in ScheduleConfig.__dataclass_fields__}
     return Model(unet, vae, text, ScheduleConfig(**schedule))
 
@@ -100,7 +116,9 @@ def t4_precision(requested: str) -> tuple[Precision, str]:
 
 
 def modules_of(model, text: bool = True, vae: bool = False) -> list[torch.nn.Module]:
-    parts = [model.unet] + ([model.text.text_encoder, model.text.text_encoder_2] if text else []) + ([model.vae] if vae else [])
+    """The model's parts on the GPU: the UNet, the text encoders if `text`, the VAE if `vae`."""
+    parts = [model.unet, *([model.text.text_encoder, model.text.text_encoder_2] if text else []),
+             *([model.vae] if vae else [])]
     return [m for m in parts if m is not None]
 
 
@@ -277,6 +295,8 @@ def plan_training(cfg) -> MemoryPlan:
                             "few KB; its memory is that of LoRA with --train-text-encoder)")
     cfg = replace(cfg)
     configs = read_configs(cfg.model)
+    if cfg.vae:  # e.g. an fp16-fix VAE, which runs in fp16 instead of fp32
+        configs["vae"] = read_vae_config(cfg.vae)
     scale = 2 ** (len(configs["vae"].get("block_out_channels", (0,) * 4)) - 1)
     notes = [n for n in [fill_defaults(cfg, (configs["unet"].get("sample_size") or 64) * scale)] if n]
     check_config(cfg)
@@ -302,9 +322,10 @@ def plan_training(cfg) -> MemoryPlan:
     what = f"LoRA rank {cfg.rank}" if cfg.method == "lora" else "full fine-tuning (fp32 master weights)"
     text = ("text encoders trained" + (" (LoRA)" if cfg.method == "lora" else "")) if cfg.train_text_encoder \
         else "text cached"
-    title = (f"{family} from {cfg.model}: {what}, {cfg.resolution} px, batch {cfg.batch_size}"
-             f"{' + ' + str(cfg.batch_size) + ' class' if cfg.prior else ''}, {precision.name}, gradient checkpointing "
-             f"{'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer}, {text}, grad accumulation {cfg.grad_accum}")
+    classes = f" + {cfg.batch_size} class" if cfg.prior else ""
+    title = (f"{family} from {cfg.model}: {what}, {cfg.resolution} px, batch {cfg.batch_size}{classes}, "
+             f"{precision.name}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
+             f"{cfg.optimizer}, {text}, grad accumulation {cfg.grad_accum}")
     return MemoryPlan(title, step, phases, notes)
 
 
@@ -340,6 +361,8 @@ def format_plan(plan: MemoryPlan) -> str:
                if plan.fits else f"does NOT fit a T4 ({T4_USABLE_GIB} GiB usable): "
                f"{plan.predicted / GiB - T4_USABLE_GIB:.1f} GiB too much")
     low, mid, high = seconds_per_step(s.flops)
+    optimizer_s = s.trained / 4 * OPTIMIZER_BYTES_PER_VALUE / T4_BANDWIDTH
+    optimizer_note = f", + {optimizer_s:.2f} s for the memory-bound optimizer step" if optimizer_s >= 0.01 else ""
     lines += ["", f"GiB: bytes allocated at the peak (what torch.cuda.max_memory_allocated reports); predicted: + "
               f"{MARGIN_FIXED_GIB} GiB (assumed CUDA context, cuBLAS/cuDNN workspaces) + {MARGIN_FRACTION:.0%} "
               "(assumed allocator fragmentation)",
@@ -348,7 +371,7 @@ def format_plan(plan: MemoryPlan) -> str:
               f"time: {s.flops / 1e12:.1f} TFLOP per optimizer step (forward, checkpoint recomputation, backward) "
               f"-> about {mid:.1f} s/step on a T4 at {T4_EFFICIENCY[1]:.0%} of its {T4_FP16_TFLOPS:.0f} TFLOP/s fp16 "
               f"peak ({high:.1f}..{low:.1f} s at {T4_EFFICIENCY[2]:.0%}..{T4_EFFICIENCY[0]:.0%}; an assumed "
-              "efficiency, not a measurement)"]
+              f"efficiency, not a measurement){optimizer_note}"]
     return "\n".join(lines)
 
 

@@ -91,3 +91,22 @@ def test_plan_cli(config_only, capsys):
     assert "T4 memory plan" in capsys.readouterr().out
     with pytest.raises(TrainingError, match="textual"):
         memory.plan_training(TrainConfig(model=str(config_only), method="textual-inversion"))
+
+
+def test_flop_count_equals_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minidream.fake_run import FLOP_FORMULAS
+    from minidream.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, heads=2, head_dim=32, context_dim=48)
+    x, ctx = torch.randn(2, 16, 64, requires_grad=True), torch.randn(2, 7, 48)
+    cpu_attention = {op: f for op, f in FLOP_FORMULAS.items() if "for_cpu" in str(op)}
+    reference, counter = FlopCounterMode(display=False, custom_mapping=cpu_attention), ByteCounter()
+    with reference:
+        attn(x, ctx).sum().backward()
+    with counter:
+        attn(x, ctx).sum().backward()
+    # forward: q, k, v, out projections + attention; backward: about twice that
+    assert counter.flops == reference.get_total_flops() > 3 * 2 * 2 * 16 * 64 * 64
