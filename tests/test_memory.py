@@ -73,21 +73,33 @@ def test_plan_of_the_tiny_model_from_its_configs_alone(config_only):
     assert "fits a T4" in text and "s/step" in text
 
 
+def step_plan(cfg: TrainConfig) -> memory.StepMemory:
+    """Only the training step of plan_training (no sampling phases): cheaper for the tests."""
+    from minidream.methods import build_method
+    from minidream.train_config import fill_defaults
+
+    fill_defaults(cfg, 64)
+    precision, _ = memory.t4_precision(cfg.precision)
+    model = memory.meta_model(memory.read_configs(cfg.model), precision.weight_dtype, precision.weight_dtype)
+    return memory.plan_step(model, build_method(model, cfg, "sks", "person"), cfg, precision, fake_tensors())
+
+
 def test_text_encoder_lora_and_full_fine_tuning_cost_more(config_only):
-    base = dict(model=str(config_only), resolution=64, gradient_checkpointing=False, prior=False, validate_every=0)
-    lora = memory.plan_training(TrainConfig(**base)).step
-    text = memory.plan_training(TrainConfig(**base, train_text_encoder=True)).step
-    full = memory.plan_training(TrainConfig(**base, method="full")).step
+    base = dict(model=str(config_only), resolution=64, gradient_checkpointing=False)
+    lora = step_plan(TrainConfig(**base))
+    text = step_plan(TrainConfig(**base, train_text_encoder=True))
+    full = step_plan(TrainConfig(**base, method="full"))
     assert text.frozen > lora.frozen and text.trained > lora.trained  # encoders on the GPU, their adapters train
     assert full.frozen == 0 and full.trained == 2 * lora.frozen  # the whole UNet, fp32 instead of fp16
     model = memory.meta_model(memory.read_configs(config_only), torch.float16, torch.float16)
     assert full.optimizer_states == optimizer_state_bytes(list(model.unet.parameters()), "adamw8bit")
+    assert full.activations > lora.activations  # the autocast cache holds fp16 copies of every fp32 weight
 
 
 def test_plan_cli(config_only, capsys):
     import train
 
-    assert train.main(["--model", str(config_only), "--plan", "--resolution", "64"]) == 0
+    assert train.main(["--model", str(config_only), "--plan", "--no-prior", "--validate-every", "0"]) == 0
     assert "T4 memory plan" in capsys.readouterr().out
     with pytest.raises(TrainingError, match="textual"):
         memory.plan_training(TrainConfig(model=str(config_only), method="textual-inversion"))
