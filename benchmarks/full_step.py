@@ -1,6 +1,6 @@
 """Benchmark d (slow): one LoRA training step of the full-size SDXL UNet at 512 px, bf16, on the CPU.
 
-    python -m benchmarks.full_step [--rounds 2] [--steps 1] [--threads 2]
+    python -m benchmarks.full_step [--rounds 3] [--steps 2] [--threads 2]
 
 The real SDXL base UNet (configs/sdxl-base-1.0/unet/config.json, 2.567 B parameters) with
 deterministic random bf16 weights (every tensor drawn from a generator seeded by its name, so both
@@ -136,8 +136,8 @@ def count_flops() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=1, help="timed steps per process, after its warm-up step")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per process, after its warm-up step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--child", choices=["minidream", "diffusers"], help=argparse.SUPPRESS)
