@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "settings; only --steps, --save-every, --validate-every, --keep-checkpoints, --log-every, "
                    "--device, --cpu-threads may change)")
     g.add_argument("--device", help="cuda, cuda:1, cpu, ... [cuda if available]")
+    g.add_argument("--plan", action="store_true",
+                   help="print the predicted peak GPU memory of this run on a 16 GB T4 and exit: one training step "
+                   "runs on fake tensors, so a model folder with only its config.json files is enough")
     g.add_argument("--cpu-threads", type=int, help="torch CPU threads [torch's default; tiny model: 1, faster "
                    "for its tiny tensors]")
 
@@ -133,7 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**vars(args))
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k != "plan"})
+
+
+def plan(cfg: TrainConfig) -> None:
+    """--plan: the T4 memory planner (minidream/memory.py) instead of training."""
+    from minidream.memory import default_plan_model, format_plan, plan_training
+
+    cfg.model = cfg.model or default_plan_model()
+    print(format_plan(plan_training(cfg)))
 
 
 def short_warning(message, category, filename, lineno, line=None) -> str:
@@ -155,6 +166,9 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 prints (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")
     try:
+        if args.plan:
+            plan(config_from_args(args))
+            return 0
         train(config_from_args(args))
     except (DataError, TrainingError, CheckpointError, TokenizerNotFoundError, LoRAMismatchError,
             EmbeddingFileError) as e:

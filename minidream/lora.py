@@ -138,10 +138,16 @@ class LoRALayer:
         """out + sum over active adapters of scaling * B(A(dropout(x))) (nothing when merged)."""
         if self.merged:
             return out  # the active adapters are already inside self.weight
+        autocast = torch.is_autocast_enabled(x.device.type)
         for name in self.active_adapters:
             down, up = self.lora_A[name], self.lora_B[name]
-            h = F.dropout(x.to(down.dtype), self.lora_dropout[name], self.training)
-            out = out + (self._lora_path(h, down, up) * self.scaling(name)).to(out.dtype)
+            # Under autocast the matmuls choose their own dtype: casting x to the fp32 adapter first
+            # would only be cast straight back (two copies of x, the same numbers).
+            h = F.dropout(x if autocast else x.to(down.dtype), self.lora_dropout[name], self.training)
+            delta, s = self._lora_path(h, down, up), self.scaling(name)
+            if s != 1.0:  # alpha = rank, the default, gives 1: no pass over the output for it
+                delta = delta * s
+            out = out + delta.to(out.dtype)
         return out
 
     @torch.no_grad()

@@ -1,0 +1,385 @@
+"""The T4 memory planner: will this training run fit a 16 GB GPU?  (`python train.py ... --plan`)
+
+It runs the real code on fake tensors (fake_run.py: shapes and dtypes, no data, no compute), with
+the model built from its config.json files alone, so a user can check before downloading 7 GB:
+
+    model configs -> meta-device model in the run's dtypes -> the method (LoRA / full) set up on it
+    -> fake CPU tensors -> step.training_step (forward, loss, backward; the same function train()
+       calls) under CUDA's autocast policy, counting the bytes alive at every op
+    -> + optimizer states and the optimizer step (bitsandbytes cannot run on fake tensors: counted
+       from optim.optimizer_state_bytes, which matches AdamW8bit byte for byte)
+    -> + a stated margin -> compared with what a T4 offers
+
+The other phases of a run that put weights on the GPU are planned the same way: encoding the
+latent cache (everything loaded, VAE encode), generating class images and validation grids (UNet
+with guidance, batch 2, then a VAE decode). The time per step is estimated from the step's FLOPs
+(torch.utils.flop_counter) at an assumed fraction of the T4's fp16 tensor-core peak.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from minidream.fake_run import (ByteCounter, ShapeTokenizer, count_gradients, cuda_autocast_policy, fake_tensors,
+                                materialize)
+from minidream.optim import DTYPES, Precision, optimizer_state_bytes
+from minidream.schedule import ScheduleConfig, alphas_cumprod
+
+GiB = 2**30
+T4_USABLE_GIB = 15.0  # a T4's 16 GB is 15360 MiB as nvidia-smi reports it; the CUDA context comes out of it
+MARGIN_FIXED_GIB = 0.6  # assumed: CUDA context (~0.4 GiB with lazy module loading) + cuBLAS/cuDNN workspaces
+MARGIN_FRACTION = 0.10  # assumed: caching-allocator fragmentation (reserved - allocated) as a fraction of the peak
+T4_FP16_TFLOPS = 65.0  # T4 datasheet: fp16 tensor-core peak (fp32 accumulate)
+T4_EFFICIENCY = (0.25, 0.30, 0.35)  # assumed fraction of that peak a training step sustains (low, mid, high)
+T4_BANDWIDTH = 320e9  # bytes/s (datasheet): the optimizer step is memory-bound, not FLOP-bound
+OPTIMIZER_BYTES_PER_VALUE = 24  # ~ unscale (read + write grad) + clip (read grad) + Adam (param, grad, moments)
+ATTENTION_NOTE = ("a T4 (Turing, sm_75) has no FlashAttention-2: torch's SDPA runs its memory-efficient kernel, "
+                  "which keeps the output and one logsumexp per query for backward and never materialises the "
+                  "(B, heads, L, L) scores")
+
+
+# ----------------------------------------------------------------------------- the model, on meta
+
+def read_configs(path) -> dict:
+    """{"unet", "vae", "text_encoder", ["text_encoder_2"], "scheduler"} config dicts of a diffusers folder
+    (config.json files are enough: no weights needed) or of a single file (tensor headers only)."""
+    from minidream.checkpoint import (CheckpointError, detect, text_encoder_parts, text_encoder_weights, unet_weights,
+                                      vae_weights)
+
+    path = Path(path)
+    if path.is_dir():
+        configs = {}
+        for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            file = path / part / "config.json"
+            if file.is_file():
+                configs[part] = json.loads(file.read_text())
+        scheduler = path / "scheduler" / "scheduler_config.json"
+        configs["scheduler"] = json.loads(scheduler.read_text()) if scheduler.is_file() else {}
+        missing = [p for p in ("unet", "vae", "text_encoder") if p not in configs]
+        if missing:
+            raise CheckpointError(f"{path} lacks {', '.join(p + '/config.json' for p in missing)}: the planner needs "
+                                  "the config.json files of a diffusers folder (the weights are not needed)")
+        return configs
+    info = detect(path)  # a single file: configs follow from the tensor shapes in its header
+    configs = {"unet": unet_weights(path, expect=None)[0], "vae": vae_weights(path, expect=None)[0], "scheduler": {}}
+    for part in text_encoder_parts(path):
+        configs[part] = text_encoder_weights(path, part, expect=info.family or None)[0]
+    return configs
+
+
+def read_vae_config(path) -> dict:
+    """The VAE config of --vae: a VAE folder, a model folder, or a single file (header only)."""
+    from minidream.checkpoint import vae_weights
+
+    path = Path(path)
+    for file in (path / "config.json", path / "vae" / "config.json"):
+        if file.is_file():
+            return json.loads(file.read_text())
+    return vae_weights(path, expect=None)[0]
+
+
+def meta_model(configs: dict, weight_dtype: torch.dtype, vae_dtype_wanted: torch.dtype):
+    """A minidream Model whose parameters live on `meta` in the dtypes load_model would give them."""
+    from minidream.checkpoint import build_text_encoder, build_unet, build_vae
+    from minidream.loading import parameters_on_meta
+    from minidream.model import Model
+    from minidream.text import TextEncoders
+    from minidream.vae import vae_dtype
+
+    with parameters_on_meta():
+        unet, vae = build_unet(configs["unet"]), build_vae(configs["vae"])
+        encoders = [build_text_encoder(configs[p]) if p in configs else None
+                    for p in ("text_encoder", "text_encoder_2")]
+    unet.to(weight_dtype).eval().requires_grad_(False)
+    vae.to(vae_dtype(vae.config, vae_dtype_wanted)).eval().requires_grad_(False)
+    for enc in encoders:
+        if enc is not None:
+            enc.to(weight_dtype).eval().requires_grad_(False)
+    text = TextEncoders(ShapeTokenizer(), encoders[0], ShapeTokenizer() if encoders[1] is not None else None,
+                        encoders[1])
+    schedule = {k: v for k, v in configs["scheduler"].items() if k in ScheduleConfig.__dataclass_fields__}
+    return Model(unet, vae, text, ScheduleConfig(**schedule))
+
+
+def t4_precision(requested: str) -> tuple[Precision, str]:
+    """optim.resolve_precision for a T4, decided here (this machine may have no GPU), on the fake CPU device."""
+    note = ""
+    if requested == "bf16":
+        requested, note = "fp16", "a T4 has no native bf16: planned in fp16 with loss scaling, as train.py would run"
+    dtype = DTYPES[requested]
+    return Precision(requested, torch.device("cpu"), dtype, None if requested == "fp32" else dtype,
+                     requested == "fp16"), note
+
+
+def modules_of(model, text: bool = True, vae: bool = False) -> list[torch.nn.Module]:
+    """The model's parts on the GPU: the UNet, the text encoders if `text`, the VAE if `vae`."""
+    parts = [model.unet, *([model.text.text_encoder, model.text.text_encoder_2] if text else []),
+             *([model.vae] if vae else [])]
+    return [m for m in parts if m is not None]
+
+
+def tensor_bytes(modules, params=None) -> int:
+    """Bytes of the parameters and buffers of `modules` (of `params` only, when given)."""
+    tensors = params if params is not None else [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+# ----------------------------------------------------------------------------- one fake step
+
+@dataclass
+class StepMemory:
+    """Bytes of one training step at its peak (fake run + optimizer arithmetic)."""
+
+    frozen: int  # frozen weights and buffers on the GPU
+    trained: int  # trained parameters (fp32)
+    gradients: int  # all gradients (fp32), alive from backward until the optimizer step
+    gradients_at_peak: int  # the part of them already written when the forward/backward peak happened
+    optimizer_states: int  # Adam's moments, alive for the whole run
+    optimizer_temp: int  # temporaries of the optimizer step (torch AdamW's foreach sqrt: 4 bytes per value)
+    activations: int  # activations, saved tensors, autocast weight casts, temporaries, at the peak
+    peak_forward_backward: int  # weights + states + gradients so far + activations
+    peak_optimizer: int  # weights + states + gradients + optimizer temporaries
+    flops: int  # forward + recomputation + backward
+    attention: list = field(default_factory=list)  # which SDPA kernels ran
+
+    @property
+    def peak(self) -> int:
+        return max(self.peak_forward_backward, self.peak_optimizer)
+
+
+def optimizer_temporaries(params, name: str, cuda: bool) -> int:
+    """Bytes the optimizer step allocates on top of weights, gradients and states (read off torch's code).
+
+    torch AdamW runs its foreach implementation on CUDA: one sqrt(v) temporary for ALL trained
+    values at once (4 bytes each); on the CPU it updates one tensor at a time, with two temporaries
+    of the largest tensor's size (sqrt(v), then its quotient). AdamW8bit updates each tensor in place.
+    """
+    if name != "adamw" or not params:
+        return 0
+    return sum(4 * p.numel() for p in params) if cuda else 2 * 4 * max(p.numel() for p in params)
+
+
+def fake_batch(rows: int, num_instance: int, latent: tuple[int, int], sdxl: bool):
+    """A step.Batch of fake tensors with the shapes and dtypes latent_cache.draw_batch returns."""
+    from minidream.step import Batch
+
+    shape = (rows, 4, *latent)
+    return Batch(torch.empty(shape), torch.empty(shape), torch.zeros(rows, dtype=torch.long),
+                 torch.empty(rows, 6) if sdxl else None, torch.zeros(rows, dtype=torch.long), num_instance)
+
+
+def plan_step(model, method, cfg, precision: Precision, fake, block: int = 512, cuda: bool = True) -> StepMemory:
+    """Run step.training_step on fake tensors (inside `fake`) for the model as `method` set it up on meta."""
+    from minidream.step import training_step
+    from minidream.text import encode_text
+
+    trained = method.parameters()
+    trains_text = method.trains_text(cfg)
+    resident = modules_of(model, text=trains_text)  # offload_encoders leaves only these on the GPU
+    states = optimizer_state_bytes(trained, cfg.optimizer)
+    grads = sum(p.numel() * 4 for p in trained)
+    opt_temp = optimizer_temporaries(trained, cfg.optimizer, cuda)
+    alphas = alphas_cumprod(model.schedule)
+    rows, side = cfg.batch_size * (2 if cfg.prior else 1), cfg.resolution // model.vae_scale
+    micro_steps = min(cfg.grad_accum, 2)  # a second micro-batch runs with every gradient already present
+    counter = ByteCounter(block)
+    with fake, counter, cuda_autocast_policy(cuda):
+        for module in resident:
+            materialize(module)
+        hooks = count_gradients(trained, counter)
+        weights = counter.live
+        if trains_text:
+            embed = lambda: encode_text(model.text, ["instance prompt", "class prompt"])  # noqa: E731
+        else:  # the cached prompt table, fp32 as latent_cache keeps it
+            context = torch.empty(2, 77, model.unet.config.cross_attention_dim)
+            pooled = torch.empty(2, model.text.text_encoder_2.config.projection_dim) if model.is_sdxl else None
+            embed = lambda: (context, pooled)  # noqa: E731
+        scaler = torch.amp.GradScaler("cpu", enabled=precision.use_grad_scaler)
+        counter.reset_peak()
+        counter.flops = 0
+        for _ in range(micro_steps):
+            training_step(model.unet, fake_batch(rows, cfg.batch_size, (side, side), model.is_sdxl), embed, alphas,
+                          prediction_type=model.schedule.prediction_type, prior_weight=cfg.prior_weight,
+                          snr_gamma=cfg.snr_gamma, autocast_dtype=precision.autocast_dtype, scaler=scaler,
+                          accumulation=cfg.grad_accum)
+        for h in hooks:
+            h.remove()
+        for p in trained:  # apply_gradients ends with zero_grad(set_to_none=True)
+            p.grad = None
+    grads_at_peak = counter.peak_tagged.get("grad", 0)
+    return StepMemory(
+        frozen=tensor_bytes(resident) - tensor_bytes(resident, trained), trained=tensor_bytes(resident, trained),
+        gradients=grads, gradients_at_peak=grads_at_peak, optimizer_states=states, optimizer_temp=opt_temp,
+        activations=counter.peak - weights - grads_at_peak, peak_forward_backward=counter.peak + states,
+        peak_optimizer=weights + states + grads + opt_temp,
+        flops=counter.flops // micro_steps * cfg.grad_accum, attention=counter.attention_kernels(),
+    )
+
+
+def plan_sampling(model, resolution: int, fake, block: int = 512, extra: int = 0) -> dict[str, int]:
+    """Peaks (bytes) of the phases with every part of the model on the GPU: VAE encode (latent cache),
+    one UNet call with guidance (batch 2: class images, validation grids), VAE decode (one image).
+    `extra`: bytes held besides the model (validation: the optimizer states)."""
+    from minidream.pipeline import unet_closure
+
+    side = resolution // model.vae_scale
+    vae_dtype = next(model.vae.parameters()).dtype
+    counter, peaks = ByteCounter(block), {}
+    with fake, counter, torch.no_grad():
+        for module in modules_of(model, vae=True):
+            if next(module.parameters()).device.type == "meta":
+                materialize(module)
+            else:  # already fake (the training step's): count what it holds
+                for t in (*module.parameters(), *module.buffers()):
+                    counter.add(t)
+        counter.reset_peak()
+        model.vae.encode(torch.empty(1, 3, resolution, resolution, dtype=vae_dtype))
+        peaks["vae_encode"] = counter.peak + extra
+        context = torch.empty(2, 77, model.unet.config.cross_attention_dim)
+        pooled = torch.empty(2, model.text.text_encoder_2.config.projection_dim) if model.is_sdxl else None
+        time_ids = torch.empty(2, 6) if model.is_sdxl else None
+        counter.reset_peak()
+        eps = unet_closure(model, context, pooled, time_ids)(torch.empty(2, 4, side, side), 500)
+        peaks["unet_guidance"] = counter.peak + extra
+        del eps
+        counter.reset_peak()
+        model.vae.decode(torch.empty(1, 4, side, side, dtype=vae_dtype))
+        peaks["vae_decode"] = counter.peak + extra
+    return peaks
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+def margin(peak: int) -> int:
+    """What the GPU needs beyond the bytes tensors hold (both parts are assumptions, see the top)."""
+    return int(MARGIN_FIXED_GIB * GiB + MARGIN_FRACTION * peak)
+
+
+@dataclass
+class MemoryPlan:
+    """The planner's answer for one TrainConfig on a T4."""
+
+    title: str  # what was planned, in one line
+    step: StepMemory
+    phases: dict[str, int]  # other phases of the run: name -> peak allocated bytes
+    notes: list[str] = field(default_factory=list)
+
+    def worst(self) -> tuple[str, int]:
+        """(phase name, peak allocated bytes) of the phase with the largest peak."""
+        return max([("training step", self.step.peak), *self.phases.items()], key=lambda kv: kv[1])
+
+    @property
+    def predicted(self) -> int:
+        """Predicted GPU memory of the whole run: the worst peak plus the margin."""
+        peak = self.worst()[1]
+        return peak + margin(peak)
+
+    @property
+    def fits(self) -> bool:
+        return self.predicted <= T4_USABLE_GIB * GiB
+
+
+def plan_training(cfg) -> MemoryPlan:
+    """Plan `cfg` (a TrainConfig; unset settings get the recipe's values) on a T4."""
+    from dataclasses import replace
+
+    from minidream.methods import build_method
+    from minidream.train_config import TrainingError, check_config, fill_defaults
+
+    if cfg.method not in ("lora", "full"):
+        raise TrainingError(f"--plan covers --method lora and full, not {cfg.method!r} (textual inversion trains a "
+                            "few KB; its memory is that of LoRA with --train-text-encoder)")
+    cfg = replace(cfg)
+    configs = read_configs(cfg.model)
+    if cfg.vae:  # e.g. an fp16-fix VAE, which runs in fp16 instead of fp32
+        configs["vae"] = read_vae_config(cfg.vae)
+    scale = 2 ** (len(configs["vae"].get("block_out_channels", (0,) * 4)) - 1)
+    notes = [n for n in [fill_defaults(cfg, (configs["unet"].get("sample_size") or 64) * scale)] if n]
+    check_config(cfg)
+    precision, note = t4_precision(cfg.precision)
+    notes += [note] if note else []
+
+    fresh = meta_model(configs, precision.weight_dtype, precision.weight_dtype)
+    phases = {}
+    before = plan_sampling(fresh, cfg.resolution, fake_tensors())  # load_model puts everything on the GPU
+    phases["latent cache: VAE encode"] = before["vae_encode"]
+    if cfg.prior:
+        phases["class images: UNet with guidance"] = before["unet_guidance"]
+        phases["class images: VAE decode"] = before["vae_decode"]
+    model = meta_model(configs, precision.weight_dtype, precision.weight_dtype)
+    method = build_method(model, cfg, "sks", "person")
+    fake = fake_tensors()
+    step = plan_step(model, method, cfg, precision, fake)
+    if cfg.validate_every:
+        after = plan_sampling(model, cfg.resolution, fake, extra=step.optimizer_states)
+        phases["validation: UNet with guidance"] = after["unet_guidance"]
+        phases["validation: VAE decode"] = after["vae_decode"]
+    family = "SDXL" if model.is_sdxl else f"SD ({model.unet.config.cross_attention_dim}-wide context)"
+    what = f"LoRA rank {cfg.rank}" if cfg.method == "lora" else "full fine-tuning (fp32 master weights)"
+    text = ("text encoders trained" + (" (LoRA)" if cfg.method == "lora" else "")) if cfg.train_text_encoder \
+        else "text cached"
+    classes = f" + {cfg.batch_size} class" if cfg.prior else ""
+    title = (f"{family} from {cfg.model}: {what}, {cfg.resolution} px, batch {cfg.batch_size}{classes}, "
+             f"{precision.name}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
+             f"{cfg.optimizer}, {text}, grad accumulation {cfg.grad_accum}")
+    return MemoryPlan(title, step, phases, notes)
+
+
+def seconds_per_step(flops: int) -> list[float]:
+    """Seconds per optimizer step at each assumed T4 efficiency (low, mid, high)."""
+    return [flops / (T4_FP16_TFLOPS * 1e12 * e) for e in T4_EFFICIENCY]
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as the table train.py --plan prints."""
+    s = plan.step
+
+    def row(name, allocated=None, text=""):
+        if allocated is None:
+            return f"  {name:<52}{text}"
+        return f"  {name:<52}{allocated / GiB:6.2f}   {(allocated + margin(allocated)) / GiB:6.2f}"
+
+    opt = "weights + states + all gradients" + (" + foreach temporaries" if s.optimizer_temp else "")
+    lines = [f"T4 memory plan: {plan.title}", *[f"note: {n}" for n in plan.notes], "",
+             f"  {'training step':<52}   GiB  predicted",
+             row("frozen weights", text=f"{s.frozen / GiB:6.2f}"),
+             row("trained parameters (fp32)", text=f"{s.trained / GiB:6.2f}"),
+             row("optimizer states", text=f"{s.optimizer_states / GiB:6.2f}"),
+             row("gradients (fp32) written at the peak / all", text=f"{s.gradients_at_peak / GiB:6.2f} / "
+                 f"{s.gradients / GiB:.2f}"),
+             row("activations, saved tensors, temporaries at the peak", text=f"{s.activations / GiB:6.2f}"),
+             row("= forward + backward peak", s.peak_forward_backward),
+             row(f"optimizer step ({opt})", s.peak_optimizer), "",
+             f"  {'other phases of the run (everything on the GPU)':<52}   GiB  predicted"]
+    lines += [row(name, v) for name, v in plan.phases.items()]
+    name, peak = plan.worst()
+    verdict = (f"fits a T4 ({T4_USABLE_GIB} GiB usable), {T4_USABLE_GIB - plan.predicted / GiB:.1f} GiB to spare"
+               if plan.fits else f"does NOT fit a T4 ({T4_USABLE_GIB} GiB usable): "
+               f"{plan.predicted / GiB - T4_USABLE_GIB:.1f} GiB too much")
+    low, mid, high = seconds_per_step(s.flops)
+    optimizer_s = s.trained / 4 * OPTIMIZER_BYTES_PER_VALUE / T4_BANDWIDTH
+    optimizer_note = f", + {optimizer_s:.2f} s for the memory-bound optimizer step" if optimizer_s >= 0.01 else ""
+    lines += ["", f"GiB: bytes allocated at the peak (what torch.cuda.max_memory_allocated reports); predicted: + "
+              f"{MARGIN_FIXED_GIB} GiB (assumed CUDA context, cuBLAS/cuDNN workspaces) + {MARGIN_FRACTION:.0%} "
+              "(assumed allocator fragmentation)",
+              f"largest: {name}, predicted {plan.predicted / GiB:.2f} GiB: {verdict}", "",
+              f"attention: the fake run used SDPA's {', '.join(s.attention) or 'no SDPA kernel'}; {ATTENTION_NOTE}.",
+              f"time: {s.flops / 1e12:.1f} TFLOP per optimizer step (forward, checkpoint recomputation, backward) "
+              f"-> about {mid:.1f} s/step on a T4 at {T4_EFFICIENCY[1]:.0%} of its {T4_FP16_TFLOPS:.0f} TFLOP/s fp16 "
+              f"peak ({high:.1f}..{low:.1f} s at {T4_EFFICIENCY[2]:.0%}..{T4_EFFICIENCY[0]:.0%}; an assumed "
+              f"efficiency, not a measurement){optimizer_note}"]
+    return "\n".join(lines)
+
+
+def default_plan_model() -> str:
+    """SDXL base from weights/ when downloaded, else its bundled config.json files."""
+    from minidream.model import REPO, SDXL_LOCATIONS
+
+    for location in SDXL_LOCATIONS:
+        if (REPO / location).exists():
+            return str(REPO / location)
+    return str(REPO / "configs" / "sdxl-base-1.0")

@@ -1,0 +1,124 @@
+"""The T4 memory planner (minidream/memory.py, fake_run.py) on the bundled tiny model: CI-fast smoke
+tests of the byte counting, the CUDA autocast policy, the attention kernel, and `train.py --plan`.
+(Its agreement with a real step's memory is measured by benchmarks/planner_validation.py.)"""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minidream import memory
+from minidream.fake_run import ByteCounter, cuda_autocast_policy, fake_tensors
+from minidream.model import BUNDLED_MODEL, REPO
+from minidream.optim import optimizer_state_bytes
+from minidream.train_config import TrainConfig, TrainingError
+
+TINY = REPO / BUNDLED_MODEL
+
+
+@pytest.fixture(scope="module")
+def config_only(tmp_path_factory):
+    """The tiny model's folder with its config.json files only (what a user has before downloading)."""
+    folder = tmp_path_factory.mktemp("configs") / "tiny"
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler"):
+        (folder / part).mkdir(parents=True)
+        for file in (TINY / part).glob("*.json"):
+            shutil.copy(file, folder / part)
+    shutil.copy(TINY / "model_index.json", folder)
+    return folder
+
+
+def test_counter_adds_new_storages_and_frees_them():
+    counter = ByteCounter(block=512)
+    with fake_tensors(), counter:
+        a = torch.empty(1000, dtype=torch.float32)  # 4000 bytes -> 4096 (eight 512-byte blocks)
+        assert counter.live == 4096
+        view = a[10:].view(10, 99)  # a view shares the storage: nothing new
+        b = a * 2
+        assert counter.live == 2 * 4096
+        del a, view
+        assert counter.live == 4096  # a's storage is gone once its last view is
+        del b
+        assert counter.live == 0 and counter.peak == 2 * 4096
+
+
+def test_cuda_autocast_policy_upcasts_norms_and_is_undone():
+    x, w = torch.randn(2, 32, 8, 8, dtype=torch.bfloat16), torch.ones(32, dtype=torch.bfloat16)
+    with cuda_autocast_policy(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.group_norm(x, 8, w).dtype == torch.float32  # CUDA autocast runs group_norm in fp32
+        assert F.interpolate(x, scale_factor=2.0).dtype == torch.float32
+        assert F.linear(x.flatten(1), torch.randn(4, 2048)).dtype == torch.bfloat16  # matmuls stay low precision
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.group_norm(x, 8, w).dtype == torch.bfloat16  # the originals are back
+
+
+def test_plan_of_the_tiny_model_from_its_configs_alone(config_only):
+    cfg = TrainConfig(model=str(config_only), resolution=64, gradient_checkpointing=True, optimizer="adamw")
+    plan = memory.plan_training(cfg)
+    s = plan.step
+    model = memory.meta_model(memory.read_configs(config_only), torch.float16, torch.float16)
+    unet_params = sum(p.numel() for p in model.unet.parameters())
+    assert s.frozen == 2 * unet_params  # fp16 UNet; the text encoders are offloaded (cached prompts)
+    lora_values = s.trained // 4
+    assert s.gradients == s.trained and 0 < lora_values < unet_params // 10
+    assert s.optimizer_states == 8 * lora_values  # torch AdamW: two fp32 moments
+    assert s.optimizer_temp == 4 * lora_values  # its CUDA foreach step: one sqrt(v) for all values
+    assert s.activations > 0 and s.peak_forward_backward > s.frozen + s.trained + s.optimizer_states
+    assert s.flops > 0
+    assert s.attention == ["fused flash attention (CPU)"]  # never the math kernel's L x L scores
+    assert set(plan.phases) >= {"latent cache: VAE encode", "class images: VAE decode", "validation: VAE decode"}
+    assert plan.fits and plan.predicted > memory.MARGIN_FIXED_GIB * memory.GiB
+    text = memory.format_plan(plan)
+    assert "fits a T4" in text and "s/step" in text
+
+
+def step_plan(cfg: TrainConfig) -> memory.StepMemory:
+    """Only the training step of plan_training (no sampling phases): cheaper for the tests."""
+    from minidream.methods import build_method
+    from minidream.train_config import fill_defaults
+
+    fill_defaults(cfg, 64)
+    precision, _ = memory.t4_precision(cfg.precision)
+    model = memory.meta_model(memory.read_configs(cfg.model), precision.weight_dtype, precision.weight_dtype)
+    return memory.plan_step(model, build_method(model, cfg, "sks", "person"), cfg, precision, fake_tensors())
+
+
+def test_text_encoder_lora_and_full_fine_tuning_cost_more(config_only):
+    base = dict(model=str(config_only), resolution=64, gradient_checkpointing=False)
+    lora = step_plan(TrainConfig(**base))
+    text = step_plan(TrainConfig(**base, train_text_encoder=True))
+    full = step_plan(TrainConfig(**base, method="full"))
+    assert text.frozen > lora.frozen and text.trained > lora.trained  # encoders on the GPU, their adapters train
+    assert full.frozen == 0 and full.trained == 2 * lora.frozen  # the whole UNet, fp32 instead of fp16
+    model = memory.meta_model(memory.read_configs(config_only), torch.float16, torch.float16)
+    assert full.optimizer_states == optimizer_state_bytes(list(model.unet.parameters()), "adamw8bit")
+    assert full.activations > lora.activations  # the autocast cache holds fp16 copies of every fp32 weight
+
+
+def test_plan_cli(config_only, capsys):
+    import train
+
+    assert train.main(["--model", str(config_only), "--plan", "--no-prior", "--validate-every", "0"]) == 0
+    assert "T4 memory plan" in capsys.readouterr().out
+    with pytest.raises(TrainingError, match="textual"):
+        memory.plan_training(TrainConfig(model=str(config_only), method="textual-inversion"))
+
+
+def test_flop_count_equals_torch_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from minidream.fake_run import FLOP_FORMULAS
+    from minidream.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, heads=2, head_dim=32, context_dim=48)
+    x, ctx = torch.randn(2, 16, 64, requires_grad=True), torch.randn(2, 7, 48)
+    cpu_attention = {op: f for op, f in FLOP_FORMULAS.items() if "for_cpu" in str(op)}
+    reference, counter = FlopCounterMode(display=False, custom_mapping=cpu_attention), ByteCounter()
+    with reference:
+        attn(x, ctx).sum().backward()
+    with counter:
+        attn(x, ctx).sum().backward()
+    # forward: q, k, v, out projections + attention; backward: about twice that
+    assert counter.flops == reference.get_total_flops() > 3 * 2 * 2 * 16 * 64 * 64
