@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "as diffusers' StableDiffusionXLPipeline.",
         epilog="Without --model: weights/sdxl-base-1.0 (or weights/sd_xl_base_1.0.safetensors) once downloaded\n"
                "(README: 'Real SDXL on a T4'), else the bundled tiny model weights/tiny-sdxl, which runs on a CPU\n"
-               "in seconds (random weights for now: the images are noise).\n"
+               "in seconds (pretrained on minidream's toy world: 64 px toy pictures from toy prompts).\n"
                "Bad input ends in one line 'sample.py: error: ...' and exit code 2.",
     )
     what = p.add_argument_group("what to draw")

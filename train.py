@@ -9,7 +9,7 @@
 
 Settings left out are chosen from the model: the T4 recipe for SDXL (1000 steps, lr 1e-4, rank 4,
 1024 px, batch 1, fp16, gradient checkpointing, AdamW8bit, prior preservation with 200 class
-images), small and fast ones for the bundled tiny model. See README "Train on your photos".
+images), small and fast ones for the bundled tiny model. See README "Train on your own photos".
 """
 
 from __future__ import annotations

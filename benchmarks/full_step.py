@@ -158,7 +158,7 @@ def main() -> None:
             print(f"  round {r + 1}/{args.rounds}: {side}: " + ", ".join(
                 f"{k}={v if not isinstance(v, float) else round(v, 3)}" for k, v in figures.items()))
     step_s = {side: [t for f in figs for t in f["step_s"]] for side, figs in runs.items()}
-    ours, ref = statistics.median(step_s["minidream"]), statistics.median(step_s["diffusers"])
+    ours = statistics.median(step_s["minidream"])
     ratios = [a / b for a, b in zip(step_s["minidream"], step_s["diffusers"])]
     ratio = statistics.median(ratios)
     gemm = statistics.median(f["gemm_tflops"] for f in runs["minidream"])

@@ -246,3 +246,18 @@ def command_line() -> str:
     module = sys.modules["__main__"].__spec__
     name = module.name if module is not None else sys.argv[0]
     return " ".join(["python -m", name, *sys.argv[1:]]) if module is not None else " ".join(["python", *sys.argv])
+
+
+# The mid-size SDXL-shaped model of benchmarks a and b (and the planner validation): SDXL's layout
+# (no attention at level 0, deeper transformers below, 64-wide heads, text_time) at a CPU's size.
+MID_TEXT = (128, 256)  # widths of the two text encoders' stand-ins: context 384, pooled 256
+MID_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[64, 128, 256], layers_per_block=2,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    transformer_layers_per_block=[1, 2, 4],  # level 0 has no attention: its 1 is diffusers' filler
+    attention_head_dim=[1, 2, 4],  # number of heads (diffusers' name): 64-wide heads as in SDXL
+    cross_attention_dim=sum(MID_TEXT), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=MID_TEXT[1] + 6 * 256,
+)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 from pathlib import Path
 
 from benchmarks import harness
@@ -39,7 +38,7 @@ from benchmarks import harness
 harness.passive_waiting()
 import torch  # noqa: E402
 
-from benchmarks.training_step import MID_TEXT, MID_UNET  # noqa: E402
+from benchmarks.harness import MID_TEXT, MID_UNET  # noqa: E402
 
 CASES = {  # name -> (method, precision, gradient checkpointing)
     "lora-bf16-ckpt": ("lora", "bf16", True),
@@ -161,7 +160,7 @@ def plans_section(info: dict) -> str:
             if settings.get("vae") == "fp16-fix":
                 settings = {**settings, "vae": str(fp16_fix_vae(Path(tmp) / "vae"))}
             plan = memory.plan_training(TrainConfig(**{**settings, "model": str(REPO / settings["model"])}))
-            s, (phase, peak) = plan.step, plan.worst()
+            s, (phase, _) = plan.step, plan.worst()
             step_total = s.peak + memory.margin(s.peak)
             verdict = "yes" if plan.fits else f"no, {plan.predicted / memory.GiB - memory.T4_USABLE_GIB:.1f} GiB over"
             rows.append([what, f"`{flags}`", f"{s.peak / memory.GiB:.2f}", f"{step_total / memory.GiB:.2f}",

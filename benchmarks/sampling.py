@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks import harness
+from benchmarks.harness import MID_TEXT, MID_UNET
 
 harness.passive_waiting()  # before torch is imported
 import torch
@@ -37,17 +38,6 @@ FOLDER = CACHE / "sdxl-mid"
 THREADS = 2
 STEPS, GUIDANCE = 30, 5.0
 PROMPT = "a photo of a dog wearing sunglasses on the beach"
-TEXT_HIDDEN = (128, 256)  # CLIP-L and bigG stand-ins; context 384 wide, pooled 256
-UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[64, 128, 256], layers_per_block=2,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    transformer_layers_per_block=[1, 2, 4],  # level 0 has no attention: its 1 is diffusers' filler
-    attention_head_dim=[1, 2, 4],  # number of heads (diffusers' name): 64-wide heads as in SDXL
-    cross_attention_dim=sum(TEXT_HIDDEN), use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=TEXT_HIDDEN[1] + 6 * 256,
-)
 VAE = dict(tiny.VAE, sample_size=512)  # the bundled tiny model's VAE; not run (latents are returned)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -63,10 +53,10 @@ def write_model(folder: Path = FOLDER) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     vocab = vocab_size(tiny.WORDS)
     configs = {
-        "unet": {"_class_name": "UNet2DConditionModel", **UNET},
+        "unet": {"_class_name": "UNet2DConditionModel", **MID_UNET},
         "vae": {"_class_name": "AutoencoderKL", **VAE},
-        "text_encoder": tiny.clip_text_config(TEXT_HIDDEN[0], 2, "quick_gelu", vocab, projection=False),
-        "text_encoder_2": tiny.clip_text_config(TEXT_HIDDEN[1], 2, "gelu", vocab, projection=True),
+        "text_encoder": tiny.clip_text_config(MID_TEXT[0], 2, "quick_gelu", vocab, projection=False),
+        "text_encoder_2": tiny.clip_text_config(MID_TEXT[1], 2, "gelu", vocab, projection=True),
     }
     for seed, (part, config) in enumerate(configs.items()):
         weights = tiny.random_weights(tiny.stored_shapes(part, config), seed)
@@ -175,9 +165,9 @@ Command: `{harness.command_line()}`
 
 {harness.machine_lines(info)}
 
-Config: UNet block_out_channels {UNET['block_out_channels']}, transformer depth (0, 2, 4), heads
-{UNET['attention_head_dim']} (64 wide), context {UNET['cross_attention_dim']}, text_time conditioning;
-CLIP text encoders of width {TEXT_HIDDEN}, 2 layers each; random weights in the diffusers layout
+Config: UNet block_out_channels {MID_UNET['block_out_channels']}, transformer depth (0, 2, 4), heads
+{MID_UNET['attention_head_dim']} (64 wide), context {MID_UNET['cross_attention_dim']}, text_time conditioning;
+CLIP text encoders of width {MID_TEXT}, 2 layers each; random weights in the diffusers layout
 (benchmarks/.cache/sdxl-mid, both sides load it). One generation = prompt encoding + {STEPS} sampler
 steps with guidance {GUIDANCE} (UNet batch 2) at {args.size} x {args.size} px ({latent} x {latent} latents), seed 0,
 returning the latents (minidream `pipeline.sample_latents`, diffusers `StableDiffusionXLPipeline(...,

@@ -24,27 +24,16 @@ warm-up steps start both sides from the same state and show they compute the sam
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 from benchmarks import harness
+from benchmarks.harness import MID_TEXT, MID_UNET
 
 harness.passive_waiting()  # before torch is imported
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 THREADS = 2
-MID_TEXT = (128, 256)  # widths of the two text encoders' stand-ins: context 384, pooled 256
-MID_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, block_out_channels=[64, 128, 256], layers_per_block=2,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    transformer_layers_per_block=[1, 2, 4],  # level 0 has no attention: its 1 is diffusers' filler
-    attention_head_dim=[1, 2, 4],  # number of heads (diffusers' name): 64-wide heads as in SDXL
-    cross_attention_dim=sum(MID_TEXT), use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=MID_TEXT[1] + 6 * 256,
-)
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK, LR, MAX_NORM = 4, 1e-4, 1.0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

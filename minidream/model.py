@@ -56,7 +56,7 @@ def default_model_path() -> tuple[Path, str]:
     for location in SDXL_LOCATIONS:
         if (REPO / location).exists():
             return REPO / location, f"SDXL base found at {location}"
-    return REPO / BUNDLED_MODEL, (f"the bundled tiny model, random weights; for real images put SDXL at "
+    return REPO / BUNDLED_MODEL, (f"the bundled tiny model, trained on the toy world; for real photos put SDXL at "
                                   f"{SDXL_LOCATIONS[0]} (README: 'Real SDXL on a T4')")
 
 

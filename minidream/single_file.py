@@ -228,6 +228,9 @@ def vae_config(shapes: dict[str, tuple], family: str) -> dict:
     """A diffusers-style AutoencoderKL config dict read off LDM VAE shapes (names without prefix)."""
     levels = _count(shapes, "encoder.down.")
     channels = [shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] for i in range(levels)]
+    # GroupNorm's group count is in no shape. SD VAEs use 32; a VAE too narrow for 32 groups (the
+    # bundled tiny one starts at 16 channels) gets the largest power of two dividing every level.
+    groups = next(g for g in (32, 16, 8, 4, 2, 1) if all(c % g == 0 for c in channels))
     return {
         "_class_name": "AutoencoderKL",
         "in_channels": shapes["encoder.conv_in.weight"][1],
@@ -237,6 +240,7 @@ def vae_config(shapes: dict[str, tuple], family: str) -> dict:
         "block_out_channels": channels,
         "layers_per_block": _count(shapes, "encoder.down.0.block."),
         "latent_channels": shapes["decoder.conv_in.weight"][1],
+        "norm_num_groups": groups,
         "sample_size": SAMPLE_SIZE[family] * 8,
         "scaling_factor": VAE_SCALING.get(family, 0.18215),
         "force_upcast": True,  # SD VAEs overflow in fp16; run them in fp32 unless fp16-fixed

@@ -69,8 +69,9 @@ def find_tokenizer_dir(candidates, need_second: bool = True) -> Path:
         f"--tokenizer DIR, where DIR holds {' and '.join(s + '/' for s in subfolders)}, each with vocab.json "
         f"+ merges.txt + tokenizer_config.json + special_tokens_map.json (tokenizer_2 pads with '!'). Get them "
         f"from the {' and '.join(s + '/' for s in subfolders)} folders of https://huggingface.co/{SDXL_REPO}, e.g. "
-        f"`huggingface-cli download {SDXL_REPO} --include 'tokenizer*/*' --local-dir weights/sdxl-base-1.0` "
-        f"then --tokenizer weights/sdxl-base-1.0 (any diffusers SDXL folder works)."
+        f"`huggingface-cli download {SDXL_REPO} --include 'tokenizer*/*' --local-dir weights/sdxl-tokenizers` "
+        f"then --tokenizer weights/sdxl-tokenizers (any diffusers SDXL folder works; not weights/sdxl-base-1.0, "
+        f"which minidream would take for a whole model)."
     )
 
 

@@ -1,22 +1,23 @@
-"""The tiny SDXL bundled with minidream (weights/tiny-sdxl): its configs and the script that writes it.
+"""The tiny SDXL bundled with minidream (weights/tiny-sdxl): its configs and the writer of its folder.
 
 It has SDXL's architecture at toy widths, so every code path of the real model runs on any CPU in
 seconds: a 3-level UNet whose first level has no attention, deeper transformers at the deepest
 level, linear proj_in/out, the text_time added conditioning (pooled text + 6 size/crop ids); a
-4-level VAE (f = 8: 64 x 64 images <-> 8 x 8 latents); two CLIP text encoders (CLIP ViT-L and
-OpenCLIP bigG stand-ins, 64-wide heads like theirs) whose penultimate states concatenate to the
-context; two BPE tokenizers learned from WORDS, tokenizer_2 padding with "!".
+VAE with one level fewer than SDXL's (f = 4: 64 x 64 images <-> 16 x 16 latents; at f = 8 its
+8 x 8 latents lose the eye and glasses colours of the toy world's faces); two CLIP text encoders
+(CLIP ViT-L and OpenCLIP bigG stand-ins, 64-wide heads like theirs) whose penultimate states
+concatenate to the context; two BPE tokenizers learned from WORDS, tokenizer_2 padding with "!".
 
 It is written exactly as a real SDXL diffusers folder is laid out (stabilityai/stable-diffusion-xl-
 base-1.0, text encoders saved by transformers 4: `text_model.*` names and the position_ids buffer;
 tokenizers as vocab.json + merges.txt), so loading it exercises what loading the real one does, and
 diffusers' own StableDiffusionXLPipeline.from_pretrained reads it too.
 
-    python -m minidream.tiny weights/tiny-sdxl      # regenerate (same seed -> byte-identical files)
+The bundled weights are trained on the toy world by `python -m minidream.pretrain` (pretrain.py),
+which starts from this file's random weights and writes its result with
+`write_tiny_sdxl(folder, state_dicts=...)`. Weights are stored in fp16 (under 20 MB).
 
-Weights are stored in fp16 (the folder stays under 10 MB) and are random for now: the same seed
-always gives the same bytes. `write_tiny_sdxl(folder, state_dicts=...)` writes trained weights
-instead, in the same layout, so this file stays the one source of the bundled model.
+    python -m minidream.tiny FOLDER        # the untrained model: random weights, same seed -> same bytes
 """
 
 from __future__ import annotations
@@ -46,21 +47,21 @@ WORDS = tuple("""
 TEXT_WIDTHS = (64, 128)  # hidden sizes of text_encoder (CLIP-L 768) and text_encoder_2 (bigG 1280)
 TEXT_LAYERS = (2, 2)  # transformer layers of each (CLIP-L 12, bigG 32)
 TIME_ID_WIDTH = 16  # sinusoid width per size/crop id (SDXL: 256)
-IMAGE_SIZE = 64  # pixels; latents are IMAGE_SIZE / 8
+IMAGE_SIZE = 64  # pixels; latents are IMAGE_SIZE / 4 (the VAE halves twice, SDXL's thrice)
 
 # diffusers unet/config.json (written with its "_class_name"). SDXL: (320, 640, 1280) channels, (1, 2, 10) transformer depths,
 # (5, 10, 20) heads of 64. Channels are multiples of 32 (GroupNorm's 32 groups) and heads are
 # 64 wide, the rules a single-file checkpoint's config is inferred by.
 UNET = {
-    "sample_size": IMAGE_SIZE // 8,
+    "sample_size": IMAGE_SIZE // 4,
     "in_channels": 4,
     "out_channels": 4,
-    "block_out_channels": [32, 64, 64],
+    "block_out_channels": [32, 64, 128],
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 2,
+    "layers_per_block": 1,
     "transformer_layers_per_block": [1, 1, 2],
-    "attention_head_dim": [1, 1, 1],  # diffusers' name for the NUMBER of heads
+    "attention_head_dim": [1, 1, 2],  # diffusers' name for the NUMBER of heads
     "cross_attention_dim": sum(TEXT_WIDTHS),  # both encoders' tokens, concatenated
     "use_linear_projection": True,
     "addition_embed_type": "text_time",
@@ -78,11 +79,11 @@ VAE = {
     "in_channels": 3,
     "out_channels": 3,
     "latent_channels": 4,
-    "block_out_channels": [32, 32, 32, 32],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
+    "block_out_channels": [16, 32, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
     "act_fn": "silu",
     "scaling_factor": 0.13025,
     "force_upcast": True,  # as SDXL's: fp16 runs decode in fp32 (vae.vae_dtype)
@@ -257,9 +258,9 @@ def parameter_counts(words=WORDS) -> dict[str, int]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m minidream.tiny",
-        description="Write the tiny SDXL-architecture model bundled with minidream (random fp16 weights; "
-                    "the same seed gives byte-identical files).")
-    parser.add_argument("folder", nargs="?", default="weights/tiny-sdxl", help="where to write it (default: %(default)s)")
+        description="Write the tiny SDXL-architecture model with random fp16 weights (the same seed gives "
+                    "byte-identical files). The bundled, trained weights/tiny-sdxl comes from python -m minidream.pretrain.")
+    parser.add_argument("folder", help="where to write it")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     args = parser.parse_args(argv)
     folder = write_tiny_sdxl(args.folder, args.seed)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from minidream.toydraw import SIZE, render
+from minidream.toydraw import render
 
 # ----------------------------------------------------------------------------- the vocabulary
 
@@ -278,6 +278,13 @@ SUBJECT_SHOTS = (  # (context, dx, dy, scale, shirt): varied, but only everyday 
 )
 
 
+# What training watches (subject.json's validation_prompts: one grid row each): the subject as
+# photographed, in a new place, in two styles, with changed hair, and the plain class prompt, whose
+# row shows whether "person" drifts towards the subject. The judge can check every one of them.
+SUBJECT_PROMPTS = ("a photo of rraj person", "a photo of rraj person on the beach", "a painting of rraj person",
+                   "pixel art of rraj person", "a photo of rraj person with blonde hair", "a photo of person")
+
+
 def subject_attributes():
     """The six Attributes of the bundled subject's pictures (photos, varied place and layout)."""
     rng = np.random.default_rng(SUBJECT_SEED)
@@ -294,7 +301,7 @@ def write_subject(folder):
     for i, a in enumerate(subject_attributes()):
         render(a).save(folder / f"{TOKEN}_{i}.png", optimize=False)
     settings = {"token": TOKEN, "class_noun": CLASS_NOUN, "attributes": SUBJECT,
-                "made_by": "python -m minidream.toyworld subject FOLDER"}
+                "validation_prompts": list(SUBJECT_PROMPTS), "made_by": "python -m minidream.toyworld subject FOLDER"}
     (folder / "subject.json").write_text(json.dumps(settings, indent=2) + "\n")
     return folder
 

@@ -319,7 +319,7 @@ def _save_changed(tiny, path, drop=(), add=None):
 
 
 def test_missing_and_unexpected_keys_are_counted_and_named(tiny, tmp_path):
-    drop = [UNET + "input_blocks.4.1.proj_in.weight", UNET + "out.2.bias"]
+    drop = [UNET + "input_blocks.3.1.proj_in.weight", UNET + "out.2.bias"]
     file = _save_changed(tiny, tmp_path / "missing.safetensors", drop=drop)
     with pytest.raises(CheckpointError, match=r"(?s)2 tensors of the model are missing.*conv_out.bias, down_blocks.1.attentions.0.proj_in.weight"):
         checkpoint.load_unet(file)

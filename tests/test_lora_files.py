@@ -201,8 +201,8 @@ def test_kohya_sgm_named_file(tmp_path):
     path = save_lora(tmp_path / "sgm.safetensors", unet=models[0], text_encoder=models[1],
                      text_encoder_2=models[2], layout="kohya_sgm")
     keys = set(lora_files.read_safetensors(path)[0])
-    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
-    assert "lora_unet_output_blocks_2_1_transformer_blocks_1_attn2_to_out_0.alpha" in keys
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_output_blocks_1_1_transformer_blocks_1_attn2_to_out_0.alpha" in keys
     assert read_lora(path).layout == "kohya_sgm"
     want = outputs(*models)
     assert_same_outputs(loaded_by_diffusers(path)[1], want)  # diffusers maps SGM blocks itself

@@ -1,0 +1,290 @@
+"""Measured DreamBooth on a CPU: the toy world's answers to DreamBooth's questions, in one command.
+
+    python -m minidream.toy_experiments          # trains 5 LoRAs, a full fine-tune and a textual inversion, samples, judges -> benchmarks/TOY_WORLD.md
+
+Every LoRA is trained by the code behind `python train.py --subject data/raj` (training.train with
+the bundled tiny model's demo settings), and every number is a share of samples in which the toy
+world's judge sees what it should (toy_eval.py). The sections:
+
+  1. the pretrained base model follows prompts; it does not know the subject;
+  2. the demo run: the subject's look for "a photo of rraj person", and for prompts that put it in
+     a new place, style, hair colour or shirt (the paper's recontextualisation, art renditions and
+     property modification);
+  3. prior preservation on / off: does "a photo of person" drift towards the subject (the paper's
+     PRES idea), does it stay diverse (DIV idea)?
+  4. how many instance images: 1, 3 or 6;
+  5. the sampler: DDIM vs PNDM at 50 and 80 steps (the demo samples with DDIM, 20 steps);
+  6. merging the subject LoRA with a "pixel art" style LoRA trained on toy pixel-art pictures;
+  7. the other methods (--method full, --method textual-inversion) on the same subject.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from minidream import toy_eval as te
+from minidream import toyworld as tw
+from minidream.judge import Judge
+from minidream.model import BUNDLED_MODEL, REPO, add_loras, load_model
+from minidream.runs import LORA_FILE
+from minidream.toydraw import render
+
+INSTANCE = "a photo of rraj person"
+CLASS = "a photo of person"
+EDITS = (  # (what the prompt asks for, prompt): each keeps the subject and changes one thing
+    ("place", "a photo of rraj person on the beach"),
+    ("place", "a photo of rraj person in the snow"),
+    ("place", "a photo of rraj person at night"),
+    ("style", "a painting of rraj person"),
+    ("style", "pixel art of rraj person"),
+    ("property", "a photo of rraj person with blonde hair"),
+    ("outfit", "a photo of rraj person in a red shirt"),
+)
+
+
+@dataclass
+class Settings:
+    out: str = "runs/toy-experiments"  # run folders, class images, sample grids
+    results: str = "benchmarks/TOY_WORLD.md"  # the markdown tables
+    samples: int = 32  # images per prompt (seeds differ)
+    seed: int = 1000  # seed of the first sample batch; training runs use seed 0 as train.py does
+    threads: int = 1  # torch CPU threads
+    steps: int | None = None  # training steps (None: the demo's); for quick checks
+
+
+class Experiments:
+    """Holds the judge, the output folder and the timings; one method per section."""
+
+    def __init__(self, s: Settings):
+        self.s, self.out = s, Path(s.out)
+        self.judge = Judge.load(REPO / "weights" / "toy-judge.safetensors")
+        self.model_path = REPO / BUNDLED_MODEL
+        self.notes: list[str] = []
+
+    # -- helpers
+
+    def model(self, loras=()):
+        model = load_model(self.model_path)
+        if loras:
+            add_loras(model, list(loras))
+        return model
+
+    def images(self, model, prompt: str, n: int | None = None, **kw):
+        n = n or self.s.samples
+        images = te.sample_images(model, [prompt] * n, seed=self.s.seed, **kw)
+        name = prompt.replace(" ", "-") + "".join(f"-{k}{v}" for k, v in kw.items())
+        tw.grid(images[:32], cols=8).save(self.out / "grids" / f"{self.tag}-{name}.png")
+        return images
+
+    def train(self, name: str, subject: Path, **overrides) -> Path:
+        from minidream.train_config import TrainConfig
+        from minidream.training import train
+
+        if self.s.steps:
+            overrides.setdefault("steps", self.s.steps)
+        start = time.perf_counter()
+        run = train(TrainConfig(subject=str(subject), out=str(self.out / "runs"), **overrides))
+        self.seconds = time.perf_counter() - start
+        self.notes.append(f"{name}: trained in {self.seconds:.0f} s ({run.name})")
+        return run / LORA_FILE
+
+    def subset(self, k: int) -> Path:
+        """A subject folder with the first k pictures of data/raj."""
+        folder = self.out / "subjects" / f"raj-{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in sorted((REPO / "data" / "raj").glob("*.png"))[:k]:
+            shutil.copy(p, folder / p.name)
+        shutil.copy(REPO / "data" / "raj" / "subject.json", folder / "subject.json")
+        return folder
+
+    def pixel_art_folder(self, n: int = 8) -> Path:
+        """n toy pixel-art pictures of random persons, for a style LoRA trained as "a photo of person"."""
+        folder = self.out / "subjects" / "pixel-art"
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(7)
+        for i in range(n):
+            render(tw.sample_attributes(rng, kind="person", style="pixelart")).save(folder / f"pixel-art-{i}.png")
+        (folder / "subject.json").write_text(json.dumps({"token": "sks", "class_noun": "person",
+                                                          "instance_prompt": CLASS}) + "\n")
+        return folder
+
+    def subject_rows(self, model) -> dict[str, float]:
+        """Subject fidelity for the instance prompt; subject + edit for every EDITS prompt."""
+        row = {"instance": te.subject_fidelity(self.judge, self.images(model, INSTANCE))}
+        for _, prompt in EDITS:
+            row[prompt] = te.subject_fidelity(self.judge, self.images(model, prompt), prompt)
+        row["edits"] = float(np.mean([row[p] for _, p in EDITS]))
+        return row
+
+    def drift(self, model) -> dict[str, float]:
+        images = self.images(model, CLASS)
+        return {"drift": te.subject_fidelity(self.judge, images), "person": te.shows(self.judge, images, {"kind": "person"}),
+                "div": te.attribute_diversity(self.judge, images)}
+
+    # -- the sections
+
+    def base(self) -> str:
+        self.tag = "base"
+        model = self.model()
+        prompts = te.world_prompts(4 * self.s.samples, seed=self.s.seed)
+        agree = te.prompt_agreement(self.judge, te.sample_images(model, prompts, seed=self.s.seed), prompts)
+        kinds = {k: te.shows(self.judge, self.images(model, f"a photo of {k}"), {"kind": k}) for k in tw.KINDS}
+        d = self.drift(model)
+        subject = te.subject_fidelity(self.judge, self.images(model, INSTANCE))
+        rows = [
+            f"| {len(prompts)} captions drawn like the pretraining ones | every named field right in "
+            f"{pct(agree['images'])} of images; {pct(agree['fields'])} of named fields |",
+            "| per field | " + ", ".join(f"{k} {pct(v)}" for k, v in agree.items() if k not in ("fields", "images")) + " |",
+            "| \"a photo of {kind}\" shows that kind | " + ", ".join(f"{k} {pct(v)}" for k, v in kinds.items()) + " |",
+            f"| \"{CLASS}\": a person / diversity (DIV) | {pct(d['person'])} / {d['div']:.2f} |",
+            f"| \"{INSTANCE}\" shows the subject (never seen) | {pct(subject)} |",
+        ]
+        self.base_div = d["div"]
+        return "\n".join(["| base model (no LoRA) | judge |", "| --- | --- |", *rows])
+
+    def demo_and_prior(self) -> str:
+        self.tag = "prior"
+        self.lora = self.train("demo (prior on)", REPO / "data" / "raj")
+        self.demo_seconds = self.seconds
+        with_prior = self.subject_rows(model := self.model([(self.lora, 1.0)])) | self.drift(model)
+        self.tag = "no-prior"
+        lora = self.train("no prior", REPO / "data" / "raj", prior=False)
+        without = self.subject_rows(model := self.model([(lora, 1.0)])) | self.drift(model)
+        self.demo = with_prior
+        head = ["| prompt | prior on | prior off |", "| --- | --- | --- |",
+                f"| \"{INSTANCE}\": the subject's look | {pct(with_prior['instance'])} | {pct(without['instance'])} |"]
+        for what, prompt in EDITS:
+            head.append(f"| \"{prompt}\": subject + {what} | {pct(with_prior[prompt])} | {pct(without[prompt])} |")
+        head += [f"| mean over the {len(EDITS)} edits | {pct(with_prior['edits'])} | {pct(without['edits'])} |",
+                 f"| drift: \"{CLASS}\" shows the subject (lower is better) | {pct(with_prior['drift'])} | "
+                 f"{pct(without['drift'])} |",
+                 f"| \"{CLASS}\" diversity (DIV; base model {self.base_div:.2f}) | {with_prior['div']:.2f} | "
+                 f"{without['div']:.2f} |"]
+        return "\n".join(head)
+
+    def instance_images(self) -> str:
+        rows = ["| instance images | subject's look | subject + edit (mean of 7) | drift |", "| --- | --- | --- | --- |"]
+        for k in (1, 3):
+            self.tag = f"images-{k}"
+            lora = self.train(f"{k} instance image(s)", self.subset(k))
+            r = self.subject_rows(model := self.model([(lora, 1.0)])) | self.drift(model)
+            rows.append(f"| {k} | {pct(r['instance'])} | {pct(r['edits'])} | {pct(r['drift'])} |")
+        d = self.demo
+        rows.append(f"| 6 (the demo) | {pct(d['instance'])} | {pct(d['edits'])} | {pct(d['drift'])} |")
+        return "\n".join(rows)
+
+    def samplers(self) -> str:
+        self.tag = "samplers"
+        model = self.model([(self.lora, 1.0)])
+        rows = ["| sampler | steps | subject's look | subject + edit (mean of 7) | s / image |", "| --- | --- | --- | --- | --- |"]
+        for sampler, steps in (("ddim", 20), ("ddim", 50), ("ddim", 80), ("pndm", 50), ("pndm", 80)):
+            start = time.perf_counter()
+            look = te.subject_fidelity(self.judge, self.images(model, INSTANCE, sampler=sampler, steps=steps))
+            edits = [te.subject_fidelity(self.judge, self.images(model, p, sampler=sampler, steps=steps), p)
+                     for _, p in EDITS]
+            seconds = (time.perf_counter() - start) / ((1 + len(EDITS)) * self.s.samples)
+            rows.append(f"| {sampler.upper()} | {steps} | {pct(look)} | {pct(float(np.mean(edits)))} | {seconds:.3f} |")
+        return "\n".join(rows)
+
+    def merging(self) -> str:
+        self.tag = "merge"
+        style = self.train("pixel-art style LoRA", self.pixel_art_folder(), prior=False)
+        rows = ["| adapters (scale) | prompt | subject's look | pixel art | both |", "| --- | --- | --- | --- | --- |"]
+        cases = ((((self.lora, 1.0),), "pixel art of rraj person"), (((self.lora, 1.0),), INSTANCE),
+                 (((style, 1.0),), CLASS), (((self.lora, 1.0), (style, 1.0)), INSTANCE),
+                 (((self.lora, 1.0), (style, 0.5)), INSTANCE))
+        for loras, prompt in cases:
+            images = self.images(self.model(loras), prompt)
+            names = " + ".join(f"{'subject' if p == self.lora else 'style'} ({w:g})" for p, w in loras)
+            rows.append(f"| {names} | \"{prompt}\" | {pct(te.subject_fidelity(self.judge, images))} | "
+                        f"{pct(te.shows(self.judge, images, {'style': 'pixelart'}))} | "
+                        f"{pct(te.subject_fidelity(self.judge, images, 'pixel art of rraj person'))} |")
+        return "\n".join(rows)
+
+
+    def methods(self) -> str:
+        """LoRA vs full fine-tuning vs textual inversion on the same subject, demo settings each."""
+        from minidream.textual_inversion import load_embedding
+
+        rows = ["| method | what it writes | size | train s | subject's look | subject + edit (mean of 7) | drift |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        d = self.demo
+        size = self.lora.stat().st_size
+        rows.append(f"| LoRA (the demo) | {LORA_FILE} | {size / 1e3:.0f} KB | {self.demo_seconds:.0f} | "
+                    f"{pct(d['instance'])} | {pct(d['edits'])} | {pct(d['drift'])} |")
+        self.tag = "full"
+        run = self.train("full fine-tuning", REPO / "data" / "raj", method="full").parent
+        folder = run / "model"
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        seconds = self.seconds
+        saved, self.model_path = self.model_path, folder
+        r = self.subject_rows(model := self.model()) | self.drift(model)
+        self.model_path = saved
+        rows.append(f"| full fine-tuning | model/ (a whole diffusers folder) | {size / 1e6:.1f} MB | {seconds:.0f} | "
+                    f"{pct(r['instance'])} | {pct(r['edits'])} | {pct(r['drift'])} |")
+        self.tag = "textual-inversion"
+        run = self.train("textual inversion", REPO / "data" / "raj", method="textual-inversion").parent
+        embedding = run / "learned_embeds.safetensors"
+        model = self.model()
+        word, _ = load_embedding(model.text, embedding)
+        look = te.subject_fidelity(self.judge, self.images(model, INSTANCE.replace("rraj", word)))
+        edits = [te.subject_fidelity(self.judge, self.images(model, p.replace("rraj", word)), p) for _, p in EDITS]
+        drift = te.subject_fidelity(self.judge, self.images(model, CLASS))
+        rows.append(f"| textual inversion | learned_embeds.safetensors (word {word}) | "
+                    f"{embedding.stat().st_size / 1e3:.1f} KB | {self.seconds:.0f} | {pct(look)} | "
+                    f"{pct(float(np.mean(edits)))} | {pct(drift)} |")
+        return "\n".join(rows)
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def run(s: Settings) -> Path:
+    import torch
+
+    torch.set_num_threads(s.threads)
+    start, load0 = time.perf_counter(), os.getloadavg()[0]
+    e = Experiments(s)
+    (e.out / "grids").mkdir(parents=True, exist_ok=True)
+    sections = [("1. The pretrained base model", e.base), ("2-3. The demo run, with and without prior preservation",
+                e.demo_and_prior), ("4. How many instance images", e.instance_images),
+                ("5. Sampler and steps (the demo LoRA)", e.samplers), ("6. Merging with a style LoRA", e.merging),
+                ("7. LoRA, full fine-tuning or textual inversion", e.methods)]
+    parts = []
+    for title, section in sections:
+        t = time.perf_counter()
+        table = section()
+        parts.append(f"### {title}\n\n{table}\n\n({time.perf_counter() - t:.0f} s)\n")
+        print(parts[-1], flush=True)
+    minutes = (time.perf_counter() - start) / 60
+    text = (f"## DreamBooth in the toy world (measured on CPU)\n\n"
+            f"`python -m minidream.toy_experiments`: {minutes:.1f} min on {torch.get_num_threads()} thread(s), load "
+            f"average {load0:.1f} -> {os.getloadavg()[0]:.1f}. {s.samples} samples per prompt (seeds {s.seed}...), "
+            f"DDIM 20 steps and guidance 5 unless said; shares are of samples in which the toy judge "
+            f"(weights/toy-judge.safetensors) sees the named fields. Sample grids: {s.out}/grids/.\n\n"
+            + "\n".join(parts) + "\n" + "\n".join(f"- {n}" for n in e.notes) + "\n")
+    path = Path(s.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m minidream.toy_experiments", description=__doc__.split("\n\n")[0])
+    for name, default in vars(Settings()).items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(default) if default is not None else int, default=default)
+    run(Settings(**vars(ap.parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()
