@@ -157,7 +157,8 @@ def file_id(path: Path | None) -> str:
 
 def initial_noise(model, seeds: list[int], size: int) -> torch.Tensor:
     """x_T for each seed, drawn exactly as pipeline.sample_latents draws it for a batch of one,
-    so an image does not depend on the batch it was made in; (len(seeds), 4, size/8, size/8)."""
+    so an image does not depend on the batch it was made in; (len(seeds), 4, size/f, size/f) for the
+    VAE's downsampling factor f (model.vae_scale: SDXL 8, the bundled tiny model 4)."""
     from minidream.pipeline import initial_noise as draw
 
     dtype = next(model.text.output_encoder.parameters()).dtype

@@ -71,8 +71,8 @@ class Experiments:
 
     # -- helpers
 
-    def model(self, loras=()):
-        model = load_model(self.model_path)
+    def model(self, loras=(), path=None):
+        model = load_model(path or self.model_path)
         if loras:
             add_loras(model, list(loras))
         return model
@@ -116,11 +116,12 @@ class Experiments:
                                                           "instance_prompt": CLASS}) + "\n")
         return folder
 
-    def subject_rows(self, model) -> dict[str, float]:
-        """Subject fidelity for the instance prompt; subject + edit for every EDITS prompt."""
-        row = {"instance": te.subject_fidelity(self.judge, self.images(model, INSTANCE))}
+    def subject_rows(self, model, word: str = "rraj") -> dict[str, float]:
+        """Subject fidelity for the instance prompt; subject + edit for every EDITS prompt. `word`
+        replaces the subject's token in the prompts (textual inversion learns a word of its own)."""
+        row = {"instance": te.subject_fidelity(self.judge, self.images(model, INSTANCE.replace("rraj", word)))}
         for _, prompt in EDITS:
-            row[prompt] = te.subject_fidelity(self.judge, self.images(model, prompt), prompt)
+            row[prompt] = te.subject_fidelity(self.judge, self.images(model, prompt.replace("rraj", word)), prompt)
         row["edits"] = float(np.mean([row[p] for _, p in EDITS]))
         return row
 
@@ -216,31 +217,25 @@ class Experiments:
 
         rows = ["| method | what it writes | size | train s | subject's look | subject + edit (mean of 7) | drift |",
                 "| --- | --- | --- | --- | --- | --- | --- |"]
-        d = self.demo
-        size = self.lora.stat().st_size
-        rows.append(f"| LoRA (the demo) | {LORA_FILE} | {size / 1e3:.0f} KB | {self.demo_seconds:.0f} | "
-                    f"{pct(d['instance'])} | {pct(d['edits'])} | {pct(d['drift'])} |")
+
+        def row(method: str, output: str, size: float, seconds: float, r: dict) -> str:
+            return (f"| {method} | {output} | {size / 1e3:.1f} KB | {seconds:.0f} | {pct(r['instance'])} | "
+                    f"{pct(r['edits'])} | {pct(r['drift'])} |")
+
+        rows.append(row("LoRA (the demo)", LORA_FILE, self.lora.stat().st_size, self.demo_seconds, self.demo))
         self.tag = "full"
-        run = self.train("full fine-tuning", REPO / "data" / "raj", method="full").parent
-        folder = run / "model"
+        folder = self.train("full fine-tuning", REPO / "data" / "raj", method="full").parent / "model"
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        seconds = self.seconds
-        saved, self.model_path = self.model_path, folder
-        r = self.subject_rows(model := self.model()) | self.drift(model)
-        self.model_path = saved
-        rows.append(f"| full fine-tuning | model/ (a whole diffusers folder) | {size / 1e6:.1f} MB | {seconds:.0f} | "
-                    f"{pct(r['instance'])} | {pct(r['edits'])} | {pct(r['drift'])} |")
+        model = self.model(path=folder)
+        rows.append(row("full fine-tuning", "model/ (a whole diffusers folder)", size, self.seconds,
+                        self.subject_rows(model) | self.drift(model)))
         self.tag = "textual-inversion"
-        run = self.train("textual inversion", REPO / "data" / "raj", method="textual-inversion").parent
-        embedding = run / "learned_embeds.safetensors"
+        embedding = self.train("textual inversion", REPO / "data" / "raj", method="textual-inversion").parent / \
+            "learned_embeds.safetensors"
         model = self.model()
         word, _ = load_embedding(model.text, embedding)
-        look = te.subject_fidelity(self.judge, self.images(model, INSTANCE.replace("rraj", word)))
-        edits = [te.subject_fidelity(self.judge, self.images(model, p.replace("rraj", word)), p) for _, p in EDITS]
-        drift = te.subject_fidelity(self.judge, self.images(model, CLASS))
-        rows.append(f"| textual inversion | learned_embeds.safetensors (word {word}) | "
-                    f"{embedding.stat().st_size / 1e3:.1f} KB | {self.seconds:.0f} | {pct(look)} | "
-                    f"{pct(float(np.mean(edits)))} | {pct(drift)} |")
+        rows.append(row(f"textual inversion (word {word})", "learned_embeds.safetensors", embedding.stat().st_size,
+                        self.seconds, self.subject_rows(model, word) | self.drift(model)))
         return "\n".join(rows)
 
 

@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -26,14 +25,6 @@ WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_mo
 # seed 0): see the report in the commit that added them. Chance is 1/5 per class.
 MIN_PER_CLASS = 0.5
 MIN_OVERALL = 0.75
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_bundled_model_draws_the_prompted_class():
