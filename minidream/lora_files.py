@@ -37,9 +37,9 @@ from safetensors.torch import save_file
 
 from minidream import __version__
 from minidream.files import atomic_write
+from minidream.lora import LoRAWeights, mismatch_error
+from minidream.lora_weights import check_adapter_weights, get_adapter_weights, load_adapter_weights
 from minidream.sgm_keys import sgm_unet_name
-from minidream.lora import (LoRAWeights, check_adapter_weights, get_adapter_weights,
-                            load_adapter_weights, mismatch_error)
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}

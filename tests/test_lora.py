@@ -15,9 +15,10 @@ from lora_models import (randomize_lora, reference_unet, rel_err, run_reference,
                          text_encoders, token_ids, unet_inputs, unet_under_test)
 from minidream.lora import (TEXT_ATTENTION, UNET_ATTENTION, UNET_CONV, UNET_FEEDFORWARD, UNET_PROJ,
                             LoRAConv2d, LoRALinear, adapter_names, count_trainable_parameters,
-                            get_adapter_weights, inject_lora, lora_parameters, lora_state_dict,
+                            inject_lora, lora_parameters, lora_state_dict,
                             mark_only_lora_trainable, merge_lora, remove_adapter, set_active_adapters,
                             set_adapter_scale, unmerge_lora, wrap_module)
+from minidream.lora_weights import get_adapter_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 

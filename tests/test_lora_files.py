@@ -14,7 +14,8 @@ import minidream.lora_files as lora_files
 from lora_models import (randomize_lora, reference_unet, rel_err, run_reference, run_under_test,
                          text_encoders, token_ids, unet_inputs, unet_under_test)
 from minidream import __version__
-from minidream.lora import LoRAMismatchError, LoRALayer, get_adapter_weights, inject_lora
+from minidream.lora import LoRAMismatchError, LoRALayer, inject_lora
+from minidream.lora_weights import get_adapter_weights
 from minidream.lora_files import detect_layout, load_lora, read_lora, save_lora
 
 ATTN1 = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")

@@ -1,0 +1,77 @@
+"""Adapters as plain data: {module name: LoRAWeights} taken from, checked against and put into a model.
+
+This is the bridge between the LoRA layers (lora.py) and adapter files (lora_files.py): a file's
+keys are turned into module names and LoRAWeights there, and here they are validated against the
+model (names, ranks, shapes) before anything is changed, so a LoRA made for another base model
+fails with a clear message and leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from minidream.lora import LoRAWeights, _require_adapter, adapter_names, lora_layers, mismatch_error, wrap_module
+
+
+def get_adapter_weights(model: nn.Module, name: str) -> dict[str, LoRAWeights]:
+    """Adapter `name` of every LoRA layer, detached, keyed by module name."""
+    _require_adapter(model, name)
+    return {module_name: LoRAWeights(layer.lora_A[name].detach(), layer.lora_B[name].detach(),
+                                     layer.lora_alpha[name])
+            for module_name, layer in lora_layers(model) if name in layer.lora_A}
+
+
+def _fit(tensor: torch.Tensor, shape: tuple) -> torch.Tensor | None:
+    """`tensor` as `shape` when only trailing 1x1 dims differ (SD 1.x files hold 1x1-conv LoRAs
+    for proj_in/out, Linear layers in SDXL, and back), else None."""
+    if tuple(tensor.shape[:2]) == tuple(shape[:2]) and tensor.numel() == math.prod(shape):
+        return tensor.reshape(shape)
+    return None
+
+
+def check_adapter_weights(model: nn.Module, name: str, weights: dict[str, LoRAWeights]) -> dict:
+    """Validate `weights` against `model` (names, ranks, shapes, free adapter name) without
+    changing anything; returns {module name: (down, up, alpha)} fitted to the module shapes."""
+    if name in adapter_names(model):
+        raise ValueError(f"adapter {name!r} is already loaded in {type(model).__name__}; "
+                         "pick another name or remove_adapter() it first")
+    known = dict(model.named_modules())
+    unmatched = [k for k in weights if not isinstance(known.get(k), (nn.Linear, nn.Conv2d))]
+    if unmatched:
+        raise mismatch_error(unmatched, type(model).__name__)
+    fitted = {}
+    for key, w in weights.items():
+        module = known[key]
+        if w.down.dim() < 2 or w.up.dim() < 2:
+            raise ValueError(f"LoRA shape mismatch at {key}: down {tuple(w.down.shape)} / up "
+                             f"{tuple(w.up.shape)} are not matrices (a corrupt file?)")
+        if w.down.shape[0] != w.up.shape[1]:
+            raise ValueError(f"LoRA rank mismatch at {key}: down has rank {w.down.shape[0]}, "
+                             f"up has rank {w.up.shape[1]} (a corrupt or hand-edited file?)")
+        rank = w.down.shape[0]
+        is_conv = isinstance(module, nn.Conv2d)
+        in_shape = (rank, module.in_channels, *module.kernel_size) if is_conv else (rank, module.in_features)
+        out_shape = (module.out_channels, rank, 1, 1) if is_conv else (module.out_features, rank)
+        down, up = _fit(w.down, in_shape), _fit(w.up, out_shape)
+        if down is None or up is None:
+            raise ValueError(f"LoRA shape mismatch at {key}: down {tuple(w.down.shape)} / up "
+                             f"{tuple(w.up.shape)} do not fit the module's weight "
+                             f"{tuple(module.weight.shape)} (wanted {in_shape} / {out_shape}); "
+                             "the LoRA was made for another base model")
+        fitted[key] = (down, up, w.alpha)
+    return fitted
+
+
+def load_adapter_weights(model: nn.Module, name: str, weights: dict[str, LoRAWeights],
+                         scale: float = 1.0, dtype: torch.dtype = torch.float32) -> None:
+    """Add adapter `name` holding `weights` to `model`. Everything is checked first
+    (check_adapter_weights), so a bad LoRA leaves the model untouched."""
+    for key, (down, up, alpha) in check_adapter_weights(model, name, weights).items():
+        layer = wrap_module(model, key)
+        layer.add_adapter(name, down.shape[0], alpha, scale=scale, dtype=dtype)
+        with torch.no_grad():
+            layer.lora_A[name].copy_(down)
+            layer.lora_B[name].copy_(up)
