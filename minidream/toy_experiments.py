@@ -254,22 +254,23 @@ def run(s: Settings) -> Path:
                 e.demo_and_prior), ("4. How many instance images", e.instance_images),
                 ("5. Sampler and steps (the demo LoRA)", e.samplers), ("6. Merging with a style LoRA", e.merging),
                 ("7. LoRA, full fine-tuning or textual inversion", e.methods)]
+    path = Path(s.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
     parts = []
-    for title, section in sections:
+    for title, section in sections:  # the file is rewritten after every section: a crash keeps what was measured
         t = time.perf_counter()
         table = section()
         parts.append(f"### {title}\n\n{table}\n\n({time.perf_counter() - t:.0f} s)\n")
         print(parts[-1], flush=True)
-    minutes = (time.perf_counter() - start) / 60
-    text = (f"## DreamBooth in the toy world (measured on CPU)\n\n"
-            f"`python -m minidream.toy_experiments`: {minutes:.1f} min on {torch.get_num_threads()} thread(s), load "
-            f"average {load0:.1f} -> {os.getloadavg()[0]:.1f}. {s.samples} samples per prompt (seeds {s.seed}...), "
+        minutes = (time.perf_counter() - start) / 60
+        done = "" if len(parts) == len(sections) else f" (sections done so far: {len(parts)} of {len(sections)})"
+        path.write_text(
+            f"## DreamBooth in the toy world (measured on CPU)\n\n"
+            f"`python -m minidream.toy_experiments`: {minutes:.1f} min{done} on {torch.get_num_threads()} thread(s), "
+            f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}. {s.samples} samples per prompt (seeds {s.seed}...), "
             f"DDIM 20 steps and guidance 5 unless said; shares are of samples in which the toy judge "
             f"(weights/toy-judge.safetensors) sees the named fields. Sample grids: {s.out}/grids/.\n\n"
             + "\n".join(parts) + "\n" + "\n".join(f"- {n}" for n in e.notes) + "\n")
-    path = Path(s.results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
     print(f"wrote {path}")
     return path
 

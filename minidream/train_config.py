@@ -28,8 +28,8 @@ class TrainingError(ValueError):
 # at None. A model whose images are at most TINY_MODEL_MAX_SIZE px is "tiny": a CPU demo in minutes.
 T4_RECIPE = dict(steps=1000, lr=1e-4, num_class_images=200, gradient_checkpointing=True,
                  validate_every=250, save_every=250, class_steps=30, validation_steps=30)
-TINY_RECIPE = dict(steps=300, lr=1e-3, num_class_images=40, gradient_checkpointing=False,
-                   validate_every=100, save_every=100, class_steps=20, validation_steps=20, cpu_threads=1)
+TINY_RECIPE = dict(steps=1500, lr=2e-3, num_class_images=40, gradient_checkpointing=False,
+                   validate_every=500, save_every=500, class_steps=20, validation_steps=20, cpu_threads=1)
 TINY_MODEL_MAX_SIZE = 128
 # What --method changes in those recipes. Full fine-tuning moves every weight: a learning rate ~50x
 # below LoRA's (DreamBooth's SD recipes use 1e-6 .. 5e-6). Textual inversion moves one vector per
