@@ -20,10 +20,14 @@ import os
 import sys
 import warnings
 
-from minidream.train_config import METHODS, TrainConfig
+from minidream.train_config import METHODS, T4_RECIPE, TINY_RECIPE, TrainConfig
 
 DEFAULTS = TrainConfig()
-RECIPE = "default: T4 recipe {}, tiny model {}"
+
+
+def recipe(setting: str, show=str) -> str:
+    """Help text for a setting whose default comes from the T4 / tiny-model recipe."""
+    return f"default: T4 recipe {show(T4_RECIPE[setting])}, tiny model {show(TINY_RECIPE[setting])}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=METHODS, default=DEFAULTS.method,
                    help="what trains: LoRA adapters (SDXL rank 4: a 23 MB file), every UNet weight (a model folder; SD 1.x/2.x on "
                    "a T4, SDXL needs more than 16 GB) or a new word's embedding (a few KB) [%(default)s]")
-    g.add_argument("--steps", type=int, help=RECIPE.format(1000, 300) + " (optimizer steps; full: 800, "
+    g.add_argument("--steps", type=int, help=recipe("steps") + " (optimizer steps; full: 800, "
                    "textual inversion: 1500 on a T4)")
-    g.add_argument("--lr", type=float, help="learning rate; " + RECIPE.format("1e-4", "1e-3")
+    g.add_argument("--lr", type=float, help="learning rate; " + recipe("lr", "{:g}".format)
                    + "; full: 2e-6 (tiny 1e-4); textual inversion: 5e-4 (tiny 5e-3)")
     g.add_argument("--rank", type=int, default=DEFAULTS.rank, help="LoRA rank [%(default)s]")
     g.add_argument("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha/rank [= rank]")
@@ -74,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=DEFAULTS.seed,
                    help="seeds LoRA init, crops, data order, noise, class images [%(default)s]")
     g.add_argument("--gradient-checkpointing", action=flag, default=None,
-                   help="recompute activations in backward to save memory; " + RECIPE.format("on", "off"))
+                   help="recompute activations in backward to save memory; " + recipe("gradient_checkpointing", lambda v: "on" if v else "off"))
     g.add_argument("--optimizer", choices=("adamw8bit", "adamw"), default=DEFAULTS.optimizer,
                    help="bitsandbytes 8-bit AdamW, or torch AdamW (also used, with a warning, when bitsandbytes "
                    "cannot run) [%(default)s]")
@@ -111,24 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the class-image loss term [%(default)s]")
     g.add_argument("--class-dir", help="folder or .zip of class images; missing ones are generated into it "
                    "[OUT/class-images/MODEL/PROMPT-RESpx]")
-    g.add_argument("--num-class-images", type=int, help="class images to use; " + RECIPE.format(200, 40))
+    g.add_argument("--num-class-images", type=int, help="class images to use; " + recipe("num_class_images"))
     g.add_argument("--no-generate", dest="generate_class_images", action="store_false",
                    help="never generate class images: error if the class folder holds too few")
-    g.add_argument("--class-steps", type=int, help="sampler steps per generated class image; " + RECIPE.format(30, 20))
+    g.add_argument("--class-steps", type=int, help="sampler steps per generated class image; " + recipe("class_steps"))
     g.add_argument("--guidance-scale", type=float, default=DEFAULTS.guidance_scale,
                    help="classifier-free guidance for class and validation images [%(default)s]")
 
     g = p.add_argument_group("validation, checkpoints, logs")
     g.add_argument("--validate-every", type=int, help="steps between validation grids, 0 = never; "
-                   + RECIPE.format(250, 100))
+                   + recipe("validate_every"))
     g.add_argument("--validation-prompt", dest="validation_prompts", action="append",
                    help="a validation prompt (repeat the flag for more) [subject.json's, else the seed's five + "
                    "the class prompt]")
     g.add_argument("--validation-seeds", type=int, nargs="+", default=list(DEFAULTS.validation_seeds),
                    help="one grid column per seed [%(default)s]")
-    g.add_argument("--validation-steps", type=int, help="sampler steps of validation images; " + RECIPE.format(30, 20))
+    g.add_argument("--validation-steps", type=int, help="sampler steps of validation images; " + recipe("validation_steps"))
     g.add_argument("--save-every", type=int, help="steps between checkpoints, 0 = only at the end; "
-                   + RECIPE.format(250, 100))
+                   + recipe("save_every"))
     g.add_argument("--keep-checkpoints", type=int, default=DEFAULTS.keep_checkpoints,
                    help="newest checkpoints kept, 0 = all [%(default)s]")
     g.add_argument("--log-every", type=int, default=DEFAULTS.log_every, help="steps between log lines [%(default)s]")

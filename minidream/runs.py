@@ -180,8 +180,14 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+MIN_TILE = 128  # px
+
+
 def labelled_grid(images: list[Image.Image], prompts: list[str], columns: int) -> Image.Image:
-    """Validation grid: one row per prompt (its text on the left), one column per seed."""
+    """Validation grid: one row per prompt (its text on the left), one column per seed. Pictures
+    under MIN_TILE px (the tiny model's 64 px) are enlarged by a whole factor, pixels kept sharp."""
+    factor = max(1, -(-MIN_TILE // images[0].width))  # ceil(MIN_TILE / width)
+    images = [im.resize((im.width * factor, im.height * factor), Image.NEAREST) for im in images]
     side = images[0].width
     font = _font(max(10, side // 10))
     label_width = max(3 * side, 200)

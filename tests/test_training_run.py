@@ -22,7 +22,7 @@ from minidream.lora_files import load_lora
 from minidream.model import load_model
 from minidream.optim import make_optimizer
 from minidream.prior import fill_class_folder, plan_class_images
-from minidream.runs import LORA_FILE
+from minidream.runs import LORA_FILE, MIN_TILE, labelled_grid
 from minidream.train_config import TINY_RECIPE, TrainConfig, TrainingError, fill_defaults, model_image_size
 from minidream.training import train
 
@@ -225,3 +225,14 @@ def test_cli_user_errors_are_one_line(world, tmp_path, capsys, argv, message):
     assert train_cli.main(base + argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_validation_grid_enlarges_small_pictures_without_blurring():
+    tile = Image.new("RGB", (64, 64), "white")
+    tile.putpixel((0, 0), (255, 0, 0))
+    grid = labelled_grid([tile, tile], ["a photo of rraj person"], columns=2)
+    factor = MIN_TILE // 64
+    assert grid.height == 64 * factor
+    left = grid.width - 2 * 64 * factor  # the label column
+    assert grid.getpixel((left + factor - 1, factor - 1)) == (255, 0, 0)  # one source pixel -> factor x factor block
+    assert grid.getpixel((left + factor, factor)) == (255, 255, 255)
