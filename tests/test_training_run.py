@@ -73,7 +73,8 @@ def test_a_run_writes_its_folder(world, tmp_path, capsys):
     assert Image.open(run / "loss.png").size == (720, 400)
     assert sorted(p.name for p in (run / "validation").iterdir()) == [f"step-00000{i}.png" for i in (0, 2, 4)]
     grid = Image.open(run / "validation" / "step-000004.png")
-    assert grid.height == 6 * size and grid.width > 2 * size  # 6 rows (the seed's 5 prompts + the class
+    tile = size * -(-MIN_TILE // size)  # small pictures are enlarged by a whole factor
+    assert grid.height == 6 * tile and grid.width > 2 * tile  # 6 rows (the seed's 5 prompts + the class
     assert "a photo of person" in grid.text["prompts"]  # prompt) x 2 seeds, after a column of labels
     assert [p.name for p in (run / "checkpoints").glob("*.pt")] == ["step-000004.pt"]  # keep_checkpoints=1
     assert not list(run.rglob(".*.tmp"))
