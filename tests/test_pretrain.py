@@ -22,9 +22,10 @@ BUNDLED = ROOT / "weights" / "tiny-sdxl"
 WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors")
 
 # Measured on the committed weights with this test's settings (8 samples per class, DDIM 10 steps,
-# seed 0): see the report in the commit that added them. Chance is 1/5 per class.
-MIN_PER_CLASS = 0.5
-MIN_OVERALL = 0.75
+# seed 0, one thread): person, dog, cup, car 8/8, backpack 7/8 (mean 0.975). The thresholds leave
+# one or two samples of room for other CPUs' rounding. Chance is 1/5 per class.
+MIN_PER_CLASS = 0.75
+MIN_OVERALL = 0.9
 
 
 def test_bundled_model_draws_the_prompted_class():
