@@ -36,6 +36,7 @@ from minidream.judge import Judge
 from minidream.model import BUNDLED_MODEL, REPO, add_loras, load_model
 from minidream.runs import LORA_FILE
 from minidream.toydraw import render
+from minidream.train_config import TINY_RECIPE
 
 INSTANCE = "a photo of rraj person"
 CLASS = "a photo of person"
@@ -239,6 +240,28 @@ class Experiments:
         return "\n".join(rows)
 
 
+FIGURES = ("base-a-photo-of-person", "prior-a-photo-of-rraj-person", "prior-a-photo-of-rraj-person-on-the-beach",
+           "prior-a-painting-of-rraj-person", "prior-a-photo-of-person", "no-prior-a-photo-of-person")
+FIGURES_DIR = REPO / "docs" / "toy-world"  # the README shows these
+
+
+def readme_figures(grids: Path, dest: Path = FIGURES_DIR) -> None:
+    """The first row (8 samples) of some sample grids, enlarged 2x (nearest), for the README."""
+    from PIL import Image
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in FIGURES:
+        grid = Image.open(grids / f"{name}.png").convert("RGB")
+        row = grid.crop((0, 0, grid.width, grid.width // 8))  # tw.grid: 8 columns of square tiles
+        row.resize((2 * row.width, 2 * row.height), Image.NEAREST).save(dest / f"{name}.png", optimize=True)
+
+
+def command(s: Settings) -> str:
+    """The command line that reproduces a run with settings `s`."""
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in vars(s).items() if v != getattr(Settings(), k)]
+    return " ".join(["python -m minidream.toy_experiments", *flags])
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
@@ -266,12 +289,13 @@ def run(s: Settings) -> Path:
         done = "" if len(parts) == len(sections) else f" (sections done so far: {len(parts)} of {len(sections)})"
         path.write_text(
             f"## DreamBooth in the toy world (measured on CPU)\n\n"
-            f"`python -m minidream.toy_experiments`: {minutes:.1f} min{done} on {torch.get_num_threads()} thread(s), "
-            f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f}. {s.samples} samples per prompt (seeds {s.seed}...), "
+            f"`{command(s)}`: {minutes:.1f} min{done}; sampling on {s.threads} thread(s), training on the demo "
+            f"recipe's {TINY_RECIPE['cpu_threads']}; load average {load0:.1f} -> {os.getloadavg()[0]:.1f}. {s.samples} samples per prompt (seeds {s.seed}...), "
             f"DDIM 20 steps and guidance 5 unless said; shares are of samples in which the toy judge "
             f"(weights/toy-judge.safetensors) sees the named fields. Sample grids: {s.out}/grids/.\n\n"
             + "\n".join(parts) + "\n" + "\n".join(f"- {n}" for n in e.notes) + "\n")
-    print(f"wrote {path}")
+    readme_figures(e.out / "grids")
+    print(f"wrote {path} and {FIGURES_DIR}")
     return path
 
 
