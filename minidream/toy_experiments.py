@@ -197,20 +197,19 @@ class Experiments:
         return "\n".join(rows)
 
     def merging(self) -> str:
-        self.tag = "merge"
         style = self.train("pixel-art style LoRA", self.pixel_art_folder(), prior=False)
         rows = ["| adapters (scale) | prompt | subject's look | pixel art | both |", "| --- | --- | --- | --- | --- |"]
         cases = ((((self.lora, 1.0),), "pixel art of rraj person"), (((self.lora, 1.0),), INSTANCE),
                  (((style, 1.0),), CLASS), (((self.lora, 1.0), (style, 1.0)), INSTANCE),
                  (((self.lora, 1.0), (style, 0.5)), INSTANCE))
         for loras, prompt in cases:
-            images = self.images(self.model(loras), prompt)
             names = " + ".join(f"{'subject' if p == self.lora else 'style'} ({w:g})" for p, w in loras)
+            self.tag = "merge-" + "-".join(f"{'subject' if p == self.lora else 'style'}{w:g}" for p, w in loras)
+            images = self.images(self.model(loras), prompt)
             rows.append(f"| {names} | \"{prompt}\" | {pct(te.subject_fidelity(self.judge, images))} | "
                         f"{pct(te.shows(self.judge, images, {'style': 'pixelart'}))} | "
                         f"{pct(te.subject_fidelity(self.judge, images, 'pixel art of rraj person'))} |")
         return "\n".join(rows)
-
 
     def methods(self) -> str:
         """LoRA vs full fine-tuning vs textual inversion on the same subject, demo settings each."""

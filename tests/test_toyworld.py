@@ -143,3 +143,17 @@ def test_bundled_subject_is_what_the_script_draws(tmp_path):
     settings = json.loads((ROOT / "data" / "raj" / "subject.json").read_text())
     assert settings == json.loads((tmp_path / "subject.json").read_text())
     assert settings["token"] == "rraj" and settings["class_noun"] == "person"
+
+
+def test_toy_experiments_command_and_readme_figures(tmp_path):
+    from minidream.toy_experiments import FIGURES, Settings, command, readme_figures
+
+    assert command(Settings()) == "python -m minidream.toy_experiments"
+    assert command(Settings(threads=2, samples=8)) == "python -m minidream.toy_experiments --samples 8 --threads 2"
+    pictures = [Image.new("RGB", (64, 64), (10 * i, 0, 0)) for i in range(16)]
+    for name in FIGURES:
+        tw.grid(pictures, cols=8).save(tmp_path / f"{name}.png")
+    readme_figures(tmp_path, tmp_path / "out")
+    row = Image.open(tmp_path / "out" / f"{FIGURES[0]}.png")
+    assert row.size == (2 * 530, 2 * 66)  # the first row of 8 tiles (64 px + 2 px padding), enlarged 2x
+    assert row.getpixel((2 * 2, 2 * 2)) == (0, 0, 0) and row.getpixel((2 * (2 + 66), 2 * 2)) == (10, 0, 0)
