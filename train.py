@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                    + "; full: 2e-6 (tiny 1e-4); textual inversion: 5e-4 (tiny 5e-3)")
     g.add_argument("--rank", type=int, default=DEFAULTS.rank, help="LoRA rank [%(default)s]")
     g.add_argument("--alpha", type=float, help="LoRA alpha; the update is scaled by alpha/rank [= rank]")
+    g.add_argument("--lora-targets", default=DEFAULTS.lora_targets,
+                   help="UNet layers that get LoRA, comma-separated groups: attn (to_q/k/v/out, as diffusers' "
+                   "DreamBooth script), ff (feed-forward), proj (proj_in/out), conv (ResNet and resampling convs, "
+                   "kohya's LoCon) [%(default)s]")
     g.add_argument("--resolution", type=int, help="training image side in px [the model's: SDXL 1024]")
     g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
                    help="subject images per step, plus as many class images [%(default)s]")

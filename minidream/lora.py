@@ -41,6 +41,12 @@ TARGET_GROUPS = {
     "conv": UNET_CONV,
     "text": TEXT_ATTENTION,
 }
+UNET_TARGET_GROUPS = ("attn", "ff", "proj", "conv")  # what train.py --lora-targets may name
+
+
+def unet_targets(groups: str) -> tuple[str, ...]:
+    """Module-name targets of comma-separated UNet groups: "attn,ff" -> UNET_ATTENTION + UNET_FEEDFORWARD."""
+    return tuple(t for g in groups.split(",") for t in TARGET_GROUPS[g.strip()])
 
 
 @dataclass

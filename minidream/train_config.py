@@ -15,6 +15,7 @@ from pathlib import Path
 
 from minidream.checkpoint import detect, unet_weights, vae_weights
 from minidream.latent_cache import VIEWS_PER_INSTANCE_IMAGE
+from minidream.lora import UNET_TARGET_GROUPS
 from minidream.optim import LR_SCHEDULES, OPTIMIZERS, PRECISIONS
 from minidream.unet import UNetConfig
 from minidream.vae import VAEConfig
@@ -64,6 +65,7 @@ class TrainConfig:
     lr: float | None = None  # learning rate of the LoRA / the UNet weights / the new word's vectors
     rank: int = 4  # LoRA rank r
     alpha: float | None = None  # LoRA alpha (None: = rank, scaling 1)
+    lora_targets: str = "attn"  # UNet layers with LoRA, comma-separated groups: attn, ff, proj, conv (lora.py)
     resolution: int | None = None  # training image side in px (None: the model's, SDXL 1024)
     batch_size: int = 1  # subject images per step (+ as many class images)
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -153,6 +155,9 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.resolution % 8 == 0, f"--resolution must be a multiple of 8 (got {cfg.resolution})")
     need(cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)} (got {cfg.method!r})")
     need(cfg.num_vectors >= 1, "--num-vectors must be at least 1")
+    unknown = [g for g in cfg.lora_targets.split(",") if g.strip() not in UNET_TARGET_GROUPS]
+    need(not unknown, f"--lora-targets: unknown group(s) {unknown}; use a comma-separated list of "
+         f"{', '.join(UNET_TARGET_GROUPS)} (e.g. attn,ff)")
     need(not (cfg.method == "textual-inversion" and cfg.train_text_encoder),
          "--train-text-encoder does not go with --method textual-inversion, which trains only the new word's "
          "embedding: drop one of them")

@@ -151,6 +151,23 @@ def test_text_encoder_lora_trains_and_is_saved(world, tmp_path):
     assert all(r[3] == "0.0" for r in losses(run))  # no prior term
 
 
+def test_lora_targets_choose_the_unet_layers_and_the_file_loads_back(world, tmp_path):
+    run = train(config(world, tmp_path, steps=2, prior=False, validate_every=0, lora_targets="attn,ff,conv"))
+    keys = load_file(run / LORA_FILE)
+    for layer in ("to_q", "ff.net.2", "conv1"):
+        assert any(f".{layer}.lora_B." in k for k in keys), layer
+    assert not any(".proj_in.lora_" in k for k in keys)  # proj was not asked for
+    model = load_model(world["model"])
+    load_lora(run / LORA_FILE, unet=model.unet)  # conv and feed-forward adapters load back into a fresh UNet
+    assert any(name.endswith("conv1") for name, _ in lora_layers(model.unet))
+
+
+def test_unknown_lora_target_group_is_a_clear_error(world, tmp_path):
+    with pytest.raises(TrainingError, match="--lora-targets: unknown group.*'mlp'.*attn, ff, proj, conv"):
+        train(config(world, tmp_path / "runs", lora_targets="attn,mlp"))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_too_few_class_images_and_no_generation_fail_before_training(world, tmp_path):
     class_dir = tmp_path / "few"
     class_dir.mkdir()
