@@ -72,6 +72,13 @@ def subject_fidelity(judge, images, prompt: str | None = None) -> float:
     return judge.score(images, wanted)
 
 
+def subject_marks(judge, images) -> dict[str, float]:
+    """Share of images showing each of the subject's marks on its own (skin, hat, hat colour,
+    glasses, glasses colour): which part of the look a model gets right, and which it misses."""
+    checks = judge.check(images, {k: v for k, v in tw.SUBJECT_LOOK.items() if k != "kind"})
+    return {k: float(np.mean([c[k] for c in checks])) for k in checks[0]}
+
+
 def attribute_diversity(judge, images) -> float:
     """DIV idea without LPIPS: over all pairs of samples judged to be persons, the mean share of the
     person fields (skin, hair, eyes, hat, hat colour, glasses, glasses colour) that differ. 0 when

@@ -120,7 +120,8 @@ class Experiments:
     def subject_rows(self, model, word: str = "rraj") -> dict[str, float]:
         """Subject fidelity for the instance prompt; subject + edit for every EDITS prompt. `word`
         replaces the subject's token in the prompts (textual inversion learns a word of its own)."""
-        row = {"instance": te.subject_fidelity(self.judge, self.images(model, INSTANCE.replace("rraj", word)))}
+        images = self.images(model, INSTANCE.replace("rraj", word))
+        row = {"instance": te.subject_fidelity(self.judge, images), "marks": te.subject_marks(self.judge, images)}
         for _, prompt in EDITS:
             row[prompt] = te.subject_fidelity(self.judge, self.images(model, prompt.replace("rraj", word)), prompt)
         row["edits"] = float(np.mean([row[p] for _, p in EDITS]))
@@ -140,7 +141,8 @@ class Experiments:
         agree = te.prompt_agreement(self.judge, te.sample_images(model, prompts, seed=self.s.seed), prompts)
         kinds = {k: te.shows(self.judge, self.images(model, f"a photo of {k}"), {"kind": k}) for k in tw.KINDS}
         d = self.drift(model)
-        subject = te.subject_fidelity(self.judge, self.images(model, INSTANCE))
+        instance = self.images(model, INSTANCE)
+        subject, self.base_marks = te.subject_fidelity(self.judge, instance), te.subject_marks(self.judge, instance)
         rows = [
             f"| {len(prompts)} captions drawn like the pretraining ones | every named field right in "
             f"{pct(agree['images'])} of images; {pct(agree['fields'])} of named fields |",
@@ -163,6 +165,9 @@ class Experiments:
         self.demo = with_prior
         head = ["| prompt | prior on | prior off |", "| --- | --- | --- |",
                 f"| \"{INSTANCE}\": the subject's look | {pct(with_prior['instance'])} | {pct(without['instance'])} |"]
+        for mark, share in with_prior["marks"].items():
+            head.append(f"| ... of which {mark} {tw.SUBJECT[mark]} (base model {pct(self.base_marks[mark])}) | "
+                        f"{pct(share)} | {pct(without['marks'][mark])} |")
         for what, prompt in EDITS:
             head.append(f"| \"{prompt}\": subject + {what} | {pct(with_prior[prompt])} | {pct(without[prompt])} |")
         head += [f"| mean over the {len(EDITS)} edits | {pct(with_prior['edits'])} | {pct(without['edits'])} |",

@@ -11,6 +11,7 @@ from PIL import Image
 from minidream import toyworld as tw
 from minidream.judge import (HEADS, IGNORE, Judge, JudgeConfig, evaluate, gaussian_blur, labels,
                              train)
+from minidream.toy_eval import subject_marks
 from minidream.toydraw import render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +52,10 @@ def test_judge_sees_the_bundled_subject(judge):
     assert judge.score(others, look) == 0.0
     dogs = [render(tw.sample_attributes(np.random.default_rng(i), kind="dog")) for i in range(6)]
     assert judge.score(dogs, "a photo of person") == 0.0
+    # Mark by mark: the tan-skinned copies miss only the skin.
+    assert subject_marks(judge, others) == {"skin": 0.0, "hat": 1.0, "hat_color": 1.0, "glasses": 1.0,
+                                            "glasses_color": 1.0}
+    assert set(subject_marks(judge, images).values()) == {1.0}
 
 
 def test_predict_formats_and_none_fields(judge):
