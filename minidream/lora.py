@@ -41,12 +41,18 @@ TARGET_GROUPS = {
     "conv": UNET_CONV,
     "text": TEXT_ATTENTION,
 }
-UNET_TARGET_GROUPS = ("attn", "ff", "proj", "conv")  # what train.py --lora-targets may name
+UNET_TARGET_GROUPS = tuple(g for g in TARGET_GROUPS if g != "text")  # what train.py --lora-targets may name
 
 
 def unet_targets(groups: str) -> tuple[str, ...]:
-    """Module-name targets of comma-separated UNet groups: "attn,ff" -> UNET_ATTENTION + UNET_FEEDFORWARD."""
-    return tuple(t for g in groups.split(",") for t in TARGET_GROUPS[g.strip()])
+    """Module-name targets of comma-separated UNet groups: "attn,ff" -> UNET_ATTENTION + UNET_FEEDFORWARD.
+    An unknown group is a ValueError that names the known ones."""
+    names = [g.strip() for g in groups.split(",")]
+    unknown = [g for g in names if g not in UNET_TARGET_GROUPS]
+    if unknown:
+        raise ValueError(f"unknown group(s) {unknown}; use a comma-separated list of "
+                         f"{', '.join(UNET_TARGET_GROUPS)} (e.g. attn,ff)")
+    return tuple(t for g in names for t in TARGET_GROUPS[g])
 
 
 @dataclass

@@ -208,8 +208,9 @@ class Experiments:
                  (((style, 1.0),), CLASS), (((self.lora, 1.0), (style, 1.0)), INSTANCE),
                  (((self.lora, 1.0), (style, 0.5)), INSTANCE))
         for loras, prompt in cases:
-            names = " + ".join(f"{'subject' if p == self.lora else 'style'} ({w:g})" for p, w in loras)
-            self.tag = "merge-" + "-".join(f"{'subject' if p == self.lora else 'style'}{w:g}" for p, w in loras)
+            parts = [("subject" if p == self.lora else "style", w) for p, w in loras]
+            names = " + ".join(f"{who} ({w:g})" for who, w in parts)
+            self.tag = "merge-" + "-".join(f"{who}{w:g}" for who, w in parts)
             images = self.images(self.model(loras), prompt)
             rows.append(f"| {names} | \"{prompt}\" | {pct(te.subject_fidelity(self.judge, images))} | "
                         f"{pct(te.shows(self.judge, images, {'style': 'pixelart'}))} | "
@@ -294,7 +295,8 @@ def run(s: Settings) -> Path:
         path.write_text(
             f"## DreamBooth in the toy world (measured on CPU)\n\n"
             f"`{command(s)}`: {minutes:.1f} min{done}; sampling on {s.threads} thread(s), training on the demo "
-            f"recipe's {TINY_RECIPE['cpu_threads']}; load average {load0:.1f} -> {os.getloadavg()[0]:.1f}. {s.samples} samples per prompt (seeds {s.seed}...), "
+            f"recipe's {TINY_RECIPE['cpu_threads']}; load average {load0:.1f} -> {os.getloadavg()[0]:.1f}. "
+            f"{s.samples} samples per prompt (seeds {s.seed}...), "
             f"DDIM 20 steps and guidance 5 unless said; shares are of samples in which the toy judge "
             f"(weights/toy-judge.safetensors) sees the named fields. Sample grids: {s.out}/grids/.\n\n"
             + "\n".join(parts) + "\n" + "\n".join(f"- {n}" for n in e.notes) + "\n")

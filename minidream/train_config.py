@@ -15,7 +15,7 @@ from pathlib import Path
 
 from minidream.checkpoint import detect, unet_weights, vae_weights
 from minidream.latent_cache import VIEWS_PER_INSTANCE_IMAGE
-from minidream.lora import UNET_TARGET_GROUPS
+from minidream.lora import unet_targets
 from minidream.optim import LR_SCHEDULES, OPTIMIZERS, PRECISIONS
 from minidream.unet import UNetConfig
 from minidream.vae import VAEConfig
@@ -155,9 +155,10 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.resolution % 8 == 0, f"--resolution must be a multiple of 8 (got {cfg.resolution})")
     need(cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)} (got {cfg.method!r})")
     need(cfg.num_vectors >= 1, "--num-vectors must be at least 1")
-    unknown = [g for g in cfg.lora_targets.split(",") if g.strip() not in UNET_TARGET_GROUPS]
-    need(not unknown, f"--lora-targets: unknown group(s) {unknown}; use a comma-separated list of "
-         f"{', '.join(UNET_TARGET_GROUPS)} (e.g. attn,ff)")
+    try:
+        unet_targets(cfg.lora_targets)
+    except ValueError as e:
+        raise TrainingError(f"--lora-targets: {e}") from None
     need(not (cfg.method == "textual-inversion" and cfg.train_text_encoder),
          "--train-text-encoder does not go with --method textual-inversion, which trains only the new word's "
          "embedding: drop one of them")
