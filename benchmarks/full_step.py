@@ -52,7 +52,9 @@ def fill(named_tensors, dtype=None) -> None:
 
 
 def build(side: str):
-    """The bf16 SDXL UNet of one library with fp32 LoRA adapters; returns (unet, trained params)."""
+    """The bf16 SDXL UNet of one library with fp32 LoRA adapters; returns (unet, trained params).
+    Each side imports its model code here: minidream.checkpoint loads transformers, which the
+    diffusers child must not carry (each child reports its peak RSS)."""
     config = json.loads(UNET_CONFIG.read_text())
     if side == "minidream":
         from minidream.checkpoint import build_unet
@@ -120,11 +122,13 @@ def child(side: str, steps: int, threads: int) -> dict:
 
 def count_flops() -> int:
     """FLOPs of minidream's step: memory.plan_step runs it on fake tensors (the same code, no compute)
-    and counts with torch.utils.flop_counter's formulas (fake_run.FLOP_FORMULAS)."""
-    from minidream import memory
+    and counts with torch.utils.flop_counter's formulas (fake_run.FLOP_FORMULAS). Imported here: the
+    planner loads transformers and the training methods, which the measured child processes must not
+    carry (their peak RSS is reported)."""
+    from minidream.config import TrainConfig
     from minidream.methods import build_method
     from minidream.optim import resolve_precision
-    from minidream.train_config import TrainConfig
+    from minidream.planner import memory
 
     cfg = TrainConfig(model=str(UNET_CONFIG.parent.parent), resolution=8 * LATENT, precision="bf16", rank=RANK,
                       gradient_checkpointing=False, optimizer="adamw", steps=1, lr=LR)
@@ -198,8 +202,6 @@ process after its steps.
 {table}
 
 {summary}
-
-Goal (issue 7 item 1 d): report the ratio and the achieved fraction of the GEMM rate (no target set).
 """
     harness.write_section("d-full-step", body)
     print(f"wrote {harness.RESULTS}")

@@ -72,7 +72,7 @@ def cpu_model() -> str:
 
 def machine(threads: int | None = None) -> dict[str, str]:
     """The facts a reader needs to compare figures: CPU, cores, RAM, library versions, threads."""
-    import torch
+    import torch  # here, not at the top: benchmarks import this module before torch (see passive_waiting)
 
     info = {
         "cpu": cpu_model(),
@@ -155,6 +155,14 @@ def noise_note(cases: dict[str, list[dict]], key: str, limit: float = 1.25) -> s
     return f" [noisy run ({spreads}): not conclusive]"
 
 
+def speed_words(ratio: float) -> str:
+    """A time ratio minidream / reference in words: 0.94 -> "minidream 6% faster"."""
+    percent = round(100 * abs(1 - round(ratio, 2)))  # from the ratio as printed
+    if percent == 0:
+        return "the same time"
+    return f"minidream {percent}% {'faster' if ratio < 1 else 'slower'}"
+
+
 def spread(runs: list[dict], key: str) -> str:
     """min..max of one figure over the repeats, for the table (shows how noisy the machine was)."""
     values = [r[key] for r in runs]
@@ -227,7 +235,7 @@ def write_section(key: str, body: str, path: Path = RESULTS) -> None:
 
     Sections of other benchmarks stay untouched; a new benchmark's section is appended.
     """
-    from minidream.files import write_text  # atomic write; imported here to keep this module torch-free
+    from minidream.files import write_text  # imports torch: not at the top (see passive_waiting)
 
     begin, end = _markers(key)
     text = path.read_text() if path.exists() else HEADER

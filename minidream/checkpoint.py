@@ -1,20 +1,17 @@
 """Checkpoints: what a path holds, and loading the UNet, VAE and text encoders from it.
 
-Two layouts hold the same SDXL weights:
+A **diffusers folder** holds `model_index.json` plus one folder per part (`unet/`, `vae/`,
+`text_encoder/`, `text_encoder_2/`, `tokenizer*/`, `scheduler/`), each with a `config.json` and its
+weights as `*.safetensors`, or as shards listed in `*.safetensors.index.json`. Tensor names are
+already the ones minidream's modules use. Folders may also hold an fp16 copy of each part
+(`*.fp16.safetensors`): the plain files are read when present, the fp16 ones only when
+`variant="fp16"` is asked for (or when they are all there is). Tensors are converted to `dtype`.
 
-- a **diffusers folder**: `model_index.json` plus one folder per part (`unet/`, `vae/`,
-  `text_encoder/`, `text_encoder_2/`, `tokenizer*/`, `scheduler/`), each with a `config.json` and
-  its weights as `*.safetensors`, or as shards listed in `*.safetensors.index.json`. Tensor names
-  are already the ones minidream's modules use.
-- a **single file** (`sd_xl_base_1.0.safetensors`): everything in one file under the original
-  training code's names and no configs: single_file.py splits it into parts and reads the
-  architecture off the tensor shapes, sgm_keys.py renames the tensors.
+A **single file** (`sd_xl_base_1.0.safetensors`) holds every part under the original training
+code's names and no configs. minidream.formats.single_file reads it and plugs itself in here
+(register_file_reader) when minidream.formats is imported, as train.py and sample.py do.
 
-Folders may also hold an fp16 copy of each part (`*.fp16.safetensors`, `*.safetensors.index.fp16.json`).
-Rule: the plain files are read when present, the fp16 ones only when `variant="fp16"` is asked
-for (or when they are all there is). Either way tensors are converted to the `dtype` asked for.
-
-Pickle files (.ckpt/.bin/.pt/.pth) are refused: loading them runs code (see loading.refuse_pickle).
+Pickle files (.ckpt/.bin/.pt/.pth) are refused: loading them runs code (loading.refuse_pickle).
 Every load is strict (loading.check_weights) and low-RAM (loading.load_weights).
 """
 
@@ -28,43 +25,36 @@ from typing import Union
 
 import torch
 from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from minidream import single_file
-from minidream.single_file import FAMILIES, SingleFile
-from minidream.loading import (
-    PICKLE_SUFFIXES,
-    CheckpointError,
-    TensorRef,
-    Weights,
-    load_weights,
-    materialize,
-    parameters_on_meta,
-    read_header,
-    refuse_pickle,
-)
+from minidream.unet import UNet, UNetConfig
+from minidream.vae import VAE, VAEConfig
+from minidream.loading import (PICKLE_SUFFIXES, CheckpointError, TensorRef, Weights, load_weights, materialize,
+                               parameters_on_meta, read_header, refuse_pickle)
 
 PathLike = Union[str, Path]
+FAMILIES = {
+    "sdxl": "an SDXL base model",
+    "sdxl-refiner": "an SDXL refiner model (its UNet sees only the OpenCLIP text encoder)",
+    "sd2": "a Stable Diffusion 2.x model",
+    "sd1": "a Stable Diffusion 1.x model",
+    "unknown": "a UNet of unknown family",
+}
 LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", ".lora.", "lora_unet_", "lora_te", "hada_", "lokr_")
 
 
 def build_unet(config: dict) -> nn.Module:
     """The one place that names minidream's UNet class."""
-    from minidream.unet import UNet, UNetConfig
-
     return UNet(UNetConfig.from_dict(config))
 
 
 def build_vae(config: dict) -> nn.Module:
     """The one place that names minidream's VAE class."""
-    from minidream.vae import VAE, VAEConfig
-
     return VAE(VAEConfig.from_dict(config))
 
 
 def build_text_encoder(config: dict) -> nn.Module:
     """transformers' CLIP text model for `config`: with projection for SDXL's second encoder."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
     projected = "CLIPTextModelWithProjection" in config.get("architectures", ())
     return (CLIPTextModelWithProjection if projected else CLIPTextModel)(CLIPTextConfig.from_dict(config))
 
@@ -94,30 +84,12 @@ def detect(path: PathLike) -> ModelInfo:
     return _detect_folder(path) if path.is_dir() else _detect_file(path, read_header(path))
 
 
-def model_kind(path: PathLike) -> str:
-    """The family of the model at `path`: "sdxl", "sdxl-refiner", "sd2", "sd1" or "unknown"."""
-    return detect(path).family
-
-
 def _detect_file(path: Path, header: dict[str, tuple]) -> ModelInfo:
     keys = list(header)
     if any(marker in k for k in keys for marker in LORA_MARKERS):
         text = f"a LoRA adapter ({len(keys)} tensors), not a base model: apply it with --lora"
         return ModelInfo(path, "lora", text)
-    parts = single_file.split_parts(header)
-    if "unet" in parts:
-        family, names = single_file.family(parts), tuple(sorted(parts))
-        text = f"{FAMILIES[family]} in one file ({', '.join(names)})"
-        return ModelInfo(path, "single-file", text, family, names)
-    vae_keys = ("encoder.down.0.block.0.conv1.weight", "encoder.down_blocks.0.resnets.0.conv1.weight")
-    if set(parts) == {"vae"} or any(k in header for k in vae_keys):
-        return ModelInfo(path, "vae-file", "a VAE alone, not a whole model (give it with --vae)", parts=("vae",))
-    if "conv_in.weight" in header and "time_embedding.linear_1.weight" in header:
-        text = "a UNet alone in diffusers names (a unet/ weight file); give the folder with model_index.json"
-        return ModelInfo(path, "unet-file", text, parts=("unet",))
-    if any("embeddings.token_embedding" in k for k in keys):
-        return ModelInfo(path, "text-encoder-file", "a text encoder alone, not a whole model")
-    return ModelInfo(path, "unknown", f"no tensor names minidream knows (first: {', '.join(keys[:3])})")
+    return file_reader().describe(path, header)  # a single file, a lone VAE or UNet, ...
 
 
 def _detect_folder(path: Path) -> ModelInfo:
@@ -144,7 +116,29 @@ def _detect_folder(path: Path) -> ModelInfo:
 
 def _family_from_unet_config(config: dict) -> str:
     has_added = config.get("addition_embed_type") == "text_time"
-    return single_file.family_from_context(config.get("cross_attention_dim"), has_added)
+    return family_from_context(config.get("cross_attention_dim"), has_added)
+
+
+def family_from_context(context_dim: int, has_label_emb: bool) -> str:
+    """The family of a UNet alone, from its cross-attention width and whether it has label_emb."""
+    if has_label_emb:  # only SDXL adds pooled-text embeddings; its refiner has 1280-wide context
+        return "sdxl-refiner" if context_dim == 1280 else "sdxl"
+    return {768: "sd1", 1024: "sd2"}.get(context_dim, "unknown")
+
+
+_FILE_READERS = []  # minidream.formats.single_file's reader, once registered
+
+
+def register_file_reader(reader) -> None:
+    """Plug in the reader of single-file checkpoints (see the module docstring)."""
+    _FILE_READERS[:] = [reader]
+
+
+def file_reader():
+    if not _FILE_READERS:
+        raise CheckpointError("single .safetensors checkpoints are read by minidream.formats: "
+                              "`import minidream.formats` first (train.py and sample.py do)")
+    return _FILE_READERS[0]
 
 
 def _folder_family(path: Path, index: dict) -> str:
@@ -258,7 +252,7 @@ def unet_weights(path: PathLike, *, expect="sdxl", variant=None, config=None) ->
     require(info, expect, "unet")
     config = _config_arg(config, "unet")
     if info.layout == "single-file":
-        return SingleFile(info.path).unet(config)
+        return file_reader().unet(info, config)
     stored, weights = _folder_part(info, "unet", variant)
     return config or stored, weights
 
@@ -268,13 +262,8 @@ def vae_weights(path: PathLike, *, expect="sdxl", variant=None, config=None) -> 
     info = detect(path)
     require(info, expect, "vae")
     config = _config_arg(config, "vae")
-    if info.layout == "vae-file":
-        return single_file.vae_file(info.path, expect or "sdxl", config)
-    if info.layout == "single-file":
-        single = SingleFile(info.path)
-        if "vae" not in single.parts:
-            raise CheckpointError(f"{info.path} holds no VAE (first_stage_model.*); give one with --vae")
-        return single.vae(config)
+    if info.layout in ("vae-file", "single-file"):
+        return file_reader().vae(info, expect, config)
     stored, weights = _folder_part(info, "vae", variant)
     return config or stored, weights
 
@@ -314,10 +303,7 @@ def text_encoder_weights(path: PathLike, part="text_encoder", *, expect="sdxl", 
     require(info, expect, "text_encoder")
     if info.layout in ("diffusers", "component"):
         return _folder_part(info, part if info.layout == "diffusers" else "text_encoder", variant)
-    single = SingleFile(info.path)
-    if part not in single.parts:
-        raise CheckpointError(f"{info.path} holds no {part} ({info.description})")
-    return single.text_encoder(part)
+    return file_reader().text_encoder(info, part)
 
 
 def _add_text_model_level(names: dict) -> dict:

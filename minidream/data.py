@@ -1,19 +1,9 @@
 """The subject folder, class (prior) images, and SDXL-style crops.
 
-DreamBooth (Ruiz et al. 2022) fine-tunes on a handful of photos of one subject, captioned
-"a photo of [V] [class noun]" with a rare token [V], plus (for prior preservation) images of the
-class made by the base model itself, captioned "a photo of [class noun]".
-
-A subject folder looks like
-
-    data/raj/
-        subject.json        {"token": "rraj", "class_noun": "person"}   (optional; may also set
-                            instance_prompt, class_prompt and validation_prompts)
-        01.jpg 02.png ...   the instance images, any size, jpg/png/webp
-
-SDXL conditions its UNet on the original image size and the crop it was cut with (Podell et al.
-2023, sec. 2.2 "micro-conditioning"), so every crop here returns those numbers too.
-"""
+DreamBooth (Ruiz et al. 2022) fine-tunes on a few photos of one subject, captioned "a photo of [V] [class
+noun]" with a rare token [V]. A subject folder holds the images (any size) and optionally subject.json:
+{"token": "rraj", "class_noun": "person"} (may also set instance_prompt, class_prompt, validation_prompts).
+Every crop returns the original size and crop corner too: SDXL's micro-conditioning (Podell et al. 2023)."""
 
 from __future__ import annotations
 
@@ -27,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from minidream.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SETTINGS_FILE = "subject.json"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad training data: the message names the file and the fix."""
 
 
@@ -69,16 +60,10 @@ def load_subject(folder, token=None, class_noun=None, instance_prompt=None, clas
     if not token or not class_noun:
         raise DataError(f"no rare token / class noun for {folder}: pass --token and --class-noun, or write "
                         f'{settings_path} with {{"token": "rraj", "class_noun": "person"}}')
-    images = find_images(folder)
-    return Subject(
-        folder=folder,
-        images=images,
-        token=token,
-        class_noun=class_noun,
-        instance_prompt=instance_prompt or settings.get("instance_prompt") or f"a photo of {token} {class_noun}",
-        class_prompt=class_prompt or settings.get("class_prompt") or f"a photo of {class_noun}",
-        validation_prompts=settings.get("validation_prompts"),
-    )
+    return Subject(folder, find_images(folder), token, class_noun,
+                   instance_prompt or settings.get("instance_prompt") or f"a photo of {token} {class_noun}",
+                   class_prompt or settings.get("class_prompt") or f"a photo of {class_noun}",
+                   settings.get("validation_prompts"))
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -89,7 +74,8 @@ def find_images(folder: Path) -> list[Path]:
             continue
         (images if path.suffix.lower() in IMAGE_SUFFIXES else skipped).append(path)
     if skipped:
-        warnings.warn(f"skipping {len(skipped)} non-image file(s) in {folder}: {', '.join(p.name for p in skipped[:5])}")
+        names = ", ".join(p.name for p in skipped[:5])
+        warnings.warn(f"skipping {len(skipped)} non-image file(s) in {folder}: {names}")
     if not images:
         raise DataError(f"no images in {folder}: add 5-6 photos ({', '.join(IMAGE_SUFFIXES)})")
     return images
@@ -98,12 +84,8 @@ def find_images(folder: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- images
 
 def open_rgb(path: Path) -> Image.Image:
-    """Open an image as 8-bit RGB, honouring EXIF orientation.
-
-    Phones store portrait photos as landscape pixels plus an EXIF rotation tag; ignoring it
-    would train on sideways faces. Transparent images are put on white, CMYK and 16-bit
-    images are converted (16-bit values are scaled down, not clipped).
-    """
+    """Open an image as 8-bit RGB, honouring EXIF orientation (phones store portraits as rotated landscape
+    pixels). Transparent images are put on white; 16-bit values are scaled down, not clipped."""
     try:
         img = Image.open(path)
         img.load()  # decode now, so a truncated file fails here and not mid-training
@@ -114,15 +96,13 @@ def open_rgb(path: Path) -> Image.Image:
         peak = 65535.0 if img.mode.startswith("I;16") else max(float(np.asarray(img).max()), 1.0)
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / peak * 255.0).round().astype(np.uint8))
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))  # on white
     return img.convert("RGB")
 
 
 def iter_images(paths: list[Path], resolution: int, what: str = "instance"):
-    """Yield (path, RGB image) for each readable file, one at a time (class folders hold hundreds of
-    large images: they are never all in memory). Unreadable files are named and skipped."""
+    """Yield (path, RGB image) for each readable file, one at a time (hundreds of class images are never
+    all in memory). Unreadable files are named and skipped."""
     for path in paths:
         try:
             img = open_rgb(path)
@@ -166,11 +146,8 @@ class View:
 
 
 def make_view(img: Image.Image, resolution: int, rng: random.Random, flip: bool, center: bool = False) -> View:
-    """Resize the short side to `resolution`, crop a square (random or centred), maybe flip.
-
-    The crop's top-left corner is what SDXL's time ids call crops_coords_top_left; the original
-    size is the image's size before resizing (Podell et al. 2023, sec. 2.2).
-    """
+    """Resize the short side to `resolution`, crop a square (random or centred), maybe flip; the View
+    carries the size before resizing and the crop corner for SDXL's time ids."""
     original_size = (img.height, img.width)
     scale = resolution / min(img.size)
     width, height = max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))

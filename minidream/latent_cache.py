@@ -1,21 +1,11 @@
 """Encode the training images and prompts once, then train on the cached tensors.
 
-The VAE never trains, and the text encoders only with --train-text-encoder or textual inversion,
-so they give the same output for the same input at every step. Encoding each image and the two prompts once, before
-training, and moving the VAE and text encoders off the GPU saves their memory (the SDXL VAE must
-run in fp32, and the text encoders hold 0.8 B parameters) and their compute at every step.
-
-Augmentation: training uses random crops and horizontal flips, each with its own SDXL size/crop
-conditioning (data.make_view). A crop of a latent is not the latent of a crop (the VAE's receptive
-field crosses the crop border), so each augmented *view* is encoded on its own. Subject images get
-VIEWS_PER_INSTANCE_IMAGE views: with 5-6 photos and ~1000 steps every photo is seen ~170 times,
-and one fixed crop per photo would teach the model the framing along with the subject. Four views
-(half of them flipped) already vary the framing, and cost only 4x a few VAE calls and ~MBs of
-memory. Class images get one view each: there are ~200 of them, different enough already.
-
-The posterior of each view is kept (mean and std of the VAE's Gaussian); each step draws a fresh
-latent from it (Kingma & Welling 2014 reparameterisation), as training without a cache would.
-"""
+The frozen VAE and text encoders give the same output at every step: encoding once and moving them off
+the GPU saves their memory and compute. A crop of a latent is not the latent of a crop (the VAE's
+receptive field crosses the border), so each augmented *view* (crop, flip, its SDXL time ids) is encoded
+on its own: 4 per subject photo, so the model does not learn one fixed framing along with the subject,
+and 1 per class image. The posterior (mean, std) is kept; each step draws a fresh latent from it, as
+training without a cache would (Kingma & Welling 2014 reparameterisation)."""
 
 from __future__ import annotations
 
@@ -78,12 +68,8 @@ class LatentCache:
 @torch.no_grad()
 def encode_views(vae, images, resolution: int, views_per_image: int, rng: random.Random, flip: bool,
                  center_crop: bool = False, desc: str = "encoding", total: int | None = None) -> Views:
-    """VAE-encode `views_per_image` augmented views of each (path, PIL image) of an iterable.
-
-    View k of an image is flipped when flip is on and k is odd (one view per image: flipped at
-    random), so flipped and unflipped views are balanced. The VAE runs in its own dtype (fp32 for
-    the SDXL VAE, which overflows in fp16); the cache is fp32.
-    """
+    """VAE-encode `views_per_image` augmented views of each (path, PIL image) of an iterable; fp32 cache.
+    With flip, odd views are flipped (a single view: at random), so flipped and unflipped are balanced."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     means, stds, ids, which = [], [], [], []
     total = len(images) if total is None else total
@@ -101,23 +87,12 @@ def encode_views(vae, images, resolution: int, views_per_image: int, rng: random
     return Views(torch.cat(means), torch.cat(stds), torch.stack(ids), torch.tensor(which, dtype=torch.int64))
 
 
-def encode_training_prompts(text, instance_prompt: str, class_prompt: str, force_zeros: bool = True):
-    """(context (2, L, D), pooled (2, Dp) or None) for [instance prompt, class prompt], fp32."""
-    context, pooled, _, _ = encode_prompt(text, [instance_prompt, class_prompt], guidance=False,
-                                          force_zeros_for_empty_prompt=force_zeros)
-    return context.float().cpu(), None if pooled is None else pooled.float().cpu()
-
-
 def build_cache(model, instance_images, class_paths, *, resolution: int, instance_prompt: str, class_prompt: str,
                 seed: int, flip: bool = True, center_crop: bool = False, cache_text: bool = True,
                 views_per_image: int = VIEWS_PER_INSTANCE_IMAGE) -> LatentCache:
-    """Encode the instance images ((path, PIL image) pairs from data.load_images), the class images
-    (paths, opened one at a time) and, if cache_text, the two prompts. Returns a CPU cache. Crops
-    and flips come from random.Random(seed), so the same inputs give the same cache."""
-    vae = model.vae
-    wanted = vae_dtype(vae.config, next(vae.parameters()).dtype)
-    if next(vae.parameters()).dtype != wanted:
-        vae.to(wanted)
+    """Encode the instance images ((path, PIL image) pairs), the class images (paths, opened one at a time)
+    and, if cache_text, the two prompts, into a CPU cache. Crops and flips come from random.Random(seed)."""
+    vae = model.vae.to(vae_dtype(model.vae.config, next(model.vae.parameters()).dtype))
     rng = random.Random(seed)
     instance = encode_views(vae, instance_images, resolution, views_per_image, rng, flip, center_crop,
                             "encoding subject images")
@@ -126,9 +101,10 @@ def build_cache(model, instance_images, class_paths, *, resolution: int, instanc
         classes = encode_views(vae, iter_images(class_paths, resolution, "class"), resolution, VIEWS_PER_CLASS_IMAGE,
                                rng, flip, center_crop, "encoding class images", total=len(class_paths))
     context = pooled = None
-    if cache_text:
-        context, pooled = encode_training_prompts(model.text, instance_prompt, class_prompt,
-                                                  model.force_zeros_for_empty_prompt)
+    if cache_text:  # (2, L, D) and (2, Dp) or None: [instance prompt, class prompt], fp32
+        context, pooled, _, _ = encode_prompt(model.text, [instance_prompt, class_prompt], guidance=False,
+                                              force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt)
+        context, pooled = context.float().cpu(), None if pooled is None else pooled.float().cpu()
     return LatentCache(instance, classes, context, pooled)
 
 
@@ -146,8 +122,8 @@ def offload_encoders(model, keep_text: bool = False) -> None:
 # ----------------------------------------------------------------------------- file
 
 def save_cache(path, cache: LatentCache, fingerprint: str) -> None:
-    """Write the cache (safetensors, atomically); a resumed run reads it back instead of re-encoding,
-    so it trains on bit-identical latents even where GPU convolutions are not deterministic."""
+    """Write the cache (safetensors, atomically): a resumed run reads it back and trains on bit-identical
+    latents even where GPU convolutions are not deterministic."""
     tensors = {}
     for part, views in (("instance", cache.instance), ("class", cache.classes)):
         if views is not None:
@@ -168,10 +144,8 @@ def load_cache(path, fingerprint: str) -> LatentCache | None:
     except (OSError, SafetensorError):  # missing, truncated or not a safetensors file
         return None
 
-    def views(part):
-        if f"{part}.mean" not in tensors:
-            return None
-        return Views(*(tensors[f"{part}.{f.name}"] for f in fields(Views)))
+    def views(part):  # None for a part the file does not hold (no class images)
+        return Views(*(tensors[f"{part}.{f.name}"] for f in fields(Views))) if f"{part}.mean" in tensors else None
 
     return LatentCache(views("instance"), views("class"), tensors.get("context"), tensors.get("pooled"))
 
@@ -184,8 +158,7 @@ class ShuffledOrder:
 
     def __init__(self, n: int, generator: torch.Generator):
         self.n, self.generator = n, generator
-        self.order: list[int] = []
-        self.pos = 0
+        self.order, self.pos = [], 0  # the current pass, and the position in it
 
     def take(self, k: int) -> list[int]:
         out = []
@@ -215,14 +188,11 @@ def _pick_views(views: Views, images: list[int], generator: torch.Generator) -> 
 def draw_batch(cache: LatentCache, instance_order: ShuffledOrder, class_order: ShuffledOrder | None,
                batch_size: int, generator: torch.Generator, *, scaling_factor: float, num_timesteps: int,
                noise_offset: float = 0.0, sdxl: bool = True, device="cpu") -> Batch:
-    """batch_size instance rows (+ as many class rows): latents drawn from the cached posteriors,
-    noise, uniform timesteps. Every random number comes from `generator`, on the CPU, so a run is
-    reproducible on any device and resumable from the generator's saved state.
+    """batch_size instance rows (+ as many class rows): latents drawn from the cached posteriors, noise,
+    uniform timesteps, all from the CPU `generator` (reproducible on any device, resumable).
 
-    noise_offset (Guttenberg 2023, "Diffusion with Offset Noise"): add offset * N(0, 1) per sample
-    and channel to the noise, a constant shift over the whole latent, so the model also learns to
-    change an image's mean brightness (plain noise almost never does: very dark or bright images).
-    """
+    noise_offset (Guttenberg 2023, "Diffusion with Offset Noise"): add offset * N(0, 1) per sample and
+    channel, so the model also learns to change an image's mean brightness."""
     parts = [(cache.instance, _pick_views(cache.instance, instance_order.take(batch_size), generator))]
     if class_order is not None:
         parts.append((cache.classes, _pick_views(cache.classes, class_order.take(batch_size), generator)))

@@ -1,14 +1,7 @@
-"""Building blocks shared by the UNet (unet.py) and the VAE (vae.py).
+"""Building blocks shared by the UNet (unet.py) and the VAE (vae.py); every size comes in as an argument.
 
-Small pieces first: the timestep sinusoid, the convolutional blocks (ResnetBlock, Downsample,
-Upsample), multi-head attention, the activation-checkpointing helper, and the reader that turns a
-diffusers config.json into a config dataclass. Every size comes in as an argument; the numbers
-themselves live in the model configs.
-
-Module attribute names (norm1, conv1, time_emb_proj, conv_shortcut, to_q, to_k, to_v, to_out.0, ...)
-are chosen so the state-dict keys equal those of diffusers' models built from the same config.json:
-a diffusers checkpoint loads with no rename table.
-"""
+Attribute names (norm1, conv1, time_emb_proj, conv_shortcut, to_q, to_out.0, ...) equal diffusers', so a
+diffusers checkpoint loads with no rename table."""
 
 import dataclasses
 import math
@@ -22,21 +15,15 @@ from torch.utils.checkpoint import checkpoint
 def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=10000.0):
     """Sinusoidal embedding of (possibly fractional) timesteps, t: (N,) -> (N, dim) in fp32.
 
-    The transformer positional encoding of Vaswani et al. 2017 (sec. 3.5), used for the diffusion
-    timestep by Ho et al. 2020 (DDPM, appendix B): frequencies
-    f_i = max_period ** (-i / (dim/2 - freq_shift)), i = 0 .. dim/2 - 1, features [sin(t f), cos(t f)].
-    SD checkpoints were trained with the cos half first (flip_sin_to_cos=True) and freq_shift 0;
-    DDPM used sin first and freq_shift 1. SDXL reuses this for its size/crop micro-conditioning.
-    Computed in fp32 whatever the model dtype: timesteps up to 1000 (or sizes up to 4096) need it.
-    """
+    Vaswani et al. 2017 sec. 3.5, used for the timestep by Ho et al. 2020 (appendix B) and by SDXL for
+    its size/crop ids: f_i = max_period ** (-i / (dim/2 - freq_shift)), features [sin(t f), cos(t f)]
+    (SD: cos half first, freq_shift 0). fp32 whatever the model dtype: values up to 4096 need it."""
     half = dim // 2
     exponent = torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(max_period))
     freqs = torch.exp(exponent / (half - freq_shift))  # (half,)
     angles = t.float()[:, None] * freqs[None, :]  # (N, half)
-    if flip_sin_to_cos:
-        emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (N, 2*half)
-    else:
-        emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # (N, 2*half)
+    halves = [torch.sin(angles), torch.cos(angles)]
+    emb = torch.cat(halves[::-1] if flip_sin_to_cos else halves, dim=-1)  # (N, 2*half)
     if dim % 2 == 1:
         emb = F.pad(emb, (0, 1))  # odd dim: one zero feature at the end
     return emb
@@ -45,14 +32,9 @@ def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=
 class ResnetBlock(nn.Module):
     """GroupNorm -> SiLU -> 3x3 conv, twice, plus a skip (1x1 conv when channels change).
 
-    The residual block of the LDM UNet and autoencoder (Rombach et al. 2022, inherited from
-    DDPM, Ho et al. 2020, appendix B). When `temb_channels` is given, a Linear maps the time
-    embedding to one bias per channel, added between the two convolutions (the UNet); the VAE
-    passes temb_channels=None.
-
-    `temb` must already have gone through SiLU: the UNet applies it once for all its blocks
-    instead of once per block (the same numbers, fewer kernels).
-    """
+    The residual block of the LDM UNet and autoencoder (Rombach et al. 2022; DDPM appendix B). With
+    `temb_channels` (UNet, not VAE) a Linear adds one bias per channel from the time embedding between
+    the convs; `temb` must already have gone through SiLU (the UNet applies it once for all blocks)."""
 
     def __init__(self, in_channels, out_channels, temb_channels, groups, eps):
         super().__init__()
@@ -61,9 +43,7 @@ class ResnetBlock(nn.Module):
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.conv_shortcut = None
-        if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        self.conv_shortcut = None if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x, temb=None):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -75,11 +55,7 @@ class ResnetBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 conv.
-
-    padding=1 (UNet) pads all sides; padding=0 (VAE) pads only right and bottom by one, which is
-    how the original autoencoder was trained, so its weights expect exactly that.
-    """
+    """Halve H and W with a stride-2 3x3 conv; padding=0 (VAE) pads right and bottom only, as it was trained."""
 
     def __init__(self, channels, padding):
         super().__init__()
@@ -93,34 +69,22 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W (nearest neighbour), then a 3x3 conv.
-
-    `size` forces the output size: the UNet passes the size of the skip connection that will be
-    concatenated next, so inputs whose sides are not multiples of 2**levels still line up.
-    """
+    """Double H and W (nearest neighbour), then a 3x3 conv. `size` forces the output size: the UNet passes
+    its next skip's, so sides that are not multiples of 2**levels still line up."""
 
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x, size=None):
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
+        return self.conv(F.interpolate(x, size=size, scale_factor=2.0 if size is None else None, mode="nearest"))
 
 
 class Attention(nn.Module):
-    """Multi-head scaled dot-product attention, Vaswani et al. 2017 eq. 1 and sec. 3.2.2.
+    """Multi-head attention softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017 eq. 1, sec. 3.2.2) via SDPA.
 
-    softmax(Q K^T / sqrt(d)) V per head, through F.scaled_dot_product_attention (flash /
-    memory-efficient kernels on GPU). Self-attention when `context` is None, cross-attention on
-    `context` (the text tokens) otherwise. q, k, v and the output are separate Linear layers
-    (to_q, to_k, to_v, to_out.0): these are the layers LoRA adapts, and the names the LoRA files
-    use. to_out is a one-element ModuleList only to keep the key `to_out.0` (diffusers' index 1
-    was a dropout).
-    """
+    Self-attention when `context` is None, else cross-attention to it (the text tokens). q, k, v, out are
+    separate Linears, the layers LoRA adapts; to_out is a ModuleList only to keep the key `to_out.0`."""
 
     def __init__(self, query_dim, heads, head_dim, context_dim=None, qkv_bias=False):
         super().__init__()
@@ -148,28 +112,20 @@ class Attention(nn.Module):
 def maybe_checkpoint(enabled, module, *args):
     """module(*args), through activation checkpointing when `enabled` and autograd is recording.
 
-    Checkpointing keeps only the block's inputs and recomputes its activations during backward:
-    less memory for one extra forward. use_reentrant=False is the variant PyTorch recommends; unlike
-    the reentrant one it still produces parameter gradients when no input requires grad (frozen
-    UNet, trainable LoRA weights) and accepts None arguments. It restores the RNG state, so a
-    dropout inside (LoRA) draws the same mask when recomputed.
-    """
+    The activations are recomputed in backward instead of stored. use_reentrant=False still gives parameter
+    gradients when no input requires grad (frozen UNet, LoRA weights) and restores the RNG state, so a
+    LoRA dropout draws the same mask when recomputed."""
     if enabled and torch.is_grad_enabled():
         return checkpoint(module, *args, use_reentrant=False)
     return module(*args)
 
 
 def read_diffusers_config(cls, d, library_defaults, feature_off, ignored, what):
-    """Build config dataclass `cls` from a diffusers config.json dict.
+    """Build config dataclass `cls` from a diffusers config.json dict; never half-understood.
 
-    A key the dict lacks takes `library_defaults[key]`, the default of diffusers' own class, not
-    the dataclass default: old config.json files (SD 1.5's) omit keys such as addition_embed_type
-    or scaling_factor and mean diffusers' defaults. Keys starting with "_" (class name, library
-    version) and keys in `ignored` are skipped.
-    `feature_off` maps keys of features minidream does not implement to the values that mean
-    "off": any other value raises ValueError, as does a key that is neither a field of `cls` nor
-    known, so a config is never half-understood. JSON lists become tuples.
-    """
+    Missing keys take `library_defaults` (diffusers' class defaults, which old SD 1.5 files rely on), not
+    the dataclass's. A `feature_off` key with a value other than its "off" values, or an unknown key,
+    raises ValueError. Keys starting with "_" and keys in `ignored` are skipped; lists become tuples."""
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = dict(library_defaults)
     for key, value in d.items():
@@ -177,10 +133,9 @@ def read_diffusers_config(cls, d, library_defaults, feature_off, ignored, what):
             continue
         if key in feature_off:
             if value not in feature_off[key]:
-                raise ValueError(
-                    f"{what} config sets {key}={value!r}, a feature minidream does not implement "
-                    f"(supported: {feature_off[key]}); minidream builds the SD 1.x / 2.x / XL architectures only"
-                )
+                raise ValueError(f"{what} config sets {key}={value!r}, a feature minidream does not implement "
+                                 f"(supported: {feature_off[key]}); minidream builds the SD 1.x / 2.x / XL "
+                                 "architectures only")
             continue
         if key not in fields:
             raise ValueError(f"{what} config has an unknown key {key!r}: is this the right config.json?")

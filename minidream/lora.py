@@ -1,21 +1,10 @@
 """LoRA: low-rank adapters on frozen Linear and Conv2d layers.
 
-Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. (3):
-
-    h = W0 x + dW x = W0 x + B A x
-
-W0 (out x in) stays frozen; only A (r x in, "down") and B (out x r, "up") are trained, with r much
-smaller than in/out. B starts at zero, so a fresh adapter changes nothing, and the update is scaled
-by alpha / r (paper, section 4.1) so that changing r does not change how big the update starts out.
-
-Here a layer can carry several named adapters at once (a subject LoRA plus a style LoRA), each with
-its own user `scale`; the forward adds every active adapter's `scale * alpha / r * B A x`.
-`merge()` folds the active adapters into W0 for fast sampling and `unmerge()` takes them out again.
-
-The layers subclass nn.Linear / nn.Conv2d and reuse the base layer's own `weight` and `bias`
-Parameters, so the model's state-dict keys for the base weights do not change (loralib's design);
-the adapters add `<module>.lora_A.<name>` and `<module>.lora_B.<name>`.
-"""
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. (3): h = W0 x + B A x, with W0
+frozen and only A (r x in, "down") and B (out x r, "up") trained. B starts at zero, so a fresh adapter
+changes nothing; the update is scaled by alpha / r (sec. 4.1). A layer may carry several named adapters,
+each with its own user `scale`. As in loralib, the layers subclass nn.Linear / nn.Conv2d and keep the base
+`weight`/`bias`, so base keys do not change; adapters add `<module>.lora_A.<name>` and `.lora_B.<name>`."""
 
 from __future__ import annotations
 
@@ -34,19 +23,13 @@ UNET_FEEDFORWARD = ("ff.net.0.proj", "ff.net.2")  # GEGLU input projection and o
 UNET_PROJ = ("proj_in", "proj_out")  # the transformer's in/out projections (Linear in SDXL)
 UNET_CONV = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")  # kohya "LoCon"
 TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")  # transformers' CLIP attention
-TARGET_GROUPS = {
-    "attn": UNET_ATTENTION,
-    "ff": UNET_FEEDFORWARD,
-    "proj": UNET_PROJ,
-    "conv": UNET_CONV,
-    "text": TEXT_ATTENTION,
-}
+TARGET_GROUPS = {"attn": UNET_ATTENTION, "ff": UNET_FEEDFORWARD, "proj": UNET_PROJ, "conv": UNET_CONV,
+                 "text": TEXT_ATTENTION}
 UNET_TARGET_GROUPS = tuple(g for g in TARGET_GROUPS if g != "text")  # what train.py --lora-targets may name
 
 
 def unet_targets(groups: str) -> tuple[str, ...]:
-    """Module-name targets of comma-separated UNet groups: "attn,ff" -> UNET_ATTENTION + UNET_FEEDFORWARD.
-    An unknown group is a ValueError that names the known ones."""
+    """Module-name targets of comma-separated UNet groups: "attn,ff" -> UNET_ATTENTION + UNET_FEEDFORWARD."""
     names = [g.strip() for g in groups.split(",")]
     unknown = [g for g in names if g not in UNET_TARGET_GROUPS]
     if unknown:
@@ -68,20 +51,6 @@ class LoRAWeights:
         return self.down.shape[0]
 
 
-class LoRAMismatchError(ValueError):
-    """A LoRA names modules the model does not have (wrong base model, typo'd key)."""
-
-
-def mismatch_error(unmatched: list[str], where: str, hint: str = "") -> LoRAMismatchError:
-    """Build the error that lists the first few unmatched keys and how many there are."""
-    shown = ", ".join(unmatched[:5]) + (", ..." if len(unmatched) > 5 else "")
-    return LoRAMismatchError(
-        f"{len(unmatched)} LoRA key(s) match no module of {where}: {shown}. "
-        "The LoRA was probably made for another base model (e.g. SD 1.5 vs SDXL) or a key is "
-        f"misspelled; nothing was loaded.{(' ' + hint) if hint else ''}"
-    )
-
-
 # ----------------------------------------------------------------------------------------------
 # The layers
 
@@ -90,13 +59,9 @@ class LoRALayer:
     """Adapter bookkeeping shared by LoRALinear and LoRAConv2d (the nn class owns weight/bias)."""
 
     def _adopt(self, base: nn.Module):
-        """Take over the base layer's own weight/bias Parameters (no copy) and train/eval mode."""
+        """Take over the base layer's own weight/bias Parameters (no copy) and train/eval mode; no adapters yet."""
         self.weight, self.bias = base.weight, base.bias
         self.train(base.training)
-        self._init_lora()
-        return self
-
-    def _init_lora(self) -> None:
         self.lora_A = nn.ParameterDict()  # name -> down weight
         self.lora_B = nn.ParameterDict()  # name -> up weight
         self.lora_alpha: dict[str, float] = {}
@@ -104,26 +69,23 @@ class LoRALayer:
         self.lora_dropout: dict[str, float] = {}  # dropout probability on the adapter's input
         self.active_adapters: list[str] = []
         self.merged: dict[str, float] = {}  # name -> scaling folded into weight; empty = unmerged
+        return self
 
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0,
                     scale: float = 1.0, dtype: torch.dtype = torch.float32) -> None:
-        """Add adapter `name`, initialised as peft does by default (init_lora_weights=True).
-
-        A ~ kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
-        fan_in = in_features (* kh * kw for convs), the nn.Linear default loralib and peft use;
-        B = 0, so the adapter's delta is exactly zero until B is trained.
-        """
+        """Add adapter `name`, initialised as peft does: A ~ kaiming_uniform(a=sqrt(5)) (nn.Linear's default,
+        U(-1/sqrt(fan_in), 1/sqrt(fan_in))), B = 0, so the delta is exactly zero until B is trained."""
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise ValueError(f"adapter name {name!r} must be a Python identifier (letters, digits, _)")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer; remove it first")
         self._check_unmerged("add an adapter")
-        device = self.weight.device
-        down = torch.empty(self._down_shape(rank), device=device, dtype=dtype)
+        out_features, *in_shape = self.weight.shape  # Linear (out, in); Conv2d (out, in, kh, kw)
+        down = torch.empty((rank, *in_shape), device=self.weight.device, dtype=dtype)  # A: (r, in[, kh, kw])
         nn.init.kaiming_uniform_(down, a=math.sqrt(5))
-        up = torch.zeros(self._up_shape(rank), device=device, dtype=dtype)
+        up_shape = (out_features, rank, *[1] * (len(in_shape) - 1))  # B: (out, r[, 1, 1])
         self.lora_A[name] = nn.Parameter(down)
-        self.lora_B[name] = nn.Parameter(up)
+        self.lora_B[name] = nn.Parameter(torch.zeros(up_shape, device=self.weight.device, dtype=dtype))
         self.lora_alpha[name] = float(alpha)
         self.lora_scale[name] = float(scale)
         self.lora_dropout[name] = float(dropout)
@@ -191,12 +153,6 @@ class LoRALinear(nn.Linear, LoRALayer):
         # Built on the meta device so nothing is allocated, then given the base's own Parameters.
         return cls(base.in_features, base.out_features, base.bias is not None, device="meta")._adopt(base)
 
-    def _down_shape(self, rank):
-        return (rank, self.in_features)
-
-    def _up_shape(self, rank):
-        return (self.out_features, rank)
-
     def _lora_path(self, h, down, up):
         return F.linear(F.linear(h, down), up)  # (..., in) -> (..., r) -> (..., out)
 
@@ -205,8 +161,7 @@ class LoRALinear(nn.Linear, LoRALayer):
 
 
 class LoRAConv2d(nn.Conv2d, LoRALayer):
-    """nn.Conv2d + LoRA: A is a conv with the base kernel/stride/padding, B a 1x1 conv (kohya's
-    conv LoRA). For a 1x1 base conv this is exactly LoRALinear applied at every pixel."""
+    """nn.Conv2d + LoRA: A is a conv with the base kernel/stride/padding, B a 1x1 conv (kohya's conv LoRA)."""
 
     @classmethod
     def wrap(cls, base: nn.Conv2d) -> "LoRAConv2d":
@@ -215,12 +170,6 @@ class LoRAConv2d(nn.Conv2d, LoRALayer):
                              f"(got groups={base.groups}, padding_mode={base.padding_mode!r})")
         return cls(base.in_channels, base.out_channels, base.kernel_size, base.stride, base.padding,
                    base.dilation, bias=base.bias is not None, device="meta")._adopt(base)
-
-    def _down_shape(self, rank):
-        return (rank, self.in_channels, *self.kernel_size)
-
-    def _up_shape(self, rank):
-        return (self.out_channels, rank, 1, 1)
 
     def _lora_path(self, h, down, up):
         h = F.conv2d(h, down, None, self.stride, self.padding, self.dilation)  # (B, r, H', W')
@@ -242,8 +191,7 @@ def find_targets(model: nn.Module, targets) -> list[str]:
     """Names of the Linear/Conv2d modules matched by `targets`; every target must match something."""
     if isinstance(targets, str):
         targets = TARGET_GROUPS[targets] if targets in TARGET_GROUPS else (targets,)
-    names = [n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, nn.Conv2d)) and matches(n, targets)]
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and matches(n, targets)]
     unused = [t for t in targets if not any(matches(n, (t,)) for n in names)]
     if unused:
         raise ValueError(f"LoRA target(s) {unused} match no Linear/Conv2d module of "
@@ -270,15 +218,11 @@ def wrap_module(model: nn.Module, name: str) -> LoRALayer:
 def inject_lora(model: nn.Module, targets=UNET_ATTENTION, *, name: str = "default", rank: int = 4,
                 alpha: float | None = None, dropout: float = 0.0, scale: float = 1.0,
                 dtype: torch.dtype = torch.float32) -> list[str]:
-    """Add a fresh adapter `name` to every module matched by `targets`; returns their names.
-
-    `targets` is a tuple of module-name suffixes or a TARGET_GROUPS key ("attn", "ff", "proj",
-    "conv", "text"). alpha defaults to rank (scaling 1, diffusers' convention).
-    """
+    """Add a fresh adapter `name` to every module matched by `targets` (module-name suffixes or a
+    TARGET_GROUPS key); returns their names. alpha defaults to rank (scaling 1, diffusers' convention)."""
     names = find_targets(model, targets)
     for module_name in names:
-        wrap_module(model, module_name).add_adapter(name, rank, rank if alpha is None else alpha,
-                                                    dropout, scale, dtype)
+        wrap_module(model, module_name).add_adapter(name, rank, rank if alpha is None else alpha, dropout, scale, dtype)
     return names
 
 
@@ -287,32 +231,11 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    seen: dict[str, None] = {}
-    for _, layer in lora_layers(model):
-        seen.update(dict.fromkeys(layer.lora_A.keys()))
-    return list(seen)
-
-
-def set_adapter_scale(model: nn.Module, name: str, scale: float) -> None:
-    """Set the user strength of adapter `name` everywhere (e.g. 0.8 for a style LoRA)."""
-    _require_adapter(model, name)
-    for _, layer in lora_layers(model):
-        if name in layer.lora_A:
-            layer._check_unmerged("change a scale")
-            layer.lora_scale[name] = float(scale)
-
-
-def set_active_adapters(model: nn.Module, names: list[str]) -> None:
-    """Only `names` contribute to the forward (and to merge()); the others stay loaded but idle."""
-    for name in names:
-        _require_adapter(model, name)
-    for _, layer in lora_layers(model):
-        layer._check_unmerged("change the active adapters")
-        layer.active_adapters = [n for n in names if n in layer.lora_A]
+    return list(dict.fromkeys(name for _, layer in lora_layers(model) for name in layer.lora_A))  # in order, once
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:
-    _require_adapter(model, name)
+    require_adapter(model, name)
     for _, layer in lora_layers(model):
         if name in layer.lora_A:
             layer.remove_adapter(name)
@@ -329,7 +252,7 @@ def unmerge_lora(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def _require_adapter(model: nn.Module, name: str) -> None:
+def require_adapter(model: nn.Module, name: str) -> None:
     if name not in adapter_names(model):
         raise KeyError(f"no adapter named {name!r}; loaded adapters: {adapter_names(model)}")
 
@@ -356,7 +279,3 @@ def lora_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.Par
 def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """The LoRA entries of model.state_dict() (`<module>.lora_A.<name>`), e.g. for checkpoints."""
     return {k: v for k, v in model.state_dict().items() if is_lora_parameter(k, adapter)}
-
-
-def count_trainable_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

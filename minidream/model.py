@@ -13,16 +13,20 @@ from pathlib import Path
 
 import torch
 
-from minidream.checkpoint import detect, load_unet, load_vae, vae_weights
-from minidream.lora import merge_lora
-from minidream.lora_files import load_lora
+from transformers import CLIPTokenizer
+
+from minidream.checkpoint import detect, load_text_encoder, load_unet, load_vae, text_encoder_parts, unet_weights, vae_weights
+from minidream.errors import UserError
+from minidream.loading import CheckpointError
 from minidream.schedule import ScheduleConfig
-from minidream.text import TextEncoders, load_text_encoders
+from minidream.text import TextEncoders
+from minidream.unet_config import UNetConfig
 from minidream.vae import VAEConfig, vae_dtype
 
 REPO = Path(__file__).resolve().parent.parent
 SDXL_LOCATIONS = ("weights/sdxl-base-1.0", "weights/sd_xl_base_1.0.safetensors")  # README: where to download to
 BUNDLED_MODEL = "weights/tiny-sdxl"
+SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
 @dataclass
@@ -65,6 +69,75 @@ def _folder_json(path: Path, name: str) -> dict:
     return json.loads(file.read_text()) if path.is_dir() and file.is_file() else {}
 
 
+# ---------------------------------------------------------------------------------------------
+# Tokenizers: SDXL single files carry no vocabulary, so it comes from a diffusers folder.
+
+class TokenizerNotFoundError(UserError):
+    """No CLIP tokenizer where one was looked for."""
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    bpe_files = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    return bpe_files or (folder / "tokenizer.json").is_file()
+
+
+def find_tokenizer_dir(candidates, need_second: bool = True) -> Path:
+    """First folder among `candidates` (None entries skipped) that holds tokenizer/ (and tokenizer_2/)."""
+    subfolders = ("tokenizer", "tokenizer_2") if need_second else ("tokenizer",)
+    tried = [Path(c) for c in candidates if c is not None]
+    for folder in tried:
+        if all(_has_tokenizer_files(folder / s) for s in subfolders):
+            return folder
+    where = ", ".join(str(t) for t in tried) or "nowhere (no --tokenizer DIR given)"
+    raise TokenizerNotFoundError(
+        f"no CLIP tokenizer found (looked in: {where}). Single-file checkpoints carry no tokenizer: pass "
+        f"--tokenizer DIR, where DIR holds {' and '.join(s + '/' for s in subfolders)}, each with vocab.json "
+        f"+ merges.txt + tokenizer_config.json + special_tokens_map.json (tokenizer_2 pads with '!'). Get them "
+        f"from the {' and '.join(s + '/' for s in subfolders)} folders of https://huggingface.co/{SDXL_REPO}, e.g. "
+        f"`huggingface-cli download {SDXL_REPO} --include 'tokenizer*/*' --local-dir weights/sdxl-tokenizers` "
+        f"then --tokenizer weights/sdxl-tokenizers (any diffusers SDXL folder works; not weights/sdxl-base-1.0, "
+        f"which minidream would take for a whole model)."
+    )
+
+
+def load_tokenizer(folder) -> CLIPTokenizer:
+    folder = Path(folder)
+    if not _has_tokenizer_files(folder):
+        raise TokenizerNotFoundError(f"{folder} has no CLIP tokenizer: need vocab.json + merges.txt (or tokenizer.json)")
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders: config -> meta-device module -> assign the checkpoint's tensors.
+
+def load_text_encoders(path, dtype=torch.float32, device="cpu", *, tokenizer_dir=None, variant=None,
+                       expect=None) -> TextEncoders:
+    """Tokenizers and frozen CLIP text encoders of a model: a diffusers folder or a single file.
+
+    The weights come through checkpoint.load_text_encoder (strict, low-RAM, single-file names
+    converted, transformers 4 and 5 layouts both accepted). The tokenizers come from
+    `tokenizer_dir` if given, else from the model folder itself, else from the folder holding a
+    single file (single files carry no vocabulary). SD 1.x / 2.x models have one encoder.
+    """
+    path = Path(path)
+    parts = text_encoder_parts(path)
+    if "text_encoder" not in parts:
+        raise CheckpointError(f"{path} is {detect(path).description}: it holds no text encoder")
+    sdxl = "text_encoder_2" in parts
+    tok_dir = find_tokenizer_dir([tokenizer_dir, path if path.is_dir() else path.parent], need_second=sdxl)
+
+    def encoder(part):  # frozen: minidream trains LoRA on the UNet (text-encoder LoRA adds its own params)
+        model = load_text_encoder(path, part, dtype, device, expect=expect, variant=variant)
+        return model.eval().requires_grad_(False)
+
+    return TextEncoders(
+        tokenizer=load_tokenizer(tok_dir / "tokenizer"),
+        text_encoder=encoder("text_encoder"),
+        tokenizer_2=load_tokenizer(tok_dir / "tokenizer_2") if sdxl else None,
+        text_encoder_2=encoder("text_encoder_2") if sdxl else None,
+    )
+
+
 def load_model(path, dtype=torch.float32, device="cpu", *, vae=None, tokenizer=None, variant=None) -> Model:
     """Load every part of the model at `path` (diffusers folder or single file).
 
@@ -89,21 +162,9 @@ def load_model(path, dtype=torch.float32, device="cpu", *, vae=None, tokenizer=N
     )
 
 
-def add_loras(model: Model, loras, fuse: bool = True) -> list[str]:
-    """Apply LoRA files to the model: `loras` is [(path, scale), ...]; returns the adapter names.
-
-    Each file may hold UNet and text-encoder adapters (diffusers or kohya layout, see lora_files);
-    every key must fit, or nothing of that file is loaded. fuse=True folds all of them into the
-    base weights (W += scale * B A * alpha / r, lora.merge_lora), so sampling runs plain matmuls
-    at the base model's speed; unmerge_lora undoes it.
-    """
-    text = model.text
-    names = []
-    for i, (path, scale) in enumerate(loras):
-        names.append(load_lora(path, unet=model.unet, text_encoder=text.text_encoder,
-                               text_encoder_2=text.text_encoder_2, name=f"lora{i}", scale=scale))
-    if fuse:
-        for module in (model.unet, text.text_encoder, text.text_encoder_2):
-            if module is not None:
-                merge_lora(module)
-    return names
+def model_image_size(path) -> int:
+    """The model's native image side in px, from config/headers only (nothing loaded)."""
+    family = detect(path).family or None
+    unet = UNetConfig.from_dict(unet_weights(path, expect=family)[0])
+    vae = VAEConfig.from_dict(vae_weights(path, expect=family)[0])
+    return unet.sample_size * 2 ** (len(vae.block_out_channels) - 1)

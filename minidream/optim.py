@@ -1,25 +1,9 @@
-"""Optimiser, learning-rate schedule and mixed precision for training (LoRA, full, textual inversion).
+"""Optimizer (AdamW8bit or AdamW), learning-rate schedule and mixed precision for training.
 
-Three small pieces the training loop needs besides the model:
-
-    make_optimizer   bitsandbytes AdamW8bit (default: 8-bit optimizer states, Dettmers et al. 2022,
-                     "8-bit Optimizers via Block-wise Quantization"), or torch AdamW
-                     (Loshchilov & Hutter 2019, decoupled weight decay); falls back to torch AdamW
-                     with a warning when bitsandbytes cannot run on this machine
-    lr_at            the learning rate of optimizer step i (constant, warmup, cosine), a plain
-                     function of the step as in nanoGPT, so a resumed run gets the same numbers
-    resolve_precision / make_grad_scaler
-                     which dtypes the frozen weights and autocast use, and whether the loss is
-                     scaled (fp16 only)
-
-Why a GradScaler for fp16 (Micikevicius et al. 2018, "Mixed Precision Training", sec. 3.2):
-gradients flowing back through fp16 activations underflow to zero below ~6e-8. Multiplying the
-loss by a large factor S (2^16 at first) lifts them into fp16's range; the scaler divides the
-gradients by S again before clipping and the optimizer step. If S was too large some gradient
-overflows to inf/NaN: that step is skipped and S halved; after 2000 clean steps S doubles.
-bf16 has fp32's exponent range and fp32 needs nothing, so neither uses a scaler (the scaler object
-still exists, disabled, so the loop has one code path).
-"""
+Why a GradScaler for fp16 (Micikevicius et al. 2018, "Mixed Precision Training", sec. 3.2): gradients
+through fp16 activations underflow below ~6e-8, so the loss is multiplied by S (2^16 at first) and the
+gradients divided by S again before clipping. A step whose gradients overflow is skipped and S halved;
+after 2000 clean steps S doubles. bf16 and fp32 need no scaler (a disabled one keeps one code path)."""
 
 from __future__ import annotations
 
@@ -30,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-OPTIMIZERS = ("adamw8bit", "adamw")
-LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine")
-PRECISIONS = ("fp16", "bf16", "fp32")
+from minidream.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256  # bitsandbytes AdamW8bit: smallest quantised tensor, block size
 
@@ -43,10 +26,9 @@ def make_optimizer(param_groups, name: str = "adamw8bit", *, lr: float, betas=(0
                    weight_decay: float = 1e-4):
     """(optimizer, name actually used). param_groups: a list of {"params": [...], "lr": ...} dicts.
 
-    AdamW8bit stores Adam's two moments in 8 bits (block-wise quantised) instead of 32: for LoRA
-    the states are small anyway, but it is the recipe people run on a 16 GB T4. bitsandbytes keeps
-    tensors under 4096 elements in 32-bit states (quantisation would cost more than it saves).
-    """
+    AdamW8bit (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization") keeps Adam's moments
+    in 8 bits, the 16 GB T4 recipe; torch AdamW (Loshchilov & Hutter 2019) is the fallback when
+    bitsandbytes cannot run here."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     if name == "adamw8bit":
@@ -62,12 +44,8 @@ def make_optimizer(param_groups, name: str = "adamw8bit", *, lr: float, betas=(0
 
 
 def optimizer_state_bytes(params, name: str = "adamw8bit") -> int:
-    """Bytes of Adam's two moments for `params` (shapes only: meta tensors work).
-
-    torch AdamW: two fp32 moments, 8 bytes per parameter. bitsandbytes AdamW8bit: two uint8 moments
-    plus one fp32 scale per 256-element block for each (block-wise quantisation); tensors under
-    4096 elements keep fp32 moments.
-    """
+    """Bytes of Adam's two moments for `params` (shapes only: meta tensors work). AdamW: two fp32 moments.
+    AdamW8bit: two uint8 moments plus an fp32 scale per 256-element block each; under 4096 elements, fp32."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     total = 0
@@ -78,11 +56,8 @@ def optimizer_state_bytes(params, name: str = "adamw8bit") -> int:
 
 
 def _bitsandbytes_problem(param_groups) -> str | None:
-    """None if AdamW8bit works on the parameters' device, else why not.
-
-    Importing is not enough (a CUDA-less or unsupported build imports fine and fails at the first
-    step), so one step is taken on a throwaway 4096-element tensor (the smallest size it quantises).
-    """
+    """None if AdamW8bit works on the parameters' device, else why not. Importing is not enough (an
+    unsupported build imports fine and fails at the first step): one step is taken on a throwaway tensor."""
     device = param_groups[0]["params"][0].device
     # bitsandbytes logs a harmless warning about optional CPU kernels at import; keep stdout clean.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -107,8 +82,7 @@ def lr_at(step: int, lr: float, schedule: str = "constant", warmup_steps: int = 
     constant              lr throughout (warmup_steps ignored)
     constant_with_warmup  linear ramp lr/warmup, 2 lr/warmup, ..., lr over the first warmup_steps, then lr
     cosine                the same ramp, then half a cosine from lr down to 0 at total_steps
-                          (Loshchilov & Hutter 2017, "SGDR", eq. 5 with one cycle and no restart)
-    """
+                          (Loshchilov & Hutter 2017, "SGDR", eq. 5 with one cycle and no restart)"""
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown lr schedule {schedule!r}: choose one of {', '.join(LR_SCHEDULES)}")
     if schedule == "constant":
@@ -146,12 +120,8 @@ class Precision:
 
 
 def resolve_precision(requested: str, device) -> Precision:
-    """Turn --precision into dtypes for `device`.
-
-    CUDA fp16 (the T4 recipe): weights fp16, autocast fp16, GradScaler. bf16: weights and autocast
-    bf16, no scaler (GPUs before Ampere, like the T4, lack fast bf16: fp16 is used there instead).
-    CPU: fp32 by default (CPUs have no fast fp16 matmuls); bf16 works and halves the memory.
-    """
+    """Turn --precision into dtypes for `device`: fp16 with a GradScaler (the T4 recipe), bf16 (fp16 on GPUs
+    without native bf16, like the T4), or fp32 (what fp16 becomes on a CPU, which has no fast fp16)."""
     if requested not in PRECISIONS:
         raise ValueError(f"unknown precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
@@ -162,11 +132,9 @@ def resolve_precision(requested: str, device) -> Precision:
     if device.type == "cuda" and requested == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         requested, note = "fp16", "this GPU has no native bf16: training in fp16 with loss scaling instead"
     dtype = DTYPES[requested]
-    return Precision(
-        name=requested, device=device, weight_dtype=dtype,
-        autocast_dtype=None if requested == "fp32" else dtype,
-        use_grad_scaler=requested == "fp16", note=note,
-    )
+    autocast = None if requested == "fp32" else dtype
+    return Precision(name=requested, device=device, weight_dtype=dtype, autocast_dtype=autocast,
+                     use_grad_scaler=requested == "fp16", note=note)
 
 
 def make_grad_scaler(precision: Precision) -> torch.amp.GradScaler:

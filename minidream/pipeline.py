@@ -5,12 +5,9 @@
     x_T ──ddim / pndm / euler (closure: UNet on [uncond; cond], guidance)──> x_0  [samplers.py]
     x_0 / scaling_factor ──VAE.decode──> image in [-1, 1] ──> PIL          [vae.py]
 
-Every step is taken as diffusers' StableDiffusionXLPipeline takes it, so the same seed gives the same
-image (tests/test_pipeline.py): the initial noise is one torch.randn of shape (B, 4, H/8, W/8) from a
-CPU torch.Generator seeded with `seed`, times the sampler's initial sigma; DDIM with eta > 0 draws
-its per-step noise from that same generator afterwards; classifier-free guidance runs the
-unconditional and conditional halves in one UNet call, unconditional first.
-"""
+Every step is taken as diffusers' StableDiffusionXLPipeline takes it (noise from a CPU generator seeded
+with `seed`, DDIM's eta noise from the same one, [uncond; cond] in one UNet call), so the same seed gives
+the same image."""
 
 from __future__ import annotations
 
@@ -37,12 +34,11 @@ def check_size(height: int, width: int, multiple: int = 8) -> None:
 def conditioning(model: Model, prompts, negative_prompt, guidance_scale: float, num_images: int,
                  height: int, width: int, embeddings=None):
     """(context, pooled, time_ids, use_cfg) for the UNet; with guidance the batch is [uncond; cond].
-    embeddings: (context, pooled) to use instead of the prompts' own (e.g. between two prompts)."""
+    embeddings: (context, pooled) to use instead of the prompts' own."""
     use_cfg = guidance_scale > 1.0  # as diffusers: a scale <= 1 is the plain conditional model
     context, pooled, u_context, u_pooled = encode_prompt(
-        model.text, prompts, negative_prompt, guidance=use_cfg,
-        force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt, num_images_per_prompt=num_images,
-    )
+        model.text, prompts, negative_prompt, guidance=use_cfg, num_images_per_prompt=num_images,
+        force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt)
     if embeddings is not None:
         context, pooled = (None if e is None else e.to(context) for e in embeddings)
     if use_cfg:
@@ -60,42 +56,34 @@ def unet_closure(model: Model, context, pooled, time_ids):
     """model(x, t) for the samplers: the UNet (predicting eps, or v) with its text conditioning bound in."""
     unet = model.unet
     dtype = next(unet.parameters()).dtype
-    context = context.to(dtype)
-    pooled = None if pooled is None else pooled.to(dtype)
-    time_ids = None if time_ids is None else time_ids.to(dtype)
+    context, pooled, time_ids = (None if x is None else x.to(dtype) for x in (context, pooled, time_ids))
 
-    def eps(x, t):
+    def denoiser(x, t):  # (B, 4, h, w) -> the UNet's output: eps or v, as the model was trained
         t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         return unet(x.to(dtype), t, context, pooled, time_ids).to(x.dtype)
 
-    return eps
+    return denoiser
 
 
 def initial_noise(model: Model, batch: int, height: int, width: int, generator: torch.Generator,
                   dtype=torch.float32) -> torch.Tensor:
-    """x_T ~ N(0, I), (batch, C, H/8, W/8), drawn as diffusers draws it (in the prompt embeddings'
-    dtype, from a CPU generator: the same numbers on any device)."""
+    """x_T ~ N(0, I), (batch, C, H/8, W/8), drawn as diffusers draws it (embeddings' dtype, CPU generator)."""
     shape = (batch, model.unet.config.in_channels, height // model.vae_scale, width // model.vae_scale)
     return torch.randn(shape, generator=generator, dtype=dtype)
 
 
 @torch.no_grad()
 def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler: str = "ddim", steps: int = 30,
-                   guidance_scale: float = 5.0, seed: int = 0, height: int | None = None,
-                   width: int | None = None, num_images: int = 1, eta: float = 0.0,
-                   guidance_rescale: float = 0.0, progress: bool = True, initial_latents=None,
-                   embeddings=None) -> torch.Tensor:
-    """Run the sampler; returns the final latents (len(prompts) * num_images, 4, H/8, W/8), still
-    scaled by the VAE's scaling_factor, images in prompt-major order (p0, p0, p1, p1, ...).
+                   guidance_scale: float = 5.0, seed: int = 0, height: int | None = None, width: int | None = None,
+                   num_images: int = 1, eta: float = 0.0, guidance_rescale: float = 0.0, progress: bool = True,
+                   initial_latents=None, embeddings=None) -> torch.Tensor:
+    """Run the sampler; returns the final latents (len(prompts) * num_images, 4, H/8, W/8), still scaled
+    by the VAE's scaling_factor, in prompt-major order (p0, p0, p1, p1, ...).
 
-    prompts / negative_prompt: a string or a list (one negative for all, or one per prompt; None
-    gives SDXL's zero unconditional embedding). sampler: "ddim", "pndm" (PLMS) or "euler".
-    guidance_scale: classifier-free guidance, off at <= 1. eta: DDIM's noise (0 = deterministic).
-    height / width: pixels, multiples of 8; default the model's training size (SDXL: 1024).
-    initial_latents: x_T before the sampler's sigma scaling, instead of drawing it from `seed`.
-    embeddings: (context, pooled) of the conditional half instead of the prompts' (one row per
-    image; e.g. interpolated between prompts, morph.py); the prompts then only set the batch size.
-    """
+    prompts / negative_prompt: a string or a list (one negative for all, or one per prompt). guidance_scale:
+    off at <= 1. height / width: pixels, default the model's training size. initial_latents: x_T before the
+    sampler's sigma scaling, instead of drawn from `seed`. embeddings: (context, pooled) of the conditional
+    half instead of the prompts' (one row per image); the prompts then only set the batch size."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
     if eta and sampler != "ddim":
@@ -110,21 +98,18 @@ def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler: str 
         initial_latents = initial_noise(model, batch, height, width, generator, context.dtype)
     x = initial_latents.to(context.device) * samplers.init_noise_sigma(model.schedule, steps, sampler)
 
-    eps = unet_closure(model, context, pooled, time_ids)
+    denoiser = unet_closure(model, context, pooled, time_ids)
     if use_cfg:
-        eps = samplers.with_guidance(eps, guidance_scale, guidance_rescale)
+        denoiser = samplers.with_guidance(denoiser, guidance_scale, guidance_rescale)
     evaluations = steps + 1 if sampler == "pndm" else steps  # PLMS evaluates its second step twice
     noise = dict(eta=eta, generator=generator) if sampler == "ddim" else {}
     with tqdm(total=evaluations, desc=f"{sampler} x{steps}", disable=not progress, leave=False) as bar:
-        return SAMPLERS[sampler](eps, x, model.schedule, steps, callback=lambda *_: bar.update(), **noise)
+        return SAMPLERS[sampler](denoiser, x, model.schedule, steps, callback=lambda *_: bar.update(), **noise)
 
 
 @torch.no_grad()
 def decode(model: Model, latents: torch.Tensor) -> list[Image.Image]:
-    """Scaled latents -> PIL images, one at a time (a 1024 px SDXL decode in fp32 needs GBs).
-
-    The SDXL VAE overflows in fp16 (NaN -> black images), so it runs in fp32 unless its config
-    says it is fp16-safe (force_upcast false, e.g. an fp16-fix VAE given with --vae)."""
+    """Scaled latents -> PIL images, one at a time (a 1024 px SDXL decode in fp32 needs GBs), in vae_dtype."""
     vae = model.vae
     dtype = vae_dtype(vae.config, next(vae.parameters()).dtype)
     vae.to(dtype)  # a no-op when load_model already chose it

@@ -1,16 +1,9 @@
 """Class images for prior preservation, made by the base model itself.
 
-DreamBooth's prior-preservation loss (Ruiz et al. 2022, sec. 3.3, eq. 2; the loss is in step.py)
-needs images of the subject's class ("a photo of person") that the *base* model generates: training
-on them keeps the model's own idea of the class while it learns the subject, so "person" does not
-drift towards the subject and the class stays diverse. The paper uses ~1000 images per class
-(200 is the common LoRA recipe).
-
-A class folder may already hold images (from a .zip, an earlier run, or a run that was stopped).
-`fill_class_folder` generates only the missing ones, one file at a time, each written atomically
-as class-NNNNN.png with seed = class_seed + NNNNN: an interrupted generation resumes where it
-stopped, and image NNNNN is the same image whenever it is made.
-"""
+DreamBooth's prior-preservation loss (Ruiz et al. 2022, sec. 3.3, eq. 2; step.py) trains on images of
+the subject's class that the *base* model generates, so the class does not drift towards the subject.
+Only missing images are generated, each written atomically as class-NNNNN.png with seed = class_seed +
+NNNNN: an interrupted generation resumes, and image NNNNN is the same whenever it is made."""
 
 from __future__ import annotations
 
@@ -23,6 +16,7 @@ from tqdm.auto import tqdm
 
 from minidream.data import DataError, class_image_folder, existing_class_images
 from minidream.files import save_png
+from minidream.pipeline import generate
 
 NAME = re.compile(r"^class-(\d{5})\.png$")
 
@@ -43,8 +37,8 @@ class ClassImagePlan:
 
 
 def plan_class_images(class_dir, wanted: int, can_generate: bool) -> ClassImagePlan:
-    """Look at the class folder before any model is loaded; raise DataError right away if it holds
-    too few images and none may be generated (no hour of training lost to a late failure)."""
+    """Look at the class folder before any model is loaded: DataError now if it holds too few images and
+    none may be generated (no hour of training lost to a late failure)."""
     if wanted < 1:
         raise DataError(f"--num-class-images must be at least 1 (got {wanted}); use --no-prior to train without")
     folder = class_image_folder(class_dir)
@@ -60,30 +54,14 @@ def plan_class_images(class_dir, wanted: int, can_generate: bool) -> ClassImageP
     return plan
 
 
-def next_indices(folder: Path, count: int) -> list[int]:
-    """The `count` smallest class-NNNNN indices not used yet in `folder`."""
-    taken = {int(m.group(1)) for p in folder.iterdir() if (m := NAME.match(p.name))}
-    indices, i = [], 0
-    while len(indices) < count:
-        if i not in taken:
-            indices.append(i)
-        i += 1
-    return indices
-
-
 def fill_class_folder(plan: ClassImagePlan, model, prompt: str, *, resolution: int, seed: int = 0,
                       steps: int = 30, guidance_scale: float = 5.0, sampler: str = "ddim",
                       negative_prompt: str | None = None, progress: bool = True, dist=None) -> list[Path]:
-    """Generate the plan's missing images with `model` (the base model, before any LoRA) and
-    return the images training uses. Images already in the folder are kept untouched.
-
-    dist (distributed.Dist, several processes under torchrun): each rank makes its share, rank r
-    the r-th, (r + N)-th, ... missing image. Image NNNNN is the same whichever rank makes it.
-    """
-    from minidream.pipeline import generate  # imported here: data-only users need no pipeline
-
+    """Generate the plan's missing images with `model` (the base model, before any LoRA) and return the
+    images training uses. With dist (torchrun), rank r makes the r-th, (r + N)-th, ... missing image."""
     if plan.missing:
-        indices = next_indices(plan.folder, plan.missing)
+        taken = {int(m.group(1)) for p in plan.folder.iterdir() if (m := NAME.match(p.name))}
+        indices = [i for i in range(len(taken) + plan.missing) if i not in taken][: plan.missing]  # smallest free
         rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
         if dist is not None:
             dist.barrier()  # every rank listed the folder before any rank writes to it

@@ -1,30 +1,14 @@
 """Samplers: walk the noise schedule backwards, from x_T (noise) to x_0 (a latent image).
 
-Every sampler is a free function with one signature, in the style of k-diffusion:
-
-    x0 = sampler(model, x_T, cfg, steps, *, ..., callback=None)
-
-`model(x, t)` is a closure returning the UNet output (eps or v, per cfg.prediction_type) for the
-batch x at the integer training timestep t (a Python int). The sampler never sees prompts:
-conditioning and classifier-free guidance live in the closure (see `with_guidance`). All state,
-such as the PLMS history, is local to one call. `callback(i, t, x)` is called after every model
-evaluation i (at timestep t) with the new x, so a caller can watch or test the whole trajectory.
-
-x_T must already be multiplied by `init_noise_sigma(cfg, steps, sampler)`: 1.0 for ddim and pndm.
-
-The samplers reproduce diffusers' DDIMScheduler, PNDMScheduler and EulerDiscreteScheduler
-(default settings) to float32 rounding, quirks included; each quirk is named where it happens.
-"""
+Free functions with one signature, as in k-diffusion: x0 = sampler(model, x_T, cfg, steps, *, ..., callback=None).
+`model(x, t)` is a closure giving the UNet output (eps or v) at integer timestep t: prompts and guidance
+live in it (`with_guidance`), all state is local to one call. `callback(i, t, x)` runs after model
+evaluation i. x_T must be scaled by `init_noise_sigma` first. Each sampler reproduces its diffusers
+scheduler (default settings) to float32 rounding; every quirk kept is named where it happens."""
 
 import torch
 
-from .schedule import (
-    ScheduleConfig,
-    alphas_cumprod,
-    final_alpha_cumprod,
-    inference_timesteps,
-    predicted_x0_eps,
-)
+from .schedule import ScheduleConfig, alphas_cumprod, final_alpha_cumprod, inference_timesteps, predicted_x0_eps
 
 
 def ddim(model, x, cfg: ScheduleConfig, steps: int, *, eta=0.0, generator=None, callback=None):
@@ -33,13 +17,9 @@ def ddim(model, x, cfg: ScheduleConfig, steps: int, *, eta=0.0, generator=None, 
         x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat + sigma z,
 
     with sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) (eq. 16), a = alpha_bar.
-    eta = 0 is deterministic DDIM; eta = 1 has DDPM's posterior variance. For eta > 0 the noise z
-    is drawn as diffusers draws it (one torch.randn of x's shape and dtype per step, from
-    `generator`, on the generator's device), so the same generator gives the same trajectory.
-
-    diffusers quirk kept: the "previous" timestep is always t - T // steps, even where trailing or
-    linspace spacing makes the next visited timestep a different one.
-    """
+    eta = 0 is deterministic DDIM; eta = 1 has DDPM's posterior variance. z is drawn as diffusers draws it,
+    so the same generator gives the same trajectory. diffusers quirk kept: the "previous" timestep is
+    always t - T // steps, even where trailing or linspace spacing visits a different one next."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
     ts = inference_timesteps(cfg, steps)
@@ -65,19 +45,11 @@ def ddim(model, x, cfg: ScheduleConfig, steps: int, *, eta=0.0, generator=None, 
 def pndm(model, x, cfg: ScheduleConfig, steps: int, *, prk_warmup=False, callback=None):
     """PNDM: Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds".
 
-    Every step moves x from t to t - T // steps with PNDM's transfer part (`_pndm_step`, eq. 9),
-    driven by a combination of the latest model outputs: the pseudo linear multi-step method
-    (PLMS, eq. 13), 4th-order Adams-Bashforth (55 e_t - 59 e_t-1 + 37 e_t-2 - 9 e_t-3) / 24.
-    Until four outputs exist the history has to be started:
-
-      prk_warmup=False  what SD/SDXL use (diffusers' skip_prk_steps=True): `_plms_start`, then
-                        lower-order Adams-Bashforth steps until the history is full.
-      prk_warmup=True   the paper's pseudo Runge-Kutta warm-up (PRK, eq. 12; `_prk_start`),
-                        12 evaluations over the first 3 steps, then 4th-order PLMS at once.
-
-    diffusers quirk kept: outputs are combined as the model gave them (v for v_prediction) and
-    converted to eps only inside the transfer step, with the x that step starts from.
-    """
+    Every step moves x from t to t - T // steps with the transfer part (eq. 9) driven by PLMS (eq. 13):
+    4th-order Adams-Bashforth over the last four model outputs. The history is started by `_plms_start`
+    (prk_warmup=False: SD/SDXL's choice, diffusers' skip_prk_steps) or by the paper's pseudo Runge-Kutta
+    warm-up (`_prk_start`, eq. 12). diffusers quirk kept: outputs are combined as the model gave them
+    (v for v_prediction) and converted to eps only inside the transfer step."""
     ac = alphas_cumprod(cfg).to(x.device)
     final = final_alpha_cumprod(cfg, ac)
 
@@ -108,9 +80,8 @@ def _pndm_step(x, out, t, t_prev, ac, final, prediction_type):
 
 
 def _adams_bashforth(outs):
-    """Adams-Bashforth combination of the last 1-4 model outputs (newest last). Orders 2 and 3
-    are diffusers' bridge after its PLMS start; the paper's F-PNDM uses order 4 right after
-    its Runge-Kutta warm-up."""
+    """Adams-Bashforth combination of the last 1-4 model outputs (newest last); orders 2-3 bridge
+    diffusers' PLMS start until four outputs exist."""
     e = outs[::-1]  # e[0] newest
     if len(e) == 1:
         return e[0]
@@ -122,8 +93,8 @@ def _adams_bashforth(outs):
 
 
 def _plms_start(model, x, ts, stride, step, callback):
-    """diffusers' PLMS start (skip_prk_steps=True), a pseudo improved-Euler (Heun) step done as
-    two evaluations, which is why diffusers' timestep list repeats its second timestep:
+    """diffusers' PLMS start, a pseudo improved-Euler (Heun) step as two evaluations (hence the
+    repeated second timestep in diffusers' list):
       1. e0 = model(x, t0); x' = step(x, e0, t0 -> t0 - stride)
       2. e1 = model(x', t1); x = step(x, (e0 + e1) / 2, t1 + stride -> t1), from the *old* x
     Quirks: e1 is not kept in the history (the PLMS loop evaluates t1 again), and the averaged
@@ -145,12 +116,10 @@ def _plms_start(model, x, ts, stride, step, callback):
 
 
 def _prk_start(model, x, ts, stride, step, callback):
-    """The paper's pseudo Runge-Kutta warm-up (PRK): over each of the first three intervals
-    t -> t_next, classic RK4 weights (1/6, 1/3, 1/3, 1/6) on four eps evaluations, every one
-    transferred from the interval's starting x. Only the first evaluation of each interval
-    joins the PLMS history.
-    diffusers quirk kept: the half step is t_next + stride // 2 for the evaluations but
-    t - stride // 2 for the first transfer (the same point under leading spacing).
+    """The paper's pseudo Runge-Kutta warm-up: over each of the first three intervals t -> t_next, RK4
+    weights (1/6, 1/3, 1/3, 1/6) on four evaluations, each transferred from the interval's starting x;
+    only the first joins the PLMS history. diffusers quirk kept: the half step is t_next + stride // 2
+    for the evaluations but t - stride // 2 for the first transfer (the same under leading spacing).
     Returns (x, history, timesteps left for PLMS, evaluations done)."""
     if len(ts) < 4:
         raise ValueError(f"prk_warmup needs steps >= 4, got {len(ts)}; use prk_warmup=False")
@@ -181,14 +150,11 @@ def _prk_start(model, x, ts, stride, step, callback):
 
 
 def euler(model, x, cfg: ScheduleConfig, steps: int, *, callback=None):
-    """Euler steps on the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma: Karras et al.
-    2022, "Elucidating the Design Space of Diffusion-Based Generative Models", Algorithm 2 with
-    S_churn = 0 (no added noise) and without its second-order correction. SDXL's default.
+    """Euler steps on the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma (Karras et al. 2022,
+    "Elucidating the Design Space...", Alg. 2 with S_churn = 0 and no second-order correction).
 
-    Here x lives in sigma space, x = x_t / sqrt(alpha_bar_t) with sigma_t = sqrt((1 - a) / a),
-    so the UNet is given x / sqrt(sigma^2 + 1) = x_t, the input it was trained on. Matches
-    diffusers' EulerDiscreteScheduler with its defaults (no Karras sigmas, s_churn = 0).
-    """
+    x lives in sigma space, x = x_t / sqrt(alpha_bar_t) with sigma_t = sqrt((1 - a) / a): the UNet is given
+    x / sqrt(sigma^2 + 1) = x_t, the input it was trained on."""
     if cfg.timestep_spacing == "linspace":
         raise ValueError("euler supports leading or trailing spacing (linspace gives fractional timesteps)")
     ac = _euler_alphas_cumprod(cfg).to(x.device)
@@ -216,12 +182,9 @@ def _euler_alphas_cumprod(cfg):
 
 
 def init_noise_sigma(cfg: ScheduleConfig, steps: int, sampler: str = "ddim") -> float:
-    """Scale for unit Gaussian noise before it is handed to `sampler` as x_T.
-
-    ddim and pndm work on x_t itself, whose variance is 1 at large t: 1.0.
-    euler works on x_t / sqrt(alpha_bar_t), whose std is sqrt(sigma_max^2 + 1) at the first
-    timestep. diffusers quirk kept: for trailing (and linspace) spacing it uses sigma_max.
-    """
+    """Scale for unit Gaussian noise before it is handed to `sampler` as x_T: 1 for ddim and pndm (x_t
+    itself), sqrt(sigma_max^2 + 1) for euler (x_t / sqrt(alpha_bar)). diffusers quirk kept: sigma_max for
+    trailing (and linspace) spacing."""
     if sampler in ("ddim", "pndm"):
         return 1.0
     if sampler != "euler":
@@ -233,37 +196,29 @@ def init_noise_sigma(cfg: ScheduleConfig, steps: int, sampler: str = "ddim") -> 
 
 
 def _clip_x0(x0, cfg: ScheduleConfig):
-    """Optional clamping of the predicted x0, off by default: latents are not bounded to [-1, 1]."""
+    """Optional clamping of the predicted x0, off by default (latents are not bounded to [-1, 1]).
+
+    Dynamic thresholding (Saharia et al. 2022, "Imagen"): per sample, s = a quantile of |x0| kept within
+    [1, sample_max_value]; x0 is clamped to [-s, s] and divided by s."""
     if cfg.thresholding:
-        return _dynamic_threshold(x0, cfg)
+        flat = x0.float().reshape(x0.shape[0], -1)  # (B, C*H*W); quantile needs float32
+        s = torch.quantile(flat.abs(), cfg.dynamic_thresholding_ratio, dim=1)
+        s = s.clamp(min=1, max=cfg.sample_max_value)[:, None]  # (B, 1)
+        return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
     if cfg.clip_sample:
         return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
     return x0
-
-
-def _dynamic_threshold(x0, cfg: ScheduleConfig):
-    """Dynamic thresholding (Saharia et al. 2022, "Imagen"): per sample, s = the
-    `dynamic_thresholding_ratio` quantile of |x0|, kept within [1, sample_max_value]; x0 is
-    clamped to [-s, s] and divided by s."""
-    flat = x0.float().reshape(x0.shape[0], -1)  # (B, C*H*W); quantile needs float32
-    s = torch.quantile(flat.abs(), cfg.dynamic_thresholding_ratio, dim=1)
-    s = s.clamp(min=1, max=cfg.sample_max_value)[:, None]  # (B, 1)
-    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)
 
 
 # ----------------------------------------------------------------------------- guidance
 
 
 def guidance(out_uncond, out_cond, scale: float, rescale: float = 0.0):
-    """Classifier-free guidance (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"):
-    out_uncond + scale * (out_cond - out_uncond). The paper writes it (1 + w) cond - w uncond,
-    so w = scale - 1; scale = 1 is the plain conditional model. Applied to whatever the UNet
-    predicts (eps or v), as diffusers does.
+    """Classifier-free guidance (Ho & Salimans 2022): out_uncond + scale * (out_cond - out_uncond), the paper's
+    (1 + w) cond - w uncond with w = scale - 1, on whatever the UNet predicts (eps or v).
 
-    rescale > 0 (Lin et al. 2024, Sec. 3.4): rescale the guided output to the per-sample std of
-    out_cond, then blend: rescale * rescaled + (1 - rescale) * guided. Counters over-exposure at
-    high scales.
-    """
+    rescale > 0 (Lin et al. 2024, sec. 3.4): blend in the guided output rescaled to out_cond's per-sample
+    std, against over-exposure at high scales."""
     guided = out_uncond + scale * (out_cond - out_uncond)
     if rescale > 0:
         dims = list(range(1, guided.ndim))
@@ -273,9 +228,8 @@ def guidance(out_uncond, out_cond, scale: float, rescale: float = 0.0):
 
 
 def with_guidance(model, scale: float, rescale: float = 0.0):
-    """Turn `model(x2, t)`, which evaluates a doubled batch [uncond; cond] (the unconditional
-    half first, as diffusers orders it), into a guided `model(x, t)` for the samplers. One
-    UNet call per step serves both halves."""
+    """Turn `model(x2, t)` on a doubled batch [uncond; cond] (diffusers' order) into a guided `model(x, t)`:
+    one UNet call per step serves both halves."""
 
     def guided(x, t):
         out_uncond, out_cond = model(torch.cat([x, x]), t).chunk(2)

@@ -1,20 +1,9 @@
 """The noise schedule: how much of the clean image survives at each training timestep.
 
-A diffusion model is trained on x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps
-(Ho et al. 2020, "Denoising Diffusion Probabilistic Models", eq. 4), for integer timesteps
-t = 0 .. T-1. Everything a sampler or the training loop needs follows from the table alpha_bar:
+A diffusion model is trained on x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps (Ho et al.
+2020, DDPM, eq. 4), t = 0 .. T-1; everything a sampler or the training step needs follows from the table
+alpha_bar = alphas_cumprod(cfg), computed in diffusers' float32 order so trajectories match to rounding."""
 
-    betas(cfg) -> alphas_cumprod(cfg)          the schedule itself, float32 (T,)
-    add_noise / velocity / training_target     the forward process and the training target
-    predicted_x0_eps                           undo it, given what the UNet predicted
-    snr                                        signal-to-noise ratio (for loss weighting)
-    inference_timesteps                        which N of the T timesteps a sampler visits
-
-Numbers are computed in the same float32 order as diffusers, so minidream's samplers reproduce
-diffusers' trajectories to rounding error (tests/test_schedule.py, tests/test_samplers.py).
-"""
-
-import json
 import math
 from dataclasses import dataclass, fields
 
@@ -28,10 +17,7 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 @dataclass
 class ScheduleConfig:
-    """A diffusers scheduler_config.json, reduced to the fields that change the numbers.
-
-    Defaults are SDXL base 1.0 (configs/sdxl-base-1.0/scheduler/scheduler_config.json).
-    """
+    """A diffusers scheduler_config.json, reduced to the fields that change the numbers. Defaults: SDXL base 1.0."""
 
     num_train_timesteps: int = 1000  # T: timesteps the model was trained on
     beta_start: float = 0.00085  # beta at t = 0
@@ -50,9 +36,10 @@ class ScheduleConfig:
     rescale_betas_zero_snr: bool = False  # make alpha_bar[T-1] = 0 (Lin et al. 2024, Alg. 1)
 
     def __post_init__(self):
-        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        for name, choices in (("beta_schedule", BETA_SCHEDULES), ("prediction_type", PREDICTION_TYPES),
+                              ("timestep_spacing", TIMESTEP_SPACINGS)):
+            if getattr(self, name) not in choices:
+                raise _unknown(name, getattr(self, name), choices)
         if self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
         if self.trained_betas is not None:
@@ -60,22 +47,10 @@ class ScheduleConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ScheduleConfig":
-        """Read a diffusers scheduler config dict. Keys that do not change DDIM/PNDM/Euler numbers
-        (`_class_name`, interpolation_type, use_karras_sigmas, skip_prk_steps, ...) are ignored, as
-        diffusers ignores them when it loads one scheduler's config into another. Missing keys keep
-        this dataclass's (SDXL) defaults."""
+        """Read a diffusers scheduler config dict. Other keys (`_class_name`, skip_prk_steps, ...) do not
+        change DDIM/PNDM/Euler numbers and are ignored, as diffusers does across schedulers."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def from_json(cls, path) -> "ScheduleConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise _unknown(name, value, choices)
 
 
 def _unknown(name, value, choices) -> ValueError:
@@ -104,9 +79,8 @@ def betas(cfg: ScheduleConfig) -> torch.Tensor:
 
 
 def _cosine_betas(T: int, max_beta: float = 0.999) -> torch.Tensor:
-    """Cosine schedule (Nichol & Dhariwal 2021, "Improved DDPM", Sec. 3.2): alpha_bar(s) =
-    cos^2((s + 0.008) / 1.008 * pi/2) for s = t/T; betas are 1 - alpha_bar(s')/alpha_bar(s),
-    capped at 0.999 so the last step never destroys the signal with beta = 1."""
+    """Cosine schedule (Nichol & Dhariwal 2021, "Improved DDPM", sec. 3.2): alpha_bar(s) = cos^2((s + 0.008)
+    / 1.008 * pi/2), s = t/T; beta = 1 - alpha_bar(s')/alpha_bar(s), capped so it never reaches 1."""
 
     def alpha_bar(s):
         return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -116,15 +90,14 @@ def _cosine_betas(T: int, max_beta: float = 0.999) -> torch.Tensor:
 
 
 def _rescale_zero_terminal_snr(b: torch.Tensor) -> torch.Tensor:
-    """Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1:
-    shift and scale sqrt(alpha_bar) so it ends at exactly 0 (pure noise at t = T-1) while
-    keeping its value at t = 0, then turn it back into betas."""
+    """Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1: shift and
+    scale sqrt(alpha_bar) to end at exactly 0 (pure noise at t = T-1), keeping its value at t = 0."""
     sqrt_ab = torch.cumprod(1.0 - b, dim=0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab = (sqrt_ab - last) * (first / (first - last))
     ab = sqrt_ab**2
-    alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])  # undo the cumulative product
-    return 1 - alphas
+    per_step_alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])  # undo the cumulative product
+    return 1 - per_step_alphas
 
 
 def alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
@@ -133,8 +106,7 @@ def alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
 
 
 def final_alpha_cumprod(cfg: ScheduleConfig, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """alpha_bar of the step "after" the last one (t_prev < 0): 1.0 means a fully clean image,
-    alpha_bar[0] (SDXL's choice) stops at the least-noisy training timestep."""
+    """alpha_bar "after" the last step (t_prev < 0): 1.0 (fully clean) or alpha_bar[0] (SDXL's choice)."""
     return torch.tensor(1.0) if cfg.set_alpha_to_one else alphas_cumprod[0]
 
 
@@ -170,11 +142,8 @@ def training_target(x0, noise, t, alphas_cumprod, prediction_type: str):
 
 
 def predicted_x0_eps(model_output, x_t, alpha_bar, prediction_type: str):
-    """Split x_t into (predicted x0, predicted eps) given the model output at alpha_bar.
-
-    alpha_bar is a tensor broadcastable to x_t (a 0-d tensor inside a sampler). Both follow
-    from x_t = sqrt(a) x0 + sqrt(1-a) eps, and for v from v = sqrt(a) eps - sqrt(1-a) x0.
-    """
+    """Split x_t into (predicted x0, predicted eps) given the model output at alpha_bar (broadcastable to x_t),
+    from x_t = sqrt(a) x0 + sqrt(1-a) eps and, for v, v = sqrt(a) eps - sqrt(1-a) x0."""
     if prediction_type == "epsilon":
         x0 = (x_t - (1 - alpha_bar) ** 0.5 * model_output) / alpha_bar**0.5
         return x0, model_output
@@ -186,9 +155,8 @@ def predicted_x0_eps(model_output, x_t, alpha_bar, prediction_type: str):
 
 
 def snr(t, alphas_cumprod):
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps t (LongTensor), as used by
-    min-SNR loss weighting (Hang et al. 2023). Computed as (sqrt(a) / sqrt(1-a))^2 like diffusers'
-    compute_snr, so weights agree to the last bit."""
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps t (LongTensor), for min-SNR weighting;
+    computed as (sqrt(a) / sqrt(1-a))^2 like diffusers' compute_snr, so weights agree to the last bit."""
     ac = alphas_cumprod.to(t.device)
     return (ac[t] ** 0.5 / (1.0 - ac[t]) ** 0.5) ** 2
 
@@ -197,19 +165,12 @@ def snr(t, alphas_cumprod):
 
 
 def inference_timesteps(cfg: ScheduleConfig, steps: int) -> list[int]:
-    """The `steps` training timesteps a sampler visits, largest first, exactly as diffusers'
-    DDIMScheduler.set_timesteps picks them (PNDMScheduler picks the same set before it adds its
-    repeats). Spacings are Table 2 of Lin et al. 2024:
+    """The `steps` training timesteps a sampler visits, largest first, as diffusers' DDIMScheduler picks them.
 
-      leading   0, k, 2k, ... (k = T // steps) plus steps_offset: SD/SDXL's choice; never
-                visits the noisiest timesteps (SDXL, 50 steps: 951 ... 1)
-      trailing  counted down from T-1 in strides of T/steps, rounded: starts at T-1
-      linspace  evenly from 0 to T-1, rounded
-
-    Trailing uses numpy's float arange like diffusers (its rounding ties decide some values).
-    diffusers quirk: for some step counts (61, 103, ... of 1000) that arange yields one extra
-    element, timestep -1; minidream keeps only the first `steps`.
-    """
+    Spacings (Lin et al. 2024, Table 2): leading 0, k, 2k, ... (k = T // steps) + steps_offset, SD/SDXL's
+    choice (50 steps: 951 ... 1); trailing counts down from T-1 in strides of T/steps; linspace evenly
+    from 0 to T-1. Trailing uses numpy's float arange like diffusers, whose extra element -1 for some step
+    counts (61, 103, ...) is dropped."""
     T = cfg.num_train_timesteps
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise ValueError(f"steps must be an int, got {steps!r}")
@@ -225,8 +186,6 @@ def inference_timesteps(cfg: ScheduleConfig, steps: int) -> list[int]:
         raise _unknown("timestep_spacing", cfg.timestep_spacing, TIMESTEP_SPACINGS)
     ts = [int(t) for t in ts]
     if ts[0] >= T:
-        raise ValueError(
-            f"leading spacing with steps_offset={cfg.steps_offset} and steps={steps} reaches "
-            f"timestep {ts[0]} >= num_train_timesteps={T}; use fewer steps or steps_offset=0"
-        )
+        raise ValueError(f"leading spacing with steps_offset={cfg.steps_offset} and steps={steps} reaches "
+                         f"timestep {ts[0]} >= num_train_timesteps={T}; use fewer steps or steps_offset=0")
     return ts

@@ -1,76 +1,229 @@
-"""DreamBooth training for SDXL (Ruiz et al. 2022), top to bottom: LoRA (Hu et al. 2021), full
-fine-tuning or textual inversion (Gal et al. 2022), on one GPU or several (torchrun).
+"""DreamBooth training for SDXL (Ruiz et al. 2022) with LoRA (Hu et al. 2021), top to bottom.
 
-    settings -> subject + class images -> model -> cache latents and prompts -> method + optimizer
-    -> loop: lr, micro-batches (training_step), apply_gradients, log, validate, checkpoint
-    -> the result: a LoRA file, a model folder or an embedding file
+    settings -> subject + class images -> model -> cache latents and prompts -> trained parameters
+    + optimizer -> loop: lr, micro-batches (step.training_step), apply_gradients, log, validate,
+    checkpoint -> the result (a LoRA file)
 
-The pieces live in their own files: what each method trains and writes (methods.py,
-full_finetune.py, textual_inversion.py), the loss and one step (step.py), the optimizer, lr schedule
-and mixed precision (optim.py), the cached latents and batches (latent_cache.py), class images
-(prior.py), the run folder and checkpoints (runs.py), several GPUs (distributed.py), the settings
-(train_config.py). train.py is the command line around train().
+The pieces live in their own files: what trains and how it is saved (method.py), the loss and one
+step (step.py), the optimizer, lr schedule and mixed precision (optim.py), the cached latents and
+batches (latent_cache.py), class images (prior.py), the run folder and checkpoints (runs.py), the
+settings (config.py). Other methods (minidream/methods/) and several GPUs (minidream/parallel/)
+come in through train()'s two arguments; train.py is the command line that chooses them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from minidream import distributed
+from minidream.config import VALIDATION_TEMPLATES, TrainConfig, TrainingError, check_config, fill_defaults, slug
+from minidream.config import resumed_config
 from minidream.data import load_images, load_subject
-from minidream.distributed import Dist
 from minidream.files import save_png, write_json
 from minidream.latent_cache import ShuffledOrder, build_cache, draw_batch, load_cache, offload_encoders, save_cache
-from minidream.methods import build_method, method_class
-from minidream.model import default_model_path, load_model
+from minidream.lora import unet_targets
+from minidream.method import LoRA, Method
+from minidream.model import default_model_path, load_model, model_image_size
 from minidream.optim import make_grad_scaler, make_optimizer, resolve_precision, set_lr
+from minidream.pipeline import generate
 from minidream.prior import fill_class_folder, plan_class_images
 from minidream.runs import (StopRequest, draw_loss_curve, labelled_grid, load_latest_checkpoint, new_run_folder,
                             rng_states, save_checkpoint, set_rng_states, write_loss_csv)
-from minidream.schedule import alphas_cumprod as schedule_alphas
+from minidream.schedule import alphas_cumprod
 from minidream.step import apply_gradients, training_step
 from minidream.text import encode_text
-from minidream.train_config import (VALIDATION_TEMPLATES, TrainConfig, TrainingError, check_config, fill_defaults,
-                                    model_image_size, resumed_config, slug)
 
 
-# ----------------------------------------------------------------------------- helpers of the loop
+class OneProcess:
+    """Training in this one process: every collective operation is the identity.
+    minidream.parallel.distributed.Dist does them for several processes under torchrun."""
 
-def validate(model, prompts, seeds, cfg: TrainConfig, step: int, run: Path, device) -> Path:
-    """A grid (one row per prompt, one column per seed) from the model as it is now, with fixed seeds."""
-    from minidream.pipeline import generate
+    rank, world_size, device, is_main, enabled = 0, 1, None, True, False
 
-    parts = [model.vae, model.text.text_encoder, model.text.text_encoder_2]
-    homes = [None if p is None else next(p.parameters()).device for p in parts]
-    for p in parts:  # the VAE and text encoders come back to the GPU only for this
-        if p is not None:
-            p.to(device)
-    images = [generate(model, prompt, sampler="ddim", steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale,
-                       seed=seed, height=cfg.resolution, width=cfg.resolution, progress=False)[0]
-              for prompt in prompts for seed in seeds]
-    for p, home in zip(parts, homes):
-        if p is not None:
-            p.to(home)
-    grid = labelled_grid(images, prompts, columns=len(seeds))
-    metadata = {"step": step, "prompts": prompts, "seeds": seeds}
-    return save_png(run / "validation" / f"step-{step:06d}.png", grid, metadata)
+    def barrier(self):
+        pass
 
+    def broadcast(self, obj):
+        return obj
 
-def prompt_embedder(model, cache, prompts: list[str], trains_text: bool, device):
-    """The embed_prompts() of training_step: the cached table, or the text encoders run anew (when
-    gradients must reach them: text-encoder LoRA, full text-encoder training, textual inversion)."""
-    if trains_text:
-        return lambda: encode_text(model.text, prompts)  # with gradients (encode_prompt is no_grad)
-    context, pooled = cache.context.to(device), None if cache.pooled is None else cache.pooled.to(device)
-    return lambda: (context, pooled)
+    def mean(self, values):
+        return values
+
+    def any(self, flag):
+        return flag
+
+    def shard(self, batch):
+        return batch
+
+    def wrap(self, unet, text_modules, find_unused):
+        return unet
+
+    def accumulating(self, model, last_micro_step):
+        return contextlib.nullcontext()
 
 
-def prepare_cache(model, cfg, subject, instance_images, plan, run: Path, dist: Dist, cache_text: bool):
+@dataclass
+class Progress:
+    """Where the run is: with the trained tensors, optimizer and scaler, all a checkpoint must hold
+    for a resumed run to continue bit for bit."""
+
+    generator: torch.Generator  # every random draw of the loop (data order, noise, timesteps)
+    instance_order: ShuffledOrder
+    class_order: ShuffledOrder | None
+    step: int = 0
+    skipped: int = 0  # steps whose gradient was inf/NaN (fp16 loss scaling skips them)
+    history: list = field(default_factory=list)  # one row of losses etc. per step (loss.csv)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "skipped": self.skipped, "history": self.history,
+                "rng": rng_states(self.generator), "instance_order": self.instance_order.state_dict(),
+                "class_order": self.class_order.state_dict() if self.class_order is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.skipped, self.history = state["step"], state["skipped"], state["history"]
+        set_rng_states(state["rng"], self.generator)
+        self.instance_order.load_state_dict(state["instance_order"])
+        if self.class_order is not None:
+            self.class_order.load_state_dict(state["class_order"])
+
+
+# ----------------------------------------------------------------------------- train
+
+def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None) -> Path:
+    """Run (or, with cfg.resume, continue) a DreamBooth training; returns the run folder.
+
+    method_class: what trains (LoRA here; minidream.methods has full fine-tuning and textual
+    inversion). dist: OneProcess(), or minidream.parallel.distributed.setup() under torchrun.
+    """
+    dist = dist or OneProcess()
+    if cfg.method != method_class.name:
+        raise TrainingError(f"--method {cfg.method} needs its method class (minidream.methods.method_class; "
+                            "train.py chooses it)")
+    cfg, subject, device, precision = settings(cfg, method_class, dist)  # cheap checks, before anything heavy
+    instance_images = load_images(subject.images, cfg.resolution, "instance")  # unreadable photos fail here
+    plan = plan_class_images(cfg.class_dir, cfg.num_class_images, cfg.generate_class_images) if cfg.prior else None
+    run = open_run_folder(cfg, subject.folder.name, dist)
+
+    # -- model, class images, cached latents and prompts; then the VAE and text encoders leave the GPU
+    model = load_model(cfg.model, precision.weight_dtype, device, vae=cfg.vae, tokenizer=cfg.tokenizer)
+    trains_text = method_class.trains_text(cfg)
+    cache = prepare_cache(model, cfg, subject, instance_images, plan, run, dist, cache_text=not trains_text)
+    offload_encoders(model, keep_text=trains_text)
+
+    # -- what trains (LoRA adapters), the optimizer, the fp16 loss scaler, the loop's random state
+    torch.manual_seed(cfg.seed)  # LoRA init
+    method = method_class(model, cfg, subject.token, subject.class_noun)
+    optimizer, optimizer_name = make_optimizer(method.param_groups(), cfg.optimizer, lr=cfg.lr,
+                                               weight_decay=cfg.weight_decay)
+    scaler = make_grad_scaler(precision)
+    generator = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: they draw the same global batch
+    progress = Progress(generator, ShuffledOrder(cache.instance.num_images, generator),
+                        ShuffledOrder(cache.classes.num_images, generator) if cache.classes is not None else None)
+    if cfg.resume:
+        resume(run, method, optimizer, scaler, progress)
+    next_batch = partial(draw_batch, cache, progress.instance_order, progress.class_order,
+                         cfg.batch_size * dist.world_size, generator, scaling_factor=model.vae.config.scaling_factor,
+                         num_timesteps=model.schedule.num_train_timesteps, noise_offset=cfg.noise_offset,
+                         sdxl=model.is_sdxl, device=device)
+    embed_prompts = prompt_embedder(model, cache, [method.prompt(subject.instance_prompt), subject.class_prompt],
+                                    trains_text, device)
+    step_on = partial(training_step, embed_prompts=embed_prompts, alphas_cumprod=alphas_cumprod(model.schedule)
+                      .to(device), prediction_type=model.schedule.prediction_type, prior_weight=cfg.prior_weight,
+                      snr_gamma=cfg.snr_gamma, autocast_dtype=precision.autocast_dtype, scaler=scaler,
+                      accumulation=cfg.grad_accum)
+    text_modules = {k: m for k, m in method.trained_modules().items() if k != "unet"}
+    denoiser = dist.wrap(model.unet, text_modules, find_unused=cfg.train_text_encoder)  # what the step calls
+    prompts = validation_prompts(cfg, subject, method)
+    watch = partial(validate, model, prompts, cfg, run, device, dist)
+    save_state = partial(save_training_state, run, cfg, method, optimizer, optimizer_name, scaler, progress, dist)
+
+    # -- the loop
+    params, base_lrs = method.parameters(), [g["lr"] for g in optimizer.param_groups]
+    print(f"training {method.summary()} for {cfg.steps} steps on {device} ({precision.name}, {optimizer_name}, "
+          f"batch {cfg.batch_size}x{cfg.grad_accum}" + (f" x {dist.world_size} processes" if dist.enabled else "")
+          + f", {'prior on' if plan else 'no prior'})")
+    if progress.step == 0 and cfg.validate_every:
+        watch(0)
+    with StopRequest() as stop:
+        stopping = dist.any(stop.requested)  # Ctrl-C on any rank stops every rank after the same step
+        while progress.step < cfg.steps and not stopping:
+            start = time.perf_counter()
+            set_lr(optimizer, progress.step, base_lrs, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
+            losses = []
+            for micro in range(cfg.grad_accum):
+                with dist.accumulating(denoiser, last_micro_step=micro == cfg.grad_accum - 1):
+                    losses.append(step_on(denoiser, dist.shard(next_batch())))
+            lr = optimizer.param_groups[0]["lr"]
+            grad_norm, applied = apply_gradients(optimizer, params, scaler, cfg.max_grad_norm)
+            step = record(progress, losses, lr, grad_norm, applied, start, dist, device)
+            if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
+                print(log_line(progress.history[-1], cfg.steps, progress.skipped))
+                write_logs(run, progress.history, dist)
+            if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
+                watch(step)
+            stopping = dist.any(stop.requested)
+            if (cfg.save_every and step % cfg.save_every == 0) or stopping or step == cfg.steps:
+                save_state()
+    write_logs(run, progress.history, dist)
+    return finish(run, cfg, method, progress, dist, example_prompt=prompts[0])
+
+
+# ----------------------------------------------------------------------------- before the loop
+
+def settings(cfg: TrainConfig, method_class: type[Method], dist):
+    """The run's complete settings (presets filled, everything checked), subject, device, precision."""
+    cfg = resumed_config(cfg) if cfg.resume else TrainConfig(**asdict(cfg))
+    if cfg.model is None:
+        path, why = default_model_path()
+        cfg.model = str(path)
+        print(f"model: {path} ({why})")
+    else:
+        print(f"model: {cfg.model}")
+    device = dist.device or torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = resolve_precision(cfg.precision, device)
+    if precision.note:
+        print(f"note: {precision.note}")
+    subject = load_subject(cfg.subject, cfg.token, cfg.class_noun, cfg.instance_prompt, cfg.class_prompt)
+    if not Path(cfg.model).exists():
+        raise TrainingError(f"model {cfg.model} does not exist: pass --model DIR|FILE (see docs/t4.md)")
+    note = fill_defaults(cfg, model_image_size(cfg.model))
+    if note and not cfg.resume:
+        print(note)
+    check_config(cfg)
+    try:
+        unet_targets(cfg.lora_targets)
+    except ValueError as e:
+        raise TrainingError(f"--lora-targets: {e}") from None
+    method_class.check_subject(cfg, subject)
+    if cfg.cpu_threads and device.type == "cpu":
+        # Tiny tensors: handing each op to several threads costs more than the math, and on a busy
+        # machine threads wait for each other (measured here: 20 ms vs 380 ms per tiny-UNet forward).
+        torch.set_num_threads(cfg.cpu_threads)
+    if cfg.prior and cfg.class_dir is None:
+        folder = f"{slug(subject.class_prompt)}-{cfg.resolution}px"  # class images depend on both
+        cfg.class_dir = str(Path(cfg.out) / "class-images" / Path(cfg.model).stem / folder)
+    return cfg, subject, device, precision
+
+
+def open_run_folder(cfg: TrainConfig, subject_name: str, dist) -> Path:
+    """A new run folder with the run's config.json (rank 0 names it from the clock), or the resumed one."""
+    if cfg.resume:
+        run = Path(cfg.resume)
+    else:
+        run = dist.broadcast(new_run_folder(cfg.out, subject_name) if dist.is_main else None)
+        if dist.is_main:
+            write_json(run / "config.json", asdict(cfg))
+    print(f"run folder: {run}" + (f" ({dist.world_size} processes, this is rank {dist.rank})" if dist.enabled else ""))
+    return run
+
+
+def prepare_cache(model, cfg, subject, instance_images, plan, run: Path, dist, cache_text: bool):
     """Fill the class folder (each rank its share), then encode images and prompts once (rank 0; the
     other ranks read rank 0's file, so every rank trains on the same latents). A resumed run reads
     its cache back when it was made from the same inputs."""
@@ -98,6 +251,51 @@ def prepare_cache(model, cfg, subject, instance_images, plan, run: Path, dist: D
     return cache
 
 
+def prompt_embedder(model, cache, prompts: list[str], trains_text: bool, device):
+    """The embed_prompts() of training_step: the cached table, or the text encoders run anew (when
+    gradients must reach them: text-encoder LoRA, full text-encoder training, textual inversion)."""
+    if trains_text:
+        return lambda: encode_text(model.text, prompts)  # with gradients (encode_prompt is no_grad)
+    context, pooled = cache.context.to(device), None if cache.pooled is None else cache.pooled.to(device)
+    return lambda: (context, pooled)
+
+
+def validation_prompts(cfg: TrainConfig, subject, method: Method) -> list[str]:
+    prompts = cfg.validation_prompts or subject.validation_prompts or (
+        [t.format(f"{subject.token} {subject.class_noun}") for t in VALIDATION_TEMPLATES] + [subject.class_prompt])
+    return [method.prompt(p) for p in prompts]
+
+
+def resume(run: Path, method: Method, optimizer, scaler, progress: Progress) -> None:
+    """Every piece of state a step reads comes back from the run's newest readable checkpoint."""
+    path, state = load_latest_checkpoint(run)
+    if state is not None:
+        method.load_state_dict(state["trained"], where=str(path))
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        progress.load_state_dict(state)
+        print(f"resuming from {path} (step {progress.step})")
+
+
+# ----------------------------------------------------------------------------- in the loop
+
+def record(progress: Progress, losses: list, lr: float, grad_norm: float, applied: bool, start: float, dist,
+           device) -> int:
+    """Count the step and add its row (the global batch's losses, averaged over micro-batches and ranks)."""
+    progress.step += 1
+    progress.skipped += not applied
+    per_micro = torch.tensor([[p.loss.item(), p.instance.item(), p.prior.item()] for p in losses],
+                             dtype=torch.float64, device=device)
+    loss, instance_loss, prior_loss = dist.mean(per_micro.mean(dim=0)).tolist()
+    progress.history.append({
+        "step": progress.step, "lr": lr, "grad_norm": grad_norm, "skipped": int(not applied), "loss": loss,
+        "instance_loss": instance_loss, "prior_loss": prior_loss, "seconds": time.perf_counter() - start,
+    })
+    if not applied:
+        print(f"step {progress.step}: gradient is inf/NaN, update skipped ({progress.skipped} so far)")
+    return progress.step
+
+
 def log_line(row: dict, total: int, skipped: int) -> str:
     prior = f", prior {row['prior_loss']:.4f}" if row["prior_loss"] else ""
     return (f"step {row['step']:>5}/{total} | loss {row['loss']:.4f} (subject {row['instance_loss']:.4f}{prior}) "
@@ -105,166 +303,58 @@ def log_line(row: dict, total: int, skipped: int) -> str:
             + (f" | {skipped} skipped (inf/NaN)" if skipped else ""))
 
 
-# ----------------------------------------------------------------------------- train
+def write_logs(run: Path, history: list[dict], dist) -> None:
+    if dist.is_main:
+        write_loss_csv(run / "loss.csv", history)
+        save_png(run / "loss.png", draw_loss_curve(history))
 
-def train(cfg: TrainConfig) -> Path:
-    """Run (or, with cfg.resume, continue) a DreamBooth training; returns the run folder."""
-    # -- settings: cheap checks first, so bad input fails before anything heavy is loaded
-    cfg = resumed_config(cfg) if cfg.resume else TrainConfig(**asdict(cfg))
-    if cfg.model is None:
-        path, why = default_model_path()
-        cfg.model = str(path)
-        print(f"model: {path} ({why})")
-    else:
-        print(f"model: {cfg.model}")
-    dist = distributed.setup(cfg.device)  # one process, or this process's rank under torchrun
-    device = dist.device or torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = resolve_precision(cfg.precision, device)
-    if precision.note:
-        print(f"note: {precision.note}")
-    subject = load_subject(cfg.subject, cfg.token, cfg.class_noun, cfg.instance_prompt, cfg.class_prompt)
-    if not Path(cfg.model).exists():
-        raise TrainingError(f"model {cfg.model} does not exist: pass --model DIR|FILE (see README 'Real SDXL on a T4')")
-    note = fill_defaults(cfg, model_image_size(cfg.model))
-    if note and not cfg.resume:
-        print(note)
-    check_config(cfg)
-    method_class(cfg.method).check_subject(cfg, subject)
-    if cfg.cpu_threads and device.type == "cpu":
-        # Tiny tensors: handing each op to several threads costs more than the math, and on a busy
-        # machine threads wait for each other (measured here: 20 ms vs 380 ms per tiny-UNet forward).
-        torch.set_num_threads(cfg.cpu_threads)
-    instance_images = load_images(subject.images, cfg.resolution, "instance")  # unreadable photos fail here
-    plan = None
-    if cfg.prior:
-        if cfg.class_dir is None:
-            folder = f"{slug(subject.class_prompt)}-{cfg.resolution}px"  # class images depend on both
-            cfg.class_dir = str(Path(cfg.out) / "class-images" / Path(cfg.model).stem / folder)
-        plan = plan_class_images(cfg.class_dir, cfg.num_class_images, cfg.generate_class_images)
-    if cfg.resume:
-        run = Path(cfg.resume)
-    else:  # rank 0 names the run folder (from the clock), the other ranks learn its name
-        run = dist.broadcast(new_run_folder(cfg.out, subject.folder.name) if dist.is_main else None)
-        if dist.is_main:
-            write_json(run / "config.json", asdict(cfg))
-    print(f"run folder: {run}" + (f" ({dist.world_size} processes, this is rank {dist.rank})" if dist.enabled else ""))
 
-    # -- model, class images, cache; then the VAE and text encoders leave the GPU
-    model = load_model(cfg.model, precision.weight_dtype, device, vae=cfg.vae, tokenizer=cfg.tokenizer)
-    trains_text = method_class(cfg.method).trains_text(cfg)
-    cache = prepare_cache(model, cfg, subject, instance_images, plan, run, dist, cache_text=not trains_text)
-    offload_encoders(model, keep_text=trains_text)
+def validate(model, prompts, cfg: TrainConfig, run: Path, device, dist, step: int) -> Path | None:
+    """A grid (one row per prompt, one column per seed) from the model as it is now, with fixed seeds."""
+    path = None
+    if dist.is_main:
+        parts = [model.vae, model.text.text_encoder, model.text.text_encoder_2]
+        homes = [None if p is None else next(p.parameters()).device for p in parts]
+        for p in parts:  # the VAE and text encoders come back to the GPU only for this
+            if p is not None:
+                p.to(device)
+        images = [generate(model, prompt, sampler="ddim", steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale,
+                           seed=seed, height=cfg.resolution, width=cfg.resolution, progress=False)[0]
+                  for prompt in prompts for seed in cfg.validation_seeds]
+        for p, home in zip(parts, homes):
+            if p is not None:
+                p.to(home)
+        grid = labelled_grid(images, prompts, columns=len(cfg.validation_seeds))
+        metadata = {"step": step, "prompts": prompts, "seeds": cfg.validation_seeds}
+        path = save_png(run / "validation" / f"step-{step:06d}.png", grid, metadata)
+    dist.barrier()
+    return path
 
-    # -- the method (LoRA / full / textual inversion), optimizer, loss scaler, the training generator
-    torch.manual_seed(cfg.seed)  # LoRA init
-    method = build_method(model, cfg, subject.token, subject.class_noun)
-    instance_prompt = method.prompt(subject.instance_prompt)
-    groups, params = method.param_groups(), method.parameters()
-    optimizer, optimizer_name = make_optimizer(groups, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = make_grad_scaler(precision)
-    generator = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: they draw the same global batch
-    instance_order = ShuffledOrder(cache.instance.num_images, generator)
-    class_order = ShuffledOrder(cache.classes.num_images, generator) if cache.classes is not None else None
-    alphas = schedule_alphas(model.schedule).to(device)
-    embed_prompts = prompt_embedder(model, cache, [instance_prompt, subject.class_prompt], trains_text, device)
-    text_modules = {k: m for k, m in method.trained_modules().items() if k != "unet"}
-    denoiser = dist.wrap(model.unet, text_modules, find_unused=cfg.train_text_encoder)  # what training_step calls
-    prompts_to_watch = [method.prompt(p) for p in cfg.validation_prompts or subject.validation_prompts or (
-        [t.format(f"{subject.token} {subject.class_noun}") for t in VALIDATION_TEMPLATES] + [subject.class_prompt])]
 
-    # -- resume: every piece of state a step reads comes back from the checkpoint
-    step, skipped, history = 0, 0, []
-    if cfg.resume:
-        path, state = load_latest_checkpoint(run)
-        if state is not None:
-            method.load_state_dict(state["trained"] if "trained" in state else state["lora"], where=str(path))
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            set_rng_states(state["rng"], generator)
-            instance_order.load_state_dict(state["instance_order"])
-            if class_order is not None:
-                class_order.load_state_dict(state["class_order"])
-            step, skipped, history = state["step"], state["skipped"], state["history"]
-            print(f"resuming from {path} (step {step})")
+def save_training_state(run: Path, cfg: TrainConfig, method: Method, optimizer, optimizer_name: str, scaler,
+                        progress: Progress, dist) -> None:
+    """checkpoints/step-N.pt: the trained tensors, optimizer, scaler and Progress (rank 0 writes)."""
+    if not dist.is_main:
+        return
+    step = progress.step
+    try:
+        if method.checkpoint_result:
+            method.save(run / "checkpoints" / f"step-{step:06d}{Path(method.output).suffix}", step)
+        save_checkpoint(run, step, progress.state_dict() | {
+            "optimizer_name": optimizer_name, "method": cfg.method, "trained": method.state_dict(),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, keep=cfg.keep_checkpoints)
+    except OSError as e:
+        raise TrainingError(f"could not write the step-{step} checkpoint ({e.strerror or e}); earlier checkpoints "
+                            f"are intact: free disk space, then `python train.py --resume {run}`") from None
 
-    def checkpoint():
-        if not dist.is_main:
-            return
-        try:
-            if method.checkpoint_result:
-                method.save(run / "checkpoints" / f"step-{step:06d}{Path(method.output).suffix}", step)
-            save_checkpoint(run, step, {
-                "step": step, "skipped": skipped, "history": history, "optimizer_name": optimizer_name,
-                "method": cfg.method, "trained": method.state_dict(),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(generator),
-                "instance_order": instance_order.state_dict(),
-                "class_order": class_order.state_dict() if class_order is not None else None,
-            }, keep=cfg.keep_checkpoints)
-        except OSError as e:
-            raise TrainingError(f"could not write the step-{step} checkpoint ({e.strerror or e}); earlier checkpoints "
-                                f"are intact: free disk space, then `python train.py --resume {run}`") from None
 
-    def write_logs():
-        if dist.is_main:
-            write_loss_csv(run / "loss.csv", history)
-            save_png(run / "loss.png", draw_loss_curve(history))
-
-    def validation(step):
-        if dist.is_main:
-            validate(model, prompts_to_watch, cfg.validation_seeds, cfg, step, run, device)
-        dist.barrier()
-
-    # -- the loop
-    base_lrs = [g["lr"] for g in groups]
-    print(f"training {method.summary()} for {cfg.steps} steps on {device} ({precision.name}, {optimizer_name}, "
-          f"batch {cfg.batch_size}x{cfg.grad_accum}" + (f" x {dist.world_size} processes" if dist.enabled else "")
-          + f", {'prior on' if plan else 'no prior'})")
-    if step == 0 and cfg.validate_every:
-        validation(0)
-    with StopRequest() as stop:
-        stopping = dist.any(stop.requested)  # Ctrl-C on any rank stops every rank after the same step
-        while step < cfg.steps and not stopping:
-            start = time.perf_counter()
-            set_lr(optimizer, step, base_lrs, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
-            parts = []
-            for micro in range(cfg.grad_accum):
-                batch = draw_batch(cache, instance_order, class_order, cfg.batch_size * dist.world_size, generator,
-                                   scaling_factor=model.vae.config.scaling_factor,
-                                   num_timesteps=model.schedule.num_train_timesteps, noise_offset=cfg.noise_offset,
-                                   sdxl=model.is_sdxl, device=device)
-                with dist.accumulating(denoiser, last_micro_step=micro == cfg.grad_accum - 1):
-                    parts.append(training_step(denoiser, dist.shard(batch), embed_prompts, alphas,
-                                               prediction_type=model.schedule.prediction_type,
-                                               prior_weight=cfg.prior_weight, snr_gamma=cfg.snr_gamma,
-                                               autocast_dtype=precision.autocast_dtype, scaler=scaler,
-                                               accumulation=cfg.grad_accum))
-            lr = optimizer.param_groups[0]["lr"]
-            grad_norm, applied = apply_gradients(optimizer, params, scaler, cfg.max_grad_norm)
-            step += 1
-            skipped += not applied
-            losses = torch.tensor([[p.loss.item(), p.instance.item(), p.prior.item()] for p in parts],
-                                  dtype=torch.float64, device=device).mean(dim=0)
-            loss, instance_loss, prior_loss = dist.mean(losses).tolist()  # the global batch's losses
-            history.append({
-                "step": step, "lr": lr, "grad_norm": grad_norm, "skipped": int(not applied), "loss": loss,
-                "instance_loss": instance_loss, "prior_loss": prior_loss, "seconds": time.perf_counter() - start,
-            })
-            if not applied:
-                print(f"step {step}: gradient is inf/NaN, update skipped ({skipped} so far)")
-            if step % cfg.log_every == 0 or step == cfg.steps or step == 1:
-                print(log_line(history[-1], cfg.steps, skipped))
-                write_logs()
-            if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
-                validation(step)
-            stopping = dist.any(stop.requested)
-            if (cfg.save_every and step % cfg.save_every == 0) or stopping or step == cfg.steps:
-                checkpoint()
-    write_logs()
-    if step < cfg.steps:
-        print(f"stopped at step {step}; continue with: python train.py --resume {run}")
+def finish(run: Path, cfg: TrainConfig, method: Method, progress: Progress, dist, example_prompt: str) -> Path:
+    """Write the result (rank 0) and say how to use it, or how to continue a stopped run."""
+    if progress.step < cfg.steps:
+        print(f"stopped at step {progress.step}; continue with: python train.py --resume {run}")
         return run
     if dist.is_main:
-        result = method.save(run / method.output, step)
-        print(f"done: {result} ({skipped} step(s) skipped for inf/NaN gradients)\n"
-              f"try it: python sample.py {method.sample_flag} {result} --prompt \"{prompts_to_watch[0]}\"")
+        result = method.save(run / method.output, progress.step)
+        print(f"done: {result} ({progress.skipped} step(s) skipped for inf/NaN gradients)\n"
+              f"try it: python sample.py {method.sample_flag} {result} --prompt \"{example_prompt}\"")
     return run

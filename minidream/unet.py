@@ -1,32 +1,21 @@
-"""The denoising UNet of Stable Diffusion: SD 1.x, SD 2.x and SDXL from one config.
+"""The denoising UNet of Stable Diffusion: SD 1.x, SD 2.x and SDXL from one config (unet_config.py).
 
-The network of latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
-Diffusion Models", sec. 3.3): a convolutional UNet over the VAE latent whose resnets take the
-timestep embedding, with spatial transformers that cross-attend to the text tokens. SDXL (Podell et
-al. 2023, sec. 2.1) changes only numbers (levels, transformer depth per level, a 2048-wide text
-context) and adds one input (sec. 2.2): the pooled text embedding and six "micro-conditioning"
-integers (original size, crop corner, target size) summed into the timestep embedding.
-
-The file reads bottom-up: feed-forward, transformer block, spatial transformer, the three kinds of
-UNet level (down, mid, up), the time-embedding MLP, then the UNet itself (its config: unet_config.py).
-
-State-dict keys and shapes equal those of diffusers' UNet2DConditionModel built from the same
-config.json, so `unet/diffusion_pytorch_model.safetensors` loads with `load_state_dict(strict=True)`.
-"""
+Latent diffusion (Rombach et al. 2022, sec. 3.3): a convolutional UNet over the VAE latent whose resnets
+take the timestep embedding and whose spatial transformers cross-attend to the text tokens. SDXL (Podell
+et al. 2023, sec. 2.1-2.2) changes only numbers and adds the pooled text embedding and six size/crop
+"micro-conditioning" ids to the timestep embedding. Reads bottom-up; state-dict keys and shapes equal
+those of diffusers' UNet2DConditionModel, so its checkpoints load strictly."""
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidream.layers import (
-    Attention, Downsample, ResnetBlock, Upsample, maybe_checkpoint, timestep_embedding,
-)
+from minidream.layers import Attention, Downsample, ResnetBlock, Upsample, maybe_checkpoint, timestep_embedding
 from minidream.unet_config import DOWN_TYPES, UP_TYPES, UNetConfig
 
 
 class GEGLU(nn.Module):
-    """value * GELU(gate), both halves from one Linear (Shazeer 2020, "GLU Variants Improve
-    Transformer", eq. 6 / FFN_GEGLU)."""
+    """value * GELU(gate), both halves from one Linear (Shazeer 2020, "GLU Variants", eq. 6 FFN_GEGLU)."""
 
     def __init__(self, dim, hidden_dim):
         super().__init__()
@@ -52,11 +41,8 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm transformer block: self-attention, cross-attention to the text, feed-forward.
-
-    Each sub-layer is x + f(LayerNorm(x)). The cross-attention is the conditioning mechanism of
-    Rombach et al. 2022 sec. 3.3: queries from the image tokens, keys and values from the text.
-    """
+    """Pre-norm block, each sub-layer x + f(LayerNorm(x)): self-attention, cross-attention to the text
+    (queries from the image, keys and values from the text: Rombach et al. 2022 sec. 3.3), feed-forward."""
 
     def __init__(self, dim, heads, context_dim, cfg):
         super().__init__()
@@ -74,12 +60,9 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Run transformer blocks over the H*W positions of a feature map, with a residual around all.
+    """GroupNorm, proj_in, `depth` TransformerBlocks over the H*W positions, proj_out, plus a residual.
 
-    GroupNorm, proj_in, `depth` TransformerBlocks, proj_out. SD 1.x projects with 1x1 convs on the
-    (B, C, H, W) map; SD 2.x and SDXL with Linear layers on the (B, H*W, C) tokens
-    (use_linear_projection). The weights differ only in shape ((C, C, 1, 1) vs (C, C)).
-    """
+    proj_in/out are 1x1 convs on the map (SD 1.x) or Linears on the tokens (SD 2.x, SDXL)."""
 
     def __init__(self, channels, heads, depth, cfg):
         super().__init__()
@@ -87,9 +70,8 @@ class SpatialTransformer(nn.Module):
         self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=cfg.transformer_norm_eps)
         proj = nn.Linear if self.linear else (lambda i, o: nn.Conv2d(i, o, kernel_size=1))
         self.proj_in = proj(channels, channels)
-        self.transformer_blocks = nn.ModuleList(
-            [TransformerBlock(channels, heads, cfg.cross_attention_dim, cfg) for _ in range(depth)]
-        )
+        blocks = [TransformerBlock(channels, heads, cfg.cross_attention_dim, cfg) for _ in range(depth)]
+        self.transformer_blocks = nn.ModuleList(blocks)
         self.proj_out = proj(channels, channels)
         self.gradient_checkpointing = False  # set by UNet.enable_gradient_checkpointing
 
@@ -112,22 +94,16 @@ class SpatialTransformer(nn.Module):
 
 class DownLevel(nn.Module):
     """One encoder level: `num_layers` x (resnet [+ spatial transformer]), then a stride-2 conv.
-
-    Returns the new features and every intermediate output: the skip connections the decoder
-    concatenates back, deepest last.
-    """
+    Returns the features and every intermediate output: the skips the decoder concatenates back."""
 
     def __init__(self, in_ch, out_ch, temb_ch, num_layers, has_attention, heads, depth, add_downsample, cfg):
         super().__init__()
         groups, eps = cfg.norm_num_groups, cfg.norm_eps
-        self.resnets = nn.ModuleList(
-            [ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps) for i in range(num_layers)]
-        )
+        self.resnets = nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps)
+                                      for i in range(num_layers)])
         n_attn = num_layers if has_attention else 0  # an empty ModuleList adds no keys
         self.attentions = nn.ModuleList([SpatialTransformer(out_ch, heads, depth, cfg) for _ in range(n_attn)])
-        self.downsamplers = None
-        if add_downsample:
-            self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=cfg.downsample_padding)])
+        self.downsamplers = nn.ModuleList([Downsample(out_ch, cfg.downsample_padding)]) if add_downsample else None
         self.gradient_checkpointing = False
 
     def forward(self, x, temb, context):
@@ -162,19 +138,16 @@ class MidBlock(nn.Module):
 class UpLevel(nn.Module):
     """One decoder level: `num_layers` x (concat a skip, resnet [+ spatial transformer]), upsample.
 
-    in_ch: channels of the level below in the encoder (its downsampler output is this level's last
-    skip); prev_ch: channels coming up from the deeper decoder level; out_ch: this level's width.
-    """
+    in_ch: width of the encoder level below (its downsampler output is this level's last skip);
+    prev_ch: width coming up from the deeper decoder level."""
 
     def __init__(self, in_ch, prev_ch, out_ch, temb_ch, num_layers, has_attention, heads, depth, add_upsample, cfg):
         super().__init__()
         groups, eps = cfg.norm_num_groups, cfg.norm_eps
-        resnets = []
-        for i in range(num_layers):
-            skip_ch = in_ch if i == num_layers - 1 else out_ch
-            x_ch = prev_ch if i == 0 else out_ch
-            resnets.append(ResnetBlock(x_ch + skip_ch, out_ch, temb_ch, groups, eps))
-        self.resnets = nn.ModuleList(resnets)
+        x_chs = [prev_ch] + [out_ch] * (num_layers - 1)  # from the deeper level, then this level's own
+        skip_chs = [out_ch] * (num_layers - 1) + [in_ch]  # the last skip is the encoder level below's output
+        self.resnets = nn.ModuleList([ResnetBlock(x + s, out_ch, temb_ch, groups, eps)
+                                      for x, s in zip(x_chs, skip_chs)])
         n_attn = num_layers if has_attention else 0
         self.attentions = nn.ModuleList([SpatialTransformer(out_ch, heads, depth, cfg) for _ in range(n_attn)])
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if add_upsample else None
@@ -212,15 +185,9 @@ class EmbeddingMLP(nn.Module):
 class UNet(nn.Module):
     """eps_theta(x_t, t, text): predicts the noise in latent x_t (or v, as the checkpoint was trained).
 
-    forward(x, t, context, pooled=None, time_ids=None)
-      x:        (B, in_channels, H, W) noisy latent
-      t:        timestep: int, float, 0-d tensor or (B,) tensor
-      context:  (B, L, cross_attention_dim) text tokens
-      pooled:   (B, P) pooled text embedding        } SDXL only (addition_embed_type "text_time");
-      time_ids: (B, 6) original size, crop corner,  } P + 6 * addition_time_embed_dim must equal
-                target size, in pixels              } projection_class_embeddings_input_dim
-    returns (B, out_channels, H, W).
-    """
+    forward(x (B, in_channels, H, W), t (int, float, 0-d or (B,) tensor), context (B, L, cross_attention_dim),
+            pooled (B, P), time_ids (B, 6): orig size, crop corner, target size; SDXL only)
+    returns (B, out_channels, H, W)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -232,61 +199,43 @@ class UNet(nn.Module):
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], kernel_size=3, padding=1)
         self.time_embedding = EmbeddingMLP(ch[0], temb_ch)
-        self.add_embedding = None
-        if cfg.addition_embed_type == "text_time":
-            self.add_embedding = EmbeddingMLP(cfg.projection_class_embeddings_input_dim, temb_ch)
+        text_time = cfg.addition_embed_type == "text_time"
+        self.add_embedding = EmbeddingMLP(cfg.projection_class_embeddings_input_dim, temb_ch) if text_time else None
 
-        self.down_blocks = nn.ModuleList()
-        for i, kind in enumerate(cfg.down_block_types):
-            self.down_blocks.append(DownLevel(
-                ch[max(i - 1, 0)], ch[i], temb_ch, layers[i], DOWN_TYPES[kind], heads[i], depths[i],
-                add_downsample=i < n - 1, cfg=cfg,
-            ))
+        self.down_blocks = nn.ModuleList([
+            DownLevel(ch[max(i - 1, 0)], ch[i], temb_ch, layers[i], DOWN_TYPES[kind], heads[i], depths[i],
+                      add_downsample=i < n - 1, cfg=cfg) for i, kind in enumerate(cfg.down_block_types)
+        ])
         self.mid_block = MidBlock(ch[-1], temb_ch, heads[-1], depths[-1], cfg)
-        self.up_blocks = nn.ModuleList()
-        for i, kind in enumerate(cfg.up_block_types):
-            level = n - 1 - i  # up blocks run from the deepest level back to the first
-            self.up_blocks.append(UpLevel(
-                ch[max(level - 1, 0)], ch[min(level + 1, n - 1)], ch[level], temb_ch, layers[level] + 1,
-                UP_TYPES[kind], heads[level], depths[level], add_upsample=level > 0, cfg=cfg,
-            ))
+        self.up_blocks = nn.ModuleList([  # from the deepest level back to the first
+            UpLevel(ch[max(lv - 1, 0)], ch[min(lv + 1, n - 1)], ch[lv], temb_ch, layers[lv] + 1, UP_TYPES[kind],
+                    heads[lv], depths[lv], add_upsample=lv > 0, cfg=cfg)
+            for lv, kind in zip(reversed(range(n)), cfg.up_block_types)
+        ])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, kernel_size=3, padding=1)
         self.gradient_checkpointing = False
 
     def enable_gradient_checkpointing(self, on=True):
-        """Checkpoint every resnet and every transformer block (torch.utils.checkpoint): activations
-        are recomputed in backward instead of stored. Outputs and gradients are unchanged."""
+        """Recompute every resnet and transformer block's activations in backward instead of storing them."""
         self.gradient_checkpointing = on
         for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
             block.gradient_checkpointing = on
             for transformer in block.attentions:
                 transformer.gradient_checkpointing = on
 
-    def _batch_timesteps(self, t, batch, device):
-        """int / float / 0-d / (1,) / (B,) -> (B,) tensor on `device`."""
-        t = torch.as_tensor(t, device=device).reshape(-1)
-        if t.numel() == 1:
-            return t.expand(batch)
-        if t.numel() != batch:
-            raise ValueError(f"UNet: got {t.numel()} timesteps for a batch of {batch}; give one, or one per sample")
-        return t
-
     def _micro_conditioning(self, pooled, time_ids, batch, dtype):
-        """SDXL's added condition (Podell et al. 2023, sec. 2.1-2.2): pooled text embedding
-        concatenated with a sinusoid of each of the 6 size/crop time ids -> (B, P + 6*D)."""
+        """SDXL micro-conditioning (Podell et al. 2023 sec. 2.2): pooled text + a sinusoid per time id."""
         cfg = self.config
         if pooled is None or time_ids is None:
-            raise ValueError(
-                "UNet: this is an SDXL-style UNet (addition_embed_type='text_time'); pass pooled (B, P) "
-                "text embeddings and time_ids (B, 6) = (orig_h, orig_w, crop_top, crop_left, target_h, target_w)"
-            )
+            raise ValueError("UNet: this is an SDXL-style UNet (addition_embed_type='text_time'); pass pooled (B, P) "
+                             "text embeddings and time_ids (B, 6) = "
+                             "(orig_h, orig_w, crop_top, crop_left, target_h, target_w)")
         width = pooled.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
-        if pooled.shape[0] != batch or time_ids.shape[0] != batch or width != cfg.projection_class_embeddings_input_dim:
-            raise ValueError(
-                f"UNet: pooled {tuple(pooled.shape)} and time_ids {tuple(time_ids.shape)} do not fit batch {batch} "
-                f"and projection_class_embeddings_input_dim {cfg.projection_class_embeddings_input_dim}"
-            )
+        dim = cfg.projection_class_embeddings_input_dim
+        if pooled.shape[0] != batch or time_ids.shape[0] != batch or width != dim:
+            raise ValueError(f"UNet: pooled {tuple(pooled.shape)} and time_ids {tuple(time_ids.shape)} do not fit "
+                             f"batch {batch} and projection_class_embeddings_input_dim {dim}")
         ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
         ids = ids.reshape(batch, -1)  # (B*6, D) -> (B, 6*D)
         return torch.cat([pooled.to(dtype), ids.to(dtype)], dim=-1)  # (B, P + 6*D)
@@ -294,10 +243,11 @@ class UNet(nn.Module):
     def forward(self, x, t, context, pooled=None, time_ids=None):
         cfg = self.config
         B = x.shape[0]
-        t = self._batch_timesteps(t, B, x.device)
-        emb = self.time_embedding(
-            timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift).to(x.dtype)
-        )  # (B, temb_ch)
+        t = torch.as_tensor(t, device=x.device).reshape(-1)
+        if t.numel() not in (1, B):
+            raise ValueError(f"UNet: got {t.numel()} timesteps for a batch of {B}; give one, or one per sample")
+        t_freq = timestep_embedding(t.expand(B), cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        emb = self.time_embedding(t_freq.to(x.dtype))  # (B, temb_ch)
         if self.add_embedding is not None:
             emb = emb + self.add_embedding(self._micro_conditioning(pooled, time_ids, B, emb.dtype))
         elif pooled is not None or time_ids is not None:

@@ -1,10 +1,6 @@
-"""UNetConfig: the numbers of a Stable Diffusion UNet (SD 1.x, SD 2.x, SDXL), read from diffusers' config.json.
+"""UNetConfig: every width, depth and head count of a Stable Diffusion UNet (SD 1.x, 2.x, SDXL).
 
-unet.py builds the network from this config; every width, depth and head count lives here, none in
-the layers. Field names equal diffusers' unet/config.json keys, so a real checkpoint's config file
-reads with `UNetConfig.from_dict(json.load(f))`, and features minidream does not implement are
-refused by name instead of being silently ignored.
-"""
+Field names equal diffusers' unet/config.json keys; features minidream lacks are refused by name."""
 
 from dataclasses import dataclass
 
@@ -13,8 +9,7 @@ from minidream.layers import read_diffusers_config
 DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has attention
 UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 
-# diffusers config.json keys for features minidream does not implement, with the values that mean
-# "feature off". Any other value is refused by UNetConfig.from_dict.
+# diffusers config.json keys of features minidream does not implement, with the values that mean "off".
 _UNET_FEATURE_OFF = {
     "act_fn": ("silu",), "attention_type": ("default",), "center_input_sample": (False,),
     "class_embed_type": (None,), "class_embeddings_concat": (False,), "conv_in_kernel": (3,),
@@ -53,15 +48,9 @@ def _per_level(value, n, name):
 class UNetConfig:
     """UNet hyperparameters, named as in diffusers' unet/config.json. Defaults: SDXL base 1.0.
 
-    from_dict fills keys a config.json lacks with diffusers' defaults (an SD 1.x UNet), not with
-    these: an old SD 1.5 config without `addition_embed_type` must not become SDXL-shaped.
-
-    Heads: diffusers' `attention_head_dim` is, for every SD family, the NUMBER of heads per level
-    (a naming mistake kept for compatibility; diffusers itself refuses `num_attention_heads`).
-    SD 1.x: 8 heads everywhere (head size 40..160). SD 2.x: (5, 10, 20, 20) heads, i.e. head size 64
-    at every level. SDXL: (5, 10, 20), head size 64. Head size = channels // heads. minidream also
-    accepts `num_attention_heads`, which, when set, takes precedence with the same meaning.
-    """
+    diffusers' `attention_head_dim` is, for every SD family, the NUMBER of heads per level (a misnomer
+    kept for compatibility): SD 1.x 8 everywhere, SD 2.x (5, 10, 20, 20), SDXL (5, 10, 20); head size =
+    channels // heads. `num_attention_heads`, when set, overrides it with the same meaning."""
 
     sample_size: int | None = 128  # latent side the model was trained at (1024 px / 8); informational
     in_channels: int = 4  # latent channels in
@@ -103,9 +92,8 @@ class UNetConfig:
         if self.addition_embed_type not in (None, "text_time"):
             raise ValueError(f"UNetConfig.addition_embed_type={self.addition_embed_type!r} not implemented: "
                              "use None (SD 1.x/2.x) or 'text_time' (SDXL)")
-        if self.addition_embed_type == "text_time" and not (
-            self.addition_time_embed_dim and self.projection_class_embeddings_input_dim
-        ):
+        text_time_dims = self.addition_time_embed_dim and self.projection_class_embeddings_input_dim
+        if self.addition_embed_type == "text_time" and not text_time_dims:
             raise ValueError("UNetConfig: addition_embed_type='text_time' needs addition_time_embed_dim and "
                              "projection_class_embeddings_input_dim (SDXL: 256 and 2816)")
         for ch, heads in zip(self.block_out_channels, self.per_level()[2]):
@@ -113,15 +101,12 @@ class UNetConfig:
                 raise ValueError(f"UNetConfig: {ch} channels do not split into {heads} attention heads")
 
     def per_level(self):
-        """(resnets per down level, TransformerBlocks per spatial transformer, attention heads),
-        each a tuple with one int per level. Heads: see the class docstring for the naming."""
+        """(resnets per down level, TransformerBlocks per spatial transformer, heads), one int per level each."""
         n = len(self.block_out_channels)
         heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
-        return (
-            _per_level(self.layers_per_block, n, "layers_per_block"),
-            _per_level(self.transformer_layers_per_block, n, "transformer_layers_per_block"),
-            _per_level(heads, n, "attention_head_dim"),
-        )
+        return (_per_level(self.layers_per_block, n, "layers_per_block"),
+                _per_level(self.transformer_layers_per_block, n, "transformer_layers_per_block"),
+                _per_level(heads, n, "attention_head_dim"))
 
     @classmethod
     def from_dict(cls, d):

@@ -1,21 +1,9 @@
-"""The KL-regularised autoencoder of latent diffusion (AutoencoderKL).
+"""The KL-regularised autoencoder of latent diffusion (AutoencoderKL, Rombach et al. 2022, sec. 3.1).
 
-Rombach et al. 2022 ("High-Resolution Image Synthesis with Latent Diffusion Models", sec. 3.1): an
-encoder maps an RGB image in [-1, 1] to a diagonal Gaussian over a latent 8x smaller per side
-(4 channels); a decoder maps a latent back to RGB. Diffusion runs on the latent.
-
-The file reads bottom-up: attention, the mid block, encoder and decoder levels, Encoder, Decoder,
-the Gaussian sampler, VAEConfig, VAE. State-dict keys and shapes equal those of diffusers'
-AutoencoderKL built from the same config.json.
-
-Latent scale: the diffusion model works on `z * scaling_factor` (LDM sec. 4.3.2 / appendix D.1
-rescale the latent to unit variance; SDXL 0.13025, SD 1.x/2.x 0.18215). encode/decode here do NOT
-scale; the caller multiplies after encode and divides before decode, so the step stays visible.
-
-fp16: the SDXL VAE's activations overflow fp16 (NaN latents, black images). Run it in fp32 unless
-the weights are an fp16-safe fine-tune ("sdxl-vae-fp16-fix", config force_upcast false); see
-`vae_dtype`, which the pipeline and the latent cache must use to pick the VAE's dtype.
-"""
+The encoder maps an RGB image in [-1, 1] to a diagonal Gaussian over a 4-channel latent 8x smaller per
+side; the decoder maps a latent back. encode/decode do NOT apply the latent scale (z * scaling_factor has
+~unit variance, LDM sec. 4.3.2): the caller does, so the step stays visible. The SDXL VAE overflows fp16:
+see `vae_dtype`. Reads bottom-up; state-dict keys and shapes equal diffusers' AutoencoderKL's."""
 
 from dataclasses import dataclass
 
@@ -26,9 +14,14 @@ import torch.nn.functional as F
 from minidream.layers import Attention, Downsample, ResnetBlock, Upsample, read_diffusers_config
 
 
+def _resnets(in_ch, out_ch, num_layers, cfg):
+    """`num_layers` resnets without time embedding, the first one taking `in_ch` channels."""
+    return nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, None, cfg.norm_num_groups, cfg.norm_eps)
+                          for i in range(num_layers)])
+
+
 class VAEAttention(Attention):
-    """Single-head self-attention over the H*W positions of a feature map, GroupNorm first and a
-    residual around it (the LDM autoencoder's only attention, in its mid blocks). q/k/v have biases."""
+    """Single-head self-attention over the H*W positions, GroupNorm first, residual around (mid blocks only)."""
 
     def __init__(self, channels, groups, eps):
         super().__init__(channels, heads=1, head_dim=channels, qkv_bias=True)
@@ -46,7 +39,7 @@ class VAEMidBlock(nn.Module):
 
     def __init__(self, ch, cfg):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, None, cfg.norm_num_groups, cfg.norm_eps) for _ in range(2)])
+        self.resnets = _resnets(ch, ch, 2, cfg)
         self.attentions = nn.ModuleList([VAEAttention(ch, cfg.norm_num_groups, cfg.norm_eps)])
 
     def forward(self, x):
@@ -54,14 +47,11 @@ class VAEMidBlock(nn.Module):
 
 
 class EncoderLevel(nn.Module):
-    """`num_layers` resnets, then (except at the last level) a stride-2 conv padded right/bottom."""
+    """`num_layers` resnets, then (except at the last level) a stride-2 conv."""
 
     def __init__(self, in_ch, out_ch, num_layers, add_downsample, cfg):
         super().__init__()
-        self.resnets = nn.ModuleList([
-            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, None, cfg.norm_num_groups, cfg.norm_eps)
-            for i in range(num_layers)
-        ])
+        self.resnets = _resnets(in_ch, out_ch, num_layers, cfg)
         self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=0)]) if add_downsample else None
 
     def forward(self, x):
@@ -75,10 +65,7 @@ class DecoderLevel(nn.Module):
 
     def __init__(self, in_ch, out_ch, num_layers, add_upsample, cfg):
         super().__init__()
-        self.resnets = nn.ModuleList([
-            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, None, cfg.norm_num_groups, cfg.norm_eps)
-            for i in range(num_layers)
-        ])
+        self.resnets = _resnets(in_ch, out_ch, num_layers, cfg)
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if add_upsample else None
 
     def forward(self, x):
@@ -94,10 +81,8 @@ class Encoder(nn.Module):
         super().__init__()
         ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], kernel_size=3, padding=1)
-        self.down_blocks = nn.ModuleList([
-            EncoderLevel(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, add_downsample=i < n - 1, cfg=cfg)
-            for i in range(n)
-        ])
+        self.down_blocks = nn.ModuleList([EncoderLevel(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, i < n - 1, cfg)
+                                          for i in range(n)])
         self.mid_block = VAEMidBlock(ch[-1], cfg)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[-1], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)
@@ -118,10 +103,8 @@ class Decoder(nn.Module):
         ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], kernel_size=3, padding=1)
         self.mid_block = VAEMidBlock(ch[-1], cfg)
-        self.up_blocks = nn.ModuleList([
-            DecoderLevel(ch[min(n - i, n - 1)], ch[n - 1 - i], cfg.layers_per_block + 1, i < n - 1, cfg)
-            for i in range(n)  # deepest level first
-        ])
+        self.up_blocks = nn.ModuleList([DecoderLevel(ch[min(n - i, n - 1)], ch[n - 1 - i], cfg.layers_per_block + 1,
+                                                     i < n - 1, cfg) for i in range(n)])  # deepest level first
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, kernel_size=3, padding=1)
 
@@ -133,24 +116,18 @@ class Decoder(nn.Module):
 
 
 def sample_latent(mean, logvar, generator=None):
-    """Draw z ~ N(mean, exp(logvar)) by reparameterisation: z = mean + exp(logvar / 2) * eps.
+    """z = mean + exp(logvar / 2) * eps ~ N(mean, exp(logvar)) (reparameterisation, Kingma & Welling 2014).
 
-    (The reparameterisation trick, Kingma & Welling 2014, sec. 2.4.) eps is one torch.randn of
-    mean's shape and dtype on the generator's device, then moved to mean's device: the same draw
-    as diffusers' DiagonalGaussianDistribution.sample, so a seed gives the same latent in both.
-    """
+    eps is drawn on the generator's device as diffusers draws it, so a seed gives the same latent in both."""
     device = generator.device if generator is not None else mean.device
     eps = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
     return mean + torch.exp(0.5 * logvar) * eps
 
 
 def vae_dtype(config, wanted):
-    """The dtype to run the VAE in: fp32 instead of fp16 when config.force_upcast (the SDXL VAE
-    overflows fp16: NaN latents, black images); an fp16-fix VAE (force_upcast false) keeps fp16,
-    and bf16, which has fp32's range, is kept too (diffusers' pipelines decide the same way)."""
-    if config.force_upcast and wanted == torch.float16:
-        return torch.float32
-    return wanted
+    """The dtype to run the VAE in: fp32 instead of fp16 when config.force_upcast (the SDXL VAE overflows
+    fp16: NaN latents, black images). An fp16-fix VAE keeps fp16; bf16 (fp32's range) is kept, as in diffusers."""
+    return torch.float32 if config.force_upcast and wanted == torch.float16 else wanted
 
 
 # diffusers vae/config.json keys for features minidream does not implement, with their "off" values.
@@ -159,8 +136,7 @@ _VAE_FEATURE_OFF = {
     "use_quant_conv": (True,), "use_post_quant_conv": (True,), "mid_block_add_attention": (True,),
 }
 
-# diffusers' AutoencoderKL defaults, used for keys a config.json omits (old SD 1.x files lack
-# scaling_factor and force_upcast, and mean 0.18215 and True).
+# diffusers' AutoencoderKL defaults, for keys a config.json omits (old SD 1.x files lack scaling_factor).
 _VAE_LIBRARY_DEFAULTS = dict(
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
     block_out_channels=(64,), layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=32,
@@ -170,10 +146,7 @@ _VAE_LIBRARY_DEFAULTS = dict(
 
 @dataclass
 class VAEConfig:
-    """AutoencoderKL hyperparameters, named as in diffusers' vae/config.json. Defaults: SDXL base 1.0.
-
-    from_dict fills keys a config.json lacks with diffusers' defaults (scaling_factor 0.18215, ...).
-    """
+    """AutoencoderKL hyperparameters, named as in diffusers' vae/config.json. Defaults: SDXL base 1.0."""
 
     in_channels: int = 3  # image channels in
     out_channels: int = 3  # image channels out
@@ -194,10 +167,8 @@ class VAEConfig:
     def __post_init__(self):
         n = len(self.block_out_channels)
         if self.down_block_types != ("DownEncoderBlock2D",) * n or self.up_block_types != ("UpDecoderBlock2D",) * n:
-            raise ValueError(
-                "VAEConfig: only DownEncoderBlock2D / UpDecoderBlock2D levels are implemented, one per entry of "
-                f"block_out_channels ({n}); got {self.down_block_types} / {self.up_block_types}"
-            )
+            raise ValueError("VAEConfig: only DownEncoderBlock2D / UpDecoderBlock2D levels are implemented, one per "
+                             f"entry of block_out_channels ({n}); got {self.down_block_types} / {self.up_block_types}")
 
     @classmethod
     def from_dict(cls, d):
@@ -207,10 +178,7 @@ class VAEConfig:
 
 class VAE(nn.Module):
     """encode(x) -> (mean, logvar); sample_latent(mean, logvar, generator) -> z; decode(z) -> x.
-
-    Images are (B, 3, H, W) in [-1, 1]; latents (B, 4, H/8, W/8), unscaled (multiply by
-    config.scaling_factor before the UNet, divide after). Run in vae_dtype(config, dtype).
-    """
+    Images (B, 3, H, W) in [-1, 1]; latents (B, 4, H/8, W/8), unscaled. Run in vae_dtype(config, dtype)."""
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -222,8 +190,7 @@ class VAE(nn.Module):
 
     def encode(self, x):
         """Image -> moments of the latent Gaussian: mean and log-variance, each (B, 4, H/8, W/8)."""
-        moments = self.quant_conv(self.encoder(x))  # (B, 2*latent_channels, h, w)
-        mean, logvar = moments.chunk(2, dim=1)
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)  # (B, latent_channels, h, w) each
         return mean, logvar.clamp(self.config.logvar_min, self.config.logvar_max)
 
     def decode(self, z):

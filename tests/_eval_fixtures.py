@@ -14,8 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-from minidream.vocab import vocab_size, write_clip_tokenizer
+from minidream.formats.lora_files import save_lora
+from minidream.lora import UNET_ATTENTION, inject_lora, lora_parameters
+from minidream.model import BUNDLED_MODEL, REPO, load_model
+from minidream.toy.vocab import vocab_size, write_clip_tokenizer
 
 WORDS = tuple("a an the of on in at with photo dog cat person backpack rraj sks red purple shiny wet cube shaped "
               "jungle snow beach city mountain wearing hat".split())
@@ -33,8 +37,6 @@ DINO_PREPROCESSOR = {  # facebook/dino-vits16's file, with 224 -> SIZE
 
 
 def write_tiny_clip(folder, seed: int = 0) -> Path:
-    from transformers import CLIPConfig, CLIPModel
-
     folder = Path(folder)
     write_clip_tokenizer(folder, WORDS)
     text = dict(vocab_size=vocab_size(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -48,8 +50,6 @@ def write_tiny_clip(folder, seed: int = 0) -> Path:
 
 
 def write_tiny_dino(folder, seed: int = 0) -> Path:
-    from transformers import ViTConfig, ViTModel
-
     folder = Path(folder)
     config = ViTConfig(image_size=SIZE, patch_size=8, hidden_size=24, intermediate_size=48, num_hidden_layers=2,
                        num_attention_heads=2, qkv_bias=True, layer_norm_eps=1e-6)
@@ -68,20 +68,11 @@ def random_image(seed: int, size=(48, 40)) -> Image.Image:
 
 # ----------------------------------------------------------------------------- a tiny SDXL to sample from
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def tiny_sdxl(tmp: Path) -> Path:
-    """The bundled tiny SDXL (weights/tiny-sdxl)."""
-    return ROOT / "weights" / "tiny-sdxl"
+TINY_SDXL = REPO / BUNDLED_MODEL
 
 
 def write_lora(path: Path, model_folder: Path, seed: int, token="rraj", class_noun="dog") -> Path:
     """A random rank-2 LoRA on the UNet's attention (B non-zero, so it changes the images)."""
-    from minidream.lora import UNET_ATTENTION, inject_lora, lora_parameters
-    from minidream.lora_files import save_lora
-    from minidream.model import load_model
-
     unet = load_model(model_folder).unet
     inject_lora(unet, UNET_ATTENTION, name="default", rank=2)
     g = torch.Generator().manual_seed(seed)

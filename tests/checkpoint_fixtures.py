@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from minidream.tiny import transformers4_names as hf_v4_names
+from minidream.toy.tiny import transformers4_names as hf_v4_names
 from tests._model_factory import SDXL_CONFIGS, sdxl_config  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def meta_tensors(shapes: dict[str, tuple], prefix: str = "") -> dict[str, torch.
 
 
 # ---------------------------------------------------------------------------------------------
-# Tiny models in real layouts (the diffusers folder itself comes from minidream.tiny)
+# Tiny models in real layouts (the diffusers folder itself comes from minidream.toy.tiny)
 # ---------------------------------------------------------------------------------------------
 
 

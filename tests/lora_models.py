@@ -6,13 +6,15 @@ the model under test is minidream's UNet carrying the same weights.
 """
 
 import torch
+from torch import nn
 from diffusers import UNet2DConditionModel
-from minidream.tiny import TEXT_WIDTHS, UNET, configs
+from minidream.toy.tiny import TEXT_WIDTHS, UNET, configs
+from minidream.lora import lora_layers, require_adapter
 from minidream.unet import UNet, UNetConfig
 from tests._model_factory import rel_err  # noqa: F401 (re-exported for the LoRA tests)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-# The bundled tiny SDXL's architecture (minidream.tiny): 3 levels, the first without attention,
+# The bundled tiny SDXL's architecture (minidream.toy.tiny): 3 levels, the first without attention,
 # depth-2 transformers at the deepest, linear proj_in/out, text_time added conditioning.
 TINY_SDXL_UNET = UNET
 POOLED = TEXT_WIDTHS[1]  # pooled text width (text_encoder_2's projection)
@@ -77,7 +79,7 @@ def write_random_lora(path, unet, text_encoder=None, text_encoder_2=None, seed: 
     """A LoRA file for these models (attention of the UNet and of the given text encoders; rank 4,
     alpha 8) with random weights. The models get the adapter "default": pass throwaway copies."""
     from minidream.lora import inject_lora
-    from minidream.lora_files import save_lora
+    from minidream.formats.lora_files import save_lora
 
     inject_lora(unet, "attn", rank=4, alpha=8)
     for i, encoder in enumerate((text_encoder, text_encoder_2)):
@@ -86,3 +88,27 @@ def write_random_lora(path, unet, text_encoder=None, text_encoder_2=None, seed: 
             randomize_lora(encoder, seed=seed + 1 + i)
     randomize_lora(unet, seed=seed)
     return save_lora(path, unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+
+
+# Adapter bookkeeping the tests use to compare with peft's multi-adapter API.
+
+def set_adapter_scale(model: nn.Module, name: str, scale: float) -> None:
+    """Set the user strength of adapter `name` everywhere (e.g. 0.8 for a style LoRA)."""
+    require_adapter(model, name)
+    for _, layer in lora_layers(model):
+        if name in layer.lora_A:
+            layer._check_unmerged("change a scale")
+            layer.lora_scale[name] = float(scale)
+
+
+def set_active_adapters(model: nn.Module, names: list[str]) -> None:
+    """Only `names` contribute to the forward (and to merge()); the others stay loaded but idle."""
+    for name in names:
+        require_adapter(model, name)
+    for _, layer in lora_layers(model):
+        layer._check_unmerged("change the active adapters")
+        layer.active_adapters = [n for n in names if n in layer.lora_A]
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

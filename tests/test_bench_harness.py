@@ -26,6 +26,12 @@ def test_interleave_runs_warmup_then_alternates_cases():
     assert harness.spread(runs["ref"], "s") == "4.00..8.00"
 
 
+def test_speed_words_read_the_printed_ratio():
+    assert harness.speed_words(0.94) == "minidream 6% faster"
+    assert harness.speed_words(1.064) == "minidream 6% slower"  # printed as 1.06
+    assert harness.speed_words(0.999) == "the same time"
+
+
 def test_write_section_replaces_only_its_own_section(tmp_path):
     results = tmp_path / "RESULTS.md"
     harness.write_section("a", "## A\nfirst", results)

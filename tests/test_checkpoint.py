@@ -28,9 +28,9 @@ from checkpoint_fixtures import (
 )  # fmt: skip
 from minidream import checkpoint
 from minidream.checkpoint import CheckpointError
-from minidream.tiny import UNET as TINY_UNET
-from minidream.tiny import configs as tiny_configs
-from minidream.tiny import write_tiny_sdxl
+from minidream.toy.tiny import UNET as TINY_UNET
+from minidream.toy.tiny import configs as tiny_configs
+from minidream.toy.tiny import write_tiny_sdxl
 
 
 
@@ -38,7 +38,7 @@ from minidream.tiny import write_tiny_sdxl
 def tiny(tmp_path_factory):
     """The tiny SDXL (fp32) as a diffusers folder and as a single file; returns their paths and weights.
 
-    The folder is minidream.tiny's (the real SDXL repo layout); the reference models are what
+    The folder is minidream.toy.tiny's (the real SDXL repo layout); the reference models are what
     diffusers and transformers load from it; the single file is written from those through
     diffusers' converters run backwards (checkpoint_fixtures), not through minidream's renames.
     """
@@ -77,7 +77,7 @@ def test_detect(tiny):
     info = checkpoint.detect(tiny["file"])
     assert (info.layout, info.family) == ("single-file", "sdxl")
     assert info.parts == ("text_encoder", "text_encoder_2", "unet", "vae")
-    assert checkpoint.model_kind(tiny["file"]) == checkpoint.model_kind(tiny["folder"]) == "sdxl"
+    assert checkpoint.detect(tiny["file"]).family == checkpoint.detect(tiny["folder"]).family == "sdxl"
     assert checkpoint.detect(tiny["folder"] / "vae").layout == "component"
 
 
@@ -152,7 +152,7 @@ def test_known_extra_tensors_are_skipped(tiny, tmp_path):
     })  # fmt: skip
     save_file(state, str(file := tmp_path / "extras.safetensors"))
     assert_same_weights(checkpoint.load_unet(file), tiny["models"]["unet"])
-    assert checkpoint.model_kind(file) == "sdxl"
+    assert checkpoint.detect(file).family == "sdxl"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def tiny_sd15_file(path):
 
 def test_sd15_file_where_sdxl_expected(tmp_path):
     config, state = tiny_sd15_file(file := tmp_path / "v1-5-pruned.safetensors")
-    assert checkpoint.model_kind(file) == "sd1"
+    assert checkpoint.detect(file).family == "sd1"
     with pytest.raises(CheckpointError, match=r"is a Stable Diffusion 1.x model, but an SDXL base model was expected"):
         checkpoint.load_unet(file)
     # asked for any family, it loads: the same tensors diffusers' converter places

@@ -1,4 +1,4 @@
-"""Training on several processes (minidream.distributed): 2 CPU processes over gloo, as torchrun
+"""Training on several processes (minidream.parallel.distributed): 2 CPU processes over gloo, as torchrun
 starts them, against one process with the same global batch.
 
 Each rank draws the same global batch and keeps its rows, and DDP averages the two gradients, so
@@ -34,16 +34,16 @@ import torch.multiprocessing as mp
 from PIL import Image
 from safetensors.torch import load_file
 
-from minidream import distributed
-from minidream.distributed import Dist
+from minidream.parallel import distributed
+from minidream.parallel.distributed import Dist
 from minidream.methods import build_method
 from minidream.model import BUNDLED_MODEL, load_model
 from minidream.runs import StopRequest
 from minidream.schedule import alphas_cumprod
 from minidream.step import Batch, training_step
 from minidream.text import encode_text
-from minidream.train_config import TrainConfig
-from minidream.training import train
+from minidream.config import TrainConfig
+from minidream.cli.run_training import run_training as train
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5
@@ -143,7 +143,7 @@ def worker(rank: int, root: str, port: int) -> None:
     dist = distributed.setup("cpu")
     (root / f"gradients-rank{rank}.json").write_text(json.dumps(gradient_errors(dist)))
     for name, kw in RUNS.items():
-        train(TrainConfig(**settings(root, f"ddp-{name}", batch_size=1, **kw)))
+        train(TrainConfig(**settings(root, f"ddp-{name}", batch_size=1, **kw)), dist)
     # the LoRA run as if stopped after step 1 (its later checkpoints and result gone), resumed on 2 ranks
     resumed = root / "ddp-resumed" / only_run(root / "ddp-lora").name
     if dist.is_main:
@@ -152,7 +152,7 @@ def worker(rank: int, root: str, port: int) -> None:
             (resumed / "checkpoints" / late).unlink()
         (resumed / "pytorch_lora_weights.safetensors").unlink()
     dist.barrier()
-    train(TrainConfig(resume=str(resumed)))
+    train(TrainConfig(resume=str(resumed)), dist)
     distributed.shutdown()
 
 

@@ -1,4 +1,4 @@
-"""evaluate.py: the DreamBooth prompt set, and the evaluation + the 8-row experiment end to end on a
+"""minidream.eval.evaluate: the DreamBooth prompt set, and the evaluation + the 8-row experiment end to end on a
 tiny SDXL with tiny CLIP / DINO models (CPU, tiny settings: 2 prompts x 2 images, 2-3 sampler steps)."""
 
 import json
@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _eval_fixtures import tiny_sdxl, write_lora, write_subject, write_tiny_clip, write_tiny_dino
-from minidream import evaluate, metrics, pipeline
-from minidream.eval_prompts import LIVE_PROMPTS, OBJECT_PROMPTS, custom_prompts, dreambooth_prompts, subject_kind
+from _eval_fixtures import TINY_SDXL, write_lora, write_subject, write_tiny_clip, write_tiny_dino
+from minidream import pipeline
+from minidream.eval import evaluate, metrics
+from minidream.eval.eval_prompts import LIVE_PROMPTS, OBJECT_PROMPTS, custom_prompts, dreambooth_prompts, subject_kind
+from minidream.model import load_model
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    model = tiny_sdxl(root)
+    model = TINY_SDXL
     yield dict(root=root, model=model, clip=write_tiny_clip(root / "clip"), dino=write_tiny_dino(root / "dino"),
                 prior=write_lora(root / "prior.safetensors", model, seed=1),
                 no_prior=write_lora(root / "no_prior.safetensors", model, seed=2),
@@ -63,8 +65,6 @@ def test_custom_prompts(tmp_path):
 
 def test_seeds_are_per_image_whatever_the_batch(setup, tmp_path):
     """Image j of a prompt is the image generate(seed=seed + j) gives alone, in batches of 1 or 2."""
-    from minidream.model import load_model
-
     model = load_model(setup["model"])
     meta = {"sampler": "ddim", "steps": "2", "guidance_scale": "5.0", "size": str(model.default_size)}
     seeds = [3, 4, 5]
@@ -156,7 +156,7 @@ def test_bad_input_is_named(setup, tmp_path):
 
 
 def test_train_pair_then_experiment(setup, tmp_path):
-    """Issue 8 item 3 from scratch: train with and without prior preservation, then the 8-row table."""
+    """The experiment from scratch: train with and without prior preservation, then the 8-row table."""
     tiny = dict(steps=2, num_class_images=2, class_steps=2, validate_every=0, save_every=0, device="cpu",
                 resolution=64)
     prior_run, no_prior_run = evaluate.train_pair(str(setup["subject"]), str(tmp_path / "runs"),

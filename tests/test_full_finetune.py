@@ -1,4 +1,4 @@
-"""train.py --method full (minidream.full_finetune, model_folder): one step against diffusers'
+"""train.py --method full (minidream.methods.full_finetune, model_folder): one step against diffusers'
 UNet2DConditionModel + torch AdamW, the fp16 recipe's fp32 master weights, the saved model folder
 (loaded by minidream and by diffusers, from a folder and from a single-file base), exact resume,
 and the parameter plan the T4 memory planner reads."""
@@ -13,15 +13,15 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
-from minidream.full_finetune import FullFinetune
-from minidream.methods import parameter_plan
+from minidream.methods.full_finetune import FullFinetune
+from minidream.planner.parameters import parameter_plan
 from minidream.model import load_model
 from minidream.optim import make_optimizer, optimizer_state_bytes
 from minidream.schedule import alphas_cumprod
 from minidream.step import Batch, apply_gradients, training_step
-from minidream.tiny import write_tiny_sdxl
-from minidream.train_config import TrainConfig
-from minidream.training import train
+from minidream.toy.tiny import write_tiny_sdxl
+from minidream.config import TrainConfig
+from minidream.cli.run_training import run_training as train
 from tests.checkpoint_fixtures import reference_models, write_single_file
 from tests.test_distributed import losses, write_subject
 from tests.test_training_step import SCHEDULE, make_batch, reference_step, reference_unet, rel_err, unet_under_test

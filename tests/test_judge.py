@@ -8,16 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from minidream import toyworld as tw
-from minidream.judge import (HEADS, IGNORE, Judge, JudgeConfig, evaluate, gaussian_blur, labels,
+from minidream.toy import toyworld as tw
+from minidream.toy.judge import (HEADS, IGNORE, Judge, JudgeConfig, evaluate, gaussian_blur, labels,
                              train)
-from minidream.toy_eval import subject_marks
-from minidream.toydraw import render
+from minidream.toy.toy_eval import subject_marks
+from minidream.toy.toydraw import render
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "weights" / "toy-judge.safetensors"
 
-# Measured by `python -m minidream.judge eval --n 2000` (held-out seed 12345) on the committed
+# Measured by `python -m minidream.toy.judge eval --n 2000` (held-out seed 12345) on the committed
 # weights: kind, style, context, color, hat_color 1.000; skin 0.994, hair 0.994, eyes 0.932,
 # hat 0.998, glasses 0.989, glasses_color 0.990, all_subject 0.983. These tests use 300 other
 # held-out images, so the thresholds sit a few points below for that sample's noise.

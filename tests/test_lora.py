@@ -11,14 +11,13 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
 
-from lora_models import (randomize_lora, reference_unet, rel_err, run_reference, run_under_test,
-                         text_encoders, token_ids, unet_inputs, unet_under_test)
+from lora_models import (count_trainable_parameters, randomize_lora, reference_unet, rel_err, run_reference,
+                         run_under_test, set_active_adapters, set_adapter_scale, text_encoders, token_ids,
+                         unet_inputs, unet_under_test)
 from minidream.lora import (TEXT_ATTENTION, UNET_ATTENTION, UNET_CONV, UNET_FEEDFORWARD, UNET_PROJ,
-                            LoRAConv2d, LoRALinear, adapter_names, count_trainable_parameters,
-                            inject_lora, lora_parameters, lora_state_dict,
-                            mark_only_lora_trainable, merge_lora, remove_adapter, set_active_adapters,
-                            set_adapter_scale, unmerge_lora, wrap_module)
-from minidream.lora_weights import get_adapter_weights
+                            LoRAConv2d, LoRALinear, adapter_names, inject_lora, lora_parameters, lora_state_dict,
+                            mark_only_lora_trainable, merge_lora, remove_adapter, unmerge_lora, wrap_module)
+from minidream.lora_file import get_adapter_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 

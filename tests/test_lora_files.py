@@ -1,4 +1,4 @@
-"""minidream.lora_files: the files minidream writes load in diffusers with the same numbers, and
+"""minidream.formats.lora_files: the files minidream writes load in diffusers with the same numbers, and
 kohya / old-diffusers / SGM-named files built here load to the same adapter. fp32, CPU."""
 
 import copy
@@ -10,13 +10,14 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
-import minidream.lora_files as lora_files
+import minidream.formats.lora_files as lora_files
 from lora_models import (randomize_lora, reference_unet, rel_err, run_reference, run_under_test,
                          text_encoders, token_ids, unet_inputs, unet_under_test)
 from minidream import __version__
-from minidream.lora import LoRAMismatchError, LoRALayer, inject_lora
-from minidream.lora_weights import get_adapter_weights
-from minidream.lora_files import detect_layout, load_lora, read_lora, save_lora
+from minidream.formats.lora_weights import LoRAFileError, LoRAMismatchError
+from minidream.lora import LoRALayer, inject_lora
+from minidream.lora_file import get_adapter_weights
+from minidream.formats.lora_files import detect_layout, load_lora, read_lora, save_lora
 
 ATTN1 = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
 ATTN2 = ("attn2.to_q", "attn2.to_v", "attn2.to_out.0")
@@ -284,7 +285,7 @@ def test_corrupt_missing_and_pickled_files(tmp_path):
             load_lora(tmp_path / f"{name}.safetensors", unet=unet)
     with pytest.raises(ValueError, match="pickled PyTorch checkpoint"):
         load_lora(tmp_path / "pickled.safetensors", unet=unet)
-    with pytest.raises(FileNotFoundError, match="LoRA file not found"):
+    with pytest.raises(LoRAFileError, match="LoRA file not found"):
         load_lora(tmp_path / "missing.safetensors", unet=unet)
     load_lora(good, unet=unet, name="subject")
     with pytest.raises(ValueError, match="already loaded"):

@@ -1,4 +1,4 @@
-"""The T4 memory planner (minidream/memory.py, fake_run.py) on the bundled tiny model: CI-fast smoke
+"""The T4 memory planner (minidream/planner/memory.py, fake_run.py) on the bundled tiny model: CI-fast smoke
 tests of the byte counting, the CUDA autocast policy, the attention kernel, and `train.py --plan`.
 (Its agreement with a real step's memory is measured by benchmarks/planner_validation.py.)"""
 
@@ -7,12 +7,16 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from minidream import memory
-from minidream.fake_run import ByteCounter, cuda_autocast_policy, fake_tensors
+import train
+from minidream.config import TrainConfig, TrainingError, fill_defaults
+from minidream.layers import Attention
+from minidream.methods import build_method
 from minidream.model import BUNDLED_MODEL, REPO
 from minidream.optim import optimizer_state_bytes
-from minidream.train_config import TrainConfig, TrainingError
+from minidream.planner import memory
+from minidream.planner.fake_run import FLOP_FORMULAS, ByteCounter, cuda_autocast_policy, fake_tensors
 
 TINY = REPO / BUNDLED_MODEL
 
@@ -75,9 +79,6 @@ def test_plan_of_the_tiny_model_from_its_configs_alone(config_only):
 
 def step_plan(cfg: TrainConfig) -> memory.StepMemory:
     """Only the training step of plan_training (no sampling phases): cheaper for the tests."""
-    from minidream.methods import build_method
-    from minidream.train_config import fill_defaults
-
     fill_defaults(cfg, 64)
     precision, _ = memory.t4_precision(cfg.precision)
     model = memory.meta_model(memory.read_configs(cfg.model), precision.weight_dtype, precision.weight_dtype)
@@ -97,8 +98,6 @@ def test_text_encoder_lora_and_full_fine_tuning_cost_more(config_only):
 
 
 def test_plan_cli(config_only, capsys):
-    import train
-
     assert train.main(["--model", str(config_only), "--plan", "--no-prior", "--validate-every", "0"]) == 0
     assert "T4 memory plan" in capsys.readouterr().out
     with pytest.raises(TrainingError, match="textual"):
@@ -106,11 +105,6 @@ def test_plan_cli(config_only, capsys):
 
 
 def test_flop_count_equals_torch_flop_counter():
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from minidream.fake_run import FLOP_FORMULAS
-    from minidream.layers import Attention
-
     torch.manual_seed(0)
     attn = Attention(64, heads=2, head_dim=32, context_dim=48)
     x, ctx = torch.randn(2, 16, 64, requires_grad=True), torch.randn(2, 7, 48)

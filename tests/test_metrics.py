@@ -1,4 +1,4 @@
-"""metrics.py: the cosine math against hand computations, the embedders against transformers' own
+"""minidream.eval.metrics: the cosine math against hand computations, the embedders against transformers' own
 forward passes, identical images, and the errors for missing models. Tiny random CLIP / DINO
 models written to tmp in their hub layout (tests/_eval_fixtures.py); nothing is downloaded."""
 
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer, ViTModel
 
 from _eval_fixtures import SIZE, random_image, write_tiny_clip, write_tiny_dino
-from minidream import metrics
+from minidream.eval import metrics
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +117,6 @@ def test_score_equals_hand_computation_on_the_embeddings(models):
 def test_clip_embeddings_are_clips_own(models):
     """Our image/text embeddings point where CLIPModel.forward's normalised image_embeds / text_embeds do."""
     clip_dir, _, clip, _ = models
-    from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
-
     model = CLIPModel.from_pretrained(clip_dir).eval()
     images, texts = [random_image(i, (60, 37)) for i in range(2)], ["a photo of dog", "a cat"]
     pixels = AutoImageProcessor.from_pretrained(clip_dir)(images=images, return_tensors="pt")["pixel_values"]
@@ -133,8 +132,6 @@ def test_dino_embedding_is_the_cls_token_of_the_processed_image(models):
     """DINO's input is the image resized to the folder's square size (bilinear) with ImageNet mean/std,
     its embedding the final CLS token; rebuilt here by hand with PIL and numpy."""
     _, dino_dir, _, dino = models
-    from transformers import ViTModel
-
     img = random_image(3, (57, 41))
     x = np.asarray(img.resize((SIZE, SIZE), Image.BILINEAR), dtype=np.float64) / 255
     x = (x - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]

@@ -1,4 +1,4 @@
-"""minidream.morph and sample.py --morph: SLERP endpoints and lengths, the loop closing, keyframes
+"""minidream.cli.morph and sample.py --morph: SLERP endpoints and lengths, the loop closing, keyframes
 equal to the plain images of their seeds (and prompts), the animated GIF / WebP."""
 
 import math
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from minidream.model import BUNDLED_MODEL, load_model
-from minidream.morph import lerp, loop_positions, morph_latents, render_morph, save_animation, slerp
+from minidream.cli.morph import lerp, loop_positions, morph_latents, render_morph, save_animation, slerp
 from minidream.pipeline import generate
 
 ROOT = Path(__file__).resolve().parent.parent

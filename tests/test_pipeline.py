@@ -1,6 +1,6 @@
 """minidream.pipeline against diffusers' StableDiffusionXLPipeline on a tiny random SDXL.
 
-The model is written by the test with minidream.tiny in the real SDXL repo layout; diffusers loads
+The model is written by the test with minidream.toy.tiny in the real SDXL repo layout; diffusers loads
 it with its own from_pretrained, minidream with load_model. The same prompt, negative, seed, steps,
 guidance and size must give the same final latents (<= 1e-4 relative) and the same pixels (within
 1/255) for every sampler, with its scheduler built from the folder's scheduler config.
@@ -15,9 +15,10 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, Stab
 
 from checkpoint_fixtures import write_single_file
 from lora_models import write_random_lora
-from minidream.model import add_loras, load_model
+from minidream.formats.lora_files import add_loras
+from minidream.model import load_model
 from minidream.pipeline import check_size, decode, generate, sample_latents
-from minidream.tiny import write_tiny_sdxl
+from minidream.toy.tiny import write_tiny_sdxl
 
 LATENT_TOL = 1e-4  # max |ours - theirs| / max |theirs|
 SCHEDULERS = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler}

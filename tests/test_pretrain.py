@@ -1,4 +1,4 @@
-"""Pretraining the tiny model on the toy world (minidream.pretrain) and what the bundled result can do.
+"""Pretraining the tiny model on the toy world (minidream.toy.pretrain) and what the bundled result can do.
 
 The bundled weights take ~an hour to train, so CI checks the code at toy scale (a few steps, twice,
 byte-identical results; the latent normalisation is exact) and the committed result by its
@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from minidream import tiny, toy_eval, toyworld
-from minidream.judge import Judge
+from minidream.toy import tiny, toy_eval, toyworld
+from minidream.toy.judge import Judge
 from minidream.model import load_model
-from minidream.pretrain import PretrainConfig, encode_pictures, normalise_latents, pretrain
+from minidream.toy.pretrain import PretrainConfig, encode_pictures, normalise_latents, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "weights" / "tiny-sdxl"

@@ -6,6 +6,7 @@ line `sample.py: error: ...` naming the fix, exit code 2, no traceback. The runs
 (one process each, most of their time is importing torch) and are checked one by one.
 """
 
+import errno
 import os
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from lora_models import write_random_lora
-from minidream.model import BUNDLED_MODEL, add_loras, default_model_path, load_model
+from minidream.formats.lora_files import add_loras
+from minidream.model import BUNDLED_MODEL, default_model_path, load_model
 from minidream.pipeline import generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +38,7 @@ def error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     foreign = {"lora_unet_down_blocks_7_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 64),
                "lora_unet_down_blocks_7_attentions_0_proj_in.lora_up.weight": torch.zeros(64, 4)}
     save_file(foreign, str(tmp / "foreign_lora.safetensors"))
-    tiny = ["--model", str(TINY)]
+    tiny = ["--model", str(TINY), "--out", str(tmp / "not-written")]  # the folder is made before the model loads
     return {
         "missing model": (["--prompt", "a dog", "--model", str(tmp / "nowhere")], "does not exist"),
         "folder that is not a model": (["--prompt", "a dog", "--model", str(tmp / "empty")], "not a model folder"),
@@ -44,7 +46,8 @@ def error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "blank prompt": (tiny + ["--prompt", "  "], "no prompt"),
         "height not a multiple of 8": (tiny + ["--prompt", "a dog", "--height", "100"], "--height 100 is not a positive multiple of 8"),
         "width zero": (tiny + ["--prompt", "a dog", "--width", "0"], "--width 0 is not a positive multiple of 8"),
-        "unknown scheduler": (tiny + ["--prompt", "a dog", "--scheduler", "heun"], "invalid choice: 'heun'"),
+        "unknown sampler": (tiny + ["--prompt", "a dog", "--sampler", "heun"], "invalid choice: 'heun'"),
+        "unknown sampler, older flag": (tiny + ["--prompt", "a dog", "--scheduler", "heun"], "invalid choice: 'heun'"),
         "missing prompts file": (tiny + ["--prompts-file", str(tmp / "nope.txt")], "cannot read the prompts file"),
         "binary prompts file": (tiny + ["--prompts-file", str(tmp / "binary.txt")], "cannot read the prompts file"),
         "prompts file without prompts": (tiny + ["--prompts-file", str(tmp / "comments.txt")], "holds no prompts"),
@@ -127,7 +130,7 @@ def test_images_are_the_pipelines_with_the_lora_fused(runs):
 def test_help_explains_every_flag(runs):
     code, out, _ = runs["results"]["help"]
     assert code == 0
-    for flag in ("--model", "--prompt", "--prompts-file", "--negative-prompt", "--scheduler", "--steps", "--guidance",
+    for flag in ("--model", "--prompt", "--prompts-file", "--negative-prompt", "--sampler", "--steps", "--guidance",
                  "--seed", "--num-images", "--height", "--width", "--lora", "--out", "--device", "--dtype",
                  "--vae", "--tokenizer", "--variant", "--eta", "FILE[:SCALE]", "tiny"):
         assert flag in out, flag
@@ -135,7 +138,7 @@ def test_help_explains_every_flag(runs):
 
 @pytest.mark.parametrize("case", [
     "missing model", "folder that is not a model", "no prompt", "blank prompt", "height not a multiple of 8",
-    "width zero", "unknown scheduler", "missing prompts file", "binary prompts file", "prompts file without prompts",
+    "width zero", "unknown sampler", "unknown sampler, older flag", "missing prompts file", "binary prompts file", "prompts file without prompts",
     "missing LoRA", "LoRA that does not fit", "LoRA that is no safetensors", "eta without ddim", "steps zero",
     "not a number",
 ])
@@ -146,3 +149,23 @@ def test_bad_input_is_one_line_and_exit_code_2(runs, case):
     assert "Traceback" not in err
     assert len(lines) == 1 and lines[0].startswith("sample.py: error: "), err
     assert runs["expected"][case] in lines[0]
+
+
+def test_only_user_errors_end_in_one_line():
+    """UserError -> one line, exit 2; a full disk or out of memory -> one line, exit 1; Ctrl-C -> 130;
+    any other exception (a plain ValueError too: a bug) keeps its traceback."""
+    from minidream.cli.script import run_script
+    from minidream.errors import UserError
+
+    def raising(error):
+        def command():
+            raise error
+        return command
+
+    ends = {UserError("bad input"): 2, OSError(errno.ENOSPC, "No space left on device", "x.png"): 1,
+            RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"): 1, KeyboardInterrupt(): 130}
+    for error, code in ends.items():
+        assert run_script("sample.py", raising(error), out_of_memory="try less") == code
+    for error in (ValueError("a bug"), OSError(errno.EACCES, "Permission denied"), RuntimeError("shape mismatch")):
+        with pytest.raises(type(error)):
+            run_script("sample.py", raising(error), out_of_memory="try less")

@@ -32,8 +32,8 @@ def cfg_for(overrides=None, **kw) -> ScheduleConfig:
 # ----------------------------------------------------------------------------- config
 
 
-def test_defaults_are_sdxl_and_from_json_reads_the_real_config():
-    assert ScheduleConfig.from_json(ref.SDXL_SCHEDULER) == ScheduleConfig()
+def test_defaults_are_sdxl_and_from_dict_reads_the_real_config():
+    assert ScheduleConfig.from_dict(json.loads(Path(ref.SDXL_SCHEDULER).read_text())) == ScheduleConfig()
     cfg = ScheduleConfig()
     assert (cfg.beta_schedule, cfg.beta_start, cfg.beta_end) == ("scaled_linear", 0.00085, 0.012)
     assert (cfg.timestep_spacing, cfg.steps_offset, cfg.prediction_type) == ("leading", 1, "epsilon")

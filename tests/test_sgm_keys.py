@@ -18,7 +18,7 @@ from checkpoint_fixtures import (  # noqa: E402
     SD15_UNET, SD21_UNET, hf_v4_names, ldm_vae_shapes, meta_tensors, openclip_shapes, sdxl_config,
     sgm_unet_shapes,
 )  # fmt: skip
-from minidream import sgm_keys, single_file  # noqa: E402
+from minidream.formats import sgm_keys, single_file  # noqa: E402
 from minidream.loading import shaped_after  # noqa: E402
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
@@ -175,7 +175,7 @@ def test_openclip_sd2_text_encoder_drops_the_last_block_like_diffusers():
         model = CLIPTextModelWithProjection(config)  # diffusers' converter wants .config only
     theirs = sfu.convert_open_clip_checkpoint(model, originals, prefix=prefix)
     theirs = {k: tuple(v.shape) for k, v in theirs.items()}
-    from minidream.single_file import SingleFile
+    from minidream.formats.single_file import SingleFile
 
     sf = SingleFile("meta.safetensors", header={prefix + k: s for k, s in shapes.items()} | unet_stub())
     assert sf.family == "sd2"

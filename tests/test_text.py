@@ -1,6 +1,6 @@
 """minidream.text against diffusers' StableDiffusionXLPipeline.encode_prompt on a tiny random SDXL.
 
-The tiny model (minidream.tiny) is written in the layout real SDXL repos have (vocab.json + merges.txt
+The tiny model (minidream.toy.tiny) is written in the layout real SDXL repos have (vocab.json + merges.txt
 tokenizers, transformers-4 `text_model.*` keys with a saved position_ids buffer); diffusers' side
 loads them with transformers' own from_pretrained, minidream's side with its own loader.
 """
@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from minidream.text import SDXL_REPO, TokenizerNotFoundError, encode_prompt, load_text_encoders, sdxl_time_ids
-from minidream.tiny import WORDS, write_model_index, write_tiny_sdxl
-from minidream.vocab import write_clip_tokenizer
+from minidream.model import SDXL_REPO, TokenizerNotFoundError, load_text_encoders
+from minidream.text import encode_prompt, sdxl_time_ids
+from minidream.toy.tiny import WORDS, write_model_index, write_tiny_sdxl
+from minidream.toy.vocab import write_clip_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-6

@@ -1,4 +1,4 @@
-"""train.py --method textual-inversion (minidream.textual_inversion): only the new word's vectors
+"""train.py --method textual-inversion (minidream.methods.textual_inversion): only the new word's vectors
 train and every other weight stays bit-identical; diffusers' StableDiffusionXLPipeline loads the
 saved file with load_textual_inversion and draws the same latents as minidream; sample.py
 --embedding uses it; bad files and tokens fail with a clear message."""
@@ -18,11 +18,11 @@ from minidream.pipeline import sample_latents
 from minidream.schedule import alphas_cumprod
 from minidream.step import Batch, apply_gradients, training_step
 from minidream.text import encode_text
-from minidream.textual_inversion import (EmbeddingFileError, TextualInversion, expand_prompt, load_embedding,
+from minidream.methods.textual_inversion import (EmbeddingFileError, TextualInversion, expand_prompt, load_embedding,
                                          name_the_word)
-from minidream.tiny import write_tiny_sdxl
-from minidream.train_config import TrainConfig, TrainingError
-from minidream.training import train
+from minidream.toy.tiny import write_tiny_sdxl
+from minidream.config import TrainConfig, TrainingError
+from minidream.cli.run_training import run_training as train
 from tests.test_distributed import write_subject
 
 ROOT = Path(__file__).resolve().parent.parent

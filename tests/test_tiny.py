@@ -1,5 +1,5 @@
-"""The bundled tiny SDXL (weights/tiny-sdxl): the layout minidream.tiny writes (configs and tokenizers
-byte for byte; the weights are trained by minidream.pretrain, see test_pretrain.py), which is the
+"""The bundled tiny SDXL (weights/tiny-sdxl): the layout minidream.toy.tiny writes (configs and tokenizers
+byte for byte; the weights are trained by minidream.toy.pretrain, see test_pretrain.py), which is the
 layout of the real SDXL base repository (configs/sdxl-base-1.0 holds its config files)."""
 
 import json
@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from minidream import tiny, toyworld
+from minidream.toy import tiny, toyworld
 from minidream.checkpoint import load_unet
 from minidream.model import default_model_path, load_model
-from minidream.tiny import WORDS, write_tiny_sdxl
+from minidream.toy.tiny import WORDS, write_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "weights" / "tiny-sdxl"
@@ -34,16 +34,16 @@ def read_json(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory):
     folder = tmp_path_factory.mktemp("regenerated") / "tiny-sdxl"
-    tiny.main([str(folder)])  # what `python -m minidream.tiny weights/tiny-sdxl` runs
+    tiny.main([str(folder)])  # what `python -m minidream.toy.tiny weights/tiny-sdxl` runs
     return folder
 
 
 def test_committed_folder_is_what_the_writer_writes(regenerated):
     committed, fresh = files(BUNDLED), files(regenerated)
-    assert sorted(committed) == sorted(fresh), "file sets differ: rerun python -m minidream.pretrain"
+    assert sorted(committed) == sorted(fresh), "file sets differ: rerun python -m minidream.toy.pretrain"
     weights = set(WEIGHTS.values())
     changed = [name for name in fresh if name not in weights and committed[name] != fresh[name]]
-    assert not changed, f"{changed} differ: rerun python -m minidream.pretrain and commit weights/tiny-sdxl"
+    assert not changed, f"{changed} differ: rerun python -m minidream.toy.pretrain and commit weights/tiny-sdxl"
     for name in weights:  # trained values, but the same tensors as the writer's
         ours, theirs = load_file(BUNDLED / name), load_file(regenerated / name)
         assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in theirs.items()}

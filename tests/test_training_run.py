@@ -15,15 +15,16 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import minidream.training as training
-from minidream.tiny import write_tiny_sdxl
+from minidream.toy.tiny import write_tiny_sdxl
 from minidream.data import DataError
 from minidream.lora import lora_layers
-from minidream.lora_files import load_lora
+from minidream.formats.lora_files import load_lora
 from minidream.model import load_model
 from minidream.optim import make_optimizer
 from minidream.prior import fill_class_folder, plan_class_images
 from minidream.runs import LORA_FILE, MIN_TILE, labelled_grid
-from minidream.train_config import TINY_RECIPE, TrainConfig, TrainingError, fill_defaults, model_image_size
+from minidream.config import PRESETS, TrainConfig, TrainingError, fill_defaults
+from minidream.model import model_image_size
 from minidream.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +68,7 @@ def test_a_run_writes_its_folder(world, tmp_path, capsys):
     assert any(line.startswith(f"tiny model ({size} px): demo settings") for line in printed)
 
     saved = json.loads((run / "config.json").read_text())
-    assert saved["steps"] == 4 and saved["resolution"] == size and saved["lr"] == TINY_RECIPE["lr"]
+    assert saved["steps"] == 4 and saved["resolution"] == size and saved["lr"] == PRESETS["tiny", "lora"]["lr"]
     assert [r[0] for r in losses(run)] == ["1", "2", "3", "4"]
     assert all(float(r[3]) > 0 for r in losses(run))  # the prior term is there
     assert Image.open(run / "loss.png").size == (720, 400)
@@ -227,22 +228,28 @@ def test_cli_help_names_every_setting(capsys):
         flag = {"prior": "--no-prior", "generate_class_images": "--no-generate",
                 "validation_prompts": "--validation-prompt"}.get(field, "--" + field.replace("_", "-"))
         assert flag in text, flag
-    args = train_cli.build_parser().parse_args(["--no-prior", "--no-flip", "--validation-prompt", "x"])
+    assert "[preset: SDXL 200, tiny 40]" in text  # --num-class-images, from PRESETS
+    args = train_cli.build_parser().parse_args(["--no-prior", "--no-flip", "--validation-prompt", "x", "--no-generate",
+                                                "--validation-seeds", "3", "4", "--lr", "1e-3"])
     cfg = train_cli.config_from_args(args)
-    assert (cfg.prior, cfg.flip, cfg.validation_prompts, cfg.steps) == (False, False, ["x"], None)
+    assert (cfg.prior, cfg.flip, cfg.validation_prompts, cfg.generate_class_images) == (False, False, ["x"], False)
+    assert (cfg.validation_seeds, cfg.lr, cfg.steps, cfg.rank) == ([3, 4], 1e-3, None, 4)  # unset: TrainConfig's
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--subject", "/no/such/folder"], "subject folder /no/such/folder does not exist"),
     (["--model", "/no/such/model"], "model /no/such/model does not exist"),
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--lr", "-1"], "learning rates must be positive"),
     (["--resume", "/no/such/run"], "is not a run folder"),
+    (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
 ])
 def test_cli_user_errors_are_one_line(world, tmp_path, capsys, argv, message):
     base = ["--subject", world["subject"], "--model", world["model"], "--out", str(tmp_path)]
     assert train_cli.main(base + argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("train.py: error: ") and message in err and err.count("\n") == 1, err
+    assert "Traceback" not in err
 
 
 def test_validation_grid_enlarges_small_pictures_without_blurring():

@@ -13,11 +13,11 @@ base-1.0, text encoders saved by transformers 4: `text_model.*` names and the po
 tokenizers as vocab.json + merges.txt), so loading it exercises what loading the real one does, and
 diffusers' own StableDiffusionXLPipeline.from_pretrained reads it too.
 
-The bundled weights are trained on the toy world by `python -m minidream.pretrain` (pretrain.py),
+The bundled weights are trained on the toy world by `python -m minidream.toy.pretrain` (pretrain.py),
 which starts from this file's random weights and writes its result with
 `write_tiny_sdxl(folder, state_dicts=...)`. Weights are stored in fp16 (under 20 MB).
 
-    python -m minidream.tiny FOLDER        # the untrained model: random weights, same seed -> same bytes
+    python -m minidream.toy.tiny FOLDER        # the untrained model: random weights, same seed -> same bytes
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from minidream.checkpoint import build_text_encoder, build_unet, build_vae
-from minidream.files import atomic_write, write_json
-from minidream.vocab import vocab_size, write_clip_tokenizer
+from minidream.files import write_json
+from minidream.formats.model_folder import (LIBRARY_CLASSES, WEIGHT_FILES, transformers4_names, write_model_index,
+                                            write_part)
+from minidream.toy.vocab import vocab_size, write_clip_tokenizer
 
 # Every word here is one token of both tokenizers (others still tokenize, in pieces). Extend freely.
 WORDS = tuple("""
@@ -109,14 +110,7 @@ SCHEDULER = {
     "use_karras_sigmas": False,
 }
 
-PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-_LIBRARY = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "EulerDiscreteScheduler"]}  # fmt: skip
-_WEIGHT_FILE = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-                "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}  # fmt: skip
+PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the parts with weights
 
 
 def clip_text_config(hidden: int, layers: int, hidden_act: str, vocab: int, projection: bool,
@@ -143,11 +137,6 @@ def configs(words=WORDS, dtype: torch.dtype = torch.float32) -> dict[str, dict]:
         "text_encoder": clip_text_config(TEXT_WIDTHS[0], TEXT_LAYERS[0], "quick_gelu", vocab, False, dtype),
         "text_encoder_2": clip_text_config(TEXT_WIDTHS[1], TEXT_LAYERS[1], "gelu", vocab, True, dtype),
     }
-
-
-def transformers4_names(state: dict) -> dict:
-    """transformers 4 layout: every CLIP text tensor under `text_model.` (text_projection outside)."""
-    return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in state.items()}
 
 
 def stored_shapes(part: str, config: dict) -> dict[str, tuple]:
@@ -198,27 +187,8 @@ def _checked(part: str, state: dict, shapes: dict[str, tuple]) -> dict[str, torc
     problems += [f"{k}: {tuple(v.shape)} vs {shapes[k]}" for k, v in state.items() if k in shapes and tuple(v.shape) != shapes[k]]
     if problems:
         raise ValueError(f"the {part} state dict does not fit the tiny config ({len(problems)} problems: "
-                         f"{'; '.join(problems[:5])}); train a model built from minidream.tiny.configs()")
+                         f"{'; '.join(problems[:5])}); train a model built from minidream.toy.tiny.configs()")
     return {k: v.detach().cpu() for k, v in state.items()}
-
-
-def write_part(folder: Path, config: dict, state: dict[str, torch.Tensor], weight_file: str,
-               dtype: torch.dtype) -> None:
-    """config.json + one safetensors file of float tensors in `dtype` (integer buffers kept)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "config.json", config)
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    atomic_write(folder / weight_file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-
-
-def write_model_index(folder, parts=(*PARTS, "tokenizer", "tokenizer_2", "scheduler"),
-                      pipeline: str = "StableDiffusionXLPipeline") -> Path:
-    """model_index.json, the file that makes a folder a diffusers model: which class each part is."""
-    index = {"_class_name": pipeline}
-    if pipeline.startswith("StableDiffusionXL"):
-        index |= {"add_watermarker": None, "force_zeros_for_empty_prompt": True}  # as SDXL base
-    index |= {part: _LIBRARY[part] for part in parts}
-    return write_json(Path(folder) / "model_index.json", index)
 
 
 def write_tiny_sdxl(folder, seed: int = 0, *, state_dicts: dict | None = None, words=WORDS,
@@ -240,8 +210,8 @@ def write_tiny_sdxl(folder, seed: int = 0, *, state_dicts: dict | None = None, w
         given = state_dicts.get(part)
         state = random_weights(shapes, seed * 100 + i) if given is None else _checked(part, given, shapes)
         if part in ("unet", "vae"):  # diffusers configs name their class; transformers' use "architectures"
-            config = {"_class_name": _LIBRARY[part][1], **config}
-        write_part(folder / part, config, state, _WEIGHT_FILE[part], dtype)
+            config = {"_class_name": LIBRARY_CLASSES[part][1], **config}
+        write_part(folder / part, config, state, WEIGHT_FILES[part], dtype)
     write_clip_tokenizer(folder / "tokenizer", words)
     write_clip_tokenizer(folder / "tokenizer_2", words, pad_token="!")
     write_json(folder / "scheduler" / "scheduler_config.json", SCHEDULER)
@@ -257,9 +227,9 @@ def parameter_counts(words=WORDS) -> dict[str, int]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m minidream.tiny",
+        prog="python -m minidream.toy.tiny",
         description="Write the tiny SDXL-architecture model with random fp16 weights (the same seed gives "
-                    "byte-identical files). The bundled, trained weights/tiny-sdxl comes from python -m minidream.pretrain.")
+                    "byte-identical files). The bundled, trained weights/tiny-sdxl comes from python -m minidream.toy.pretrain.")
     parser.add_argument("folder", help="where to write it")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
     args = parser.parse_args(argv)

@@ -39,10 +39,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer, ViTModel
 
 from minidream.data import to_tensor
+from minidream.model import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 CLIP_MODEL = "openai/clip-vit-base-patch32"  # CLIP-I, CLIP-T (the paper's CLIP)
 DINO_MODEL = "facebook/dino-vits16"  # DINO, PRES, DIV (the paper's ViT-S/16 DINO)
 DIV_DINO, DIV_LPIPS = "1-DINO", "LPIPS"  # how DIV was measured (written next to every DIV value)
@@ -217,8 +218,6 @@ class DinoEmbedder:
 
 def load_clip(name: str = CLIP_MODEL, device="cpu") -> ClipEmbedder:
     """CLIP from a folder or a cached hub id; MetricModelError with the download command if absent."""
-    from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer
-
     def load(source):
         model = CLIPModel.from_pretrained(source, local_files_only=True)
         return model, AutoImageProcessor.from_pretrained(source, local_files_only=True), \
@@ -231,8 +230,6 @@ def load_clip(name: str = CLIP_MODEL, device="cpu") -> ClipEmbedder:
 
 def load_dino(name: str = DINO_MODEL, device="cpu") -> DinoEmbedder:
     """DINO ViT-S/16 from a folder or a cached hub id; MetricModelError if absent."""
-    from transformers import AutoImageProcessor, ViTModel
-
     def load(source):
         # The hub checkpoint holds the backbone only: no pooler (it would be random, and unused).
         model = ViTModel.from_pretrained(source, add_pooling_layer=False, local_files_only=True)

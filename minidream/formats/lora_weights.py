@@ -13,15 +13,27 @@ import math
 import torch
 import torch.nn as nn
 
-from minidream.lora import LoRAWeights, _require_adapter, adapter_names, lora_layers, mismatch_error, wrap_module
+from minidream.errors import UserError
+from minidream.lora import LoRAWeights, adapter_names, wrap_module
 
 
-def get_adapter_weights(model: nn.Module, name: str) -> dict[str, LoRAWeights]:
-    """Adapter `name` of every LoRA layer, detached, keyed by module name."""
-    _require_adapter(model, name)
-    return {module_name: LoRAWeights(layer.lora_A[name].detach(), layer.lora_B[name].detach(),
-                                     layer.lora_alpha[name])
-            for module_name, layer in lora_layers(model) if name in layer.lora_A}
+
+class LoRAFileError(UserError):
+    """A LoRA file minidream cannot read or apply (not safetensors, unknown layout, wrong shapes)."""
+
+
+class LoRAMismatchError(LoRAFileError):
+    """A LoRA names modules the model does not have (wrong base model, typo'd key)."""
+
+
+def mismatch_error(unmatched: list[str], where: str, hint: str = "") -> LoRAMismatchError:
+    """Build the error that lists the first few unmatched keys and how many there are."""
+    shown = ", ".join(unmatched[:5]) + (", ..." if len(unmatched) > 5 else "")
+    return LoRAMismatchError(
+        f"{len(unmatched)} LoRA key(s) match no module of {where}: {shown}. "
+        "The LoRA was probably made for another base model (e.g. SD 1.5 vs SDXL) or a key is "
+        f"misspelled; nothing was loaded.{(' ' + hint) if hint else ''}"
+    )
 
 
 def _fit(tensor: torch.Tensor, shape: tuple) -> torch.Tensor | None:
@@ -46,10 +58,10 @@ def check_adapter_weights(model: nn.Module, name: str, weights: dict[str, LoRAWe
     for key, w in weights.items():
         module = known[key]
         if w.down.dim() < 2 or w.up.dim() < 2:
-            raise ValueError(f"LoRA shape mismatch at {key}: down {tuple(w.down.shape)} / up "
+            raise LoRAFileError(f"LoRA shape mismatch at {key}: down {tuple(w.down.shape)} / up "
                              f"{tuple(w.up.shape)} are not matrices (a corrupt file?)")
         if w.down.shape[0] != w.up.shape[1]:
-            raise ValueError(f"LoRA rank mismatch at {key}: down has rank {w.down.shape[0]}, "
+            raise LoRAFileError(f"LoRA rank mismatch at {key}: down has rank {w.down.shape[0]}, "
                              f"up has rank {w.up.shape[1]} (a corrupt or hand-edited file?)")
         rank = w.down.shape[0]
         is_conv = isinstance(module, nn.Conv2d)
@@ -57,7 +69,7 @@ def check_adapter_weights(model: nn.Module, name: str, weights: dict[str, LoRAWe
         out_shape = (module.out_channels, rank, 1, 1) if is_conv else (module.out_features, rank)
         down, up = _fit(w.down, in_shape), _fit(w.up, out_shape)
         if down is None or up is None:
-            raise ValueError(f"LoRA shape mismatch at {key}: down {tuple(w.down.shape)} / up "
+            raise LoRAFileError(f"LoRA shape mismatch at {key}: down {tuple(w.down.shape)} / up "
                              f"{tuple(w.up.shape)} do not fit the module's weight "
                              f"{tuple(module.weight.shape)} (wanted {in_shape} / {out_shape}); "
                              "the LoRA was made for another base model")

@@ -184,8 +184,6 @@ def cuda_autocast_policy(enabled: bool = True):
             setattr(F, name, fn)
 
 
-# ----------------------------------------------------------------------------- FLOPs
-
 # ----------------------------------------------------------------------------- modules
 
 def materialize(module: torch.nn.Module) -> torch.nn.Module:

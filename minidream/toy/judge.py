@@ -8,8 +8,8 @@ images whose labels are known (toyworld.py), with one classification head per at
 Diffusion samples from a tiny model are softer and noisier than the renderer's crisp pixels, so
 training adds random Gaussian blur and pixel noise to half of the images (see `degrade`).
 
-    python -m minidream.judge train                # writes weights/toy-judge.safetensors
-    python -m minidream.judge eval --n 2000        # accuracy per head on held-out images
+    python -m minidream.toy.judge train                # writes weights/toy-judge.safetensors
+    python -m minidream.toy.judge eval --n 2000        # accuracy per head on held-out images
 """
 
 import argparse
@@ -22,10 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from minidream import toyworld as tw
-from minidream.toydraw import SIZE, render
+from minidream.toy import toyworld as tw
+from minidream.toy.toydraw import SIZE, render
 
 DEFAULT_PATH = "weights/toy-judge.safetensors"
 
@@ -125,13 +126,12 @@ class Judge(nn.Module):
 
     @classmethod
     def load(cls, path=DEFAULT_PATH):
-        """A trained judge from a file written by `save` (python -m minidream.judge train)."""
-        from safetensors import safe_open
+        """A trained judge from a file written by `save` (python -m minidream.toy.judge train)."""
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
         if json.loads(meta["heads"]) != {h: list(c) for h, c in HEADS.items()}:
             raise ValueError(f"{path} was trained on another toy-world vocabulary; retrain it "
-                             f"with: python -m minidream.judge train --out {path}")
+                             f"with: python -m minidream.toy.judge train --out {path}")
         judge = cls(JudgeConfig(**json.loads(meta["config"])))
         judge.load_state_dict(load_file(str(path)))
         return judge.eval()
@@ -251,7 +251,7 @@ def evaluate(judge, n=2000, seed=12345, blur=0.0, noise=0.0, batch_size=250):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minidream.judge", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m minidream.toy.judge", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train the judge and write its weights")
     t.add_argument("--out", default=DEFAULT_PATH)

@@ -17,6 +17,9 @@ untouched parts are written out from its tensors, under diffusers' names.
 
 Text encoders are written under transformers 4's names (`text_model.*`) as real SDXL repos are, so
 transformers 4 and 5 both read them (see DESIGN.md, "key layouts drift").
+
+The writers of a diffusers folder's parts (`write_part`, `write_model_index`) also write the bundled
+tiny model (minidream.toy.tiny).
 """
 
 from __future__ import annotations
@@ -28,14 +31,55 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from minidream.checkpoint import detect, text_encoder_state_dicts, text_encoder_weights, unet_weights, vae_weights
+from minidream.files import atomic_write, write_json
 from minidream.loading import materialize
-from minidream.text import find_tokenizer_dir
-from minidream.tiny import _LIBRARY, _WEIGHT_FILE, transformers4_names, write_model_index, write_part
+from minidream.model import find_tokenizer_dir
+
+# ----------------------------------------------------------------------------- a diffusers folder's layout
 
 PIPELINES = {"sdxl": "StableDiffusionXLPipeline", "sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline"}
+LIBRARY_CLASSES = {  # model_index.json: part -> [library, class]
+    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+}
+WEIGHT_FILES = {  # part -> the safetensors file in its folder
+    "unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors",
+}
+SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def transformers4_names(state: dict) -> dict:
+    """transformers 4 layout: every CLIP text tensor under `text_model.` (text_projection outside)."""
+    return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in state.items()}
+
+
+def write_part(folder: Path, config: dict, state: dict[str, torch.Tensor], weight_file: str,
+               dtype: torch.dtype) -> None:
+    """config.json + one safetensors file of float tensors in `dtype` (integer buffers kept)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "config.json", config)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    atomic_write(folder / weight_file, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+
+
+def write_model_index(folder, parts=SDXL_PARTS, pipeline: str = "StableDiffusionXLPipeline") -> Path:
+    """model_index.json, the file that makes a folder a diffusers model: which class each part is."""
+    index = {"_class_name": pipeline}
+    if pipeline.startswith("StableDiffusionXL"):
+        index |= {"add_watermarker": None, "force_zeros_for_empty_prompt": True}  # as SDXL base
+    index |= {part: LIBRARY_CLASSES[part] for part in parts}
+    return write_json(Path(folder) / "model_index.json", index)
+
+
+# ----------------------------------------------------------------------------- a fine-tuned model
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -58,7 +102,7 @@ def part_config(source: Path, part: str) -> dict:
     """The source's config.json of `part` (inferred from tensor shapes for a single file)."""
     if part == "unet":
         config = unet_weights(source, expect=None)[0]
-        return {"_class_name": _LIBRARY["unet"][1], **config}
+        return {"_class_name": LIBRARY_CLASSES["unet"][1], **config}
     return text_encoder_weights(source, part, expect=None)[0]
 
 
@@ -81,7 +125,7 @@ def save_model_folder(folder, model, trained: dict[str, nn.Module], dtype: torch
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         for part, module in trained.items():
-            write_part(tmp / part, part_config(source, part), trained_state(part, module), _WEIGHT_FILE[part], dtype)
+            write_part(tmp / part, part_config(source, part), trained_state(part, module), WEIGHT_FILES[part], dtype)
         if info.layout == "diffusers":
             copy_untouched_parts(source, tmp, skip=set(trained))
         else:
@@ -109,11 +153,11 @@ def write_untouched_parts(source: Path, model, folder: Path, skip: set[str], fam
     parts = {}
     if "vae" not in skip:
         config, weights = vae_weights(source, expect=None)
-        parts["vae"] = ({"_class_name": _LIBRARY["vae"][1], **config}, materialize(weights))
+        parts["vae"] = ({"_class_name": LIBRARY_CLASSES["vae"][1], **config}, materialize(weights))
     parts |= {k: v for k, v in text_encoder_state_dicts(source, expect=None).items() if k not in skip}
     for part, (config, state) in parts.items():  # in the dtype the file stores them
         stored = next(v.dtype for v in state.values() if v.is_floating_point())
-        write_part(folder / part, config, state, _WEIGHT_FILE[part], stored)
+        write_part(folder / part, config, state, WEIGHT_FILES[part], stored)
     tokenizers = ("tokenizer", "tokenizer_2") if model.text.is_sdxl else ("tokenizer",)
     found = find_tokenizer_dir([tokenizer_dir, source.parent], need_second=model.text.is_sdxl)
     for part in tokenizers:

@@ -2,8 +2,8 @@
 
 DreamBooth's paper measures subject fidelity with CLIP-I / DINO similarity to the real photos,
 prompt fidelity with CLIP-T, language drift with PRES and diversity with DIV (Ruiz et al. 2022,
-sec. 4.1 and 4.3). Those need pretrained CLIP and DINO networks (metrics.py loads them when they are
-downloaded). The toy world has exact labels instead, so the judge (judge.py) answers the same
+sec. 4.1 and 4.3). Those need pretrained CLIP and DINO networks (minidream/eval/metrics.py loads them
+when they are downloaded). The toy world has exact labels instead, so the judge (judge.py) answers the same
 questions directly:
 
     subject fidelity   share of samples that show the subject's look (toyworld.SUBJECT_LOOK)
@@ -18,9 +18,9 @@ import itertools
 
 import numpy as np
 
-from minidream import toyworld as tw
-from minidream.judge import HEADS, PERSON_ONLY
 from minidream.pipeline import generate
+from minidream.toy import toyworld as tw
+from minidream.toy.judge import HEADS, PERSON_ONLY
 
 PERSON_FIELDS = PERSON_ONLY  # skin, hair, eyes, hat, hat_color, glasses, glasses_color
 

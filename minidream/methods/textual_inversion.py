@@ -43,13 +43,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minidream.files import atomic_write
-from minidream.methods import Method, text_encoders, train_mode
-from minidream.train_config import TrainingError
+from minidream.method import Method, text_encoders, train_mode
+from minidream.config import TrainingError
+from minidream.errors import UserError
 
 FILE_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # SDXL files: one tensor per encoder
 
 
-class EmbeddingFileError(ValueError):
+class EmbeddingFileError(UserError):
     """A textual-inversion file that cannot be used with this model; the message says why."""
 
 

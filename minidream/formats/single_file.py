@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minidream import sgm_keys
+from minidream.formats import sgm_keys
+from minidream.checkpoint import FAMILIES, ModelInfo, family_from_context
 from minidream.loading import CheckpointError, TensorRef, Weights, read_header, shaped_after
 
 # Which part each prefix holds. The SDXL refiner has only the OpenCLIP encoder, as embedder 0;
@@ -131,6 +132,43 @@ class SingleFile:
         return clip_config({k: w.shape for k, w in weights.items()}, "gelu"), weights
 
 
+class SingleFileReader:
+    """What minidream.checkpoint asks of single files (registered by minidream.formats)."""
+
+    def describe(self, path: Path, header: dict[str, tuple]) -> ModelInfo:
+        """What a .safetensors file that is no LoRA holds: a whole model, a lone VAE, UNet, ..."""
+        parts = split_parts(header)
+        if "unet" in parts:
+            name, names = family(parts), tuple(sorted(parts))
+            return ModelInfo(path, "single-file", f"{FAMILIES[name]} in one file ({', '.join(names)})", name, names)
+        vae_keys = ("encoder.down.0.block.0.conv1.weight", "encoder.down_blocks.0.resnets.0.conv1.weight")
+        if set(parts) == {"vae"} or any(k in header for k in vae_keys):
+            return ModelInfo(path, "vae-file", "a VAE alone, not a whole model (give it with --vae)", parts=("vae",))
+        if "conv_in.weight" in header and "time_embedding.linear_1.weight" in header:
+            text = "a UNet alone in diffusers names (a unet/ weight file); give the folder with model_index.json"
+            return ModelInfo(path, "unet-file", text, parts=("unet",))
+        if any("embeddings.token_embedding" in k for k in header):
+            return ModelInfo(path, "text-encoder-file", "a text encoder alone, not a whole model")
+        return ModelInfo(path, "unknown", f"no tensor names minidream knows (first: {', '.join(list(header)[:3])})")
+
+    def unet(self, info: ModelInfo, config: dict | None) -> tuple[dict, Weights]:
+        return SingleFile(info.path).unet(config)
+
+    def vae(self, info: ModelInfo, expect: str | None, config: dict | None) -> tuple[dict, Weights]:
+        if info.layout == "vae-file":
+            return vae_file(info.path, expect or "sdxl", config)
+        single = SingleFile(info.path)
+        if "vae" not in single.parts:
+            raise CheckpointError(f"{info.path} holds no VAE (first_stage_model.*); give one with --vae")
+        return single.vae(config)
+
+    def text_encoder(self, info: ModelInfo, part: str) -> tuple[dict, Weights]:
+        single = SingleFile(info.path)
+        if part not in single.parts:
+            raise CheckpointError(f"{info.path} holds no {part} ({info.description})")
+        return single.text_encoder(part)
+
+
 def vae_file(path: Path, family_name: str, config: dict | None = None) -> tuple[dict, Weights]:
     """A VAE alone in LDM names (with or without `first_stage_model.`): (config, Weights)."""
     header = read_header(path)
@@ -156,23 +194,9 @@ def vae_file(path: Path, family_name: str, config: dict | None = None) -> tuple[
 # SDXL use 64-wide heads: channels // 64) and SDXL's size-embedding width (256 per time id, unless
 # the pooled text width tells otherwise). A model that breaks these rules needs its config given.
 
-FAMILIES = {
-    "sdxl": "an SDXL base model",
-    "sdxl-refiner": "an SDXL refiner model (its UNet sees only the OpenCLIP text encoder)",
-    "sd2": "a Stable Diffusion 2.x model",
-    "sd1": "a Stable Diffusion 1.x model",
-    "unknown": "a UNet of unknown family",
-}
 SAMPLE_SIZE = {"sdxl": 128, "sdxl-refiner": 128, "sd2": 96, "sd1": 64, "unknown": 64}  # latent px
 VAE_SCALING = {"sdxl": 0.13025, "sdxl-refiner": 0.13025}  # others: SD 1.x/2.x's 0.18215
 SDXL_TIME_IDS = {"sdxl": 6, "sdxl-refiner": 5}  # base: size, crop, target; refiner: + aesthetic score
-
-
-def family_from_context(context_dim: int, has_label_emb: bool) -> str:
-    """The family of a UNet alone, from its cross-attention width and whether it has label_emb."""
-    if has_label_emb:  # only SDXL adds pooled-text embeddings; its refiner has 1280-wide context
-        return "sdxl-refiner" if context_dim == 1280 else "sdxl"
-    return {768: "sd1", 1024: "sd2"}.get(context_dim, "unknown")
 
 
 def _count(shapes, prefix: str) -> int:

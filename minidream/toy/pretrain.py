@@ -15,12 +15,12 @@ in two stages, both with minidream's own modules:
      words, so here the two small text encoders learn together with the UNet (with
      --train-text-encoders False they stay random and frozen, their outputs cached per caption).
 
-It starts from exactly the random model `python -m minidream.tiny` writes with the same seed and
+It starts from exactly the random model `python -m minidream.toy.tiny` writes with the same seed and
 replaces its UNet and VAE weights, then writes the folder with tiny.write_tiny_sdxl, so the bundled
 weights have one source: this command.
 
-    python -m minidream.pretrain                          # weights/tiny-sdxl (see README for the time)
-    python -m minidream.pretrain --scale 0.01 --out /tmp/tiny-smoke     # a smoke run in seconds
+    python -m minidream.toy.pretrain                          # weights/tiny-sdxl (see README for the time)
+    python -m minidream.toy.pretrain --scale 0.01 --out /tmp/tiny-smoke     # a smoke run in seconds
 
 Every random number comes from generators seeded with --seed, so a run gives the same weights
 again for the same torch version and --threads (CPU kernels sum in thread-dependent order).
@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minidream import tiny, toyworld
+from minidream.toy import tiny, toyworld
 from minidream.model import load_model
 from minidream.optim import lr_at
-from minidream.schedule import ScheduleConfig, alphas_cumprod
+from minidream.schedule import ScheduleConfig, alphas_cumprod as alphas_cumprod_of
 from minidream.step import Batch, apply_gradients, training_step
 from minidream.text import encode_text, sdxl_time_ids
 from minidream.vae import sample_latent
@@ -182,7 +182,7 @@ def train_unet(unet, text, latents, captions: list[str], schedule: ScheduleConfi
     so classifier-free guidance (Ho & Salimans 2022) works at sampling time.
     """
     mean, std = latents
-    alphas = alphas_cumprod(schedule)
+    alphas_cumprod = alphas_cumprod_of(schedule)
     modules = {"unet": unet, "text_encoder": text.text_encoder, "text_encoder_2": text.text_encoder_2}
     if not cfg.train_text_encoders:
         modules = {"unet": unet}
@@ -212,7 +212,7 @@ def train_unet(unet, text, latents, captions: list[str], schedule: ScheduleConfi
             return context * keep[:, None, None], pooled * keep[:, None]
 
         batch = Batch(x0, noise, t, time_ids, prompt_index=torch.arange(cfg.unet_batch), num_instance=cfg.unet_batch)
-        losses = training_step(unet, batch, embed_prompts, alphas, snr_gamma=cfg.snr_gamma)
+        losses = training_step(unet, batch, embed_prompts, alphas_cumprod, snr_gamma=cfg.snr_gamma)
         grad_norm, _ = apply_gradients(optimizer, params, scaler, max_grad_norm=1.0)
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short memory while the weights move fast
         with torch.no_grad():
@@ -259,7 +259,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m minidream.pretrain", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m minidream.toy.pretrain", description=__doc__.split("\n\n")[0])
     defaults = PretrainConfig()
     for f in fields(PretrainConfig):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),

@@ -1,13 +1,13 @@
-"""Evaluate DreamBooth LoRAs as the paper does, and the seed's scheduler x steps x prior table.
+"""Evaluate DreamBooth LoRAs as the paper does, and compare prior preservation on / off across samplers and steps.
 
-    python -m minidream.evaluate runs/raj-20250101-120000               # a training run folder
-    python -m minidream.evaluate --lora raj.safetensors --subject data/raj
-    python -m minidream.evaluate --prior RUN_OR_LORA --no-prior RUN_OR_LORA   # the 8-row table
-    python -m minidream.evaluate --train-pair --subject data/raj       # train both first (see train_pair)
+    python -m minidream.eval.evaluate runs/raj-20250101-120000               # a training run folder
+    python -m minidream.eval.evaluate --lora raj.safetensors --subject data/raj
+    python -m minidream.eval.evaluate --prior RUN_OR_LORA --no-prior RUN_OR_LORA   # the 8-row table
+    python -m minidream.eval.evaluate --train-pair --subject data/raj       # train both first (see train_pair)
 
 For each LoRA and each (sampler, steps): the 25 DreamBooth prompts (eval_prompts.py) x 4 fixed
 seeds, plus samples of the class prompt for PRES, are generated and scored against the subject's
-photos (metrics.py). Written to the output folder (atomically, see files.py):
+photos (metrics.py). Written to the output folder (atomically, see minidream/files.py):
 
     <out>/[<label>/]<sampler>-<steps>/images/p00-s0.png ...  samples (PNG text: prompt, seed, settings)
     <out>/[<label>/]<sampler>-<steps>/class/s0.png ...       class-prompt samples
@@ -34,10 +34,16 @@ from PIL import Image
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from minidream import metrics
+from minidream import pipeline
+from minidream.cli.run_training import run_training
+from minidream.config import TrainConfig
 from minidream.data import Subject, load_subject, open_rgb
-from minidream.eval_prompts import custom_prompts, dreambooth_prompts, subject_kind
+from minidream.eval import metrics
+from minidream.eval.eval_prompts import custom_prompts, dreambooth_prompts, subject_kind
 from minidream.files import image_grid, save_png, write_json, write_text
+from minidream.formats.lora_files import load_lora
+from minidream.lora import adapter_names, remove_adapter
+from minidream.model import default_model_path, load_model
 from minidream.runs import LORA_FILE
 
 ADAPTER = "evaluated"  # the adapter name the LoRA is loaded under while it is evaluated
@@ -159,17 +165,13 @@ def initial_noise(model, seeds: list[int], size: int) -> torch.Tensor:
     """x_T for each seed, drawn exactly as pipeline.sample_latents draws it for a batch of one,
     so an image does not depend on the batch it was made in; (len(seeds), 4, size/f, size/f) for the
     VAE's downsampling factor f (model.vae_scale: SDXL 8, the bundled tiny model 4)."""
-    from minidream.pipeline import initial_noise as draw
-
     dtype = next(model.text.output_encoder.parameters()).dtype
-    return torch.cat([draw(model, 1, size, size, torch.Generator("cpu").manual_seed(s), dtype) for s in seeds])
+    return torch.cat([pipeline.initial_noise(model, 1, size, size, torch.Generator("cpu").manual_seed(s), dtype) for s in seeds])
 
 
 def samples(model, prompt: str, paths: list[Path], seeds: list[int], meta: dict[str, str],
             batch_size: int) -> list[Image.Image]:
     """One image per seed; a PNG already at its path with the same prompt, seed and settings is reused."""
-    from minidream.pipeline import generate
-
     def wanted(seed):
         return {**meta, "prompt": prompt, "seed": str(seed)}
 
@@ -184,7 +186,7 @@ def samples(model, prompt: str, paths: list[Path], seeds: list[int], meta: dict[
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         noise = initial_noise(model, [seeds[i] for i in batch], size)
-        out = generate(model, prompt, sampler=meta["sampler"], steps=int(meta["steps"]),
+        out = pipeline.generate(model, prompt, sampler=meta["sampler"], steps=int(meta["steps"]),
                        guidance_scale=float(meta["guidance_scale"]), height=size, width=size,
                        num_images=len(batch), initial_latents=noise, progress=False)
         for i, img in zip(batch, out):
@@ -286,9 +288,7 @@ def write_results(out: Path, rows: list[Row], targets: list[Target], s: Settings
 
 # ----------------------------------------------------------------------------- running it
 
-def _remove_adapter(model) -> None:
-    from minidream.lora import adapter_names, remove_adapter
-
+def remove_evaluated_adapter(model) -> None:
     for m in (model.unet, model.text.text_encoder, model.text.text_encoder_2):
         if m is not None and ADAPTER in adapter_names(m):
             remove_adapter(m, ADAPTER)
@@ -297,9 +297,6 @@ def _remove_adapter(model) -> None:
 def run(targets: list[Target], s: Settings, out: Path, *, model_path=None, clip_name=metrics.CLIP_MODEL,
         dino_name=metrics.DINO_MODEL, device=None, dtype=None) -> list[Row]:
     """Evaluate every target with every (sampler, steps); returns the rows, writes <out>/metrics.md."""
-    from minidream.lora_files import load_lora
-    from minidream.model import default_model_path, load_model
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     # the metric models first: a missing one fails in seconds, not after an hour of sampling
@@ -325,23 +322,20 @@ def run(targets: list[Target], s: Settings, out: Path, *, model_path=None, clip_
                     rows.append(evaluate_one(model, t, s, sampler, steps, folder, clip, dino, real))
                     write_results(out, rows, targets, s)  # the table grows row by row
         finally:
-            _remove_adapter(model)
+            remove_evaluated_adapter(model)
     return rows
 
 
 def train_pair(subject: str, out: str, model: str | None = None, seed: int = 0, **settings) -> tuple[Path, Path]:
-    """Issue 8's experiment from scratch: train the subject with and without prior preservation
-    (train.py's defaults, or `settings`: any TrainConfig field) and return the two run folders."""
-    from minidream.train_config import TrainConfig
-    from minidream.training import train
-
-    runs = [train(TrainConfig(subject=subject, out=out, model=model, seed=seed, prior=p, **settings))
+    """The prior-preservation experiment from scratch: train the subject with and without prior
+    preservation (train.py's defaults, or `settings`: any TrainConfig field); returns the two run folders."""
+    runs = [run_training(TrainConfig(subject=subject, out=out, model=model, seed=seed, prior=p, **settings))
             for p in (True, False)]
     return runs[0], runs[1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m minidream.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m minidream.eval.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("run", nargs="?", help="a training run folder (config.json + LoRA)")
     p.add_argument("--lora", help="a LoRA file (with --subject)")
     p.add_argument("--subject", help="subject folder: the real photos (+ subject.json)")

@@ -14,8 +14,8 @@ to read the attributes back and score what a generator draws. The person's look 
 glasses, hat) varies at random, except for one reserved combination that never occurs: it is the
 look of the DreamBooth subject `rraj` (data/raj), the "specific person" the model has never seen.
 
-    python -m minidream.toyworld subject data/raj   # draw the bundled subject's 6 pictures
-    python -m minidream.toyworld grid out.png       # look at 64 random pictures and captions
+    python -m minidream.toy.toyworld subject data/raj   # draw the bundled subject's 6 pictures
+    python -m minidream.toy.toyworld grid out.png       # look at 64 random pictures and captions
 """
 
 import argparse
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from minidream.toydraw import render
+from minidream.toy.toydraw import render
 
 # ----------------------------------------------------------------------------- the vocabulary
 
@@ -98,11 +98,6 @@ class Attributes:
 
 JUDGED = ("kind", "style", "context", "color", "skin", "hair", "eyes", "hat", "hat_color",
           "glasses", "glasses_color")
-
-
-def is_reserved(a):
-    """True when `a` has the subject's reserved look (this never happens in pretraining)."""
-    return all(getattr(a, k) == v for k, v in SUBJECT_LOOK.items())
 
 
 def _choice(rng, options, p=None):
@@ -301,7 +296,7 @@ def write_subject(folder):
     for i, a in enumerate(subject_attributes()):
         render(a).save(folder / f"{TOKEN}_{i}.png", optimize=False)
     settings = {"token": TOKEN, "class_noun": CLASS_NOUN, "attributes": SUBJECT,
-                "validation_prompts": list(SUBJECT_PROMPTS), "made_by": "python -m minidream.toyworld subject FOLDER"}
+                "validation_prompts": list(SUBJECT_PROMPTS), "made_by": "python -m minidream.toy.toyworld subject FOLDER"}
     (folder / "subject.json").write_text(json.dumps(settings, indent=2) + "\n")
     return folder
 
@@ -317,7 +312,7 @@ def grid(images, cols=8, pad=2):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minidream.toyworld", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m minidream.toy.toyworld", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("subject", help="draw the bundled subject's pictures into a folder")
     s.add_argument("folder", nargs="?", default="data/raj")

@@ -19,15 +19,25 @@ with guidance, batch 2, then a VAE decode). The time per step is estimated from 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from minidream.fake_run import (ByteCounter, ShapeTokenizer, count_gradients, cuda_autocast_policy, fake_tensors,
-                                materialize)
+from minidream.checkpoint import (CheckpointError, build_text_encoder, build_unet, build_vae, detect,
+                                  text_encoder_parts, text_encoder_weights, unet_weights, vae_weights)
+from minidream.config import TrainingError, check_config, fill_defaults
+from minidream.loading import parameters_on_meta
+from minidream.methods import build_method
+from minidream.model import REPO, SDXL_LOCATIONS, Model
 from minidream.optim import DTYPES, Precision, optimizer_state_bytes
-from minidream.schedule import ScheduleConfig, alphas_cumprod
+from minidream.pipeline import unet_closure
+from minidream.planner.fake_run import (ByteCounter, ShapeTokenizer, count_gradients, cuda_autocast_policy,
+                                        fake_tensors, materialize)
+from minidream.schedule import ScheduleConfig, alphas_cumprod as alphas_cumprod_of
+from minidream.step import Batch, training_step
+from minidream.text import TextEncoders, encode_text
+from minidream.vae import vae_dtype
 
 GiB = 2**30
 T4_USABLE_GIB = 15.0  # a T4's 16 GB is 15360 MiB as nvidia-smi reports it; the CUDA context comes out of it
@@ -47,9 +57,6 @@ ATTENTION_NOTE = ("a T4 (Turing, sm_75) has no FlashAttention-2: torch's SDPA ru
 def read_configs(path) -> dict:
     """{"unet", "vae", "text_encoder", ["text_encoder_2"], "scheduler"} config dicts of a diffusers folder
     (config.json files are enough: no weights needed) or of a single file (tensor headers only)."""
-    from minidream.checkpoint import (CheckpointError, detect, text_encoder_parts, text_encoder_weights, unet_weights,
-                                      vae_weights)
-
     path = Path(path)
     if path.is_dir():
         configs = {}
@@ -73,8 +80,6 @@ def read_configs(path) -> dict:
 
 def read_vae_config(path) -> dict:
     """The VAE config of --vae: a VAE folder, a model folder, or a single file (header only)."""
-    from minidream.checkpoint import vae_weights
-
     path = Path(path)
     for file in (path / "config.json", path / "vae" / "config.json"):
         if file.is_file():
@@ -84,12 +89,6 @@ def read_vae_config(path) -> dict:
 
 def meta_model(configs: dict, weight_dtype: torch.dtype, vae_dtype_wanted: torch.dtype):
     """A minidream Model whose parameters live on `meta` in the dtypes load_model would give them."""
-    from minidream.checkpoint import build_text_encoder, build_unet, build_vae
-    from minidream.loading import parameters_on_meta
-    from minidream.model import Model
-    from minidream.text import TextEncoders
-    from minidream.vae import vae_dtype
-
     with parameters_on_meta():
         unet, vae = build_unet(configs["unet"]), build_vae(configs["vae"])
         encoders = [build_text_encoder(configs[p]) if p in configs else None
@@ -165,8 +164,6 @@ def optimizer_temporaries(params, name: str, cuda: bool) -> int:
 
 def fake_batch(rows: int, num_instance: int, latent: tuple[int, int], sdxl: bool):
     """A step.Batch of fake tensors with the shapes and dtypes latent_cache.draw_batch returns."""
-    from minidream.step import Batch
-
     shape = (rows, 4, *latent)
     return Batch(torch.empty(shape), torch.empty(shape), torch.zeros(rows, dtype=torch.long),
                  torch.empty(rows, 6) if sdxl else None, torch.zeros(rows, dtype=torch.long), num_instance)
@@ -174,16 +171,13 @@ def fake_batch(rows: int, num_instance: int, latent: tuple[int, int], sdxl: bool
 
 def plan_step(model, method, cfg, precision: Precision, fake, block: int = 512, cuda: bool = True) -> StepMemory:
     """Run step.training_step on fake tensors (inside `fake`) for the model as `method` set it up on meta."""
-    from minidream.step import training_step
-    from minidream.text import encode_text
-
     trained = method.parameters()
     trains_text = method.trains_text(cfg)
     resident = modules_of(model, text=trains_text)  # offload_encoders leaves only these on the GPU
     states = optimizer_state_bytes(trained, cfg.optimizer)
     grads = sum(p.numel() * 4 for p in trained)
     opt_temp = optimizer_temporaries(trained, cfg.optimizer, cuda)
-    alphas = alphas_cumprod(model.schedule)
+    alphas_cumprod = alphas_cumprod_of(model.schedule)
     rows, side = cfg.batch_size * (2 if cfg.prior else 1), cfg.resolution // model.vae_scale
     micro_steps = min(cfg.grad_accum, 2)  # a second micro-batch runs with every gradient already present
     counter = ByteCounter(block)
@@ -202,7 +196,7 @@ def plan_step(model, method, cfg, precision: Precision, fake, block: int = 512, 
         counter.reset_peak()
         counter.flops = 0
         for _ in range(micro_steps):
-            training_step(model.unet, fake_batch(rows, cfg.batch_size, (side, side), model.is_sdxl), embed, alphas,
+            training_step(model.unet, fake_batch(rows, cfg.batch_size, (side, side), model.is_sdxl), embed, alphas_cumprod,
                           prediction_type=model.schedule.prediction_type, prior_weight=cfg.prior_weight,
                           snr_gamma=cfg.snr_gamma, autocast_dtype=precision.autocast_dtype, scaler=scaler,
                           accumulation=cfg.grad_accum)
@@ -224,10 +218,8 @@ def plan_sampling(model, resolution: int, fake, block: int = 512, extra: int = 0
     """Peaks (bytes) of the phases with every part of the model on the GPU: VAE encode (latent cache),
     one UNet call with guidance (batch 2: class images, validation grids), VAE decode (one image).
     `extra`: bytes held besides the model (validation: the optimizer states)."""
-    from minidream.pipeline import unet_closure
-
     side = resolution // model.vae_scale
-    vae_dtype = next(model.vae.parameters()).dtype
+    vae_weights_dtype = next(model.vae.parameters()).dtype
     counter, peaks = ByteCounter(block), {}
     with fake, counter, torch.no_grad():
         for module in modules_of(model, vae=True):
@@ -237,17 +229,18 @@ def plan_sampling(model, resolution: int, fake, block: int = 512, extra: int = 0
                 for t in (*module.parameters(), *module.buffers()):
                     counter.add(t)
         counter.reset_peak()
-        model.vae.encode(torch.empty(1, 3, resolution, resolution, dtype=vae_dtype))
+        model.vae.encode(torch.empty(1, 3, resolution, resolution, dtype=vae_weights_dtype))
         peaks["vae_encode"] = counter.peak + extra
         context = torch.empty(2, 77, model.unet.config.cross_attention_dim)
         pooled = torch.empty(2, model.text.text_encoder_2.config.projection_dim) if model.is_sdxl else None
         time_ids = torch.empty(2, 6) if model.is_sdxl else None
         counter.reset_peak()
-        eps = unet_closure(model, context, pooled, time_ids)(torch.empty(2, 4, side, side), 500)
+        denoiser = unet_closure(model, context, pooled, time_ids)
+        output = denoiser(torch.empty(2, 4, side, side), 500)  # eps or v, as the model predicts
         peaks["unet_guidance"] = counter.peak + extra
-        del eps
+        del output
         counter.reset_peak()
-        model.vae.decode(torch.empty(1, 4, side, side, dtype=vae_dtype))
+        model.vae.decode(torch.empty(1, 4, side, side, dtype=vae_weights_dtype))
         peaks["vae_decode"] = counter.peak + extra
     return peaks
 
@@ -285,11 +278,6 @@ class MemoryPlan:
 
 def plan_training(cfg) -> MemoryPlan:
     """Plan `cfg` (a TrainConfig; unset settings get the recipe's values) on a T4."""
-    from dataclasses import replace
-
-    from minidream.methods import build_method
-    from minidream.train_config import TrainingError, check_config, fill_defaults
-
     if cfg.method not in ("lora", "full"):
         raise TrainingError(f"--plan covers --method lora and full, not {cfg.method!r} (textual inversion trains a "
                             "few KB; its memory is that of LoRA with --train-text-encoder)")
@@ -377,8 +365,6 @@ def format_plan(plan: MemoryPlan) -> str:
 
 def default_plan_model() -> str:
     """SDXL base from weights/ when downloaded, else its bundled config.json files."""
-    from minidream.model import REPO, SDXL_LOCATIONS
-
     for location in SDXL_LOCATIONS:
         if (REPO / location).exists():
             return str(REPO / location)

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from minidream.files import atomic_write
+from minidream.files import atomic_write, save_png
 from minidream.pipeline import decode, initial_noise, sample_latents
 from minidream.text import encode_prompt
 
@@ -121,3 +121,14 @@ def save_animation(path, frames: list[Image.Image], fps: float) -> Path:
     options = dict(format=FORMATS[path.suffix.lower()], save_all=True, append_images=frames[1:], duration=duration,
                    loop=0)  # loop=0: forever
     return atomic_write(path, lambda tmp: frames[0].save(tmp, **options))
+
+
+def write_morph(model, prompts: list[str], seeds: list[int], out: Path, frames: int, fps: float, animation: str,
+                metadata: dict[str, str], **options) -> list[Path]:
+    """sample.py --morph: the frames as OUT/morph/frame-NNNN.png, then the loop as OUT/morph.ANIMATION
+    (gif or webp). metadata: the settings each PNG carries; options: see render_morph."""
+    images = render_morph(model, prompts, seeds, frames, **options)
+    metadata = metadata | {"prompts": "\n".join(prompts), "seeds": " ".join(map(str, seeds)), "frames": str(frames)}
+    written = [save_png(out / "morph" / f"frame-{k:04d}.png", image, metadata | {"frame": str(k)})
+               for k, image in enumerate(images)]
+    return written + [save_animation(out / f"morph.{animation}", images, fps)]

@@ -20,7 +20,6 @@ a meta-device model to learn which parameters train (see `parameter_plan`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,10 +27,9 @@ from torch import nn
 
 from minidream.lora import (TEXT_ATTENTION, inject_lora, lora_parameters, lora_state_dict, mark_only_lora_trainable,
                             unet_targets)
-from minidream.lora_files import save_lora
-from minidream.optim import optimizer_state_bytes
+from minidream.lora_file import save_lora
 from minidream.runs import LORA_FILE
-from minidream.train_config import METHODS, TrainingError
+from minidream.config import TrainingError
 
 
 class Method:
@@ -141,46 +139,3 @@ class LoRA(Method):
     def save(self, path, step):
         return save_lora(path, **self.modules, token=self.token, class_noun=self.class_noun, steps=step,
                          base_model=self.model.name)
-
-
-# ----------------------------------------------------------------------------- choosing one
-
-def method_class(name: str) -> type[Method]:
-    from minidream.full_finetune import FullFinetune  # imported here: both import this module
-    from minidream.textual_inversion import TextualInversion
-
-    classes = {"lora": LoRA, "full": FullFinetune, "textual-inversion": TextualInversion}
-    if name not in classes:
-        raise ValueError(f"unknown training method {name!r}: choose one of {', '.join(METHODS)}")
-    return classes[name]
-
-
-def build_method(model, cfg, token: str, class_noun: str) -> Method:
-    """Set `model` up for cfg.method (adapters / fp32 weights / new token rows) and return the method."""
-    return method_class(cfg.method)(model, cfg, token, class_noun)
-
-
-@dataclass
-class ParameterPlan:
-    """Which parameters a method trains, for memory estimates (no tensor values needed)."""
-
-    trained: int  # parameters updated by the optimizer: fp32 weights, fp32 gradients
-    frozen: int  # every other parameter of the UNet and text encoders, in the weight dtype
-    optimizer: str  # "adamw8bit" | "adamw"
-    optimizer_state_bytes: int  # Adam's two moments for the trained parameters
-
-
-def parameter_plan(model, cfg, token: str = "sks", class_noun: str = "person") -> ParameterPlan:
-    """Build cfg.method on `model` (a meta-device model works) and count what trains.
-
-    For the memory planner: weights = trained * 4 + frozen * bytes(weight dtype), gradients =
-    trained * 4, optimizer state = optimizer_state_bytes; activations come from running
-    step.training_step on fake tensors.
-    """
-    method = build_method(model, cfg, token, class_noun)
-    trained = method.parameters()
-    ids = {id(p) for p in trained}
-    modules = [model.unet, *text_encoders(model.text).values()]
-    frozen = sum(p.numel() for m in modules for p in m.parameters() if id(p) not in ids)
-    return ParameterPlan(sum(p.numel() for p in trained), frozen, cfg.optimizer,
-                         optimizer_state_bytes(trained, cfg.optimizer))

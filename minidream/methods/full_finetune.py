@@ -29,8 +29,8 @@ folder is written beside each checkpoint (a few GB each).
 
 from __future__ import annotations
 
-from minidream.methods import Method, text_encoders, train_mode
-from minidream.model_folder import save_model_folder
+from minidream.method import Method, text_encoders, train_mode
+from minidream.formats.model_folder import save_model_folder
 
 
 class FullFinetune(Method):

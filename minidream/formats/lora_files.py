@@ -26,24 +26,21 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from minidream import __version__
-from minidream.files import atomic_write
-from minidream.lora import LoRAWeights, mismatch_error
-from minidream.lora_weights import check_adapter_weights, get_adapter_weights, load_adapter_weights
-from minidream.sgm_keys import sgm_unet_name
+from minidream.lora import LoRAWeights, merge_lora
+from minidream.formats.lora_weights import LoRAFileError, check_adapter_weights, load_adapter_weights, mismatch_error
+from minidream.lora_file import (COMPONENTS, DIFFUSERS_METADATA_KEY, diffusers_tensors, file_module_name)
+from minidream.lora_file import save_lora as save_diffusers_layout
+from minidream.formats.sgm_keys import sgm_unet_name
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 LAYOUTS = ("diffusers", "diffusers_old", "kohya", "kohya_sgm")
 SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 
@@ -80,7 +77,7 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the string metadata of a safetensors file, with errors that say what's wrong."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {path}")
+        raise LoRAFileError(f"LoRA file not found: {path}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -89,11 +86,11 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with open(path, "rb") as f:
             head = f.read(4)
         if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # zip or pickle: torch.save
-            raise ValueError(f"{path} is a pickled PyTorch checkpoint (.ckpt/.pt/.bin), not "
+            raise LoRAFileError(f"{path} is a pickled PyTorch checkpoint (.ckpt/.pt/.bin), not "
                              "safetensors; minidream reads LoRAs only from .safetensors files") from e
-        raise ValueError(f"{path} is not a valid safetensors file (corrupt or truncated?): {e}") from e
+        raise LoRAFileError(f"{path} is not a valid safetensors file (corrupt or truncated?): {e}") from e
     if not tensors:
-        raise ValueError(f"{path} holds no tensors; it is not a LoRA file")
+        raise LoRAFileError(f"{path} holds no tensors; it is not a LoRA file")
     return tensors, metadata
 
 
@@ -124,7 +121,7 @@ def detect_layout(keys, source: str = "the LoRA") -> str:
     """One of LAYOUTS, decided from the tensor names; unknown or mixed spellings are an error."""
     keys = list(keys)
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in keys):
-        raise ValueError(f"{source} is a DoRA adapter; minidream supports plain LoRA only")
+        raise LoRAFileError(f"{source} is a DoRA adapter; minidream supports plain LoRA only")
     kinds = defaultdict(list)
     for k in keys:
         kinds[_key_kind(k)].append(k)
@@ -133,7 +130,7 @@ def detect_layout(keys, source: str = "the LoRA") -> str:
                              f"{source} is not a LoRA file minidream can read (LyCORIS/LoHa keys?)")
     layouts = sorted(set(kinds) - {"alpha"})
     if len(layouts) != 1:
-        raise ValueError(f"{source} mixes LoRA key layouts {layouts or ['alpha only']}; expected one")
+        raise LoRAFileError(f"{source} mixes LoRA key layouts {layouts or ['alpha only']}; expected one")
     if layouts[0] == "kohya":
         unet_keys = [k for k in keys if k.startswith("lora_unet_")]
         return "kohya_sgm" if any(b in k for k in unet_keys for b in SGM_BLOCKS) else "kohya"
@@ -171,7 +168,7 @@ def _parse_diffusers(tensors, layout, alphas) -> dict[str, dict[str, LoRAWeights
             continue
         m = _PROCESSOR_PATTERN.fullmatch(rest) if layout == "diffusers_old" else None
         if m is None:
-            raise ValueError(f"LoRA key {key!r} is not in the {layout} layout of the other keys")
+            raise LoRAFileError(f"LoRA key {key!r} is not in the {layout} layout of the other keys")
         projections = _PROCESSOR_PROJ["unet" if component == "unet" else "text"]
         parts[component, f"{m['parent']}.{projections[m['proj']]}"][m["part"]] = tensor
     return _assemble(parts, lambda component, module, rank: alphas(component, module, rank))
@@ -184,7 +181,7 @@ def _diffusers_alphas(metadata: dict[str, str]):
     def alpha(component: str, module: str, rank: int) -> float:
         get = lambda name, default=None: config.get(f"{component}.{name}", default)  # noqa: E731
         if get("use_dora"):
-            raise ValueError("this is a DoRA adapter (use_dora in its metadata); minidream supports plain LoRA only")
+            raise LoRAFileError("this is a DoRA adapter (use_dora in its metadata); minidream supports plain LoRA only")
         value = get("lora_alpha", rank)
         for pattern, pattern_alpha in (get("alpha_pattern") or {}).items():
             if re.match(rf"(.*\.)?({pattern})$", module):  # peft's rule for alpha_pattern keys
@@ -207,7 +204,7 @@ def _parse_kohya(tensors) -> dict[str, dict[str, LoRAWeights]]:
     for key, tensor in tensors.items():
         m = _KOHYA_PATTERN.fullmatch(key)
         if m is None:
-            raise ValueError(f"LoRA key {key!r} is not a kohya key (<prefix>_<module>.lora_down.weight / "
+            raise LoRAFileError(f"LoRA key {key!r} is not a kohya key (<prefix>_<module>.lora_down.weight / "
                              ".lora_up.weight / .alpha)")
         part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m["part"]]
         parts[_KOHYA_COMPONENT[m["prefix"]], m["module"]][part] = tensor
@@ -219,7 +216,7 @@ def _assemble(parts, default_alpha) -> dict[str, dict[str, LoRAWeights]]:
     for (component, module), p in parts.items():
         missing = [name for name in ("down", "up") if name not in p]
         if missing:
-            raise ValueError(f"LoRA module {component}.{module} has no {' and no '.join(missing)} "
+            raise LoRAFileError(f"LoRA module {component}.{module} has no {' and no '.join(missing)} "
                              "weight; the file is incomplete")
         rank = p["down"].shape[0]
         alpha = float(p["alpha"].item()) if "alpha" in p else default_alpha(component, module, rank)
@@ -264,7 +261,7 @@ def load_lora(path, *, unet: nn.Module | None = None, text_encoder: nn.Module | 
     for component, weights in lora.adapters.items():
         model = models[component]
         if model is None:
-            raise ValueError(f"{path} has {len(weights)} {component} LoRA module(s) but no {component} "
+            raise LoRAFileError(f"{path} has {len(weights)} {component} LoRA module(s) but no {component} "
                              f"was given; pass {component}=... to load_lora")
         index = _module_index(model, sgm=component == "unet" and lora.layout == "kohya_sgm")
         unmatched = [k for k in weights if _flat(k) not in index]
@@ -282,75 +279,51 @@ def load_lora(path, *, unet: nn.Module | None = None, text_encoder: nn.Module | 
 # Writing
 
 
-def _file_module_name(component: str, path: str) -> str:
-    """Files spell CLIP modules with the leading text_model. (as transformers 4 and kohya do)."""
-    return path if component == "unet" else "text_model." + path.removeprefix("text_model.")
-
-
-def _most_common(values):
-    return Counter(values).most_common(1)[0][0]
-
-
-def _diffusers_config(component: str, weights: dict[str, LoRAWeights]) -> dict:
-    """The peft LoraConfig fields diffusers rebuilds the adapter from (r, alpha, targets)."""
-    r = _most_common(w.rank for w in weights.values())
-    alpha = _most_common(w.alpha for w in weights.values())
-    # Text-encoder targets without text_model. match with or without it (peft suffix rule).
-    targets = {path: path if component == "unet" else path.removeprefix("text_model.") for path in weights}
-    return {
-        "r": r,
-        "lora_alpha": alpha,
-        "target_modules": sorted(targets.values()),
-        "rank_pattern": {re.escape(targets[p]): w.rank for p, w in weights.items() if w.rank != r},
-        "alpha_pattern": {re.escape(targets[p]): w.alpha for p, w in weights.items() if w.alpha != alpha},
-    }
-
-
 def lora_to_tensors(adapters: dict[str, dict[str, LoRAWeights]], layout: str = "diffusers",
                     unet: nn.Module | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """{component: {model module path: LoRAWeights}} -> (file tensors, layout metadata)."""
-    tensors, config = {}, {}
+    unknown = [c for c in adapters if c not in COMPONENTS]
+    if unknown:
+        raise ValueError(f"unknown LoRA component {unknown[0]!r}; expected one of {COMPONENTS}")
+    if layout == "diffusers":
+        return diffusers_tensors(adapters)
+    if layout not in ("kohya", "kohya_sgm"):
+        raise ValueError(f"cannot write LoRA layout {layout!r}; use 'diffusers', 'kohya' or 'kohya_sgm'")
+    tensors = {}
     for component, weights in adapters.items():
-        if component not in COMPONENTS:
-            raise ValueError(f"unknown LoRA component {component!r}; expected one of {COMPONENTS}")
         for path, w in weights.items():
-            name = _file_module_name(component, path)
-            if layout == "diffusers":
-                tensors[f"{component}.{name}.lora_A.weight"] = w.down
-                tensors[f"{component}.{name}.lora_B.weight"] = w.up
-            elif layout in ("kohya", "kohya_sgm"):
-                if component == "unet" and layout == "kohya_sgm":
-                    name = unet_module_to_sgm(path, unet)
-                stem = KOHYA_PREFIX[component] + name.replace(".", "_")
-                tensors[f"{stem}.lora_down.weight"] = w.down
-                tensors[f"{stem}.lora_up.weight"] = w.up
-                tensors[f"{stem}.alpha"] = torch.tensor(float(w.alpha))
-            else:
-                raise ValueError(f"cannot write LoRA layout {layout!r}; use 'diffusers', 'kohya' or 'kohya_sgm'")
-        if layout == "diffusers" and weights:
-            config.update({f"{component}.{k}": v for k, v in _diffusers_config(component, weights).items()})
-    metadata = {DIFFUSERS_METADATA_KEY: json.dumps(config, sort_keys=True)} if config else {}
-    return tensors, metadata
+            name = file_module_name(component, path)
+            if component == "unet" and layout == "kohya_sgm":
+                name = unet_module_to_sgm(path, unet)
+            stem = KOHYA_PREFIX[component] + name.replace(".", "_")
+            tensors[f"{stem}.lora_down.weight"] = w.down
+            tensors[f"{stem}.lora_up.weight"] = w.up
+            tensors[f"{stem}.alpha"] = torch.tensor(float(w.alpha))
+    return tensors, {}
 
 
-def save_lora(path, *, unet: nn.Module | None = None, text_encoder: nn.Module | None = None,
-              text_encoder_2: nn.Module | None = None, adapter: str = "default",
-              layout: str = "diffusers", base_model: str = "", token: str = "", class_noun: str = "",
-              steps: int | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write adapter `adapter` of the given models to `path` (atomically: temp file + rename).
+def save_lora(path, *, layout: str = "diffusers", **models_and_metadata) -> Path:
+    """Write a model's adapter to `path` in `layout` (see minidream.lora_file.save_lora for the rest)."""
+    unet = models_and_metadata.get("unet")
+    return save_diffusers_layout(path, **models_and_metadata,
+                                 to_tensors=lambda adapters: lora_to_tensors(adapters, layout, unet))
 
-    The metadata records rank, alpha, base model, token, class noun, steps and minidream version.
+
+def add_loras(model, loras, fuse: bool = True) -> list[str]:
+    """Apply LoRA files to the model: `loras` is [(path, scale), ...]; returns the adapter names.
+
+    Each file may hold UNet and text-encoder adapters (diffusers or kohya layout); every key must
+    fit, or nothing of that file is loaded. fuse=True folds all of them into the base weights
+    (W += scale * B A * alpha / r, lora.merge_lora), so sampling runs plain matmuls at the base
+    model's speed; unmerge_lora undoes it.
     """
-    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
-    adapters = {c: get_adapter_weights(m, adapter) for c, m in models.items() if m is not None}
-    if dtype is not None:
-        adapters = {c: {p: LoRAWeights(w.down.to(dtype), w.up.to(dtype), w.alpha) for p, w in ws.items()}
-                    for c, ws in adapters.items()}
-    tensors, metadata = lora_to_tensors(adapters, layout, unet)
-    every = [w for ws in adapters.values() for w in ws.values()]
-    metadata.update(format="pt", minidream_version=__version__, base_model=base_model, token=token,
-                    class_noun=class_noun, steps="" if steps is None else str(steps),
-                    rank=str(_most_common(w.rank for w in every)),
-                    alpha=str(_most_common(w.alpha for w in every)))
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    text = model.text
+    names = []
+    for i, (path, scale) in enumerate(loras):
+        names.append(load_lora(path, unet=model.unet, text_encoder=text.text_encoder,
+                               text_encoder_2=text.text_encoder_2, name=f"lora{i}", scale=scale))
+    if fuse:
+        for module in (model.unet, text.text_encoder, text.text_encoder_2):
+            if module is not None:
+                merge_lora(module)
+    return names

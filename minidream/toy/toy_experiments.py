@@ -1,6 +1,6 @@
 """Measured DreamBooth on a CPU: the toy world's answers to DreamBooth's questions, in one command.
 
-    python -m minidream.toy_experiments          # trains 5 LoRAs, a full fine-tune and a textual inversion, samples, judges -> benchmarks/TOY_WORLD.md
+    python -m minidream.toy.toy_experiments          # trains 5 LoRAs, a full fine-tune and a textual inversion, samples, judges -> benchmarks/TOY_WORLD.md
 
 Every LoRA is trained by the code behind `python train.py --subject data/raj` (training.train with
 the bundled tiny model's demo settings), and every number is a share of samples in which the toy
@@ -29,14 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
-from minidream import toy_eval as te
-from minidream import toyworld as tw
-from minidream.judge import Judge
-from minidream.model import BUNDLED_MODEL, REPO, add_loras, load_model
+from minidream.cli.run_training import run_training
+from minidream.config import PRESETS, TrainConfig
+from minidream.formats.lora_files import add_loras
+from minidream.methods.textual_inversion import load_embedding
+from minidream.model import BUNDLED_MODEL, REPO, load_model
 from minidream.runs import LORA_FILE
-from minidream.toydraw import render
-from minidream.train_config import TINY_RECIPE
+from minidream.toy import toy_eval as te
+from minidream.toy import toyworld as tw
+from minidream.toy.judge import Judge
+from minidream.toy.toydraw import render
 
 INSTANCE = "a photo of rraj person"
 CLASS = "a photo of person"
@@ -86,13 +91,10 @@ class Experiments:
         return images
 
     def train(self, name: str, subject: Path, **overrides) -> Path:
-        from minidream.train_config import TrainConfig
-        from minidream.training import train
-
         if self.s.steps:
             overrides.setdefault("steps", self.s.steps)
         start = time.perf_counter()
-        run = train(TrainConfig(subject=str(subject), out=str(self.out / "runs"), **overrides))
+        run = run_training(TrainConfig(subject=str(subject), out=str(self.out / "runs"), **overrides))
         self.seconds = time.perf_counter() - start
         self.notes.append(f"{name}: trained in {self.seconds:.0f} s ({run.name})")
         return run / LORA_FILE
@@ -219,8 +221,6 @@ class Experiments:
 
     def methods(self) -> str:
         """LoRA vs full fine-tuning vs textual inversion on the same subject, demo settings each."""
-        from minidream.textual_inversion import load_embedding
-
         rows = ["| method | what it writes | size | train s | subject's look | subject + edit (mean of 7) | drift |",
                 "| --- | --- | --- | --- | --- | --- | --- |"]
 
@@ -252,8 +252,6 @@ FIGURES_DIR = REPO / "docs" / "toy-world"  # the README shows these
 
 def readme_figures(grids: Path, dest: Path = FIGURES_DIR) -> None:
     """The first row (8 samples) of some sample grids, enlarged 2x (nearest), for the README."""
-    from PIL import Image
-
     dest.mkdir(parents=True, exist_ok=True)
     for name in FIGURES:
         grid = Image.open(grids / f"{name}.png").convert("RGB")
@@ -264,7 +262,7 @@ def readme_figures(grids: Path, dest: Path = FIGURES_DIR) -> None:
 def command(s: Settings) -> str:
     """The command line that reproduces a run with settings `s`."""
     flags = [f"--{k.replace('_', '-')} {v}" for k, v in vars(s).items() if v != getattr(Settings(), k)]
-    return " ".join(["python -m minidream.toy_experiments", *flags])
+    return " ".join(["python -m minidream.toy.toy_experiments", *flags])
 
 
 def pct(x: float) -> str:
@@ -272,8 +270,6 @@ def pct(x: float) -> str:
 
 
 def run(s: Settings) -> Path:
-    import torch
-
     torch.set_num_threads(s.threads)
     start, load0 = time.perf_counter(), os.getloadavg()[0]
     e = Experiments(s)
@@ -295,7 +291,7 @@ def run(s: Settings) -> Path:
         path.write_text(
             f"## DreamBooth in the toy world (measured on CPU)\n\n"
             f"`{command(s)}`: {minutes:.1f} min{done}; sampling on {s.threads} thread(s), training on the demo "
-            f"recipe's {TINY_RECIPE['cpu_threads']}; load average {load0:.1f} -> {os.getloadavg()[0]:.1f}. "
+            f"recipe's {PRESETS['tiny', 'lora']['cpu_threads']}; load average {load0:.1f} -> {os.getloadavg()[0]:.1f}. "
             f"{s.samples} samples per prompt (seeds {s.seed}...), "
             f"DDIM 20 steps and guidance 5 unless said; shares are of samples in which the toy judge "
             f"(weights/toy-judge.safetensors) sees the named fields. Sample grids: {s.out}/grids/.\n\n"
@@ -306,7 +302,7 @@ def run(s: Settings) -> Path:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minidream.toy_experiments", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m minidream.toy.toy_experiments", description=__doc__.split("\n\n")[0])
     for name, default in vars(Settings()).items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(default) if default is not None else int, default=default)
     run(Settings(**vars(ap.parse_args(argv))))

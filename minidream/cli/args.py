@@ -1,0 +1,265 @@
+"""The command lines of train.py and sample.py, and the checks of what was given that need no model.
+
+train.py's flags are built from the fields of minidream.config.TrainConfig, where each setting is
+documented once: the flag is --name-with-dashes (or the field's "flag"), the help is the field's
+with its default shown as [default], the type comes from the annotation, booleans get --x and
+--no-x, and each field's "group" becomes a section of --help. A flag left out is not set at all
+(argparse.SUPPRESS), so TrainConfig's own defaults, and its presets, decide.
+
+This module imports no torch: `--help` and mistyped flags answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, Field, dataclass, fields
+from pathlib import Path
+
+from minidream.config import METHODS, PRECISIONS, PRESETS, TrainConfig
+from minidream.errors import UserError
+
+ARGPARSE_TYPES = {"int": int, "float": float, "str": str, "list": str}  # a list's items are str unless "type" says
+EXTRA_FLAGS = {"generate_class_images": ("--generate",)}  # older spellings that keep working: --no-generate
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UserErrors: one line `prog: error: ...` and exit code 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see python {self.prog} --help)")
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: one flag per TrainConfig field
+
+
+def as_typed(value) -> str:
+    """A default as a user would type it: on/off, a list space-separated."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(as_typed, value))
+    return "unset" if value is None else str(value)
+
+
+def preset_note(name: str) -> str:
+    """"preset: SDXL 1000, tiny 1500" from PRESETS, per method where the methods' presets differ."""
+    by_method = {method: f"SDXL {as_typed(PRESETS['sdxl', method][name])}, "
+                         f"tiny {as_typed(PRESETS['tiny', method][name])}" for method in METHODS}
+    if len(set(by_method.values())) == 1:
+        return f"preset: {by_method[METHODS[0]]}"
+    return "preset: " + "; ".join(f"{method} {values}" for method, values in by_method.items())
+
+
+def field_help(f: Field) -> str:
+    """The field's help, "[preset]" spelled out from PRESETS, its default (where not None) appended."""
+    text = f.metadata["help"]
+    if "[preset]" in text:
+        text = text.replace("[preset]", f"[{preset_note(f.name)}]")
+    default = f.default_factory() if f.default is MISSING else f.default
+    if default is not None:
+        text += f" [{as_typed(default)}]"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def field_argument(f: Field) -> tuple[list[str], dict]:
+    """(flags, add_argument keywords) of one TrainConfig field."""
+    meta = f.metadata
+    flags = [meta.get("flag", "--" + f.name.replace("_", "-")), *EXTRA_FLAGS.get(f.name, ())]
+    options = dict(dest=f.name, help=field_help(f))
+    options |= {key: meta[key] for key in ("choices", "metavar", "action", "nargs", "type") if key in meta}
+    annotation = str(f.type).split("|")[0].strip()  # "int | None" -> "int" (annotations are strings here)
+    if annotation == "bool":
+        options.setdefault("action", argparse.BooleanOptionalAction)
+    else:
+        options.setdefault("type", ARGPARSE_TYPES[annotation])
+    return flags, options
+
+
+def train_parser(description: str) -> Parser:
+    """train.py's parser: one flag per TrainConfig field, one --help section per field group."""
+    parser = Parser(prog="train.py", description=description, argument_default=argparse.SUPPRESS,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {}
+    for f in fields(TrainConfig):
+        title = f.metadata["group"]
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        flags, options = field_argument(f)
+        groups[title].add_argument(*flags, **options)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed train.py arguments; names that are no setting (--plan) are left out."""
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{name: value for name, value in vars(args).items() if name in names})
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.py
+
+SAMPLE_EPILOG = """\
+Without --model: weights/sdxl-base-1.0 (or weights/sd_xl_base_1.0.safetensors) once downloaded
+(README: 'Real SDXL on a T4'), else the bundled tiny model weights/tiny-sdxl, which runs on a CPU
+in seconds (pretrained on minidream's toy world: 64 px toy pictures from toy prompts).
+Bad input ends in one line 'sample.py: error: ...' and exit code 2."""
+
+
+def sample_parser(description: str) -> Parser:
+    """sample.py's parser."""
+    p = Parser(prog="sample.py", description=description, epilog=SAMPLE_EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_argument_group("what to draw")
+    what.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                      help="a prompt; repeat for several (each gets --num-images images)")
+    what.add_argument("--prompts-file", metavar="FILE",
+                      help="UTF-8 text file, one prompt per line (blank lines and # comments skipped)")
+    what.add_argument("--negative-prompt", metavar="TEXT", help="what to steer away from [none: SDXL's zero embedding]")
+    what.add_argument("--num-images", type=int, default=1, metavar="N", help="images per prompt [%(default)s]")
+    what.add_argument("--seed", type=int, default=0, help="seed of prompt 1; prompt k uses seed + k - 1 [%(default)s]")
+    what.add_argument("--height", type=int, metavar="PX", help="image height, a multiple of 8 [the model's: SDXL 1024]")
+    what.add_argument("--width", type=int, metavar="PX", help="image width, a multiple of 8 [the model's]")
+
+    how = p.add_argument_group("sampling")
+    how.add_argument("--sampler", metavar="NAME", default="ddim",  # checked against minidream.pipeline.SAMPLERS
+                     help="ddim (Song et al. 2021), pndm (PLMS, Liu et al. 2022) or euler (Karras et al. 2022) "
+                          "[%(default)s]")
+    how.add_argument("--scheduler", dest="sampler", help=argparse.SUPPRESS)  # the flag's earlier name
+    how.add_argument("--steps", type=int, default=30, help="sampling steps [%(default)s]")
+    how.add_argument("--guidance", type=float, default=5.0,
+                     help="classifier-free guidance scale; <= 1 turns it off [%(default)s]")
+    how.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0 (deterministic) to 1 [%(default)s]")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", metavar="PATH", help="diffusers SDXL folder or single .safetensors file")
+    model.add_argument("--vae", metavar="PATH", help="another VAE (folder or file), e.g. madebyollin/sdxl-vae-fp16-fix: "
+                                                     "decodes in fp16 where SDXL's own VAE must run in fp32")
+    model.add_argument("--tokenizer", metavar="DIR",
+                       help="folder with tokenizer/ and tokenizer_2/ (single files carry no tokenizer)")
+    model.add_argument("--variant", choices=["fp16"], help="read a folder's *.fp16.safetensors files")
+    model.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="a LoRA adapter and its strength [1.0]; repeat to combine several, "
+                            "e.g. --lora subject.safetensors --lora style.safetensors:0.8")
+    model.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                       help="a textual-inversion embedding (.safetensors, e.g. train.py --method textual-inversion's "
+                            "learned_embeds.safetensors); prompts name it by TOKEN [the token stored in the file, "
+                            "else the file name], e.g. '<rraj>'; repeatable")
+    model.add_argument("--device", help="cpu, cuda, cuda:1, mps ... [cuda if available, else cpu]")
+    model.add_argument("--dtype", choices=PRECISIONS, help="weights dtype [fp16 on cuda, fp32 elsewhere]")
+
+    morph = p.add_argument_group("morph animation (a loop through N seeds' starting noise, spherical interpolation)")
+    morph.add_argument("--morph", type=int, metavar="N", help="keyframes: seeds --seed .. --seed + N - 1, with one "
+                       "prompt, or N prompts (one per keyframe, their embeddings interpolated too)")
+    morph.add_argument("--frames", type=int, default=24, help="frames in the whole loop [%(default)s]")
+    morph.add_argument("--fps", type=float, default=8.0, help="frames per second [%(default)s]")
+    morph.add_argument("--animation", choices=("gif", "webp"), default="gif",
+                       help="file format of OUT/morph.FORMAT [%(default)s]")
+
+    p.add_argument("--out", default="runs/samples", metavar="DIR", help="where the PNGs go [%(default)s]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+@dataclass
+class SampleRequest:
+    """What sample.py was asked for, checked as far as it can be without a model."""
+
+    prompts: list[str]
+    loras: list[tuple[Path, float]]  # (file, strength)
+    embeddings: list[tuple[Path, str | None]]  # (file, the word prompts call it; None: the file's own)
+
+
+def parse_lora(spec: str) -> tuple[Path, float]:
+    """"FILE[:SCALE]" -> (path, scale). A colon followed by something that is no number belongs to
+    the path (C:\\loras\\x.safetensors)."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        return (Path(path), float(scale)) if path else (Path(spec), 1.0)
+    except ValueError:  # float(scale): no number after the colon
+        return Path(spec), 1.0
+
+
+def parse_embedding(spec: str) -> tuple[Path, str | None]:
+    """"FILE[:TOKEN]" -> (path, token or None); a colon inside a path (C:\\x) stays in the path."""
+    path, _, token = spec.rpartition(":")
+    if path and path.endswith(".safetensors") and token and "/" not in token and "\\" not in token:
+        return Path(path), token
+    return Path(spec), None
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """The prompts of a UTF-8 file, one a line; blank lines and # comments are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise UserError(f"cannot read the prompts file {path} ({reason}); give a UTF-8 text file "
+                        "with one prompt per line") from e
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"the prompts file {path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Image size, steps, images per prompt and DDIM's eta."""
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise UserError(f"--{name} {value} is not a positive multiple of 8 (the VAE's downsampling "
+                            f"factor); use e.g. --{name} {max(8, value // 8 * 8)}")
+    for name in ("steps", "num_images"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.eta <= 1:
+        raise UserError(f"--eta must be between 0 and 1, got {args.eta}")
+    if args.eta and args.sampler != "ddim":
+        raise UserError(f"--eta is DDIM's noise; use --sampler ddim or drop --eta ({args.sampler} has none)")
+
+
+def check_morph(args: argparse.Namespace, prompts: list[str]) -> None:
+    """--morph N: keyframes, frames and prompts that make a loop."""
+    if args.morph is None:
+        return
+    if args.morph < 2:
+        raise UserError(f"--morph {args.morph}: a morph needs at least 2 keyframes (seeds)")
+    if args.frames < args.morph:
+        raise UserError(f"--frames {args.frames} is fewer than the {args.morph} keyframes; "
+                        f"give --frames {4 * args.morph} or more")
+    if args.fps <= 0:
+        raise UserError(f"--fps must be positive, got {args.fps}")
+    if len(prompts) not in (1, args.morph):
+        raise UserError(f"--morph {args.morph} takes one prompt or {args.morph} (one per keyframe), got {len(prompts)}")
+    if args.num_images != 1 or args.eta:
+        raise UserError("--morph makes one image per frame from its own noise: drop --num-images and --eta")
+
+
+def check_paths(args: argparse.Namespace, loras, embeddings) -> None:
+    """Every file or folder given exists (what they hold is checked when they are read)."""
+    for path, _ in loras:
+        if not path.is_file():
+            raise UserError(f"LoRA file {path} not found; give --lora FILE.safetensors[:SCALE]")
+    for path, _ in embeddings:
+        if not path.is_file():
+            raise UserError(f"embedding file {path} not found; give --embedding FILE.safetensors[:TOKEN]")
+    if args.vae and not Path(args.vae).exists():
+        raise UserError(f"--vae {args.vae} does not exist; give a VAE folder or .safetensors file")
+    if args.tokenizer and not Path(args.tokenizer).is_dir():
+        raise UserError(f"--tokenizer {args.tokenizer} is not a folder; give one holding tokenizer/ and tokenizer_2/")
+    if args.model and not Path(args.model).exists():
+        raise UserError(f"--model {args.model} does not exist; give a diffusers SDXL folder or a .safetensors "
+                        "file (README: 'Real SDXL on a T4'), or leave --model out for the bundled tiny model")
+
+
+def check_sample_args(args: argparse.Namespace) -> SampleRequest:
+    """Every check of sample.py's arguments that needs no model, cheapest first."""
+    prompts = [p for p in args.prompt if p.strip()] + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise UserError('no prompt: give --prompt "a photo of ..." (repeatable) or --prompts-file FILE')
+    check_numbers(args)
+    check_morph(args, prompts)
+    loras = [parse_lora(spec) for spec in args.lora]
+    embeddings = [parse_embedding(spec) for spec in args.embedding]
+    check_paths(args, loras, embeddings)
+    return SampleRequest(prompts, loras, embeddings)

@@ -1,0 +1,162 @@
+"""sample.py's work once its arguments are checked (cli.args.check_sample_args): choose the device and
+the model, read the LoRA and embedding files, load, generate, and write the PNGs (each with its
+settings in the PNG's text metadata) and a contact sheet, or a morph animation.
+
+Every file the user gave is read before the model loads (minutes for SDXL), so a bad one fails at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import minidream.formats  # noqa: F401  (single-file .safetensors checkpoints)
+from minidream import __version__
+from minidream.checkpoint import detect
+from minidream.cli.args import SampleRequest
+from minidream.cli.morph import write_morph
+from minidream.config import slug
+from minidream.errors import UserError
+from minidream.files import image_grid, save_png
+from minidream.formats.lora_files import add_loras, read_lora
+from minidream.methods.textual_inversion import expand_prompt, load_embedding, read_embedding
+from minidream.model import Model, default_model_path, load_model
+from minidream.optim import DTYPES
+from minidream.pipeline import SAMPLERS, generate
+
+
+def sample_images(args: argparse.Namespace, request: SampleRequest) -> None:
+    """sample.py after parsing: check what needs the library, load, generate, write, list the files."""
+    if args.sampler not in SAMPLERS:
+        raise UserError(f"argument --sampler: invalid choice: {args.sampler!r} (choose from {', '.join(SAMPLERS)})")
+    read_user_files(request)
+    device = choose_device(args.device)
+    dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    model_path, why = choose_model(args.model)
+    out = make_output_folder(args.out)
+    print(f"model: {relative(model_path)}: {why} [{device}, {dtype}]", flush=True)
+    start = time.time()
+    model, prompts = load(args, request, model_path, dtype, device)
+    print(f"loaded in {time.time() - start:.1f} s"
+          + (f" with {len(request.loras)} LoRA(s) fused" if request.loras else ""))
+    start = time.time()
+    metadata = settings_metadata(args, request, model, dtype)
+    if args.morph:
+        seeds = [args.seed + i for i in range(args.morph)]
+        files = write_morph(model, prompts, seeds, out, args.frames, args.fps, args.animation, metadata,
+                            **sampling_options(args, model))
+    else:
+        files = write_images(args, model, prompts, out, metadata)
+    what = "an animation" if args.morph else "a grid"
+    print(f"wrote {len(files) - 1} image(s) and {what} in {time.time() - start:.1f} s to {relative(out)}/:")
+    for name in files[:3] + (["..."] if len(files) > 6 else []) + files[max(3, len(files) - 3):]:
+        print(f"  {getattr(name, 'name', name)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Before loading
+
+
+def read_user_files(request: SampleRequest) -> None:
+    """Read every LoRA and embedding file once: readable, and in a known layout."""
+    for path, _ in request.loras:
+        read_lora(path)
+    for path, token in request.embeddings:
+        read_embedding(path, token)
+
+
+def choose_device(requested: str | None) -> str:
+    """--device, or cuda where there is one, else cpu."""
+    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: this torch has no CUDA device; use --device cpu")
+    return device
+
+
+def choose_model(given: str | None) -> tuple[Path, str]:
+    """(model path, why it was chosen): --model, else SDXL under weights/, else the bundled tiny model."""
+    if given:
+        path, why = Path(given), "given with --model"
+    else:
+        path, why = default_model_path()
+        if not path.exists():
+            raise UserError(f"the bundled tiny model {path} is missing; regenerate it with "
+                            "`python -m minidream.toy.tiny weights/tiny-sdxl`, or give --model")
+    info = detect(path)
+    if info.layout not in ("diffusers", "single-file"):
+        raise UserError(f"{path} is {info.description}. --model needs a diffusers SDXL folder "
+                        "(with model_index.json) or a single-file .safetensors checkpoint")
+    return path, why
+
+
+def make_output_folder(out: str) -> Path:
+    """--out, made now, before minutes of loading."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # one call on the user's path: no permission, a file in the way, read-only disk
+        raise UserError(f"cannot make the output folder {out} ({e.strerror}); give another --out") from e
+    return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and generating
+
+
+def load(args: argparse.Namespace, request: SampleRequest, path: Path, dtype: str, device: str
+         ) -> tuple[Model, list[str]]:
+    """The model with its LoRAs fused in and its embeddings' words added, and the prompts with each
+    multi-vector word spelled out as the tokenizer now knows it (see expand_prompt)."""
+    model = load_model(path, DTYPES[dtype], device, vae=args.vae, tokenizer=args.tokenizer, variant=args.variant)
+    add_loras(model, request.loras)
+    prompts = request.prompts
+    for file, token in request.embeddings:
+        token, vectors = load_embedding(model.text, file, token)
+        prompts = [expand_prompt(p, token, vectors) for p in prompts]
+    return model, prompts
+
+
+def sampling_options(args: argparse.Namespace, model: Model) -> dict:
+    """The keywords of minidream.pipeline.sample_latents that images and morph frames share."""
+    return dict(negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.steps,
+                guidance_scale=args.guidance, height=args.height or model.default_size,
+                width=args.width or model.default_size, progress=not args.no_progress)
+
+
+def settings_metadata(args: argparse.Namespace, request: SampleRequest, model: Model, dtype: str) -> dict[str, str]:
+    """The settings every written PNG carries in its text metadata."""
+    height, width = args.height or model.default_size, args.width or model.default_size
+    return {
+        "negative_prompt": args.negative_prompt or "", "sampler": args.sampler, "steps": str(args.steps),
+        "guidance": str(args.guidance), "eta": str(args.eta), "size": f"{width}x{height}",
+        "model": model.name, "vae": args.vae or "", "dtype": dtype,
+        "loras": ", ".join(f"{path}:{scale:g}" for path, scale in request.loras), "minidream": __version__,
+    }
+
+
+def write_images(args: argparse.Namespace, model: Model, prompts: list[str], out: Path, metadata: dict) -> list[Path]:
+    """--num-images PNGs per prompt (prompt k draws with seed + k), then grid.png of them all."""
+    options = sampling_options(args, model)
+    negative_prompt = options.pop("negative_prompt")
+    written, images = [], []
+    for k, prompt in enumerate(tqdm(prompts, desc="prompts", disable=args.no_progress or len(prompts) == 1)):
+        seed = args.seed + k
+        batch = generate(model, [prompt], negative_prompt, seed=seed, eta=args.eta, num_images=args.num_images,
+                         **options)
+        for i, image in enumerate(batch):
+            meta = {"prompt": prompt, "seed": str(seed), "image": f"{i + 1} of {len(batch)}", **metadata}
+            written.append(save_png(out / f"{len(written):03d}-{slug(prompt, 'image')}-seed{seed}-{i + 1}.png", image, meta))
+        images += batch
+    grid = save_png(out / "grid.png", image_grid(images), {"prompts": "\n".join(prompts), **metadata})
+    return written + [grid]
+
+
+def relative(path: Path) -> str:
+    """`path` relative to the current folder when it is inside it (shorter messages)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:  # not inside the current folder
+        return str(path)

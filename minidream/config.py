@@ -1,0 +1,211 @@
+"""The settings of a training run: TrainConfig, the presets that fill the model-dependent ones, checks.
+
+Each setting is documented once, in its field below; train.py builds its command line from these
+fields. A setting left at None is model-dependent: PRESETS gives its value for each kind of model
+and method, complete, in one table. "sdxl" is the recipe for a 16 GB T4 (Colab); "tiny" is a CPU
+demo of a few minutes on the bundled tiny model (any model whose images are at most TINY_MAX_SIZE px).
+
+This module is a leaf: it imports no model, loader or optimizer code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from minidream.errors import UserError
+
+METHODS = ("lora", "full", "textual-inversion")
+OPTIMIZERS = ("adamw8bit", "adamw")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine")
+PRECISIONS = ("fp16", "bf16", "fp32")
+TINY_MAX_SIZE = 128  # px: a model whose native images are this small gets the "tiny" preset
+
+# Every model-dependent setting, per (model kind, method). Full fine-tuning moves every weight: an lr
+# ~50x below LoRA's (DreamBooth's SD recipes use 1e-6 .. 5e-6). Textual inversion moves one vector
+# per encoder: a larger lr and more steps (diffusers' example: 5e-4 for 3000 steps at batch 4).
+_SDXL = dict(steps=1000, lr=1e-4, num_class_images=200, gradient_checkpointing=True, validate_every=250,
+             save_every=250, class_steps=30, validation_steps=30, cpu_threads=None)
+_TINY = dict(steps=1500, lr=2e-3, num_class_images=40, gradient_checkpointing=False, validate_every=500,
+             save_every=500, class_steps=20, validation_steps=20, cpu_threads=1)
+PRESETS = {
+    ("sdxl", "lora"): _SDXL,
+    ("sdxl", "full"): _SDXL | dict(steps=800, lr=2e-6),
+    ("sdxl", "textual-inversion"): _SDXL | dict(steps=1500, lr=5e-4),
+    ("tiny", "lora"): _TINY,
+    ("tiny", "full"): _TINY | dict(lr=1e-4),
+    ("tiny", "textual-inversion"): _TINY | dict(lr=5e-3),
+}
+VALIDATION_TEMPLATES = ("a painting of {} at Oktoberfest", "a painting of {} in the style of Van Gogh",
+                        "a painting of {} with blonde hair", "a side view photo of {}", "a photo of {} with sunglasses")
+RESUME_OVERRIDES = ("steps", "save_every", "validate_every", "keep_checkpoints", "log_every", "device",
+                    "cpu_threads")
+
+
+class TrainingError(UserError):
+    """A setting or situation the user can fix; the message says how."""
+
+
+def setting(default, help: str, group: str, **cli):
+    """A TrainConfig field: its default, its one description, its --help group and argparse extras."""
+    kw = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(default=default)
+    return field(**kw, metadata=dict(help=help, group=group, **cli))
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run (saved as the run's config.json). None: from PRESETS, or as its help says."""
+
+    # -- subject
+    subject: str = setting("data/raj", "folder of subject photos (+ subject.json)", "subject")
+    token: str | None = setting(None, "rare identifier of the subject, e.g. rraj [subject.json]", "subject")
+    class_noun: str | None = setting(None, "the subject's class, e.g. person, dog [subject.json]", "subject")
+    instance_prompt: str | None = setting(None, 'prompt of the photos ["a photo of TOKEN CLASS"]', "subject")
+    class_prompt: str | None = setting(None, 'prompt of the class images ["a photo of CLASS"]', "subject")
+    # -- model and output
+    model: str | None = setting(None, "diffusers folder or .safetensors file [SDXL under weights/, else the bundled "
+                                "tiny model]", "model and output")
+    vae: str | None = setting(None, "a separate VAE folder/file, e.g. an fp16-fix VAE", "model and output")
+    tokenizer: str | None = setting(None, "folder with tokenizer/ and tokenizer_2/ (for single files)",
+                                    "model and output")
+    out: str = setting("runs", "where run folders are made", "model and output")
+    resume: str | None = setting(None, "continue run folder RUN from its latest checkpoint (same settings; only "
+                                 + ", ".join("--" + s.replace("_", "-") for s in RESUME_OVERRIDES) + " may change)",
+                                 "model and output", metavar="RUN")
+    device: str | None = setting(None, "cuda, cuda:1, cpu, ... [cuda if available]", "model and output")
+    cpu_threads: int | None = setting(None, "torch CPU threads [preset]", "model and output")
+    # -- training
+    method: str = setting("lora", "what trains: LoRA adapters (a small file), every UNet weight (a model folder) or "
+                          "a new word's embedding (a few KB)", "training", choices=METHODS)
+    steps: int | None = setting(None, "optimizer steps [preset]", "training")
+    lr: float | None = setting(None, "learning rate of the LoRA / UNet weights / new word's vectors [preset]",
+                               "training")
+    rank: int = setting(4, "LoRA rank r", "training")
+    alpha: float | None = setting(None, "LoRA alpha; the update is scaled by alpha/rank [= rank]", "training")
+    lora_targets: str = setting("attn", "UNet layers that get LoRA, comma-separated groups: attn (to_q/k/v/out, as "
+                                "diffusers' script), ff (feed-forward), proj (proj_in/out), conv (ResNet and "
+                                "resampling convs, kohya's LoCon)", "training")
+    resolution: int | None = setting(None, "training image side in px [the model's: SDXL 1024]", "training")
+    batch_size: int = setting(1, "subject images per step, plus as many class images", "training")
+    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step", "training")
+    precision: str = setting("fp16", "frozen weights and autocast dtype; fp16 uses loss scaling and falls back to "
+                             "fp32 without CUDA", "training", choices=PRECISIONS)
+    seed: int = setting(0, "seeds the LoRA init, crops, data order, noise, timesteps and class images", "training")
+    gradient_checkpointing: bool | None = setting(None, "recompute activations in backward to save memory [preset]",
+                                                  "training")
+    optimizer: str = setting("adamw8bit", "bitsandbytes 8-bit AdamW, or torch AdamW (also used, with a warning, "
+                             "where bitsandbytes cannot run)", "training", choices=OPTIMIZERS)
+    weight_decay: float = setting(1e-4, "AdamW decoupled weight decay", "training")
+    max_grad_norm: float = setting(1.0, "clip the gradient's 2-norm to this; 0 = no clipping", "training")
+    lr_schedule: str = setting("constant", "learning-rate schedule", "training", choices=LR_SCHEDULES)
+    warmup_steps: int = setting(0, "linear warmup steps for constant_with_warmup / cosine", "training")
+    snr_gamma: float | None = setting(None, "min-SNR loss weighting with this gamma (Hang et al. 2023; 5.0 is "
+                                      "usual) [off]", "training")
+    noise_offset: float = setting(0.0, "offset noise strength, helps very dark/bright images (try 0.05)", "training")
+    flip: bool = setting(True, "random horizontal flips (--no-flip for asymmetric subjects, e.g. text)", "training")
+    center_crop: bool = setting(False, "centre crops instead of random crops", "training")
+    views_per_image: int = setting(4, "augmented crops/flips cached per subject photo", "training")
+    train_text_encoder: bool = setting(False, "train both text encoders too: LoRA on them, or with --method full all "
+                                       "their weights (more memory; prompts are encoded every step)", "training")
+    text_encoder_lr: float = setting(5e-6, "learning rate of the text encoders", "training")
+    # -- textual inversion
+    placeholder_token: str | None = setting(None, "the new word [<TOKEN>, e.g. <rraj>]; prompts' TOKEN becomes it",
+                                            "textual inversion")
+    init_word: str | None = setting(None, "the new word starts as this word's embedding [the class noun]",
+                                    "textual inversion")
+    num_vectors: int = setting(1, "embedding vectors per text encoder for the new word", "textual inversion")
+    # -- prior preservation (DreamBooth eq. 2)
+    prior: bool = setting(True, "prior preservation with class images (--no-prior: without)", "prior preservation")
+    prior_weight: float = setting(1.0, "weight lambda of the class-image loss term", "prior preservation")
+    class_dir: str | None = setting(None, "folder or .zip of class images; missing ones are generated into it "
+                                    "[OUT/class-images/MODEL/PROMPT-RESpx]", "prior preservation")
+    num_class_images: int | None = setting(None, "class images to use [preset]", "prior preservation")
+    generate_class_images: bool = setting(True, "generate missing class images (--no-generate-class-images: error "
+                                          "if the class folder holds too few)", "prior preservation")
+    class_steps: int | None = setting(None, "sampler steps per generated class image [preset]", "prior preservation")
+    guidance_scale: float = setting(5.0, "classifier-free guidance for class and validation images",
+                                    "prior preservation")
+    # -- validation, checkpoints, logs
+    validate_every: int | None = setting(None, "steps between validation grids, 0 = never [preset]", "validation")
+    validation_prompts: list | None = setting(None, "a validation prompt; repeat for more [subject.json's, else five "
+                                              "edits of the instance prompt + the class prompt]", "validation",
+                                              flag="--validation-prompt", action="append")
+    validation_seeds: list = setting([0, 1], "one grid column per seed", "validation", nargs="+", type=int)
+    validation_steps: int | None = setting(None, "sampler steps of validation images [preset]", "validation")
+    save_every: int | None = setting(None, "steps between checkpoints, 0 = only at the end [preset]", "validation")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept, 0 = all", "validation")
+    log_every: int = setting(10, "steps between log lines (and loss.csv/png rewrites)", "validation")
+
+
+def preset_kind(image_size: int) -> str:
+    return "tiny" if image_size <= TINY_MAX_SIZE else "sdxl"
+
+
+def fill_defaults(cfg: TrainConfig, image_size: int) -> str:
+    """Fill every None setting from PRESETS for a model of native side `image_size` px; returns a note."""
+    kind = preset_kind(image_size)
+    chosen = {k: v for k, v in PRESETS[kind, cfg.method].items() if getattr(cfg, k) is None}
+    if cfg.resolution is None:
+        chosen["resolution"] = image_size
+    for k, v in chosen.items():
+        setattr(cfg, k, v)
+    notes = []
+    if kind == "tiny" and chosen:
+        notes.append(f"tiny model ({image_size} px): demo settings " + ", ".join(f"{k} {v}" for k, v in chosen.items())
+                     + " (flags you pass override these)")
+    if cfg.method == "textual-inversion" and cfg.prior:
+        cfg.prior = False
+        notes.append("textual inversion trains without class images: the model is frozen, and the class prompt "
+                     "does not contain the new word, so the prior term would have no gradient")
+    return "\n".join(notes)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise TrainingError for the first setting that cannot work (after fill_defaults)."""
+    def need(ok, message):
+        if not ok:
+            raise TrainingError(message)
+
+    for name in ("steps", "rank", "resolution", "batch_size", "grad_accum", "views_per_image", "class_steps",
+                 "validation_steps", "log_every", "num_vectors"):
+        need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    for name in ("validate_every", "save_every", "keep_checkpoints", "warmup_steps", "noise_offset",
+                 "prior_weight", "max_grad_norm", "weight_decay"):
+        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must not be negative (got {getattr(cfg, name)})")
+    need(cfg.cpu_threads is None or cfg.cpu_threads >= 1, "--cpu-threads must be at least 1")
+    need(cfg.lr > 0 and cfg.text_encoder_lr > 0, "learning rates must be positive")
+    for name, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS),
+                          ("method", METHODS)):
+        need(getattr(cfg, name) in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)} "
+                                            f"(got {getattr(cfg, name)!r})")
+    need(cfg.snr_gamma is None or cfg.snr_gamma > 0, "--snr-gamma must be positive")
+    need(cfg.resolution % 8 == 0, f"--resolution must be a multiple of 8 (got {cfg.resolution})")
+    need(not (cfg.method == "textual-inversion" and cfg.train_text_encoder),
+         "--train-text-encoder does not go with --method textual-inversion, which trains only the new word's "
+         "embedding: drop one of them")
+
+
+def resumed_config(cfg: TrainConfig) -> TrainConfig:
+    """The saved config of run cfg.resume, with the few settings that may change on resume."""
+    run = Path(cfg.resume)
+    if not (run / "config.json").is_file():
+        raise TrainingError(f"{run} is not a run folder (no config.json): give a folder under {cfg.out}/")
+    names = {f.name for f in fields(TrainConfig)}
+    saved = TrainConfig(**{k: v for k, v in json.loads((run / "config.json").read_text()).items() if k in names})
+    default = TrainConfig()
+    for name in names - {"resume"}:
+        given = getattr(cfg, name)
+        if given != getattr(default, name) and given != getattr(saved, name):
+            if name in RESUME_OVERRIDES:
+                setattr(saved, name, given)
+            else:
+                print(f"note: --{name.replace('_', '-')} ignored on resume; the run keeps {getattr(saved, name)!r}")
+    saved.resume = str(run)
+    return saved
+
+
+def slug(text: str, empty: str = "class") -> str:
+    """A file-name form of `text`: "a photo of person" -> "a-photo-of-person" (`empty` if nothing is left)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or empty

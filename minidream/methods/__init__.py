@@ -1,0 +1,28 @@
+"""The training methods besides LoRA, and choosing one by name (`train.py --method`).
+
+    lora                low-rank adapters on the frozen model          (Hu et al. 2021)    minidream/method.py
+    full                every UNet weight (+ the text encoders)        (Ruiz et al. 2022)  full_finetune.py
+    textual-inversion   a new word's embedding in each text encoder    (Gal et al. 2022)   textual_inversion.py
+
+The core loop (minidream/training.py) trains any of them through the Method interface of
+minidream/method.py; LoRA, the method DreamBooth-LoRA is about, lives there beside the interface.
+"""
+
+from minidream.config import METHODS, TrainingError
+from minidream.method import LoRA, Method
+from minidream.methods.full_finetune import FullFinetune
+from minidream.methods.textual_inversion import TextualInversion
+
+METHOD_CLASSES = {"lora": LoRA, "full": FullFinetune, "textual-inversion": TextualInversion}
+assert tuple(METHOD_CLASSES) == METHODS
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHOD_CLASSES:
+        raise TrainingError(f"unknown training method {name!r}: choose one of {', '.join(METHODS)}")
+    return METHOD_CLASSES[name]
+
+
+def build_method(model, cfg, token: str, class_noun: str) -> Method:
+    """Set `model` up for cfg.method (adapters / fp32 weights / new token rows) and return the method."""
+    return method_class(cfg.method)(model, cfg, token, class_noun)
