@@ -1,18 +1,11 @@
 """Checkpoints: what a path holds, and loading the UNet, VAE and text encoders from it.
 
-A **diffusers folder** holds `model_index.json` plus one folder per part (`unet/`, `vae/`,
-`text_encoder/`, `text_encoder_2/`, `tokenizer*/`, `scheduler/`), each with a `config.json` and its
-weights as `*.safetensors`, or as shards listed in `*.safetensors.index.json`. Tensor names are
-already the ones minidream's modules use. Folders may also hold an fp16 copy of each part
-(`*.fp16.safetensors`): the plain files are read when present, the fp16 ones only when
-`variant="fp16"` is asked for (or when they are all there is). Tensors are converted to `dtype`.
-
-A **single file** (`sd_xl_base_1.0.safetensors`) holds every part under the original training
-code's names and no configs. minidream.formats.single_file reads it and plugs itself in here
-(register_file_reader) when minidream.formats is imported, as train.py and sample.py do.
-
-Pickle files (.ckpt/.bin/.pt/.pth) are refused: loading them runs code (loading.refuse_pickle).
-Every load is strict (loading.check_weights) and low-RAM (loading.load_weights).
+A **diffusers folder** holds `model_index.json` and one folder per part (`unet/`, `vae/`, `text_encoder*/`,
+`tokenizer*/`, `scheduler/`), each with a `config.json` and `*.safetensors` weights (or shards listed in
+`*.safetensors.index.json`) under minidream's own names. An fp16 copy (`*.fp16.safetensors`) is read only when
+`variant="fp16"` is asked for, or when it is all there is. A **single file** (`sd_xl_base_1.0.safetensors`) is
+read by minidream.formats.single_file, which plugs itself in here (register_file_reader) on `import minidream.formats`.
+Every load is strict and low-RAM (loading.py); pickle files are refused, since loading them runs code.
 """
 
 from __future__ import annotations
@@ -29,27 +22,21 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from minidream.unet import UNet, UNetConfig
 from minidream.vae import VAE, VAEConfig
-from minidream.loading import (PICKLE_SUFFIXES, CheckpointError, TensorRef, Weights, load_weights, materialize,
-                               parameters_on_meta, read_header, refuse_pickle)
+from minidream.loading import (CheckpointError, TensorRef, Weights, load_weights, parameters_on_meta,
+                               read_header, refuse_pickle)
 
 PathLike = Union[str, Path]
-FAMILIES = {
-    "sdxl": "an SDXL base model",
-    "sdxl-refiner": "an SDXL refiner model (its UNet sees only the OpenCLIP text encoder)",
-    "sd2": "a Stable Diffusion 2.x model",
-    "sd1": "a Stable Diffusion 1.x model",
-    "unknown": "a UNet of unknown family",
-}
+FAMILIES = {"sdxl": "an SDXL base model", "sd2": "a Stable Diffusion 2.x model", "sd1": "a Stable Diffusion 1.x model",
+            "sdxl-refiner": "an SDXL refiner model (its UNet sees only the OpenCLIP text encoder)",
+            "unknown": "a UNet of unknown family"}
 LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", ".lora.", "lora_unet_", "lora_te", "hada_", "lokr_")
 
 
 def build_unet(config: dict) -> nn.Module:
-    """The one place that names minidream's UNet class."""
     return UNet(UNetConfig.from_dict(config))
 
 
 def build_vae(config: dict) -> nn.Module:
-    """The one place that names minidream's VAE class."""
     return VAE(VAEConfig.from_dict(config))
 
 
@@ -81,13 +68,11 @@ def detect(path: PathLike) -> ModelInfo:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; give a diffusers folder or a .safetensors file")
-    return _detect_folder(path) if path.is_dir() else _detect_file(path, read_header(path))
-
-
-def _detect_file(path: Path, header: dict[str, tuple]) -> ModelInfo:
-    keys = list(header)
-    if any(marker in k for k in keys for marker in LORA_MARKERS):
-        text = f"a LoRA adapter ({len(keys)} tensors), not a base model: apply it with --lora"
+    if path.is_dir():
+        return _detect_folder(path)
+    header = read_header(path)
+    if any(marker in k for k in header for marker in LORA_MARKERS):
+        text = f"a LoRA adapter ({len(header)} tensors), not a base model: apply it with --lora"
         return ModelInfo(path, "lora", text)
     return file_reader().describe(path, header)  # a single file, a lone VAE or UNet, ...
 
@@ -115,8 +100,7 @@ def _detect_folder(path: Path) -> ModelInfo:
 
 
 def _family_from_unet_config(config: dict) -> str:
-    has_added = config.get("addition_embed_type") == "text_time"
-    return family_from_context(config.get("cross_attention_dim"), has_added)
+    return family_from_context(config.get("cross_attention_dim"), config.get("addition_embed_type") == "text_time")
 
 
 def family_from_context(context_dim: int, has_label_emb: bool) -> str:
@@ -130,7 +114,6 @@ _FILE_READERS = []  # minidream.formats.single_file's reader, once registered
 
 
 def register_file_reader(reader) -> None:
-    """Plug in the reader of single-file checkpoints (see the module docstring)."""
     _FILE_READERS[:] = [reader]
 
 
@@ -152,11 +135,9 @@ def _folder_family(path: Path, index: dict) -> str:
     return "sd1" if pipeline.startswith("StableDiffusion") else "unknown"
 
 
-_ACCEPTS = {  # the layouts that can provide each part
-    "unet": ("diffusers", "component", "single-file"),
-    "vae": ("diffusers", "component", "single-file", "vae-file"),
-    "text_encoder": ("diffusers", "component", "single-file"),
-}
+# The layouts that can provide each part
+_FOLDERS_AND_FILES = ("diffusers", "component", "single-file")
+_ACCEPTS = {"unet": _FOLDERS_AND_FILES, "text_encoder": _FOLDERS_AND_FILES, "vae": (*_FOLDERS_AND_FILES, "vae-file")}
 
 
 def require(info: ModelInfo, expect: str | None, part: str) -> None:
@@ -165,10 +146,8 @@ def require(info: ModelInfo, expect: str | None, part: str) -> None:
     if info.layout not in _ACCEPTS[part] or (info.layout == "component" and info.parts != (part,)):
         raise CheckpointError(f"{info.path} is {info.description}; {wanted} was expected here")
     if expect and info.family and info.family != expect:
-        raise CheckpointError(
-            f"{info.path} is {FAMILIES[info.family]}, but {FAMILIES[expect]} was expected here. "
-            "Give a checkpoint of that family (or load with expect=None to accept any)."
-        )
+        raise CheckpointError(f"{info.path} is {FAMILIES[info.family]}, but {FAMILIES[expect]} was expected here. "
+                              "Give a checkpoint of that family (or load with expect=None to accept any).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,41 +179,23 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
             raise CheckpointError(f"{folder} holds several weight files ({names}); keep one")
         if singles:
             return singles
-    pickles = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in PICKLE_SUFFIXES]
-    if pickles:
-        refuse_pickle(pickles[0])
-    raise CheckpointError(
-        f"{folder} holds no weights: expected diffusion_pytorch_model.safetensors or model.safetensors "
-        "(or their .fp16 variant, or a sharded *.safetensors.index.json)"
-    )
+    for file in sorted(folder.iterdir()):
+        refuse_pickle(file)  # no safetensors but a pickle: say why it is not read
+    raise CheckpointError(f"{folder} holds no weights: expected diffusion_pytorch_model.safetensors or "
+                          "model.safetensors (or their .fp16 variant, or a sharded *.safetensors.index.json)")
 
 
-def _folder_part(info: ModelInfo, part: str, variant: str | None) -> tuple[dict, Weights]:
-    """(config.json, TensorRefs named as stored) of one part of a diffusers or part folder."""
+def _folder_part(info: ModelInfo, part: str, variant: str | None, config: dict | None = None) -> tuple[dict, Weights]:
+    """(`config` or config.json, TensorRefs named as stored) of one part of a diffusers or part folder."""
     folder = info.path / part if info.layout == "diffusers" else info.path
     if info.layout == "diffusers" and part not in info.parts:
-        raise CheckpointError(
-            f"{info.path} has no {part}/ folder ({info.description}). Download the whole "
-            f"repository, including {part}/config.json and its weights."
-        )
+        raise CheckpointError(f"{info.path} has no {part}/ folder ({info.description}). Download the whole "
+                              f"repository, including {part}/config.json and its weights.")
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json; download it with the weights")
-    weights = {}
-    for file in weight_files(folder, variant):
-        for key, shape in read_header(file).items():
-            weights[key] = TensorRef(file, key, shape)
-    return json.loads((folder / "config.json").read_text()), weights
-
-
-def _config_arg(config: Union[dict, PathLike, None], part: str) -> dict | None:
-    """A config given as a dict, a config.json, a part folder or a diffusers folder."""
-    if config is None or isinstance(config, dict):
-        return config
-    path = Path(config)
-    for candidate in (path, path / "config.json", path / part / "config.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())
-    raise CheckpointError(f"no {part} config.json found at {path}")
+    weights = {key: TensorRef(file, key, shape) for file in weight_files(folder, variant)
+               for key, shape in read_header(file).items()}
+    return config or json.loads((folder / "config.json").read_text()), weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,30 +203,26 @@ def _config_arg(config: Union[dict, PathLike, None], part: str) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 #
 # `expect` is the model family the caller needs ("sdxl" by default, None for any); `variant="fp16"`
-# prefers a folder's fp16 files; `config` (a dict, or a path to a config.json or folder) replaces
-# the config a single file's shapes imply, for models that break single_file's head-width rule.
+# prefers a folder's fp16 files; a `config` dict replaces the config the checkpoint gives or implies
+# (for single files that break single_file's head-width rule).
 
 
 def unet_weights(path: PathLike, *, expect="sdxl", variant=None, config=None) -> tuple[dict, Weights]:
     """(diffusers-style UNet config dict, TensorRefs in minidream's names); reads headers only."""
     info = detect(path)
     require(info, expect, "unet")
-    config = _config_arg(config, "unet")
     if info.layout == "single-file":
         return file_reader().unet(info, config)
-    stored, weights = _folder_part(info, "unet", variant)
-    return config or stored, weights
+    return _folder_part(info, "unet", variant, config)
 
 
 def vae_weights(path: PathLike, *, expect="sdxl", variant=None, config=None) -> tuple[dict, Weights]:
     """(AutoencoderKL config dict, TensorRefs); a lone VAE file gets the scaling factor of `expect`."""
     info = detect(path)
     require(info, expect, "vae")
-    config = _config_arg(config, "vae")
     if info.layout in ("vae-file", "single-file"):
         return file_reader().vae(info, expect, config)
-    stored, weights = _folder_part(info, "vae", variant)
-    return config or stored, weights
+    return _folder_part(info, "vae", variant, config)
 
 
 def load_unet(path: PathLike, dtype=torch.float32, device="cpu", *, expect="sdxl", variant=None, config=None):
@@ -286,19 +243,12 @@ def load_vae(path: PathLike, dtype=torch.float32, device="cpu", *, expect="sdxl"
 
 def text_encoder_parts(path: PathLike) -> tuple[str, ...]:
     """Which of "text_encoder", "text_encoder_2" the model at `path` has (SDXL: both)."""
-    info = detect(path)
-    if info.layout == "component" and info.parts == ("text_encoder",):
-        return ("text_encoder",)
-    return tuple(p for p in ("text_encoder", "text_encoder_2") if p in info.parts)
+    return tuple(p for p in ("text_encoder", "text_encoder_2") if p in detect(path).parts)
 
 
 def text_encoder_weights(path: PathLike, part="text_encoder", *, expect="sdxl", variant=None) -> tuple[dict, Weights]:
-    """(CLIPTextConfig dict, TensorRefs) of text encoder `part` ("text_encoder" / "text_encoder_2").
-
-    Names are as stored for folders (`text_model.*` in real repos, none in transformers 5's own
-    CLIPTextModel files) and transformers 4's `text_model.*` for single files; fit_text_model_prefix
-    adapts them to the model being filled. A folder of one text encoder serves any `part`.
-    """
+    """(CLIPTextConfig dict, TensorRefs) of text encoder `part`; a folder of one text encoder serves any `part`.
+    Names as stored (folders) or transformers 4's `text_model.*` (single files): see fit_text_model_prefix."""
     info = detect(path)
     require(info, expect, "text_encoder")
     if info.layout in ("diffusers", "component"):
@@ -306,31 +256,26 @@ def text_encoder_weights(path: PathLike, part="text_encoder", *, expect="sdxl", 
     return file_reader().text_encoder(info, part)
 
 
-def _add_text_model_level(names: dict) -> dict:
-    return {(k if k.startswith("text_projection") else "text_model." + k): v for k, v in names.items()}
-
-
 def fit_text_model_prefix(weights: Weights, model: nn.Module) -> Weights:
     """Add or drop the `text_model.` level so the names in `weights` match `model`'s.
 
     transformers 4 names every CLIP text tensor `text_model.*`; transformers 5's CLIPTextModel has
-    no such level (its CLIPTextModelWithProjection keeps it). `text_projection` sits outside it.
-    """
+    no such level (its CLIPTextModelWithProjection keeps it). `text_projection` sits outside it."""
     wants = any(k.startswith("text_model.") for k in model.state_dict())
     has = any(k.startswith("text_model.") for k in weights)
     if wants and not has:
-        return _add_text_model_level(weights)
+        return {(k if k.startswith("text_projection") else "text_model." + k): v for k, v in weights.items()}
     if has and not wants:
         return {k.removeprefix("text_model."): v for k, v in weights.items()}
     return weights
 
 
-def load_text_encoder(path: PathLike, part="text_encoder", dtype=torch.float32, device="cpu", *,
-                      expect="sdxl", variant=None, config: dict | None = None):  # fmt: skip
+def load_text_encoder(path: PathLike, part="text_encoder", dtype=torch.float32, device="cpu", *, expect="sdxl",
+                      variant=None):
     """transformers' CLIP text encoder `part` ("text_encoder" or "text_encoder_2") of `path`."""
-    stored, weights = text_encoder_weights(path, part, expect=expect, variant=variant)
+    config, weights = text_encoder_weights(path, part, expect=expect, variant=variant)
     with parameters_on_meta():
-        model = build_text_encoder(config or stored)
+        model = build_text_encoder(config)
     weights = fit_text_model_prefix(weights, model)
     # transformers 4 saved the constant position_ids buffer (0..76) in real repos' text encoders;
     # transformers 5 no longer counts it as state: the model builds its own.
@@ -338,17 +283,3 @@ def load_text_encoder(path: PathLike, part="text_encoder", dtype=torch.float32, 
     weights = {k: v for k, v in weights.items() if not k.endswith("embeddings.position_ids") or k in state}
     return load_weights(model, weights, dtype, device, what=f"{part} from {path}")
 
-
-def text_encoder_state_dicts(path: PathLike, dtype=None, *, expect="sdxl", variant=None) -> dict:
-    """{part: (CLIPTextConfig dict, state dict)} of every text encoder at `path`, tensors read,
-    in transformers 4 names (`text_model.*`) whatever the files use. The constant position_ids
-    buffer that real repos' files still carry is left out, as single files' is: it is no weight."""
-    out = {}
-    for part in text_encoder_parts(path):
-        config, weights = text_encoder_weights(path, part, expect=expect, variant=variant)
-        weights = {k: v for k, v in weights.items() if not k.endswith("embeddings.position_ids")}
-        state = materialize(weights, dtype)
-        if not any(k.startswith("text_model.") for k in state):
-            state = _add_text_model_level(state)
-        out[part] = (config, state)
-    return out

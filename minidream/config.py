@@ -64,24 +64,20 @@ class TrainConfig:
     class_noun: str | None = setting(None, "the subject's class, e.g. person, dog [subject.json]", "subject")
     instance_prompt: str | None = setting(None, 'prompt of the photos ["a photo of TOKEN CLASS"]', "subject")
     class_prompt: str | None = setting(None, 'prompt of the class images ["a photo of CLASS"]', "subject")
-    # -- model and output
-    model: str | None = setting(None, "diffusers folder or .safetensors file [SDXL under weights/, else the bundled "
-                                "tiny model]", "model and output")
-    vae: str | None = setting(None, "a separate VAE folder/file, e.g. an fp16-fix VAE", "model and output")
-    tokenizer: str | None = setting(None, "folder with tokenizer/ and tokenizer_2/ (for single files)",
-                                    "model and output")
-    out: str = setting("runs", "where run folders are made", "model and output")
+    # -- model, run folder
+    model: str | None = setting(None, "diffusers folder or .safetensors file [weights/ SDXL, else tiny]", "model")
+    vae: str | None = setting(None, "a separate VAE folder/file, e.g. an fp16-fix VAE", "model")
+    tokenizer: str | None = setting(None, "folder with tokenizer/ and tokenizer_2/ (single files)", "model")
+    out: str = setting("runs", "where run folders are made", "run")
     resume: str | None = setting(None, "continue run folder RUN from its latest checkpoint (same settings; only "
                                  + ", ".join("--" + s.replace("_", "-") for s in RESUME_OVERRIDES) + " may change)",
-                                 "model and output", metavar="RUN")
-    device: str | None = setting(None, "cuda, cuda:1, cpu, ... [cuda if available]", "model and output")
-    cpu_threads: int | None = setting(None, "torch CPU threads [preset]", "model and output")
+                                 "run", metavar="RUN")
+    device: str | None = setting(None, "cuda, cuda:1, cpu, ... [cuda if available]", "run")
+    cpu_threads: int | None = setting(None, "torch CPU threads [preset]", "run")
     # -- training
-    method: str = setting("lora", "what trains: LoRA adapters (a small file), every UNet weight (a model folder) or "
-                          "a new word's embedding (a few KB)", "training", choices=METHODS)
+    method: str = setting("lora", "LoRA adapters, every UNet weight, or a new word", "training", choices=METHODS)
     steps: int | None = setting(None, "optimizer steps [preset]", "training")
-    lr: float | None = setting(None, "learning rate of the LoRA / UNet weights / new word's vectors [preset]",
-                               "training")
+    lr: float | None = setting(None, "learning rate of what trains [preset]", "training")
     rank: int = setting(4, "LoRA rank r", "training")
     alpha: float | None = setting(None, "LoRA alpha; the update is scaled by alpha/rank [= rank]", "training")
     lora_targets: str = setting("attn", "UNet layers that get LoRA, comma-separated groups: attn (to_q/k/v/out, as "
@@ -90,19 +86,17 @@ class TrainConfig:
     resolution: int | None = setting(None, "training image side in px [the model's: SDXL 1024]", "training")
     batch_size: int = setting(1, "subject images per step, plus as many class images", "training")
     grad_accum: int = setting(1, "micro-batches accumulated per optimizer step", "training")
-    precision: str = setting("fp16", "frozen weights and autocast dtype; fp16 uses loss scaling and falls back to "
-                             "fp32 without CUDA", "training", choices=PRECISIONS)
+    precision: str = setting("fp16", "autocast dtype; fp16: loss scaling, fp32 without CUDA", "training",
+                             choices=PRECISIONS)
     seed: int = setting(0, "seeds the LoRA init, crops, data order, noise, timesteps and class images", "training")
-    gradient_checkpointing: bool | None = setting(None, "recompute activations in backward to save memory [preset]",
-                                                  "training")
+    gradient_checkpointing: bool | None = setting(None, "recompute activations in backward [preset]", "training")
     optimizer: str = setting("adamw8bit", "bitsandbytes 8-bit AdamW, or torch AdamW (also used, with a warning, "
                              "where bitsandbytes cannot run)", "training", choices=OPTIMIZERS)
     weight_decay: float = setting(1e-4, "AdamW decoupled weight decay", "training")
     max_grad_norm: float = setting(1.0, "clip the gradient's 2-norm to this; 0 = no clipping", "training")
     lr_schedule: str = setting("constant", "learning-rate schedule", "training", choices=LR_SCHEDULES)
     warmup_steps: int = setting(0, "linear warmup steps for constant_with_warmup / cosine", "training")
-    snr_gamma: float | None = setting(None, "min-SNR loss weighting with this gamma (Hang et al. 2023; 5.0 is "
-                                      "usual) [off]", "training")
+    snr_gamma: float | None = setting(None, "min-SNR loss weighting gamma (Hang et al. 2023; try 5)", "training")
     noise_offset: float = setting(0.0, "offset noise strength, helps very dark/bright images (try 0.05)", "training")
     flip: bool = setting(True, "random horizontal flips (--no-flip for asymmetric subjects, e.g. text)", "training")
     center_crop: bool = setting(False, "centre crops instead of random crops", "training")
@@ -111,10 +105,8 @@ class TrainConfig:
                                        "their weights (more memory; prompts are encoded every step)", "training")
     text_encoder_lr: float = setting(5e-6, "learning rate of the text encoders", "training")
     # -- textual inversion
-    placeholder_token: str | None = setting(None, "the new word [<TOKEN>, e.g. <rraj>]; prompts' TOKEN becomes it",
-                                            "textual inversion")
-    init_word: str | None = setting(None, "the new word starts as this word's embedding [the class noun]",
-                                    "textual inversion")
+    placeholder_token: str | None = setting(None, "the new word [<TOKEN>, e.g. <rraj>]", "textual inversion")
+    init_word: str | None = setting(None, "the new word starts as this word [the class noun]", "textual inversion")
     num_vectors: int = setting(1, "embedding vectors per text encoder for the new word", "textual inversion")
     # -- prior preservation (DreamBooth eq. 2)
     prior: bool = setting(True, "prior preservation with class images (--no-prior: without)", "prior preservation")
@@ -125,8 +117,7 @@ class TrainConfig:
     generate_class_images: bool = setting(True, "generate missing class images (--no-generate-class-images: error "
                                           "if the class folder holds too few)", "prior preservation")
     class_steps: int | None = setting(None, "sampler steps per generated class image [preset]", "prior preservation")
-    guidance_scale: float = setting(5.0, "classifier-free guidance for class and validation images",
-                                    "prior preservation")
+    guidance_scale: float = setting(5.0, "classifier-free guidance (class, validation images)", "prior preservation")
     # -- validation, checkpoints, logs
     validate_every: int | None = setting(None, "steps between validation grids, 0 = never [preset]", "validation")
     validation_prompts: list | None = setting(None, "a validation prompt; repeat for more [subject.json's, else five "

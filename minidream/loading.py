@@ -1,10 +1,8 @@
 """Strict, low-RAM loading of safetensors weights into a module.
 
-The fp32 SDXL UNet is 10 GB and Colab has 12.7 GB of RAM: a random-init model plus a full state dict
-would not fit. So the module is built on the `meta` device, every tensor it needs is described as a
-`TensorRef`, all names and shapes are checked before a byte is read, and the tensors are read one at a
-time from the memory-mapped file, each converted straight to its dtype and device: RAM holds the
-finished part of the model plus one tensor in flight."""
+The fp32 SDXL UNet is 10 GB and Colab has 12.7 GB of RAM: a random-init model plus a full state dict would not
+fit. So the module is built on the `meta` device, all names and shapes are checked before a byte is read, and the
+tensors are read one at a time from the memory-mapped file, each converted straight to its dtype and device."""
 
 from __future__ import annotations
 
@@ -45,14 +43,12 @@ def refuse_pickle(path: Path) -> None:
     """Pickle checkpoints run code when loaded; say so and say how to get a safetensors file."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(
-            f"{path} is a pickle file ({path.suffix}). Loading a pickle runs Python code stored inside "
-            "it, so a malicious checkpoint could take over this machine; minidream reads only "
-            ".safetensors. Download the .safetensors version (most model pages offer one), or convert "
-            "a file you trust once with:\n"
+            f"{path} is a pickle file ({path.suffix}). Loading a pickle runs Python code stored inside it, so a "
+            "malicious checkpoint could take over this machine; minidream reads only .safetensors. Download the "
+            ".safetensors version (most model pages offer one), or convert a file you trust once with:\n"
             '  python -c "import torch; from safetensors.torch import save_file; '
-            f"sd = torch.load('{path}', map_location='cpu', weights_only=True); "
-            "sd = sd.get('state_dict', sd); "
-            "save_file({k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}, "
+            f"sd = torch.load('{path}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
+            f"save_file({{k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}}, "
             f"'{path.with_suffix('.safetensors')}')\"")
 
 
@@ -68,17 +64,6 @@ def read_header(path: Path) -> dict[str, tuple[int, ...]]:
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated "
                               "(re-download it) or another format.") from e
-
-
-def shaped_after(shape: tuple[int, ...], op: str) -> tuple[int, ...]:
-    """The shape a tensor has after `op` (see TensorRef), known before reading it."""
-    if op == "squeeze":  # (out, in, 1, 1) conv kernel -> (out, in) linear weight
-        return tuple(shape[:2])
-    if op == "transpose":
-        return tuple(reversed(shape))
-    if op in ("q", "k", "v"):
-        return (shape[0] // 3, *shape[1:])
-    return tuple(shape)
 
 
 def _read(handle, ref: TensorRef) -> torch.Tensor:
@@ -99,9 +84,8 @@ def _read(handle, ref: TensorRef) -> torch.Tensor:
 
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Build modules whose parameters are on `meta` (no memory, no random init) but whose buffers are real:
-    non-persistent buffers (CLIP's `position_ids`) are computed in `__init__` and are in no checkpoint.
-    Parameters move to meta as they are registered, so the random init that follows costs nothing."""
+    """Build modules whose parameters go to `meta` as they are registered (no memory; the random init that follows
+    costs nothing) but whose buffers are real: non-persistent ones (CLIP's `position_ids`) are in no checkpoint."""
     register = nn.Module.register_parameter
 
     def register_on_meta(module, name, param):
@@ -125,9 +109,7 @@ def _names(names, limit: int = 8) -> str:
 def check_weights(model: nn.Module, weights: Weights, what: str) -> None:
     """Strict check before any reading: same names, same shapes, or one error saying what differs."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-    missing = expected.keys() - weights.keys()
-    unexpected = weights.keys() - expected.keys()
-    problems = []
+    missing, unexpected, problems = expected.keys() - weights.keys(), weights.keys() - expected.keys(), []
     if missing:
         problems.append(f"{len(missing)} tensors of the model are missing from the checkpoint: {_names(missing)}")
     if unexpected:
@@ -142,18 +124,6 @@ def check_weights(model: nn.Module, weights: Weights, what: str) -> None:
                               + "\nCheck that the file is the model you meant (and its config.json matches it).")
 
 
-def _install(modules: dict[str, nn.Module], name: str, tensor: torch.Tensor) -> None:
-    """Put `tensor` in the module in place of the (meta) parameter or buffer called `name`.
-    `modules` is dict(model.named_modules()), built once: faster than get_submodule per tensor."""
-    owner_name, _, leaf = name.rpartition(".")
-    owner = modules[owner_name]
-    if leaf in owner._parameters:
-        old = owner._parameters[leaf]
-        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad)
-    else:
-        owner._buffers[leaf] = tensor
-
-
 def _tensors(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every entry of `weights`, read one at a time from the open files."""
     files = sorted({ref.file for ref in weights.values() if isinstance(ref, TensorRef)})
@@ -165,23 +135,25 @@ def _tensors(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_weights(model: nn.Module, weights: Weights, dtype: torch.dtype = torch.float32,
                  device: Union[str, torch.device] = "cpu", what: str = "model") -> nn.Module:
-    """Fill `model` (built under `parameters_on_meta`) with `weights`, one tensor at a time.
-
-    Floating-point tensors are converted to `dtype`, integer ones keep theirs; everything goes to
-    `device`. Buffers the checkpoint does not hold (non-persistent ones) are moved the same way."""
+    """Fill `model` (built under `parameters_on_meta`) with `weights`, one tensor at a time, in place of its meta
+    tensors. Floating-point tensors become `dtype`, integer ones keep theirs; buffers the checkpoint does not hold
+    (non-persistent ones) move to `device` the same way."""
     check_weights(model, weights, what)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules())  # built once: faster than get_submodule per tensor
     for name, tensor in _tensors(weights):
-        target = dtype if tensor.is_floating_point() else tensor.dtype
-        _install(modules, name, tensor.to(device=device, dtype=target))
-        del tensor  # the file-backed original; only the converted copy lives on
+        owner_name, _, leaf = name.rpartition(".")
+        owner = modules[owner_name]
+        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=owner._parameters[leaf].requires_grad)
+        else:
+            owner._buffers[leaf] = tensor
     for owner in model.modules():
         for leaf, buffer in owner._buffers.items():
             if buffer is not None and buffer.device.type == "meta":
                 raise CheckpointError(f"{what}: buffer {leaf!r} of {type(owner).__name__} has no value")
             if buffer is not None:
-                target = dtype if buffer.is_floating_point() else buffer.dtype
-                owner._buffers[leaf] = buffer.to(device=device, dtype=target)
+                owner._buffers[leaf] = buffer.to(device, dtype if buffer.is_floating_point() else buffer.dtype)
     return model
 
 

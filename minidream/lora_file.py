@@ -3,10 +3,8 @@
     unet.<module>.lora_A.weight (r, in)  unet.<module>.lora_B.weight (out, r)   per adapted module
     text_encoder.text_model.<module>...  text_encoder_2.text_model.<module>...  with --train-text-encoder
 
-Alpha is not stored as a tensor: diffusers rebuilds each component's peft LoraConfig (r, lora_alpha,
-target_modules, rank_pattern, alpha_pattern) from the JSON metadata entry "lora_adapter_metadata".
-Other layouts (kohya for ComfyUI/A1111, older diffusers) are in minidream/formats/lora_files.py.
-"""
+Alpha is no tensor: diffusers rebuilds each component's peft LoraConfig from the metadata (diffusers_config).
+Other layouts (kohya for ComfyUI/A1111, older diffusers) are in minidream/formats/lora_files.py."""
 
 from __future__ import annotations
 
@@ -22,15 +20,13 @@ from minidream import __version__
 from minidream.files import atomic_write
 from minidream.lora import LoRAWeights, lora_layers, require_adapter
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # the metadata entry diffusers' load_lora_weights reads
 
 
 def get_adapter_weights(model: nn.Module, name: str) -> dict[str, LoRAWeights]:
     """Adapter `name` of every LoRA layer, detached, keyed by module name."""
     require_adapter(model, name)
-    return {module_name: LoRAWeights(layer.lora_A[name].detach(), layer.lora_B[name].detach(),
-                                     layer.lora_alpha[name])
+    return {module_name: LoRAWeights(layer.lora_A[name].detach(), layer.lora_B[name].detach(), layer.lora_alpha[name])
             for module_name, layer in lora_layers(model) if name in layer.lora_A}
 
 
@@ -45,17 +41,12 @@ def file_module_name(component: str, path: str) -> str:
 
 def diffusers_config(component: str, weights: dict[str, LoRAWeights]) -> dict:
     """The peft LoraConfig fields diffusers rebuilds the adapter from (r, alpha, targets)."""
-    r = most_common(w.rank for w in weights.values())
-    alpha = most_common(w.alpha for w in weights.values())
+    r, alpha = most_common(w.rank for w in weights.values()), most_common(w.alpha for w in weights.values())
     # Text-encoder targets without text_model. match with or without it (peft suffix rule).
     targets = {path: path if component == "unet" else path.removeprefix("text_model.") for path in weights}
-    return {
-        "r": r,
-        "lora_alpha": alpha,
-        "target_modules": sorted(targets.values()),
-        "rank_pattern": {re.escape(targets[p]): w.rank for p, w in weights.items() if w.rank != r},
-        "alpha_pattern": {re.escape(targets[p]): w.alpha for p, w in weights.items() if w.alpha != alpha},
-    }
+    return {"r": r, "lora_alpha": alpha, "target_modules": sorted(targets.values()),
+            "rank_pattern": {re.escape(targets[p]): w.rank for p, w in weights.items() if w.rank != r},
+            "alpha_pattern": {re.escape(targets[p]): w.alpha for p, w in weights.items() if w.alpha != alpha}}
 
 
 def diffusers_tensors(adapters: dict[str, dict[str, LoRAWeights]]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -75,11 +66,8 @@ def save_lora(path, *, unet: nn.Module | None = None, text_encoder: nn.Module | 
               text_encoder_2: nn.Module | None = None, adapter: str = "default", base_model: str = "",
               token: str = "", class_noun: str = "", steps: int | None = None, dtype: torch.dtype | None = None,
               to_tensors=diffusers_tensors):
-    """Write adapter `adapter` of the given models to `path` (atomically: temp file + rename).
-
-    The metadata records rank, alpha, base model, token, class noun, steps and minidream version.
-    to_tensors: the layout (formats/lora_files.py passes kohya's).
-    """
+    """Write adapter `adapter` of the given models to `path`, with rank, alpha, base model, token, class noun, steps
+    and minidream version in the metadata. to_tensors: the layout (formats/lora_files.py passes kohya's)."""
     models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     adapters = {c: get_adapter_weights(m, adapter) for c, m in models.items() if m is not None}
     if dtype is not None:

@@ -1,21 +1,8 @@
-"""What a DreamBooth run trains: the three methods behind `train.py --method`.
-
-    lora                low-rank adapters on the frozen model's attention      (Hu et al. 2021)  here
-    full                every UNet weight (+ the text encoders)                (Ruiz et al. 2022) full_finetune.py
-    textual-inversion   a new word's embedding in each text encoder            (Gal et al. 2022) textual_inversion.py
-
-The training loop (training.py) is the same for all three: the same loss (step.py), optimizer,
-loss scaling and clipping (optim.py, step.apply_gradients), cached latents (latent_cache.py), run
-folder, checkpoints and exact resume (runs.py), multi-GPU (distributed.py). A method says only:
-which parameters train (and sets the model up for it), what a checkpoint stores of them, how the
-result is written, and how the subject is named in prompts.
-
-    method = build_method(model, cfg, token, class_noun)   # mutates the model: adapters, fp32, new rows
-    method.param_groups()   -> the optimizer's groups          method.state_dict() / load_state_dict()
-    method.save(path, step) -> the result file or folder        method.prompt(text) -> text with the token
-
-`build_method` touches no file and reads no tensor value, so the T4 memory planner can call it on
-a meta-device model to learn which parameters train (see `parameter_plan`).
+"""What a run trains. The loop (training.py) is the same for every method; a method says which
+parameters train (setting the model up for them), what a checkpoint keeps of them, how the result is
+written and how prompts name the subject. LoRA (Hu et al. 2021) is here; full fine-tuning and
+textual inversion are in minidream/methods/. Building a method reads no tensor value, so the
+memory planner builds it on a meta-device model.
 """
 
 from __future__ import annotations
@@ -81,8 +68,7 @@ class Method:
 
     @staticmethod
     def check_subject(cfg, subject) -> None:
-        """Raise TrainingError if this method cannot learn from the subject's prompts (checked before
-        anything heavy is loaded)."""
+        """Raise TrainingError if this method cannot learn from the subject's prompts."""
 
     def summary(self) -> str:
         return f"{sum(p.numel() for p in self.parameters()):,} {self.name} parameters"

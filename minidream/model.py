@@ -1,9 +1,5 @@
-"""The model bundle (UNet + VAE + text encoders + noise schedule) and where models are found.
-
-`load_model(path)` takes a diffusers folder or a single .safetensors file. Without --model the
-CLIs use the real SDXL base model where the README tells users to put it, and fall back to the
-tiny model bundled in weights/tiny-sdxl, which runs on any CPU in seconds.
-"""
+"""The model bundle (UNet + VAE + text encoders + noise schedule), loaded from a diffusers folder or a single
+file, and where models are found: without --model, SDXL where the README says to put it, else the bundled tiny one."""
 
 from __future__ import annotations
 
@@ -15,7 +11,8 @@ import torch
 
 from transformers import CLIPTokenizer
 
-from minidream.checkpoint import detect, load_text_encoder, load_unet, load_vae, text_encoder_parts, unet_weights, vae_weights
+from minidream.checkpoint import (detect, load_text_encoder, load_unet, load_vae, text_encoder_parts, unet_weights,
+                                  vae_weights)
 from minidream.errors import UserError
 from minidream.loading import CheckpointError
 from minidream.schedule import ScheduleConfig
@@ -77,8 +74,7 @@ class TokenizerNotFoundError(UserError):
 
 
 def _has_tokenizer_files(folder: Path) -> bool:
-    bpe_files = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
-    return bpe_files or (folder / "tokenizer.json").is_file()
+    return all((folder / f).is_file() for f in ("vocab.json", "merges.txt")) or (folder / "tokenizer.json").is_file()
 
 
 def find_tokenizer_dir(candidates, need_second: bool = True) -> Path:
@@ -88,22 +84,22 @@ def find_tokenizer_dir(candidates, need_second: bool = True) -> Path:
     for folder in tried:
         if all(_has_tokenizer_files(folder / s) for s in subfolders):
             return folder
-    where = ", ".join(str(t) for t in tried) or "nowhere (no --tokenizer DIR given)"
+    where = ", ".join(map(str, tried)) or "nowhere (no --tokenizer DIR given)"
+    names = " and ".join(s + "/" for s in subfolders)
     raise TokenizerNotFoundError(
-        f"no CLIP tokenizer found (looked in: {where}). Single-file checkpoints carry no tokenizer: pass "
-        f"--tokenizer DIR, where DIR holds {' and '.join(s + '/' for s in subfolders)}, each with vocab.json "
-        f"+ merges.txt + tokenizer_config.json + special_tokens_map.json (tokenizer_2 pads with '!'). Get them "
-        f"from the {' and '.join(s + '/' for s in subfolders)} folders of https://huggingface.co/{SDXL_REPO}, e.g. "
-        f"`huggingface-cli download {SDXL_REPO} --include 'tokenizer*/*' --local-dir weights/sdxl-tokenizers` "
-        f"then --tokenizer weights/sdxl-tokenizers (any diffusers SDXL folder works; not weights/sdxl-base-1.0, "
-        f"which minidream would take for a whole model)."
-    )
+        f"no CLIP tokenizer found (looked in: {where}). Single-file checkpoints carry no tokenizer: pass --tokenizer "
+        f"DIR, where DIR holds {names}, each with vocab.json + merges.txt + tokenizer_config.json + "
+        f"special_tokens_map.json (tokenizer_2 pads with '!'). Get them from the {names} folders of "
+        f"https://huggingface.co/{SDXL_REPO}, e.g. `huggingface-cli download {SDXL_REPO} --include 'tokenizer*/*' "
+        f"--local-dir weights/sdxl-tokenizers` then --tokenizer weights/sdxl-tokenizers (any diffusers SDXL folder "
+        f"works; not weights/sdxl-base-1.0, which minidream would take for a whole model).")
 
 
 def load_tokenizer(folder) -> CLIPTokenizer:
     folder = Path(folder)
     if not _has_tokenizer_files(folder):
-        raise TokenizerNotFoundError(f"{folder} has no CLIP tokenizer: need vocab.json + merges.txt (or tokenizer.json)")
+        raise TokenizerNotFoundError(f"{folder} has no CLIP tokenizer: need vocab.json + merges.txt "
+                                     "(or tokenizer.json)")
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
@@ -112,13 +108,8 @@ def load_tokenizer(folder) -> CLIPTokenizer:
 
 def load_text_encoders(path, dtype=torch.float32, device="cpu", *, tokenizer_dir=None, variant=None,
                        expect=None) -> TextEncoders:
-    """Tokenizers and frozen CLIP text encoders of a model: a diffusers folder or a single file.
-
-    The weights come through checkpoint.load_text_encoder (strict, low-RAM, single-file names
-    converted, transformers 4 and 5 layouts both accepted). The tokenizers come from
-    `tokenizer_dir` if given, else from the model folder itself, else from the folder holding a
-    single file (single files carry no vocabulary). SD 1.x / 2.x models have one encoder.
-    """
+    """Tokenizers and frozen CLIP text encoders (SD 1.x / 2.x: one) of a diffusers folder or a single file.
+    Tokenizers come from `tokenizer_dir` if given, else the model folder, else the folder holding a single file."""
     path = Path(path)
     parts = text_encoder_parts(path)
     if "text_encoder" not in parts:
@@ -127,24 +118,18 @@ def load_text_encoders(path, dtype=torch.float32, device="cpu", *, tokenizer_dir
     tok_dir = find_tokenizer_dir([tokenizer_dir, path if path.is_dir() else path.parent], need_second=sdxl)
 
     def encoder(part):  # frozen: minidream trains LoRA on the UNet (text-encoder LoRA adds its own params)
-        model = load_text_encoder(path, part, dtype, device, expect=expect, variant=variant)
-        return model.eval().requires_grad_(False)
+        return load_text_encoder(path, part, dtype, device, expect=expect, variant=variant).eval().requires_grad_(False)
 
-    return TextEncoders(
-        tokenizer=load_tokenizer(tok_dir / "tokenizer"),
-        text_encoder=encoder("text_encoder"),
-        tokenizer_2=load_tokenizer(tok_dir / "tokenizer_2") if sdxl else None,
-        text_encoder_2=encoder("text_encoder_2") if sdxl else None,
-    )
+    return TextEncoders(tokenizer=load_tokenizer(tok_dir / "tokenizer"), text_encoder=encoder("text_encoder"),
+                        tokenizer_2=load_tokenizer(tok_dir / "tokenizer_2") if sdxl else None,
+                        text_encoder_2=encoder("text_encoder_2") if sdxl else None)
 
 
 def load_model(path, dtype=torch.float32, device="cpu", *, vae=None, tokenizer=None, variant=None) -> Model:
     """Load every part of the model at `path` (diffusers folder or single file).
 
     vae: an optional separate VAE (folder or file), e.g. an fp16-fix VAE that can run in fp16.
-    tokenizer: a folder with tokenizer/ (and tokenizer_2/), needed for single files.
-    The VAE is loaded in fp32 when fp16 was asked for and it would overflow (see vae.vae_dtype).
-    """
+    tokenizer: a folder with tokenizer/ (and tokenizer_2/), needed for single files."""
     path = Path(path)
     family = detect(path).family or None
     vae_path = Path(vae) if vae else path
@@ -156,8 +141,7 @@ def load_model(path, dtype=torch.float32, device="cpu", *, vae=None, tokenizer=N
         vae=load_vae(vae_path, vae_dtype(vae_config, dtype), device, expect=family, variant=variant)
         .eval().requires_grad_(False),
         text=load_text_encoders(path, dtype, device, tokenizer_dir=tokenizer, variant=variant, expect=family),
-        schedule=ScheduleConfig.from_dict(schedule) if schedule else ScheduleConfig(),
-        name=str(path),
+        schedule=ScheduleConfig.from_dict(schedule) if schedule else ScheduleConfig(), name=str(path),
         force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", family == "sdxl"),
     )
 

@@ -1,20 +1,6 @@
-"""The run folder: checkpoints, exact resume, the loss log and its plot, Ctrl-C.
-
-    runs/raj-20250101-120000/
-        config.json                       every setting of the run (what --resume reads back)
-        pytorch_lora_weights.safetensors  the result: the final LoRA (diffusers layout; sample.py --lora),
-                                          or model/ (--method full), learned_embeds.safetensors (textual inversion)
-        loss.csv, loss.png                one row per step; the curve drawn with PIL
-        validation/step-000250.png        fixed prompts x fixed seeds, every --validate-every steps
-        checkpoints/step-000250.pt        trained tensors + optimizer + loss scale + RNG states + data order
-        checkpoints/step-000250.safetensors   that step's LoRA or embedding, usable like the final one
-        cache.safetensors                 the encoded images and prompts (latent_cache.py)
-
-A run resumed from a checkpoint continues bit for bit: the checkpoint holds every piece of state
-a step reads (the trained weights, Adam moments, GradScaler scale, the training generator and the global
-RNGs, the epoch's image order and position in it). Every file is written atomically (files.py),
-so a crash or a full disk leaves the previous checkpoint intact.
-"""
+"""The run folder (laid out in docs/training.md): checkpoints for exact resume, the loss log and its plot, the
+validation grid, Ctrl-C. A checkpoint holds every piece of state a step reads, so a resumed run continues bit for bit;
+every file is written atomically (files.py), so a crash or a full disk leaves the previous checkpoint intact."""
 
 from __future__ import annotations
 
@@ -30,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from minidream.files import torch_save, write_text
+from minidream.files import atomic_write, write_text
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) looks for
 CHECKPOINT = re.compile(r"^step-(\d{6})\.pt$")
@@ -51,9 +37,8 @@ def new_run_folder(out, subject_name: str) -> Path:
 # ----------------------------------------------------------------------------- RNG states
 
 def rng_states(generator: torch.Generator) -> dict:
-    """Every random number generator a step may read: the training generator, torch's global CPU
-    and CUDA generators, Python's and NumPy's. Stored as tensors and plain Python values, so
-    torch.load(weights_only=True) reads them back."""
+    """Every RNG a step may read: the training generator, torch's CPU and CUDA ones, Python's and NumPy's; as
+    tensors and plain Python values, so that torch.load(weights_only=True) reads them back."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "generator": generator.get_state(),
@@ -78,23 +63,14 @@ def set_rng_states(states: dict, generator: torch.Generator) -> None:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def checkpoint_path(run: Path, step: int) -> Path:
-    return Path(run) / "checkpoints" / f"step-{step:06d}.pt"
-
-
 def list_checkpoints(run: Path) -> list[Path]:
     folder = Path(run) / "checkpoints"
-    found = [p for p in folder.iterdir() if CHECKPOINT.match(p.name)] if folder.is_dir() else []
-    return sorted(found)
+    return sorted(p for p in folder.iterdir() if CHECKPOINT.match(p.name)) if folder.is_dir() else []
 
 
 def save_checkpoint(run: Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Write checkpoints/step-NNNNNN.pt atomically, then delete all but the newest `keep`.
-
-    The old ones are removed only after the new file is complete: if writing fails (disk full),
-    the exception propagates and the previous checkpoints are all still there.
-    """
-    path = torch_save(checkpoint_path(run, step), state)
+    """Write checkpoints/step-NNNNNN.pt atomically, then (only once it is complete) delete all but the newest `keep`."""
+    path = atomic_write(Path(run) / "checkpoints" / f"step-{step:06d}.pt", lambda tmp: torch.save(state, tmp))
     if keep > 0:
         for old in list_checkpoints(run)[:-keep]:
             old.unlink(missing_ok=True)
@@ -151,15 +127,13 @@ def draw_loss_curve(rows: list[dict], size=(720, 400)) -> Image.Image:
               (smooth([r["loss"] for r in finite], window), (31, 119, 180))]
     if any(r["prior_loss"] for r in finite):
         series.append((smooth([r["prior_loss"] for r in finite], window), (255, 127, 14)))
-    lo = min(min(v) for v, _ in series)
-    hi = max(max(v) for v, _ in series)
+    lo, hi = min(min(v) for v, _ in series), max(max(v) for v, _ in series)
     hi = hi if hi > lo else lo + 1.0
     s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
 
     def xy(step, value):
-        x = left + (step - s0) / (s1 - s0) * (width - left - right)
-        y = top + (hi - value) / (hi - lo) * (height - top - bottom)
-        return x, y
+        return (left + (step - s0) / (s1 - s0) * (width - left - right),
+                top + (hi - value) / (hi - lo) * (height - top - bottom))
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     for values, color in series:
@@ -210,18 +184,13 @@ def labelled_grid(images: list[Image.Image], prompts: list[str], columns: int) -
 # ----------------------------------------------------------------------------- Ctrl-C
 
 class StopRequest:
-    """Turn the first Ctrl-C into a request the loop sees at the end of its current step (then it
-    saves a checkpoint and returns); a second Ctrl-C interrupts at once, as usual.
-
-    Under torchrun one key press reaches a training process twice, from the terminal and forwarded
-    by torchrun, a moment apart: a second SIGINT within `grace` seconds counts as the same one.
-    """
+    """Turn the first Ctrl-C into a request the loop sees at the end of its step (it saves a checkpoint and
+    returns); a second Ctrl-C interrupts at once. Under torchrun one key press arrives twice, from the terminal and
+    forwarded, a moment apart: a second SIGINT within `grace` seconds counts as the same one."""
 
     def __init__(self, grace: float = 2.0):
-        self.requested = False
-        self._previous = None
-        self._first = 0.0
-        self.grace = grace
+        self.requested, self.grace = False, grace
+        self._previous, self._first = None, 0.0  # the handler to restore; when the first Ctrl-C came
 
     def _handler(self, signum, frame):
         if self.requested and time.monotonic() - self._first > self.grace:
@@ -240,4 +209,3 @@ class StopRequest:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-        return False

@@ -1,14 +1,10 @@
-"""DreamBooth training for SDXL (Ruiz et al. 2022) with LoRA (Hu et al. 2021), top to bottom.
+"""DreamBooth training for SDXL (Ruiz et al. 2022) with LoRA (Hu et al. 2021), top to bottom:
 
-    settings -> subject + class images -> model -> cache latents and prompts -> trained parameters
-    + optimizer -> loop: lr, micro-batches (step.training_step), apply_gradients, log, validate,
-    checkpoint -> the result (a LoRA file)
+    settings -> subject + class images -> model -> cached latents and prompts -> trained parameters
+    + optimizer -> loop: lr, micro-batches (step.py), apply gradients, log, validate, checkpoint -> result
 
-The pieces live in their own files: what trains and how it is saved (method.py), the loss and one
-step (step.py), the optimizer, lr schedule and mixed precision (optim.py), the cached latents and
-batches (latent_cache.py), class images (prior.py), the run folder and checkpoints (runs.py), the
-settings (config.py). Other methods (minidream/methods/) and several GPUs (minidream/parallel/)
-come in through train()'s two arguments; train.py is the command line that chooses them.
+Other methods (minidream/methods/) and several GPUs (minidream/parallel/) come in through train()'s
+arguments; train.py chooses them.
 """
 
 from __future__ import annotations
@@ -22,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from minidream.config import VALIDATION_TEMPLATES, TrainConfig, TrainingError, check_config, fill_defaults, slug
-from minidream.config import resumed_config
+from minidream.config import (VALIDATION_TEMPLATES, TrainConfig, TrainingError, check_config, fill_defaults,
+                              resumed_config, slug)
 from minidream.data import load_images, load_subject
 from minidream.files import save_png, write_json
 from minidream.latent_cache import ShuffledOrder, build_cache, draw_batch, load_cache, offload_encoders, save_cache

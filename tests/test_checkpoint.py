@@ -28,6 +28,7 @@ from checkpoint_fixtures import (
 )  # fmt: skip
 from minidream import checkpoint
 from minidream.checkpoint import CheckpointError
+from minidream.formats.model_folder import text_encoder_state_dicts
 from minidream.toy.tiny import UNET as TINY_UNET
 from minidream.toy.tiny import configs as tiny_configs
 from minidream.toy.tiny import write_tiny_sdxl
@@ -126,7 +127,7 @@ def test_text_encoders_single_file_equal_folder(tiny, part):
 
 def test_text_encoder_state_dicts_use_transformers4_names(tiny):
     for path in (tiny["folder"], tiny["file"]):
-        dicts = checkpoint.text_encoder_state_dicts(path)
+        dicts = text_encoder_state_dicts(path)
         assert set(dicts) == {"text_encoder", "text_encoder_2"}
         for part, (config, state) in dicts.items():
             want = hf_v4_names(tiny["models"][part].state_dict())

@@ -5,7 +5,8 @@ import errno
 import pytest
 from PIL import Image
 
-from minidream.files import atomic_write, image_grid, save_png, write_json
+from minidream.cli.sample_command import image_grid
+from minidream.files import atomic_write, save_png, write_json
 
 
 def test_failed_write_keeps_previous_file_and_leaves_no_temp(tmp_path):

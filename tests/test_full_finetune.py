@@ -6,6 +6,7 @@ and the parameter plan the T4 memory planner reads."""
 import json
 import shutil
 from pathlib import Path
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +14,9 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
+from minidream.method import text_encoders
+from minidream.methods import build_method
 from minidream.methods.full_finetune import FullFinetune
-from minidream.planner.parameters import parameter_plan
 from minidream.model import load_model
 from minidream.optim import make_optimizer, optimizer_state_bytes
 from minidream.schedule import alphas_cumprod
@@ -142,6 +144,32 @@ def test_saving_from_a_single_file_base_writes_every_part(tmp_path):
         assert set(mine) == set(theirs) and all(torch.equal(v, theirs[k]) for k, v in mine.items()), part
     pipe = StableDiffusionXLPipeline.from_pretrained(saved, dtype=torch.float32, add_watermarker=False)
     assert torch.equal(pipe.unet.conv_in.weight, model.unet.conv_in.weight)
+
+
+@dataclass
+class ParameterPlan:
+    """Which parameters a method trains, for memory estimates (no tensor values needed)."""
+
+    trained: int  # parameters updated by the optimizer: fp32 weights, fp32 gradients
+    frozen: int  # every other parameter of the UNet and text encoders, in the weight dtype
+    optimizer: str  # "adamw8bit" | "adamw"
+    optimizer_state_bytes: int  # Adam's two moments for the trained parameters
+
+
+def parameter_plan(model, cfg, token: str = "sks", class_noun: str = "person") -> ParameterPlan:
+    """Build cfg.method on `model` (a meta-device model works) and count what trains.
+
+    For the memory planner: weights = trained * 4 + frozen * bytes(weight dtype), gradients =
+    trained * 4, optimizer state = optimizer_state_bytes; activations come from running
+    step.training_step on fake tensors.
+    """
+    method = build_method(model, cfg, token, class_noun)
+    trained = method.parameters()
+    ids = {id(p) for p in trained}
+    modules = [model.unet, *text_encoders(model.text).values()]
+    frozen = sum(p.numel() for m in modules for p in m.parameters() if id(p) not in ids)
+    return ParameterPlan(sum(p.numel() for p in trained), frozen, cfg.optimizer,
+                         optimizer_state_bytes(trained, cfg.optimizer))
 
 
 def test_parameter_plan_for_the_memory_planner():

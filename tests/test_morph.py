@@ -38,10 +38,10 @@ def test_slerp_returns_the_endpoints_and_keeps_the_noise_length():
     for t in (0.1, 0.25, 0.5, 0.75, 0.9):
         x = slerp(a, b, t)
         assert x.dtype == a.dtype and x.shape == a.shape
-        length = x.double().norm()
-        assert length == pytest.approx((1 - t) * a.double().norm() + t * b.double().norm(), rel=1e-6)
+        length = x.double().norm().item()
+        assert length == pytest.approx(((1 - t) * a.double().norm() + t * b.double().norm()).item(), rel=1e-6)
         assert abs(length / math.sqrt(d) - 1) < band  # unit variance, as the sampler expects
-        assert angle(a, x) == pytest.approx(t * theta, rel=1e-5)  # constant speed along the great circle
+        assert float(angle(a, x)) == pytest.approx(float(t * theta), rel=1e-5)  # constant speed along the great circle
     midpoint = lerp(a, b, 0.5).double().norm() / math.sqrt(d)
     assert abs(midpoint - math.sqrt(0.5)) < band  # the straight line: variance 1/2 in the middle
     assert torch.allclose(slerp(a, a.clone(), 0.3), a)  # parallel inputs: no division by sin(0)
@@ -60,7 +60,7 @@ def test_the_loop_closes_without_a_jump():
     assert torch.allclose(after_last, keys[0], atol=1e-6)
     steps = [angle(path[k], path[(k + 1) % frames]) for k in range(frames)]
     last_segment = [s for (i, _, _), s in zip(positions, steps) if i == 2]
-    assert steps[-1] == pytest.approx(last_segment[0], rel=1e-4)  # the wrap-around step: no jump
+    assert float(steps[-1]) == pytest.approx(float(last_segment[0]), rel=1e-4)  # the wrap-around step: no jump
     with pytest.raises(ValueError, match="at least 2 keyframes"):
         loop_positions(1, 8)
 

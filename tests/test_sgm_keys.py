@@ -19,7 +19,7 @@ from checkpoint_fixtures import (  # noqa: E402
     sgm_unet_shapes,
 )  # fmt: skip
 from minidream.formats import sgm_keys, single_file  # noqa: E402
-from minidream.loading import shaped_after  # noqa: E402
+from minidream.formats.single_file import shaped_after  # noqa: E402
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 import minidream.formats  # noqa: F401  (single-file .safetensors checkpoints)
@@ -21,7 +22,7 @@ from minidream.cli.args import SampleRequest
 from minidream.cli.morph import write_morph
 from minidream.config import slug
 from minidream.errors import UserError
-from minidream.files import image_grid, save_png
+from minidream.files import save_png
 from minidream.formats.lora_files import add_loras, read_lora
 from minidream.methods.textual_inversion import expand_prompt, load_embedding, read_embedding
 from minidream.model import Model, default_model_path, load_model
@@ -135,6 +136,19 @@ def settings_metadata(args: argparse.Namespace, request: SampleRequest, model: M
         "model": model.name, "vae": args.vae or "", "dtype": dtype,
         "loras": ", ".join(f"{path}:{scale:g}" for path, scale in request.loras), "minidream": __version__,
     }
+
+
+def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    """A contact sheet: images row by row, `columns` per row (default: about square)."""
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    columns = columns or max(1, round(len(images) ** 0.5))
+    rows = -(-len(images) // columns)
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for i, img in enumerate(images):
+        grid.paste(img.resize((w, h)), ((i % columns) * w, (i // columns) * h))
+    return grid
 
 
 def write_images(args: argparse.Namespace, model: Model, prompts: list[str], out: Path, metadata: dict) -> list[Path]:

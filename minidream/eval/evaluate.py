@@ -36,11 +36,12 @@ from tqdm.auto import tqdm
 
 from minidream import pipeline
 from minidream.cli.run_training import run_training
+from minidream.cli.sample_command import image_grid
 from minidream.config import TrainConfig
 from minidream.data import Subject, load_subject, open_rgb
 from minidream.eval import metrics
 from minidream.eval.eval_prompts import custom_prompts, dreambooth_prompts, subject_kind
-from minidream.files import image_grid, save_png, write_json, write_text
+from minidream.files import save_png, write_json, write_text
 from minidream.formats.lora_files import load_lora
 from minidream.lora import adapter_names, remove_adapter
 from minidream.model import default_model_path, load_model

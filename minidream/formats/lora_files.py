@@ -36,10 +36,11 @@ from safetensors import SafetensorError, safe_open
 
 from minidream.lora import LoRAWeights, merge_lora
 from minidream.formats.lora_weights import LoRAFileError, check_adapter_weights, load_adapter_weights, mismatch_error
-from minidream.lora_file import (COMPONENTS, DIFFUSERS_METADATA_KEY, diffusers_tensors, file_module_name)
+from minidream.lora_file import DIFFUSERS_METADATA_KEY, diffusers_tensors, file_module_name
 from minidream.lora_file import save_lora as save_diffusers_layout
 from minidream.formats.sgm_keys import sgm_unet_name
 
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 LAYOUTS = ("diffusers", "diffusers_old", "kohya", "kohya_sgm")
 SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")

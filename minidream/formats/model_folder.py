@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from minidream.checkpoint import detect, text_encoder_state_dicts, text_encoder_weights, unet_weights, vae_weights
+from minidream.checkpoint import detect, text_encoder_parts, text_encoder_weights, unet_weights, vae_weights
 from minidream.files import atomic_write, write_json
 from minidream.loading import materialize
 from minidream.model import find_tokenizer_dir
@@ -59,6 +59,18 @@ SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tok
 def transformers4_names(state: dict) -> dict:
     """transformers 4 layout: every CLIP text tensor under `text_model.` (text_projection outside)."""
     return {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v for k, v in state.items()}
+
+
+def text_encoder_state_dicts(path, dtype=None, *, expect="sdxl", variant=None) -> dict:
+    """{part: (CLIPTextConfig dict, state dict)} of every text encoder at `path`, tensors read, in transformers 4
+    names whatever the files use. The constant position_ids buffer that real repos' files still carry is left out,
+    as single files' is: it is no weight."""
+    out = {}
+    for part in text_encoder_parts(path):
+        config, weights = text_encoder_weights(path, part, expect=expect, variant=variant)
+        weights = {k: v for k, v in weights.items() if not k.endswith("embeddings.position_ids")}
+        out[part] = (config, transformers4_names(materialize(weights, dtype)))
+    return out
 
 
 def write_part(folder: Path, config: dict, state: dict[str, torch.Tensor], weight_file: str,

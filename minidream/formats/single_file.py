@@ -13,7 +13,7 @@ from pathlib import Path
 
 from minidream.formats import sgm_keys
 from minidream.checkpoint import FAMILIES, ModelInfo, family_from_context
-from minidream.loading import CheckpointError, TensorRef, Weights, read_header, shaped_after
+from minidream.loading import CheckpointError, TensorRef, Weights, read_header
 
 # Which part each prefix holds. The SDXL refiner has only the OpenCLIP encoder, as embedder 0;
 # SD 2.x's OpenCLIP ViT-H is diffusers' (only) `text_encoder`.
@@ -49,6 +49,17 @@ IGNORED_NAMES = {  # SD 1.x / 2.x (LDM) noise-schedule buffers, recomputed by mi
     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
     "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
 }  # fmt: skip
+
+
+def shaped_after(shape: tuple[int, ...], op: str) -> tuple[int, ...]:
+    """The shape a tensor has after `op` (see loading.TensorRef), known before reading it."""
+    if op == "squeeze":  # (out, in, 1, 1) conv kernel -> (out, in) linear weight
+        return tuple(shape[:2])
+    if op == "transpose":
+        return tuple(reversed(shape))
+    if op in ("q", "k", "v"):
+        return (shape[0] // 3, *shape[1:])
+    return tuple(shape)
 
 
 def ignored(key: str) -> bool:
