@@ -1,11 +1,10 @@
 """Checkpoints: what a path holds, and loading the UNet, VAE and text encoders from it.
 
-A **diffusers folder** holds `model_index.json` and one folder per part (`unet/`, `vae/`, `text_encoder*/`,
-`tokenizer*/`, `scheduler/`), each with a `config.json` and `*.safetensors` weights (or shards listed in
-`*.safetensors.index.json`) under minidream's own names. An fp16 copy (`*.fp16.safetensors`) is read only when
-`variant="fp16"` is asked for, or when it is all there is. A **single file** (`sd_xl_base_1.0.safetensors`) is
-read by minidream.formats.single_file, which plugs itself in here (register_file_reader) on `import minidream.formats`.
-Every load is strict and low-RAM (loading.py); pickle files are refused, since loading them runs code.
+A **diffusers folder** holds `model_index.json` and one folder per part (`unet/`, `vae/`, `text_encoder*/`, ...),
+each a `config.json` plus `*.safetensors` weights (or shards listed in `*.safetensors.index.json`). An fp16 copy
+(`*.fp16.safetensors`) is read only when `variant="fp16"` is asked for, or when it is all there is. A **single
+file** (`sd_xl_base_1.0.safetensors`) is read by minidream.formats.single_file, which registers itself here
+(register_file_reader) on `import minidream.formats`. Every load is strict and low-RAM (loading.py).
 """
 
 from __future__ import annotations
@@ -257,10 +256,8 @@ def text_encoder_weights(path: PathLike, part="text_encoder", *, expect="sdxl", 
 
 
 def fit_text_model_prefix(weights: Weights, model: nn.Module) -> Weights:
-    """Add or drop the `text_model.` level so the names in `weights` match `model`'s.
-
-    transformers 4 names every CLIP text tensor `text_model.*`; transformers 5's CLIPTextModel has
-    no such level (its CLIPTextModelWithProjection keeps it). `text_projection` sits outside it."""
+    """Add or drop the `text_model.` level so the names in `weights` match `model`'s: transformers 4 names every
+    CLIP text tensor `text_model.*` (but `text_projection`), transformers 5's CLIPTextModel has no such level."""
     wants = any(k.startswith("text_model.") for k in model.state_dict())
     has = any(k.startswith("text_model.") for k in weights)
     if wants and not has:

@@ -2,8 +2,7 @@
 
 DreamBooth (Ruiz et al. 2022) fine-tunes on a few photos of one subject, captioned "a photo of [V] [class
 noun]" with a rare token [V]. A subject folder holds the images (any size) and optionally subject.json:
-{"token": "rraj", "class_noun": "person"} (may also set instance_prompt, class_prompt, validation_prompts).
-Every crop returns the original size and crop corner too: SDXL's micro-conditioning (Podell et al. 2023)."""
+{"token": "rraj", "class_noun": "person"} (may also set instance_prompt, class_prompt, validation_prompts)."""
 
 from __future__ import annotations
 
@@ -55,8 +54,7 @@ def load_subject(folder, token=None, class_noun=None, instance_prompt=None, clas
         except json.JSONDecodeError as e:
             raise DataError(f"{settings_path} is not valid JSON ({e}); expected e.g. "
                             '{"token": "rraj", "class_noun": "person"}') from None
-    token = token or settings.get("token")
-    class_noun = class_noun or settings.get("class_noun")
+    token, class_noun = token or settings.get("token"), class_noun or settings.get("class_noun")
     if not token or not class_noun:
         raise DataError(f"no rare token / class noun for {folder}: pass --token and --class-noun, or write "
                         f'{settings_path} with {{"token": "rraj", "class_noun": "person"}}')
@@ -101,8 +99,7 @@ def open_rgb(path: Path) -> Image.Image:
 
 
 def iter_images(paths: list[Path], resolution: int, what: str = "instance"):
-    """Yield (path, RGB image) for each readable file, one at a time (hundreds of class images are never
-    all in memory). Unreadable files are named and skipped."""
+    """(path, RGB image) for each readable file, one at a time: hundreds of class images are never all in memory."""
     for path in paths:
         try:
             img = open_rgb(path)
@@ -146,8 +143,7 @@ class View:
 
 
 def make_view(img: Image.Image, resolution: int, rng: random.Random, flip: bool, center: bool = False) -> View:
-    """Resize the short side to `resolution`, crop a square (random or centred), maybe flip; the View
-    carries the size before resizing and the crop corner for SDXL's time ids."""
+    """Resize the short side to `resolution`, crop a square (random or centred), maybe flip."""
     original_size = (img.height, img.width)
     scale = resolution / min(img.size)
     width, height = max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))

@@ -1,11 +1,10 @@
 """Encode the training images and prompts once, then train on the cached tensors.
 
-The frozen VAE and text encoders give the same output at every step: encoding once and moving them off
-the GPU saves their memory and compute. A crop of a latent is not the latent of a crop (the VAE's
-receptive field crosses the border), so each augmented *view* (crop, flip, its SDXL time ids) is encoded
-on its own: 4 per subject photo, so the model does not learn one fixed framing along with the subject,
-and 1 per class image. The posterior (mean, std) is kept; each step draws a fresh latent from it, as
-training without a cache would (Kingma & Welling 2014 reparameterisation)."""
+The frozen VAE and text encoders give the same output at every step: encoding once and moving them off the GPU
+saves their memory and compute. A crop of a latent is not the latent of a crop (the VAE's receptive field crosses
+the border), so each augmented *view* (crop, flip, its SDXL time ids) is encoded on its own: 4 per subject photo,
+so the model does not learn one fixed framing along with the subject, and 1 per class image. The posterior (mean,
+std) is kept; each step draws a fresh latent from it (Kingma & Welling 2014 reparameterisation)."""
 
 from __future__ import annotations
 
@@ -53,15 +52,6 @@ class LatentCache:
     context: torch.Tensor | None  # (2, L, D): row 0 instance prompt, row 1 class prompt; None: text encoders train
     pooled: torch.Tensor | None  # (2, Dp) SDXL pooled embeddings; None for SD 1.x / 2.x or when not cached
 
-    def to(self, device) -> "LatentCache":
-        def move(x):
-            return None if x is None else x.to(device)
-
-        def move_views(v):
-            return None if v is None else Views(*(move(getattr(v, f.name)) for f in fields(Views)))
-
-        return LatentCache(move_views(self.instance), move_views(self.classes), move(self.context), move(self.pooled))
-
 
 # ----------------------------------------------------------------------------- encoding
 
@@ -96,10 +86,8 @@ def build_cache(model, instance_images, class_paths, *, resolution: int, instanc
     rng = random.Random(seed)
     instance = encode_views(vae, instance_images, resolution, views_per_image, rng, flip, center_crop,
                             "encoding subject images")
-    classes = None
-    if class_paths:
-        classes = encode_views(vae, iter_images(class_paths, resolution, "class"), resolution, VIEWS_PER_CLASS_IMAGE,
-                               rng, flip, center_crop, "encoding class images", total=len(class_paths))
+    classes = encode_views(vae, iter_images(class_paths, resolution, "class"), resolution, VIEWS_PER_CLASS_IMAGE, rng,
+                           flip, center_crop, "encoding class images", total=len(class_paths)) if class_paths else None
     context = pooled = None
     if cache_text:  # (2, L, D) and (2, Dp) or None: [instance prompt, class prompt], fp32
         context, pooled, _, _ = encode_prompt(model.text, [instance_prompt, class_prompt], guidance=False,
@@ -153,8 +141,7 @@ def load_cache(path, fingerprint: str) -> LatentCache | None:
 # ----------------------------------------------------------------------------- batches
 
 class ShuffledOrder:
-    """Endless passes over n items, each pass a fresh permutation from the training generator.
-    Its state (the pass's order and the position in it) goes into checkpoints."""
+    """Endless passes over n items, each a fresh permutation from the training generator; its state is checkpointed."""
 
     def __init__(self, n: int, generator: torch.Generator):
         self.n, self.generator = n, generator

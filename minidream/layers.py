@@ -30,11 +30,9 @@ def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm -> SiLU -> 3x3 conv, twice, plus a skip (1x1 conv when channels change).
-
-    The residual block of the LDM UNet and autoencoder (Rombach et al. 2022; DDPM appendix B). With
-    `temb_channels` (UNet, not VAE) a Linear adds one bias per channel from the time embedding between
-    the convs; `temb` must already have gone through SiLU (the UNet applies it once for all blocks)."""
+    """GroupNorm -> SiLU -> 3x3 conv, twice, plus a skip (1x1 conv when channels change): the residual block of the
+    LDM UNet and autoencoder (Rombach et al. 2022; DDPM appendix B). With `temb_channels` (UNet) a Linear adds one
+    bias per channel from `temb`, which must already have gone through SiLU (the UNet applies it once for all)."""
 
     def __init__(self, in_channels, out_channels, temb_channels, groups, eps):
         super().__init__()
@@ -69,8 +67,7 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W (nearest neighbour), then a 3x3 conv. `size` forces the output size: the UNet passes
-    its next skip's, so sides that are not multiples of 2**levels still line up."""
+    """Double H and W (nearest neighbour; or to `size`: the UNet passes its next skip's), then a 3x3 conv."""
 
     def __init__(self, channels):
         super().__init__()
@@ -105,16 +102,14 @@ class Attention(nn.Module):
         k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, S, D)
         v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, S, D)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, D)
-        out = out.transpose(1, 2).reshape(B, L, -1)  # (B, L, heads*D)
-        return self.to_out[0](out)
+        return self.to_out[0](out.transpose(1, 2).reshape(B, L, -1))  # (B, L, heads*D) -> (B, L, query_dim)
 
 
 def maybe_checkpoint(enabled, module, *args):
     """module(*args), through activation checkpointing when `enabled` and autograd is recording.
 
-    The activations are recomputed in backward instead of stored. use_reentrant=False still gives parameter
-    gradients when no input requires grad (frozen UNet, LoRA weights) and restores the RNG state, so a
-    LoRA dropout draws the same mask when recomputed."""
+    use_reentrant=False still gives parameter gradients when no input requires grad (frozen UNet, LoRA weights)
+    and restores the RNG state, so a LoRA dropout draws the same mask when recomputed."""
     if enabled and torch.is_grad_enabled():
         return checkpoint(module, *args, use_reentrant=False)
     return module(*args)
@@ -123,9 +118,8 @@ def maybe_checkpoint(enabled, module, *args):
 def read_diffusers_config(cls, d, library_defaults, feature_off, ignored, what):
     """Build config dataclass `cls` from a diffusers config.json dict; never half-understood.
 
-    Missing keys take `library_defaults` (diffusers' class defaults, which old SD 1.5 files rely on), not
-    the dataclass's. A `feature_off` key with a value other than its "off" values, or an unknown key,
-    raises ValueError. Keys starting with "_" and keys in `ignored` are skipped; lists become tuples."""
+    Missing keys take `library_defaults` (diffusers' class defaults, which old SD 1.5 files rely on), not the
+    dataclass's. A `feature_off` key with a value other than its "off" values, or an unknown key, is a ValueError."""
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = dict(library_defaults)
     for key, value in d.items():

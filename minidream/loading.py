@@ -124,7 +124,7 @@ def check_weights(model: nn.Module, weights: Weights, what: str) -> None:
                               + "\nCheck that the file is the model you meant (and its config.json matches it).")
 
 
-def _tensors(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
+def read_tensors(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every entry of `weights`, read one at a time from the open files."""
     files = sorted({ref.file for ref in weights.values() if isinstance(ref, TensorRef)})
     with ExitStack() as stack:
@@ -136,11 +136,10 @@ def _tensors(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
 def load_weights(model: nn.Module, weights: Weights, dtype: torch.dtype = torch.float32,
                  device: Union[str, torch.device] = "cpu", what: str = "model") -> nn.Module:
     """Fill `model` (built under `parameters_on_meta`) with `weights`, one tensor at a time, in place of its meta
-    tensors. Floating-point tensors become `dtype`, integer ones keep theirs; buffers the checkpoint does not hold
-    (non-persistent ones) move to `device` the same way."""
+    tensors; floating-point ones become `dtype`. Buffers no checkpoint holds (non-persistent) move to `device` too."""
     check_weights(model, weights, what)
     modules = dict(model.named_modules())  # built once: faster than get_submodule per tensor
-    for name, tensor in _tensors(weights):
+    for name, tensor in read_tensors(weights):
         owner_name, _, leaf = name.rpartition(".")
         owner = modules[owner_name]
         tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
@@ -155,9 +154,3 @@ def load_weights(model: nn.Module, weights: Weights, dtype: torch.dtype = torch.
             if buffer is not None:
                 owner._buffers[leaf] = buffer.to(device, dtype if buffer.is_floating_point() else buffer.dtype)
     return model
-
-
-def materialize(weights: Weights, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Read every tensor of `weights` into an ordinary state dict (for small models and tests)."""
-    return {name: tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-            for name, tensor in _tensors(weights)}

@@ -1,10 +1,9 @@
 """LoRA: low-rank adapters on frozen Linear and Conv2d layers.
 
-Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. (3): h = W0 x + B A x, with W0
-frozen and only A (r x in, "down") and B (out x r, "up") trained. B starts at zero, so a fresh adapter
-changes nothing; the update is scaled by alpha / r (sec. 4.1). A layer may carry several named adapters,
-each with its own user `scale`. As in loralib, the layers subclass nn.Linear / nn.Conv2d and keep the base
-`weight`/`bias`, so base keys do not change; adapters add `<module>.lora_A.<name>` and `.lora_B.<name>`."""
+Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. (3): h = W0 x + B A x, with W0 frozen
+and only A (r x in, "down") and B (out x r, "up") trained. A layer may carry several named adapters. As in loralib,
+the layers subclass nn.Linear / nn.Conv2d and keep the base `weight`/`bias`, so base keys do not change; adapters
+add `<module>.lora_A.<name>` and `.lora_B.<name>`."""
 
 from __future__ import annotations
 
@@ -56,7 +55,7 @@ class LoRAWeights:
 
 
 class LoRALayer:
-    """Adapter bookkeeping shared by LoRALinear and LoRAConv2d (the nn class owns weight/bias)."""
+    """Adapters and forward shared by LoRALinear and LoRAConv2d (the nn class after it owns weight/bias)."""
 
     def _adopt(self, base: nn.Module):
         """Take over the base layer's own weight/bias Parameters (no copy) and train/eval mode; no adapters yet."""
@@ -86,8 +85,7 @@ class LoRALayer:
         up_shape = (out_features, rank, *[1] * (len(in_shape) - 1))  # B: (out, r[, 1, 1])
         self.lora_A[name] = nn.Parameter(down)
         self.lora_B[name] = nn.Parameter(torch.zeros(up_shape, device=self.weight.device, dtype=dtype))
-        self.lora_alpha[name] = float(alpha)
-        self.lora_scale[name] = float(scale)
+        self.lora_alpha[name], self.lora_scale[name] = float(alpha), float(scale)
         self.lora_dropout[name] = float(dropout)
         self.active_adapters.append(name)
 
@@ -108,8 +106,9 @@ class LoRALayer:
         # A conv followed by a 1x1 conv is one conv whose kernel is B @ A over the flattened kernel.
         return (up.flatten(1) @ down.flatten(1)).view(self.weight.shape)
 
-    def add_lora_outputs(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out + sum over active adapters of scaling * B(A(dropout(x))) (nothing when merged)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output + sum over active adapters of scaling * B(A(dropout(x)))."""
+        out = super().forward(x)  # nn.Linear / nn.Conv2d: the next class in the subclass's bases
         if self.merged:
             return out  # the active adapters are already inside self.weight
         autocast = torch.is_autocast_enabled(x.device.type)
@@ -145,7 +144,7 @@ class LoRALayer:
             raise RuntimeError(f"cannot {action} while adapters are merged; call unmerge() first")
 
 
-class LoRALinear(nn.Linear, LoRALayer):
+class LoRALinear(LoRALayer, nn.Linear):
     """nn.Linear + LoRA adapters: y = x W0^T + b + sum_k s_k * x A_k^T B_k^T (eq. 3)."""
 
     @classmethod
@@ -156,11 +155,8 @@ class LoRALinear(nn.Linear, LoRALayer):
     def _lora_path(self, h, down, up):
         return F.linear(F.linear(h, down), up)  # (..., in) -> (..., r) -> (..., out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_lora_outputs(x, super().forward(x))
 
-
-class LoRAConv2d(nn.Conv2d, LoRALayer):
+class LoRAConv2d(LoRALayer, nn.Conv2d):
     """nn.Conv2d + LoRA: A is a conv with the base kernel/stride/padding, B a 1x1 conv (kohya's conv LoRA)."""
 
     @classmethod
@@ -174,9 +170,6 @@ class LoRAConv2d(nn.Conv2d, LoRALayer):
     def _lora_path(self, h, down, up):
         h = F.conv2d(h, down, None, self.stride, self.padding, self.dilation)  # (B, r, H', W')
         return F.conv2d(h, up)  # (B, out, H', W')
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_lora_outputs(x, super().forward(x))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,24 +225,6 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
 
 def adapter_names(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(name for _, layer in lora_layers(model) for name in layer.lora_A))  # in order, once
-
-
-def remove_adapter(model: nn.Module, name: str) -> None:
-    require_adapter(model, name)
-    for _, layer in lora_layers(model):
-        if name in layer.lora_A:
-            layer.remove_adapter(name)
-
-
-def merge_lora(model: nn.Module) -> None:
-    """Fold all active adapters into the base weights (fast sampling: plain matmuls only)."""
-    for _, layer in lora_layers(model):
-        layer.merge()
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    for _, layer in lora_layers(model):
-        layer.unmerge()
 
 
 def require_adapter(model: nn.Module, name: str) -> None:

@@ -87,20 +87,9 @@ def find_tokenizer_dir(candidates, need_second: bool = True) -> Path:
     where = ", ".join(map(str, tried)) or "nowhere (no --tokenizer DIR given)"
     names = " and ".join(s + "/" for s in subfolders)
     raise TokenizerNotFoundError(
-        f"no CLIP tokenizer found (looked in: {where}). Single-file checkpoints carry no tokenizer: pass --tokenizer "
-        f"DIR, where DIR holds {names}, each with vocab.json + merges.txt + tokenizer_config.json + "
-        f"special_tokens_map.json (tokenizer_2 pads with '!'). Get them from the {names} folders of "
-        f"https://huggingface.co/{SDXL_REPO}, e.g. `huggingface-cli download {SDXL_REPO} --include 'tokenizer*/*' "
-        f"--local-dir weights/sdxl-tokenizers` then --tokenizer weights/sdxl-tokenizers (any diffusers SDXL folder "
-        f"works; not weights/sdxl-base-1.0, which minidream would take for a whole model).")
-
-
-def load_tokenizer(folder) -> CLIPTokenizer:
-    folder = Path(folder)
-    if not _has_tokenizer_files(folder):
-        raise TokenizerNotFoundError(f"{folder} has no CLIP tokenizer: need vocab.json + merges.txt "
-                                     "(or tokenizer.json)")
-    return CLIPTokenizer.from_pretrained(str(folder))
+        f"no CLIP tokenizer found (looked in: {where}). Single-file checkpoints carry none: pass --tokenizer DIR, "
+        f"where DIR holds {names} as in https://huggingface.co/{SDXL_REPO}, each with vocab.json + merges.txt + "
+        f"tokenizer_config.json + special_tokens_map.json (docs/t4.md shows the download command).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,30 +109,27 @@ def load_text_encoders(path, dtype=torch.float32, device="cpu", *, tokenizer_dir
     def encoder(part):  # frozen: minidream trains LoRA on the UNet (text-encoder LoRA adds its own params)
         return load_text_encoder(path, part, dtype, device, expect=expect, variant=variant).eval().requires_grad_(False)
 
-    return TextEncoders(tokenizer=load_tokenizer(tok_dir / "tokenizer"), text_encoder=encoder("text_encoder"),
-                        tokenizer_2=load_tokenizer(tok_dir / "tokenizer_2") if sdxl else None,
+    return TextEncoders(tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir / "tokenizer")),
+                        text_encoder=encoder("text_encoder"),
+                        tokenizer_2=CLIPTokenizer.from_pretrained(str(tok_dir / "tokenizer_2")) if sdxl else None,
                         text_encoder_2=encoder("text_encoder_2") if sdxl else None)
 
 
 def load_model(path, dtype=torch.float32, device="cpu", *, vae=None, tokenizer=None, variant=None) -> Model:
-    """Load every part of the model at `path` (diffusers folder or single file).
-
-    vae: an optional separate VAE (folder or file), e.g. an fp16-fix VAE that can run in fp16.
-    tokenizer: a folder with tokenizer/ (and tokenizer_2/), needed for single files."""
+    """Load every part of the model at `path` (diffusers folder or single file). vae: an optional separate VAE
+    (folder or file), e.g. an fp16-fix one that runs in fp16; tokenizer: a folder with tokenizer/ (and tokenizer_2/)."""
     path = Path(path)
     family = detect(path).family or None
     vae_path = Path(vae) if vae else path
     vae_config = VAEConfig.from_dict(vae_weights(vae_path, expect=family, variant=variant)[0])
     schedule = _folder_json(path, "scheduler/scheduler_config.json")
     index = _folder_json(path, "model_index.json")
-    return Model(
-        unet=load_unet(path, dtype, device, expect=family, variant=variant).eval().requires_grad_(False),
-        vae=load_vae(vae_path, vae_dtype(vae_config, dtype), device, expect=family, variant=variant)
-        .eval().requires_grad_(False),
-        text=load_text_encoders(path, dtype, device, tokenizer_dir=tokenizer, variant=variant, expect=family),
-        schedule=ScheduleConfig.from_dict(schedule) if schedule else ScheduleConfig(), name=str(path),
-        force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", family == "sdxl"),
-    )
+    return Model(unet=load_unet(path, dtype, device, expect=family, variant=variant).eval().requires_grad_(False),
+                 vae=load_vae(vae_path, vae_dtype(vae_config, dtype), device, expect=family, variant=variant)
+                 .eval().requires_grad_(False),
+                 text=load_text_encoders(path, dtype, device, tokenizer_dir=tokenizer, variant=variant, expect=family),
+                 schedule=ScheduleConfig.from_dict(schedule) if schedule else ScheduleConfig(), name=str(path),
+                 force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", family == "sdxl"))
 
 
 def model_image_size(path) -> int:

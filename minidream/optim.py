@@ -1,9 +1,8 @@
 """Optimizer (AdamW8bit or AdamW), learning-rate schedule and mixed precision for training.
 
 Why a GradScaler for fp16 (Micikevicius et al. 2018, "Mixed Precision Training", sec. 3.2): gradients
-through fp16 activations underflow below ~6e-8, so the loss is multiplied by S (2^16 at first) and the
-gradients divided by S again before clipping. A step whose gradients overflow is skipped and S halved;
-after 2000 clean steps S doubles. bf16 and fp32 need no scaler (a disabled one keeps one code path)."""
+through fp16 activations underflow below ~6e-8, so the loss is multiplied by S (2^16 at first) and the gradients
+divided by S again before clipping. bf16 and fp32 need no scaler (a disabled one keeps one code path)."""
 
 from __future__ import annotations
 
@@ -17,18 +16,16 @@ import torch
 from minidream.config import LR_SCHEDULES, OPTIMIZERS, PRECISIONS
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-BNB_MIN_8BIT_SIZE, BNB_BLOCK = 4096, 256  # bitsandbytes AdamW8bit: smallest quantised tensor, block size
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes AdamW8bit keeps smaller tensors' moments in fp32
 
 
 # ----------------------------------------------------------------------------- optimizer
 
 def make_optimizer(param_groups, name: str = "adamw8bit", *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
                    weight_decay: float = 1e-4):
-    """(optimizer, name actually used). param_groups: a list of {"params": [...], "lr": ...} dicts.
-
-    AdamW8bit (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization") keeps Adam's moments
-    in 8 bits, the 16 GB T4 recipe; torch AdamW (Loshchilov & Hutter 2019) is the fallback when
-    bitsandbytes cannot run here."""
+    """(optimizer, name actually used). AdamW8bit (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
+    Quantization") keeps Adam's moments in 8 bits, the 16 GB T4 recipe; torch AdamW (Loshchilov & Hutter 2019)
+    is the fallback when bitsandbytes cannot run here."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
     if name == "adamw8bit":
@@ -41,18 +38,6 @@ def make_optimizer(param_groups, name: str = "adamw8bit", *, lr: float, betas=(0
         warnings.warn(f"bitsandbytes AdamW8bit cannot run here ({problem}); using torch.optim.AdamW instead "
                       "(same algorithm, 32-bit states: 4x the optimizer-state memory)")
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), "adamw"
-
-
-def optimizer_state_bytes(params, name: str = "adamw8bit") -> int:
-    """Bytes of Adam's two moments for `params` (shapes only: meta tensors work). AdamW: two fp32 moments.
-    AdamW8bit: two uint8 moments plus an fp32 scale per 256-element block each; under 4096 elements, fp32."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
-    total = 0
-    for p in params:
-        n = p.numel()
-        total += 8 * n if name == "adamw" or n < BNB_MIN_8BIT_SIZE else 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK)
-    return total
 
 
 def _bitsandbytes_problem(param_groups) -> str | None:
@@ -114,10 +99,6 @@ class Precision:
     use_grad_scaler: bool  # fp16 only
     note: str = ""  # why the request was changed, for the user
 
-    @property
-    def device_type(self) -> str:
-        return self.device.type
-
 
 def resolve_precision(requested: str, device) -> Precision:
     """Turn --precision into dtypes for `device`: fp16 with a GradScaler (the T4 recipe), bf16 (fp16 on GPUs
@@ -132,11 +113,10 @@ def resolve_precision(requested: str, device) -> Precision:
     if device.type == "cuda" and requested == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         requested, note = "fp16", "this GPU has no native bf16: training in fp16 with loss scaling instead"
     dtype = DTYPES[requested]
-    autocast = None if requested == "fp32" else dtype
-    return Precision(name=requested, device=device, weight_dtype=dtype, autocast_dtype=autocast,
+    return Precision(requested, device, weight_dtype=dtype, autocast_dtype=None if requested == "fp32" else dtype,
                      use_grad_scaler=requested == "fp16", note=note)
 
 
 def make_grad_scaler(precision: Precision) -> torch.amp.GradScaler:
     """A loss scaler for fp16; for bf16/fp32 a disabled one (its methods then do nothing)."""
-    return torch.amp.GradScaler(precision.device_type, enabled=precision.use_grad_scaler)
+    return torch.amp.GradScaler(precision.device.type, enabled=precision.use_grad_scaler)

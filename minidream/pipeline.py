@@ -5,9 +5,8 @@
     x_T ──ddim / pndm / euler (closure: UNet on [uncond; cond], guidance)──> x_0  [samplers.py]
     x_0 / scaling_factor ──VAE.decode──> image in [-1, 1] ──> PIL          [vae.py]
 
-Every step is taken as diffusers' StableDiffusionXLPipeline takes it (noise from a CPU generator seeded
-with `seed`, DDIM's eta noise from the same one, [uncond; cond] in one UNet call), so the same seed gives
-the same image."""
+Every step is taken as diffusers' StableDiffusionXLPipeline takes it (noise and DDIM's eta noise from one CPU
+generator seeded with `seed`, [uncond; cond] in one UNet call), so the same seed gives the same image."""
 
 from __future__ import annotations
 
@@ -33,8 +32,7 @@ def check_size(height: int, width: int, multiple: int = 8) -> None:
 
 def conditioning(model: Model, prompts, negative_prompt, guidance_scale: float, num_images: int,
                  height: int, width: int, embeddings=None):
-    """(context, pooled, time_ids, use_cfg) for the UNet; with guidance the batch is [uncond; cond].
-    embeddings: (context, pooled) to use instead of the prompts' own."""
+    """(context, pooled, time_ids, use_cfg) for the UNet; with guidance the batch is [uncond; cond]."""
     use_cfg = guidance_scale > 1.0  # as diffusers: a scale <= 1 is the plain conditional model
     context, pooled, u_context, u_pooled = encode_prompt(
         model.text, prompts, negative_prompt, guidance=use_cfg, num_images_per_prompt=num_images,
@@ -78,10 +76,7 @@ def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler: str 
                    num_images: int = 1, eta: float = 0.0, guidance_rescale: float = 0.0, progress: bool = True,
                    initial_latents=None, embeddings=None) -> torch.Tensor:
     """Run the sampler; returns the final latents (len(prompts) * num_images, 4, H/8, W/8), still scaled
-    by the VAE's scaling_factor, in prompt-major order (p0, p0, p1, p1, ...).
-
-    prompts / negative_prompt: a string or a list (one negative for all, or one per prompt). guidance_scale:
-    off at <= 1. height / width: pixels, default the model's training size. initial_latents: x_T before the
+    by the VAE's scaling_factor, in prompt-major order (p0, p0, p1, p1, ...). initial_latents: x_T before the
     sampler's sigma scaling, instead of drawn from `seed`. embeddings: (context, pooled) of the conditional
     half instead of the prompts' (one row per image); the prompts then only set the batch size."""
     if sampler not in SAMPLERS:

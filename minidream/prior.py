@@ -62,18 +62,15 @@ def fill_class_folder(plan: ClassImagePlan, model, prompt: str, *, resolution: i
     if plan.missing:
         taken = {int(m.group(1)) for p in plan.folder.iterdir() if (m := NAME.match(p.name))}
         indices = [i for i in range(len(taken) + plan.missing) if i not in taken][: plan.missing]  # smallest free
-        rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-        if dist is not None:
-            dist.barrier()  # every rank listed the folder before any rank writes to it
-        bar = tqdm(indices[rank::world_size], desc=f"class images for {prompt!r}", disable=not progress)
-        for index in bar:
+        rank, world_size, barrier = (dist.rank, dist.world_size, dist.barrier) if dist else (0, 1, lambda: None)
+        barrier()  # every rank listed the folder before any rank writes to it
+        for index in tqdm(indices[rank::world_size], desc=f"class images for {prompt!r}", disable=not progress):
             image = generate(model, prompt, negative_prompt, sampler=sampler, steps=steps,
                              guidance_scale=guidance_scale, seed=seed + index, height=resolution,
                              width=resolution, num_images=1, progress=False)[0]
             save_png(plan.folder / f"class-{index:05d}.png", image,
                      {"prompt": prompt, "seed": seed + index, "steps": steps, "sampler": sampler,
                       "guidance_scale": guidance_scale, "model": getattr(model, "name", "")})
-        if dist is not None:
-            dist.barrier()  # every share is written
+        barrier()  # every share is written
         plan = ClassImagePlan(plan.folder, existing_class_images(plan.folder), plan.wanted)
     return plan.used()

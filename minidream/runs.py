@@ -40,14 +40,10 @@ def rng_states(generator: torch.Generator) -> dict:
     """Every RNG a step may read: the training generator, torch's CPU and CUDA ones, Python's and NumPy's; as
     tensors and plain Python values, so that torch.load(weights_only=True) reads them back."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "generator": generator.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "cached_gaussian": cached},
-    }
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "cached_gaussian": cached}}
 
 
 def set_rng_states(states: dict, generator: torch.Generator) -> None:
@@ -101,13 +97,8 @@ def write_loss_csv(path: Path, rows: list[dict]) -> None:
 
 def smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average (diffusion losses are noisy: each step draws its own timestep)."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
+    sums = np.cumsum([0.0, *values])  # sums[i] = values[0] + ... + values[i - 1]
+    return [float(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(values))]
 
 
 def draw_loss_curve(rows: list[dict], size=(720, 400)) -> Image.Image:
@@ -138,20 +129,12 @@ def draw_loss_curve(rows: list[dict], size=(720, 400)) -> Image.Image:
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     for values, color in series:
         draw.line([xy(s, v) for s, v in zip(steps, values)], fill=color, width=1 if color[0] == 190 else 2)
-    draw.text((4, top - 4), f"{hi:.4g}", fill="black", font=font)
-    draw.text((4, height - bottom - 8), f"{lo:.4g}", fill="black", font=font)
-    draw.text((left, height - bottom + 6), f"step {s0}", fill="black", font=font)
-    draw.text((width - right - 70, height - bottom + 6), f"step {s1}", fill="black", font=font)
     legend = f"loss (grey), mean of {window} (blue)" + (", prior term (orange)" if len(series) > 2 else "")
-    draw.text((left, 8), legend, fill="black", font=font)
+    for position, text in [((4, top - 4), f"{hi:.4g}"), ((4, height - bottom - 8), f"{lo:.4g}"),
+                           ((left, height - bottom + 6), f"step {s0}"),
+                           ((width - right - 70, height - bottom + 6), f"step {s1}"), ((left, 8), legend)]:
+        draw.text(position, text, fill="black", font=font)
     return img
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1)
-    except TypeError:
-        return ImageFont.load_default()
 
 
 MIN_TILE = 128  # px
@@ -163,7 +146,7 @@ def labelled_grid(images: list[Image.Image], prompts: list[str], columns: int) -
     factor = max(1, -(-MIN_TILE // images[0].width))  # ceil(MIN_TILE / width)
     images = [im.resize((im.width * factor, im.height * factor), Image.NEAREST) for im in images]
     side = images[0].width
-    font = _font(max(10, side // 10))
+    font = ImageFont.load_default(size=max(10, side // 10))  # scalable (Pillow >= 10.1)
     label_width = max(3 * side, 200)
     grid = Image.new("RGB", (label_width + columns * side, len(prompts) * side), "white")
     draw = ImageDraw.Draw(grid)

@@ -16,9 +16,8 @@ def ddim(model, x, cfg: ScheduleConfig, steps: int, *, eta=0.0, generator=None, 
 
         x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat + sigma z,
 
-    with sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) (eq. 16), a = alpha_bar.
-    eta = 0 is deterministic DDIM; eta = 1 has DDPM's posterior variance. z is drawn as diffusers draws it,
-    so the same generator gives the same trajectory. diffusers quirk kept: the "previous" timestep is
+    with sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) (eq. 16), a = alpha_bar: eta = 0 is
+    deterministic DDIM, eta = 1 has DDPM's posterior variance. diffusers quirk kept: the "previous" timestep is
     always t - T // steps, even where trailing or linspace spacing visits a different one next."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
@@ -34,7 +33,7 @@ def ddim(model, x, cfg: ScheduleConfig, steps: int, *, eta=0.0, generator=None, 
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         x = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
         if eta > 0:
-            device = generator.device if generator is not None else x.device
+            device = generator.device if generator is not None else x.device  # draw z where diffusers does
             z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
             x = x + sigma * z.to(x.device)
         if callback is not None:
@@ -59,7 +58,7 @@ def pndm(model, x, cfg: ScheduleConfig, steps: int, *, prk_warmup=False, callbac
     ts = inference_timesteps(cfg, steps)
     stride = cfg.num_train_timesteps // steps
     start = _prk_start if prk_warmup else _plms_start
-    x, outs, rest, i = start(model, x, ts, stride, step, callback)
+    x, outs, rest, i = start(model, x, ts, stride, step, callback)  # i: model evaluations so far
     for t in rest:
         outs = outs[-3:] + [model(x, t)]  # keep the 4 most recent outputs
         x = step(x, _adams_bashforth(outs), t, t - stride)
@@ -80,11 +79,9 @@ def _pndm_step(x, out, t, t_prev, ac, final, prediction_type):
 
 
 def _adams_bashforth(outs):
-    """Adams-Bashforth combination of the last 1-4 model outputs (newest last); orders 2-3 bridge
+    """Adams-Bashforth combination of the last 2-4 model outputs (newest last); orders 2-3 bridge
     diffusers' PLMS start until four outputs exist."""
     e = outs[::-1]  # e[0] newest
-    if len(e) == 1:
-        return e[0]
     if len(e) == 2:
         return (3 * e[0] - e[1]) / 2
     if len(e) == 3:
@@ -93,13 +90,10 @@ def _adams_bashforth(outs):
 
 
 def _plms_start(model, x, ts, stride, step, callback):
-    """diffusers' PLMS start, a pseudo improved-Euler (Heun) step as two evaluations (hence the
-    repeated second timestep in diffusers' list):
-      1. e0 = model(x, t0); x' = step(x, e0, t0 -> t0 - stride)
-      2. e1 = model(x', t1); x = step(x, (e0 + e1) / 2, t1 + stride -> t1), from the *old* x
-    Quirks: e1 is not kept in the history (the PLMS loop evaluates t1 again), and the averaged
-    step runs from t1 + stride, which is t0 for leading spacing but not always for trailing.
-    Returns (x, history, timesteps left for PLMS, evaluations done)."""
+    """diffusers' PLMS start: a pseudo improved-Euler (Heun) step as two evaluations (hence the repeated
+    second timestep in diffusers' list), the averaged step taken from the *old* x. Quirks: e1 is not kept
+    in the history (the PLMS loop evaluates t1 again), and the averaged step runs from t1 + stride, which
+    is t0 for leading spacing but not always for trailing."""
     t0 = ts[0]
     e0 = model(x, t0)
     x_start, x = x, step(x, e0, t0, t0 - stride)
@@ -119,8 +113,7 @@ def _prk_start(model, x, ts, stride, step, callback):
     """The paper's pseudo Runge-Kutta warm-up: over each of the first three intervals t -> t_next, RK4
     weights (1/6, 1/3, 1/3, 1/6) on four evaluations, each transferred from the interval's starting x;
     only the first joins the PLMS history. diffusers quirk kept: the half step is t_next + stride // 2
-    for the evaluations but t - stride // 2 for the first transfer (the same under leading spacing).
-    Returns (x, history, timesteps left for PLMS, evaluations done)."""
+    for the evaluations but t - stride // 2 for the first transfer (the same under leading spacing)."""
     if len(ts) < 4:
         raise ValueError(f"prk_warmup needs steps >= 4, got {len(ts)}; use prk_warmup=False")
     half, outs, i = stride // 2, [], 0
@@ -196,10 +189,9 @@ def init_noise_sigma(cfg: ScheduleConfig, steps: int, sampler: str = "ddim") -> 
 
 
 def _clip_x0(x0, cfg: ScheduleConfig):
-    """Optional clamping of the predicted x0, off by default (latents are not bounded to [-1, 1]).
-
-    Dynamic thresholding (Saharia et al. 2022, "Imagen"): per sample, s = a quantile of |x0| kept within
-    [1, sample_max_value]; x0 is clamped to [-s, s] and divided by s."""
+    """Optional clamping of the predicted x0, off by default (latents are not bounded to [-1, 1]). Dynamic
+    thresholding (Saharia et al. 2022, "Imagen"): x0 clamped to [-s, s] and divided by s, per sample, where
+    s = a quantile of |x0| kept within [1, sample_max_value]."""
     if cfg.thresholding:
         flat = x0.float().reshape(x0.shape[0], -1)  # (B, C*H*W); quantile needs float32
         s = torch.quantile(flat.abs(), cfg.dynamic_thresholding_ratio, dim=1)

@@ -47,8 +47,7 @@ class ScheduleConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ScheduleConfig":
-        """Read a diffusers scheduler config dict. Other keys (`_class_name`, skip_prk_steps, ...) do not
-        change DDIM/PNDM/Euler numbers and are ignored, as diffusers does across schedulers."""
+        """Read a diffusers scheduler config dict; keys that change no DDIM/PNDM/Euler number are ignored."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -96,8 +95,7 @@ def _rescale_zero_terminal_snr(b: torch.Tensor) -> torch.Tensor:
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
     sqrt_ab = (sqrt_ab - last) * (first / (first - last))
     ab = sqrt_ab**2
-    per_step_alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])  # undo the cumulative product
-    return 1 - per_step_alphas
+    return 1 - torch.cat([ab[0:1], ab[1:] / ab[:-1]])  # 1 - per-step alphas: undo the cumulative product
 
 
 def alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
@@ -145,8 +143,7 @@ def predicted_x0_eps(model_output, x_t, alpha_bar, prediction_type: str):
     """Split x_t into (predicted x0, predicted eps) given the model output at alpha_bar (broadcastable to x_t),
     from x_t = sqrt(a) x0 + sqrt(1-a) eps and, for v, v = sqrt(a) eps - sqrt(1-a) x0."""
     if prediction_type == "epsilon":
-        x0 = (x_t - (1 - alpha_bar) ** 0.5 * model_output) / alpha_bar**0.5
-        return x0, model_output
+        return (x_t - (1 - alpha_bar) ** 0.5 * model_output) / alpha_bar**0.5, model_output
     if prediction_type == "v_prediction":
         x0 = alpha_bar**0.5 * x_t - (1 - alpha_bar) ** 0.5 * model_output
         eps = alpha_bar**0.5 * model_output + (1 - alpha_bar) ** 0.5 * x_t
@@ -167,10 +164,9 @@ def snr(t, alphas_cumprod):
 def inference_timesteps(cfg: ScheduleConfig, steps: int) -> list[int]:
     """The `steps` training timesteps a sampler visits, largest first, as diffusers' DDIMScheduler picks them.
 
-    Spacings (Lin et al. 2024, Table 2): leading 0, k, 2k, ... (k = T // steps) + steps_offset, SD/SDXL's
-    choice (50 steps: 951 ... 1); trailing counts down from T-1 in strides of T/steps; linspace evenly
-    from 0 to T-1. Trailing uses numpy's float arange like diffusers, whose extra element -1 for some step
-    counts (61, 103, ...) is dropped."""
+    Spacings (Lin et al. 2024, Table 2): leading, SD/SDXL's choice (50 steps: 951 ... 1), trailing and linspace.
+    Trailing uses numpy's float arange like diffusers, whose extra element -1 for some step counts (61, 103, ...)
+    is dropped."""
     T = cfg.num_train_timesteps
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise ValueError(f"steps must be an int, got {steps!r}")

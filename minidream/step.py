@@ -12,7 +12,6 @@ the very same step on fake tensors."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -70,10 +69,7 @@ def dreambooth_loss(pred, target, num_instance: int, prior_weight: float = 1.0, 
 
 # ----------------------------------------------------------------------------- forward + backward
 
-PromptEmbedder = Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
-
-
-def training_step(unet: torch.nn.Module, batch: Batch, embed_prompts: PromptEmbedder, alphas_cumprod: torch.Tensor,
+def training_step(unet: torch.nn.Module, batch: Batch, embed_prompts, alphas_cumprod: torch.Tensor,
                   *, prediction_type: str = "epsilon", prior_weight: float = 1.0, snr_gamma: float | None = None,
                   autocast_dtype: torch.dtype | None = None, scaler: torch.amp.GradScaler | None = None,
                   accumulation: int = 1) -> StepLosses:
@@ -94,9 +90,7 @@ def training_step(unet: torch.nn.Module, batch: Batch, embed_prompts: PromptEmbe
     weights = min_snr_weights(t[:n], alphas_cumprod, snr_gamma, prediction_type) if snr_gamma else None
     loss, instance, prior = dreambooth_loss(pred, target, n, prior_weight, weights)
     to_backprop = loss / accumulation
-    if scaler is not None:
-        to_backprop = scaler.scale(to_backprop)
-    to_backprop.backward()
+    (to_backprop if scaler is None else scaler.scale(to_backprop)).backward()
     return StepLosses(loss.detach(), instance.detach(), prior.detach())
 
 

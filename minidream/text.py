@@ -47,8 +47,7 @@ def _tokenize(tokenizer: CLIPTokenizer, texts: list[str], length: int, warn: boo
 
 
 def encode_text(encoders: TextEncoders, texts: list[str]):
-    """(context, pooled) for a list of texts, with gradients (training a text-encoder LoRA);
-    pooled is None for SD 1.x / 2.x. encode_prompt wraps it for inference."""
+    """(context, pooled) for a list of texts, with gradients (text-encoder LoRA); pooled is None for SD 1.x / 2.x."""
     out_dtype, out_device = encoders.output_encoder.dtype, encoders.output_encoder.device
     if not encoders.is_sdxl:
         enc = encoders.text_encoder
@@ -101,8 +100,7 @@ def encode_prompt(encoders: TextEncoders, prompts, negative_prompts=None, *, gui
 def sdxl_time_ids(original_size, crop_top_left, target_size, dtype=torch.float32) -> torch.Tensor:
     """SDXL's size and crop conditioning (Podell et al. 2023, sec. 2.2): (orig_h, orig_w, top, left, h, w).
 
-    Each argument is a pair or a (B, 2) batch of pairs (they broadcast); returns (6,) or (B, 6). Training
-    passes the real image size and crop; inference asks for an uncropped image: original = target, crop 0."""
+    Each argument is a pair or a (B, 2) batch of pairs (they broadcast); returns (6,) or (B, 6)."""
     parts = [torch.as_tensor(x, dtype=dtype) for x in (original_size, crop_top_left, target_size)]
     for name, p in zip(("original_size", "crop_top_left", "target_size"), parts):
         if p.shape[-1:] != (2,):

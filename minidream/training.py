@@ -175,12 +175,11 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None) -> Pat
 def settings(cfg: TrainConfig, method_class: type[Method], dist):
     """The run's complete settings (presets filled, everything checked), subject, device, precision."""
     cfg = resumed_config(cfg) if cfg.resume else TrainConfig(**asdict(cfg))
+    why = ""
     if cfg.model is None:
         path, why = default_model_path()
-        cfg.model = str(path)
-        print(f"model: {path} ({why})")
-    else:
-        print(f"model: {cfg.model}")
+        cfg.model, why = str(path), f" ({why})"
+    print(f"model: {cfg.model}{why}")
     device = dist.device or torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(cfg.precision, device)
     if precision.note:
@@ -309,17 +308,15 @@ def validate(model, prompts, cfg: TrainConfig, run: Path, device, dist, step: in
     """A grid (one row per prompt, one column per seed) from the model as it is now, with fixed seeds."""
     path = None
     if dist.is_main:
-        parts = [model.vae, model.text.text_encoder, model.text.text_encoder_2]
-        homes = [None if p is None else next(p.parameters()).device for p in parts]
+        parts = [p for p in (model.vae, model.text.text_encoder, model.text.text_encoder_2) if p is not None]
+        homes = [next(p.parameters()).device for p in parts]
         for p in parts:  # the VAE and text encoders come back to the GPU only for this
-            if p is not None:
-                p.to(device)
+            p.to(device)
         images = [generate(model, prompt, sampler="ddim", steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale,
                            seed=seed, height=cfg.resolution, width=cfg.resolution, progress=False)[0]
                   for prompt in prompts for seed in cfg.validation_seeds]
         for p, home in zip(parts, homes):
-            if p is not None:
-                p.to(home)
+            p.to(home)
         grid = labelled_grid(images, prompts, columns=len(cfg.validation_seeds))
         metadata = {"step": step, "prompts": prompts, "seeds": cfg.validation_seeds}
         path = save_png(run / "validation" / f"step-{step:06d}.png", grid, metadata)

@@ -60,9 +60,7 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm, proj_in, `depth` TransformerBlocks over the H*W positions, proj_out, plus a residual.
-
-    proj_in/out are 1x1 convs on the map (SD 1.x) or Linears on the tokens (SD 2.x, SDXL)."""
+    """GroupNorm, proj_in, `depth` TransformerBlocks over the H*W positions, proj_out, plus a residual."""
 
     def __init__(self, channels, heads, depth, cfg):
         super().__init__()
@@ -98,9 +96,8 @@ class DownLevel(nn.Module):
 
     def __init__(self, in_ch, out_ch, temb_ch, num_layers, has_attention, heads, depth, add_downsample, cfg):
         super().__init__()
-        groups, eps = cfg.norm_num_groups, cfg.norm_eps
-        self.resnets = nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps)
-                                      for i in range(num_layers)])
+        self.resnets = nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb_ch, cfg.norm_num_groups,
+                                                  cfg.norm_eps) for i in range(num_layers)])
         n_attn = num_layers if has_attention else 0  # an empty ModuleList adds no keys
         self.attentions = nn.ModuleList([SpatialTransformer(out_ch, heads, depth, cfg) for _ in range(n_attn)])
         self.downsamplers = nn.ModuleList([Downsample(out_ch, cfg.downsample_padding)]) if add_downsample else None
@@ -124,8 +121,8 @@ class MidBlock(nn.Module):
 
     def __init__(self, ch, temb_ch, heads, depth, cfg):
         super().__init__()
-        groups, eps = cfg.norm_num_groups, cfg.norm_eps
-        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, temb_ch, groups, eps) for _ in range(2)])
+        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps)
+                                      for _ in range(2)])
         self.attentions = nn.ModuleList([SpatialTransformer(ch, heads, depth, cfg)])
         self.gradient_checkpointing = False
 
@@ -136,17 +133,13 @@ class MidBlock(nn.Module):
 
 
 class UpLevel(nn.Module):
-    """One decoder level: `num_layers` x (concat a skip, resnet [+ spatial transformer]), upsample.
-
-    in_ch: width of the encoder level below (its downsampler output is this level's last skip);
-    prev_ch: width coming up from the deeper decoder level."""
+    """One decoder level: `num_layers` x (concat a skip, resnet [+ spatial transformer]), upsample."""
 
     def __init__(self, in_ch, prev_ch, out_ch, temb_ch, num_layers, has_attention, heads, depth, add_upsample, cfg):
         super().__init__()
-        groups, eps = cfg.norm_num_groups, cfg.norm_eps
         x_chs = [prev_ch] + [out_ch] * (num_layers - 1)  # from the deeper level, then this level's own
         skip_chs = [out_ch] * (num_layers - 1) + [in_ch]  # the last skip is the encoder level below's output
-        self.resnets = nn.ModuleList([ResnetBlock(x + s, out_ch, temb_ch, groups, eps)
+        self.resnets = nn.ModuleList([ResnetBlock(x + s, out_ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps)
                                       for x, s in zip(x_chs, skip_chs)])
         n_attn = num_layers if has_attention else 0
         self.attentions = nn.ModuleList([SpatialTransformer(out_ch, heads, depth, cfg) for _ in range(n_attn)])
@@ -154,7 +147,6 @@ class UpLevel(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, x, skips, temb, context):
-        """Consumes (pops) its skip connections from the end of the list `skips`."""
         for i, resnet in enumerate(self.resnets):
             x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             x = maybe_checkpoint(self.gradient_checkpointing, resnet, x, temb)
@@ -192,8 +184,7 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
-        ch = cfg.block_out_channels
-        n = len(ch)
+        ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
         layers, depths, heads = cfg.per_level()
         temb_ch = cfg.time_embed_mult * ch[0]
 
@@ -204,25 +195,21 @@ class UNet(nn.Module):
 
         self.down_blocks = nn.ModuleList([
             DownLevel(ch[max(i - 1, 0)], ch[i], temb_ch, layers[i], DOWN_TYPES[kind], heads[i], depths[i],
-                      add_downsample=i < n - 1, cfg=cfg) for i, kind in enumerate(cfg.down_block_types)
-        ])
+                      add_downsample=i < n - 1, cfg=cfg) for i, kind in enumerate(cfg.down_block_types)])
         self.mid_block = MidBlock(ch[-1], temb_ch, heads[-1], depths[-1], cfg)
         self.up_blocks = nn.ModuleList([  # from the deepest level back to the first
             UpLevel(ch[max(lv - 1, 0)], ch[min(lv + 1, n - 1)], ch[lv], temb_ch, layers[lv] + 1, UP_TYPES[kind],
                     heads[lv], depths[lv], add_upsample=lv > 0, cfg=cfg)
-            for lv, kind in zip(reversed(range(n)), cfg.up_block_types)
-        ])
+            for lv, kind in zip(reversed(range(n)), cfg.up_block_types)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, kernel_size=3, padding=1)
         self.gradient_checkpointing = False
 
     def enable_gradient_checkpointing(self, on=True):
         """Recompute every resnet and transformer block's activations in backward instead of storing them."""
-        self.gradient_checkpointing = on
-        for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
-            block.gradient_checkpointing = on
-            for transformer in block.attentions:
-                transformer.gradient_checkpointing = on
+        for module in self.modules():  # the UNet itself, its levels and their spatial transformers
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = on
 
     def _micro_conditioning(self, pooled, time_ids, batch, dtype):
         """SDXL micro-conditioning (Podell et al. 2023 sec. 2.2): pooled text + a sinusoid per time id."""
@@ -241,8 +228,7 @@ class UNet(nn.Module):
         return torch.cat([pooled.to(dtype), ids.to(dtype)], dim=-1)  # (B, P + 6*D)
 
     def forward(self, x, t, context, pooled=None, time_ids=None):
-        cfg = self.config
-        B = x.shape[0]
+        cfg, B = self.config, x.shape[0]
         t = torch.as_tensor(t, device=x.device).reshape(-1)
         if t.numel() not in (1, B):
             raise ValueError(f"UNet: got {t.numel()} timesteps for a batch of {B}; give one, or one per sample")

@@ -1,6 +1,4 @@
-"""UNetConfig: every width, depth and head count of a Stable Diffusion UNet (SD 1.x, 2.x, SDXL).
-
-Field names equal diffusers' unet/config.json keys; features minidream lacks are refused by name."""
+"""UNetConfig: every width, depth and head count of a Stable Diffusion UNet (SD 1.x, 2.x, SDXL)."""
 
 from dataclasses import dataclass
 
@@ -20,8 +18,7 @@ _UNET_FEATURE_OFF = {
     "only_cross_attention": (False,), "resnet_out_scale_factor": (1.0,), "resnet_skip_time_act": (False,),
     "resnet_time_scale_shift": ("default",), "reverse_transformer_layers_per_block": (None,),
     "time_cond_proj_dim": (None,), "time_embedding_act_fn": (None,), "time_embedding_dim": (None,),
-    "time_embedding_type": ("positional",), "timestep_post_act": (None,),
-}
+    "time_embedding_type": ("positional",), "timestep_post_act": (None,)}
 # diffusers' UNet2DConditionModel defaults (an SD 1.x UNet), used for keys a config.json omits.
 _UNET_LIBRARY_DEFAULTS = dict(
     sample_size=None, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
@@ -30,8 +27,7 @@ _UNET_LIBRARY_DEFAULTS = dict(
     layers_per_block=2, transformer_layers_per_block=1, attention_head_dim=8, num_attention_heads=None,
     cross_attention_dim=1280, use_linear_projection=False, upcast_attention=False, addition_embed_type=None,
     addition_time_embed_dim=None, projection_class_embeddings_input_dim=None, norm_num_groups=32,
-    norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
-)
+    norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1)
 # Keys with no effect on the models minidream builds.
 _UNET_IGNORED = {"addition_embed_type_num_heads"}  # only used by addition_embed_type "text"
 

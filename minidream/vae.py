@@ -91,8 +91,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for block in self.down_blocks:
             h = block(h)
-        h = self.mid_block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(h))))
 
 
 class Decoder(nn.Module):
@@ -115,15 +114,6 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
-def sample_latent(mean, logvar, generator=None):
-    """z = mean + exp(logvar / 2) * eps ~ N(mean, exp(logvar)) (reparameterisation, Kingma & Welling 2014).
-
-    eps is drawn on the generator's device as diffusers draws it, so a seed gives the same latent in both."""
-    device = generator.device if generator is not None else mean.device
-    eps = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
-    return mean + torch.exp(0.5 * logvar) * eps
-
-
 def vae_dtype(config, wanted):
     """The dtype to run the VAE in: fp32 instead of fp16 when config.force_upcast (the SDXL VAE overflows
     fp16: NaN latents, black images). An fp16-fix VAE keeps fp16; bf16 (fp32's range) is kept, as in diffusers."""
@@ -133,15 +123,13 @@ def vae_dtype(config, wanted):
 # diffusers vae/config.json keys for features minidream does not implement, with their "off" values.
 _VAE_FEATURE_OFF = {
     "act_fn": ("silu",), "shift_factor": (None,), "latents_mean": (None,), "latents_std": (None,),
-    "use_quant_conv": (True,), "use_post_quant_conv": (True,), "mid_block_add_attention": (True,),
-}
+    "use_quant_conv": (True,), "use_post_quant_conv": (True,), "mid_block_add_attention": (True,)}
 
 # diffusers' AutoencoderKL defaults, for keys a config.json omits (old SD 1.x files lack scaling_factor).
 _VAE_LIBRARY_DEFAULTS = dict(
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
     block_out_channels=(64,), layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=32,
-    scaling_factor=0.18215, force_upcast=True,
-)
+    scaling_factor=0.18215, force_upcast=True)
 
 
 @dataclass
@@ -177,8 +165,7 @@ class VAEConfig:
 
 
 class VAE(nn.Module):
-    """encode(x) -> (mean, logvar); sample_latent(mean, logvar, generator) -> z; decode(z) -> x.
-    Images (B, 3, H, W) in [-1, 1]; latents (B, 4, H/8, W/8), unscaled. Run in vae_dtype(config, dtype)."""
+    """encode(x) -> (mean, logvar) of z; decode(z) -> x. Run in vae_dtype(config, dtype)."""
 
     def __init__(self, config: VAEConfig):
         super().__init__()

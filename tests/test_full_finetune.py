@@ -18,7 +18,8 @@ from minidream.method import text_encoders
 from minidream.methods import build_method
 from minidream.methods.full_finetune import FullFinetune
 from minidream.model import load_model
-from minidream.optim import make_optimizer, optimizer_state_bytes
+from minidream.optim import make_optimizer
+from minidream.planner.memory import optimizer_state_bytes
 from minidream.schedule import alphas_cumprod
 from minidream.step import Batch, apply_gradients, training_step
 from minidream.toy.tiny import write_tiny_sdxl

@@ -16,7 +16,8 @@ from lora_models import (count_trainable_parameters, randomize_lora, reference_u
                          unet_inputs, unet_under_test)
 from minidream.lora import (TEXT_ATTENTION, UNET_ATTENTION, UNET_CONV, UNET_FEEDFORWARD, UNET_PROJ,
                             LoRAConv2d, LoRALinear, adapter_names, inject_lora, lora_parameters, lora_state_dict,
-                            mark_only_lora_trainable, merge_lora, remove_adapter, unmerge_lora, wrap_module)
+                            mark_only_lora_trainable, wrap_module)
+from minidream.formats.lora_files import merge_lora, remove_adapter, unmerge_lora
 from minidream.lora_file import get_adapter_weights
 
 ROOT = Path(__file__).resolve().parent.parent

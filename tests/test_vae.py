@@ -9,7 +9,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from minidream.vae import VAE, VAEConfig, sample_latent, vae_dtype
+from minidream.toy.pretrain import sample_latent
+from minidream.vae import VAE, VAEConfig, vae_dtype
 from tests._model_factory import (
     TINY_VAE, load_minidream, rel_err, save_diffusers, sdxl_config,
 )

@@ -42,8 +42,8 @@ from minidream.data import Subject, load_subject, open_rgb
 from minidream.eval import metrics
 from minidream.eval.eval_prompts import custom_prompts, dreambooth_prompts, subject_kind
 from minidream.files import save_png, write_json, write_text
-from minidream.formats.lora_files import load_lora
-from minidream.lora import adapter_names, remove_adapter
+from minidream.formats.lora_files import load_lora, remove_adapter
+from minidream.lora import adapter_names
 from minidream.model import default_model_path, load_model
 from minidream.runs import LORA_FILE
 

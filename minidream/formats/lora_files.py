@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from minidream.lora import LoRAWeights, merge_lora
+from minidream.lora import LoRAWeights, lora_layers, require_adapter
 from minidream.formats.lora_weights import LoRAFileError, check_adapter_weights, load_adapter_weights, mismatch_error
 from minidream.lora_file import DIFFUSERS_METADATA_KEY, diffusers_tensors, file_module_name
 from minidream.lora_file import save_lora as save_diffusers_layout
@@ -310,12 +310,31 @@ def save_lora(path, *, layout: str = "diffusers", **models_and_metadata) -> Path
                                  to_tensors=lambda adapters: lora_to_tensors(adapters, layout, unet))
 
 
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` from every LoRA layer of `model` (they stay LoRA layers)."""
+    require_adapter(model, name)
+    for _, layer in lora_layers(model):
+        if name in layer.lora_A:
+            layer.remove_adapter(name)
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold all active adapters into the base weights (fast sampling: plain matmuls only)."""
+    for _, layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
 def add_loras(model, loras, fuse: bool = True) -> list[str]:
     """Apply LoRA files to the model: `loras` is [(path, scale), ...]; returns the adapter names.
 
     Each file may hold UNet and text-encoder adapters (diffusers or kohya layout); every key must
     fit, or nothing of that file is loaded. fuse=True folds all of them into the base weights
-    (W += scale * B A * alpha / r, lora.merge_lora), so sampling runs plain matmuls at the base
+    (W += scale * B A * alpha / r, merge_lora), so sampling runs plain matmuls at the base
     model's speed; unmerge_lora undoes it.
     """
     text = model.text

@@ -36,7 +36,7 @@ from torch import nn
 
 from minidream.checkpoint import detect, text_encoder_parts, text_encoder_weights, unet_weights, vae_weights
 from minidream.files import atomic_write, write_json
-from minidream.loading import materialize
+from minidream.loading import Weights, read_tensors
 from minidream.model import find_tokenizer_dir
 
 # ----------------------------------------------------------------------------- a diffusers folder's layout
@@ -54,6 +54,12 @@ WEIGHT_FILES = {  # part -> the safetensors file in its folder
     "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors",
 }
 SDXL_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def materialize(weights: Weights, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read every tensor of `weights` into an ordinary state dict, floating-point ones in `dtype` if given."""
+    return {name: tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            for name, tensor in read_tensors(weights)}
 
 
 def transformers4_names(state: dict) -> dict:

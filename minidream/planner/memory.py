@@ -7,7 +7,7 @@ the model built from its config.json files alone, so a user can check before dow
     -> fake CPU tensors -> step.training_step (forward, loss, backward; the same function train()
        calls) under CUDA's autocast policy, counting the bytes alive at every op
     -> + optimizer states and the optimizer step (bitsandbytes cannot run on fake tensors: counted
-       from optim.optimizer_state_bytes, which matches AdamW8bit byte for byte)
+       from optimizer_state_bytes, which matches AdamW8bit byte for byte)
     -> + a stated margin -> compared with what a T4 offers
 
 The other phases of a run that put weights on the GPU are planned the same way: encoding the
@@ -19,6 +19,7 @@ with guidance, batch 2, then a VAE decode). The time per step is estimated from 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,11 +27,11 @@ import torch
 
 from minidream.checkpoint import (CheckpointError, build_text_encoder, build_unet, build_vae, detect,
                                   text_encoder_parts, text_encoder_weights, unet_weights, vae_weights)
-from minidream.config import TrainingError, check_config, fill_defaults
+from minidream.config import OPTIMIZERS, TrainingError, check_config, fill_defaults
 from minidream.loading import parameters_on_meta
 from minidream.methods import build_method
 from minidream.model import REPO, SDXL_LOCATIONS, Model
-from minidream.optim import DTYPES, Precision, optimizer_state_bytes
+from minidream.optim import BNB_MIN_8BIT_SIZE, DTYPES, Precision
 from minidream.pipeline import unet_closure
 from minidream.planner.fake_run import (ByteCounter, ShapeTokenizer, count_gradients, cuda_autocast_policy,
                                         fake_tensors, materialize)
@@ -50,6 +51,19 @@ OPTIMIZER_BYTES_PER_VALUE = 24  # ~ unscale (read + write grad) + clip (read gra
 ATTENTION_NOTE = ("a T4 (Turing, sm_75) has no FlashAttention-2: torch's SDPA runs its memory-efficient kernel, "
                   "which keeps the output and one logsumexp per query for backward and never materialises the "
                   "(B, heads, L, L) scores")
+BNB_BLOCK = 256  # bitsandbytes AdamW8bit: one fp32 scale per block of 256 values
+
+
+def optimizer_state_bytes(params, name: str = "adamw8bit") -> int:
+    """Bytes of Adam's two moments for `params` (shapes only: meta tensors work). AdamW: two fp32 moments.
+    AdamW8bit: two uint8 moments plus an fp32 scale per 256-element block each; under 4096 elements, fp32."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+    total = 0
+    for p in params:
+        n = p.numel()
+        total += 8 * n if name == "adamw" or n < BNB_MIN_8BIT_SIZE else 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK)
+    return total
 
 
 # ----------------------------------------------------------------------------- the model, on meta

@@ -43,7 +43,6 @@ from minidream.optim import lr_at
 from minidream.schedule import ScheduleConfig, alphas_cumprod as alphas_cumprod_of
 from minidream.step import Batch, apply_gradients, training_step
 from minidream.text import encode_text, sdxl_time_ids
-from minidream.vae import sample_latent
 
 
 @dataclass
@@ -91,6 +90,15 @@ def kl_to_standard_normal(mean, logvar):
     """KL(N(mean, exp(logvar)) || N(0, 1)) per latent element, averaged (Kingma & Welling 2014,
     "Auto-Encoding Variational Bayes", appendix B: -KL = 1/2 sum(1 + log s^2 - m^2 - s^2))."""
     return 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()
+
+
+def sample_latent(mean, logvar, generator=None):
+    """z = mean + exp(logvar / 2) * eps ~ N(mean, exp(logvar)) (reparameterisation, Kingma & Welling 2014).
+
+    eps is drawn on the generator's device as diffusers draws it, so a seed gives the same latent in both."""
+    device = generator.device if generator is not None else mean.device
+    eps = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
+    return mean + torch.exp(0.5 * logvar) * eps
 
 
 def train_vae(vae, pictures: np.ndarray, cfg: PretrainConfig, generator: torch.Generator, start: float):
