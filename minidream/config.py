@@ -21,6 +21,8 @@ METHODS = ("lora", "full", "textual-inversion")
 OPTIMIZERS = ("adamw8bit", "adamw")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine")
 PRECISIONS = ("fp16", "bf16", "fp32")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # a LoRA run's result (the name diffusers looks for)
+EMBEDDING_FILE = "learned_embeds.safetensors"  # what textual inversion writes (diffusers' name)
 TINY_MAX_SIZE = 128  # px: a model whose native images are this small gets the "tiny" preset
 
 # Every model-dependent setting, per (model kind, method). Full fine-tuning moves every weight: an lr
@@ -134,6 +136,14 @@ def preset_kind(image_size: int) -> str:
     return "tiny" if image_size <= TINY_MAX_SIZE else "sdxl"
 
 
+def default_cpu_threads(image_size: int) -> int | None:
+    """Torch CPU threads for a model of native side `image_size` (train.py, sample.py, morphs): one for tiny
+    models, whose ops are so small that handing each to several threads costs more than the math (here a
+    30-step 64 px image: about 1 s with one thread, 16-20 s with torch's default on a busy 2-core machine);
+    None (torch's default) otherwise."""
+    return PRESETS[preset_kind(image_size), "lora"]["cpu_threads"]
+
+
 def fill_defaults(cfg: TrainConfig, image_size: int) -> str:
     """Fill every None setting from PRESETS for a model of native side `image_size` px; returns a note."""
     kind = preset_kind(image_size)
@@ -143,13 +153,14 @@ def fill_defaults(cfg: TrainConfig, image_size: int) -> str:
     for k, v in chosen.items():
         setattr(cfg, k, v)
     notes = []
-    if kind == "tiny" and chosen:
-        notes.append(f"tiny model ({image_size} px): demo settings " + ", ".join(f"{k} {v}" for k, v in chosen.items())
-                     + " (flags you pass override these)")
     if cfg.method == "textual-inversion" and cfg.prior:
         cfg.prior = False
         notes.append("textual inversion trains without class images: the model is frozen, and the class prompt "
                      "does not contain the new word, so the prior term would have no gradient")
+    shown = {k: v for k, v in chosen.items() if cfg.prior or k not in ("num_class_images", "class_steps")}
+    if kind == "tiny" and shown:
+        settings = ", ".join(f"{k} {v}" for k, v in shown.items())
+        notes.insert(0, f"tiny model ({image_size} px): demo settings {settings} (flags you pass override these)")
     return "\n".join(notes)
 
 

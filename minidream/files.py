@@ -18,6 +18,9 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the user's usual permissions, whatever mode the writer chose
         os.replace(tmp, path)
     except BaseException:  # KeyboardInterrupt too: never leave the temporary file behind
         tmp.unlink(missing_ok=True)

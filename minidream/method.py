@@ -15,8 +15,7 @@ from torch import nn
 from minidream.lora import (TEXT_ATTENTION, inject_lora, lora_parameters, lora_state_dict, mark_only_lora_trainable,
                             unet_targets)
 from minidream.lora_file import save_lora
-from minidream.runs import LORA_FILE
-from minidream.config import TrainingError
+from minidream.config import LORA_FILE, TrainingError
 
 
 class Method:

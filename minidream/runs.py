@@ -18,20 +18,26 @@ from PIL import Image, ImageDraw, ImageFont
 
 from minidream.files import atomic_write, write_text
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) looks for
 CHECKPOINT = re.compile(r"^step-(\d{6})\.pt$")
 LOG_COLUMNS = ("step", "loss", "instance_loss", "prior_loss", "lr", "grad_norm", "skipped", "seconds")
 
 
+def new_folder(path) -> Path:
+    """Make the folder `path`, or path-2, path-3, ... if it exists. mkdir either creates or fails, so two
+    processes starting at once never get the same folder, and nothing already written is ever reused."""
+    folder, n = Path(path), 1
+    while True:
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            n += 1
+            folder = Path(f"{path}-{n}")
+
+
 def new_run_folder(out, subject_name: str) -> Path:
-    """out/<subject>-<YYYYmmdd-HHMMSS>, with -2, -3, ... if two runs start in the same second."""
-    stem = Path(out) / f"{subject_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder, n = stem, 1
-    while folder.exists():
-        n += 1
-        folder = stem.with_name(f"{stem.name}-{n}")
-    folder.mkdir(parents=True)
-    return folder
+    """out/<subject>-<YYYYmmdd-HHMMSS> (-2, -3, ... if two runs start in the same second)."""
+    return new_folder(Path(out) / f"{subject_name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -140,27 +146,37 @@ def draw_loss_curve(rows: list[dict], size=(720, 400)) -> Image.Image:
 MIN_TILE = 128  # px
 
 
-def labelled_grid(images: list[Image.Image], prompts: list[str], columns: int) -> Image.Image:
-    """Validation grid: one row per prompt (its text on the left), one column per seed. Pictures
-    under MIN_TILE px (the tiny model's 64 px) are enlarged by a whole factor, pixels kept sharp."""
+def wrap(text: str, font, width: int) -> str:
+    """`text` broken into lines no wider than `width` px (a longer single word keeps its line)."""
+    lines = [""]
+    for word in text.split():
+        fits = font.getlength(f"{lines[-1]} {word}") <= width
+        lines[-1:] = [f"{lines[-1]} {word}".strip()] if fits or not lines[-1] else [lines[-1], word]
+    return "\n".join(lines)
+
+
+def labelled_grid(images: list[Image.Image], row_labels: list[str], column_labels: list[str] | None = None
+                  ) -> Image.Image:
+    """One row per row label (its text on the left, in a column as wide as the longest line needs), the
+    images of that row beside it, and `column_labels` (e.g. seeds) above the columns. Pictures under
+    MIN_TILE px (the tiny model's 64 px) are enlarged by a whole factor, pixels kept sharp."""
+    columns = len(images) // len(row_labels)
     factor = max(1, -(-MIN_TILE // images[0].width))  # ceil(MIN_TILE / width)
     images = [im.resize((im.width * factor, im.height * factor), Image.NEAREST) for im in images]
-    side = images[0].width
-    font = ImageFont.load_default(size=max(10, side // 10))  # scalable (Pillow >= 10.1)
-    label_width = max(3 * side, 200)
-    grid = Image.new("RGB", (label_width + columns * side, len(prompts) * side), "white")
+    side, height = images[0].size
+    font = ImageFont.load_default(size=max(12, min(side, 512) // 11))  # scalable (Pillow >= 10.1)
+    labels = [wrap(text, font, max(side, 192)) for text in row_labels]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max(measure.multiline_textbbox((0, 0), t, font=font)[2] for t in labels) + 12
+    top = font.size + 10 if column_labels else 0
+    grid = Image.new("RGB", (label_width + columns * side, top + len(labels) * height), "white")
     draw = ImageDraw.Draw(grid)
-    for row, prompt in enumerate(prompts):
-        lines, line = [], ""
-        for word in prompt.split():  # wrap the prompt to the label column
-            if line and draw.textlength(f"{line} {word}", font=font) > label_width - 8:
-                lines.append(line)
-                line = word
-            else:
-                line = f"{line} {word}".strip()
-        draw.multiline_text((4, row * side + 4), "\n".join(lines + [line]), fill="black", font=font)
+    for col, text in enumerate(column_labels or []):
+        draw.text((label_width + col * side + 4, 4), text, fill="black", font=font)
+    for row, text in enumerate(labels):
+        draw.multiline_text((6, top + row * height + 4), text, fill="black", font=font)
         for col in range(columns):
-            grid.paste(images[row * columns + col], (label_width + col * side, row * side))
+            grid.paste(images[row * columns + col], (label_width + col * side, top + row * height))
     return grid
 
 

@@ -42,7 +42,9 @@ def _tokenize(tokenizer: CLIPTokenizer, texts: list[str], length: int, warn: boo
     for text, ids in zip(texts, tokenizer(texts, verbose=False).input_ids):  # verbose: no second warning
         if warn and len(ids) > length:
             dropped = tokenizer.decode(ids[length - 1 : -1])
-            warnings.warn(f"prompt {text[:40]!r}... is {len(ids)} tokens, CLIP reads {length}: dropped {dropped!r}")
+            more = f"... ({len(ids) - length} tokens in all)" if len(dropped) > 60 else ""
+            warnings.warn(f"prompt {text[:40]!r}... is {len(ids)} tokens, CLIP reads {length}: dropped "
+                          f"{dropped[:60]!r}{more}")
     return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
 
 

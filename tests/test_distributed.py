@@ -168,7 +168,7 @@ def losses(run: Path) -> list[list[float]]:
 
 
 def only_run(folder: Path) -> Path:
-    (run,) = [p for p in folder.iterdir() if p.name.startswith("raj-")]
+    (run,) = [p for p in folder.iterdir() if p.name.startswith("raj-") and not p.is_symlink()]  # not raj-latest
     return run
 
 
@@ -224,8 +224,9 @@ def test_class_images_are_split_across_ranks_and_equal_one_process_images(runs):
 
 
 def test_only_rank_zero_writes_and_resume_continues_exactly(runs):
-    for name in RUNS:  # one run folder per run, made by rank 0 (rank 1 learned its name)
-        assert len([p for p in (runs / f"ddp-{name}").iterdir()]) == 1
+    for name in RUNS:  # one run folder per run, made by rank 0 (rank 1 learned its name), and raj-latest
+        made = sorted((runs / f"ddp-{name}").iterdir())
+        assert len(made) == 2 and made[1].name == "raj-latest" and made[1].resolve() == made[0].resolve()
     resumed, uninterrupted = only_run(runs / "ddp-resumed"), only_run(runs / "ddp-lora")
     assert losses(resumed) == losses(uninterrupted)
     a, b = load_file(resumed / "pytorch_lora_weights.safetensors"), load_file(uninterrupted / "pytorch_lora_weights.safetensors")

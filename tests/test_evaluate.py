@@ -3,6 +3,9 @@ tiny SDXL with tiny CLIP / DINO models (CPU, tiny settings: 2 prompts x 2 images
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,8 @@ from minidream import pipeline
 from minidream.eval import evaluate, metrics
 from minidream.eval.eval_prompts import LIVE_PROMPTS, OBJECT_PROMPTS, custom_prompts, dreambooth_prompts, subject_kind
 from minidream.model import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -146,12 +151,22 @@ def test_missing_metric_model_fails_before_sampling(setup, tmp_path, monkeypatch
         evaluate.main(argv)
 
 
+def test_the_command_without_metric_weights_says_so_in_one_line(setup, tmp_path):
+    argv = ["--lora", str(setup["prior"]), "--subject", str(setup["subject"]), *tiny_args(setup, tmp_path)]
+    argv[argv.index("--dino") + 1] = str(tmp_path / "no-dino-here")
+    done = subprocess.run([sys.executable, "-m", "minidream.eval.evaluate", *argv], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.strip().splitlines()[-1]  # after transformers' progress bar of the CLIP that did load
+    assert done.stderr.count("error:") == 1 and line.startswith("python -m minidream.eval.evaluate: error: ") and "hf download facebook/dino-vits16" in line
+
+
 def test_bad_input_is_named(setup, tmp_path):
-    with pytest.raises(SystemExit, match="--no-prior"):
+    with pytest.raises(evaluate.EvalError, match="--no-prior"):
         evaluate.main(["--prior", str(setup["prior"]), *tiny_args(setup, tmp_path)])
     with pytest.raises(ValueError, match="--subject"):
         evaluate.main(["--lora", str(setup["prior"]), *tiny_args(setup, tmp_path)])
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(evaluate.EvalError, match="config.json"):
         evaluate.main([str(tmp_path), *tiny_args(setup, tmp_path)])
 
 
@@ -159,8 +174,9 @@ def test_train_pair_then_experiment(setup, tmp_path):
     """The experiment from scratch: train with and without prior preservation, then the 8-row table."""
     tiny = dict(steps=2, num_class_images=2, class_steps=2, validate_every=0, save_every=0, device="cpu",
                 resolution=64)
-    prior_run, no_prior_run = evaluate.train_pair(str(setup["subject"]), str(tmp_path / "runs"),
-                                                  str(setup["model"]), **tiny)
+    with pytest.warns(UserWarning, match="smaller than the training resolution 64"):  # the 40 x 48 test photos
+        prior_run, no_prior_run = evaluate.train_pair(str(setup["subject"]), str(tmp_path / "runs"),
+                                                      str(setup["model"]), **tiny)
     assert json.loads((prior_run / "config.json").read_text())["prior"] is True
     assert json.loads((no_prior_run / "config.json").read_text())["prior"] is False
     rows = evaluate.main(["--prior", str(prior_run), "--no-prior", str(no_prior_run), "--steps", "2", "3",

@@ -91,6 +91,7 @@ def test_sample_cli_writes_frames_and_a_looping_gif(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--prompt", "a photo of rraj person", "--steps", "2", "--out", str(out), "--no-progress"]
     assert sample.main(argv + ["--morph", "2", "--frames", "4", "--fps", "10"]) == 0
+    (out,) = out.iterdir()  # this call's own folder
     with Image.open(out / "morph.gif") as im:
         assert im.n_frames == 4 and im.info["loop"] == 0 and im.info["duration"] == 100
     assert sorted(p.name for p in (out / "morph").iterdir()) == [f"frame-{k:04d}.png" for k in range(4)]

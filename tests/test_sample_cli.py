@@ -32,6 +32,9 @@ SETTINGS = dict(num_images=2, steps=3, seed=4, guidance=4.0, negative="blurry", 
 def error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
     """{case: (arguments, what the one-line error must say)}."""
     (tmp / "empty").mkdir()
+    unfinished = tmp / "raj-20260101-120000"  # a run folder stopped before its LoRA was written
+    (unfinished / "checkpoints").mkdir(parents=True)
+    (unfinished / "config.json").write_text("{}")
     (tmp / "binary.txt").write_bytes(b"\xff\xfe\x00 not utf-8 \x80")
     (tmp / "comments.txt").write_text("# only a comment\n\n")
     (tmp / "not_a_lora.safetensors").write_bytes(b"this is not a safetensors file at all")
@@ -51,7 +54,12 @@ def error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "missing prompts file": (tiny + ["--prompts-file", str(tmp / "nope.txt")], "cannot read the prompts file"),
         "binary prompts file": (tiny + ["--prompts-file", str(tmp / "binary.txt")], "cannot read the prompts file"),
         "prompts file without prompts": (tiny + ["--prompts-file", str(tmp / "comments.txt")], "holds no prompts"),
-        "missing LoRA": (tiny + ["--prompt", "a dog", "--lora", str(tmp / "nope.safetensors:0.8")], "LoRA file"),
+        "missing LoRA": (tiny + ["--prompt", "a dog", "--lora", str(tmp / "nope.safetensors:0.8")],
+                         "nope.safetensors not found; give --lora FILE.safetensors[:SCALE]"),
+        "unfinished run as LoRA": (tiny + ["--prompt", "a dog", "--lora", str(unfinished)],
+                                   "without pytorch_lora_weights.safetensors (the run has not finished: continue it"),
+        "folder as embedding": (tiny + ["--prompt", "a dog", "--embedding", str(tmp / "empty")],
+                                "is a folder without learned_embeds.safetensors"),
         "LoRA that does not fit": (tiny + ["--prompt", "a dog", "--lora", str(tmp / "foreign_lora.safetensors")],
                                    "1 LoRA key(s) match no module of the unet"),
         "LoRA that is no safetensors": (tiny + ["--prompt", "a dog", "--lora", str(tmp / "not_a_lora.safetensors")],
@@ -82,13 +90,23 @@ def runs(tmp_path_factory):
             "--no-progress"]
     if default_model_path()[0] != TINY:  # a developer's downloaded SDXL would be the default: too slow here
         good += ["--model", str(TINY)]
-    cases = {"good": (good, ""), "help": (["--help"], "")} | error_cases(tmp)
-    processes = {name: start(args) for name, (args, _) in cases.items()}
+    shared = ["--model", str(TINY), "--steps", "2", "--out", str(tmp / "shared"), "--no-progress"]
+    same_time = {f"same out, at once {i}": (shared + ["--prompt", "a red ball", "--seed", str(i)], "") for i in (1, 2)}
+    cases = {"good": (good, ""), "help": (["--help"], "")} | same_time | error_cases(tmp)
+    results = run_all({name: args for name, (args, _) in cases.items()})
+    (out,) = (tmp / "out").iterdir()  # the good run's own new folder
+    return {"results": results, "expected": {k: v[1] for k, v in cases.items()}, "out": out, "lora": lora,
+            "shared": shared}
+
+
+def run_all(cases: dict[str, list[str]]) -> dict[str, tuple[int, str, str]]:
+    """Start every sample.py call at once; {case: (returncode, stdout, stderr)}."""
+    processes = {name: start(args) for name, args in cases.items()}
     results = {name: (p.wait(timeout=600), p.stdout.read(), p.stderr.read()) for name, p in processes.items()}
     for p in processes.values():
         p.stdout.close()
         p.stderr.close()
-    return {"results": results, "expected": {k: v[1] for k, v in cases.items()}, "out": tmp / "out", "lora": lora}
+    return results
 
 
 def test_generates_pngs_with_metadata_and_a_grid(runs):
@@ -102,6 +120,7 @@ def test_generates_pngs_with_metadata_and_a_grid(runs):
                                       "002-a-dog-on-the-beach-seed5-1.png", "003-a-dog-on-the-beach-seed5-2.png"]
     for p in [*pngs, runs["out"] / "grid.png"]:
         assert f"  {p.name}" in lines  # it says where each file went
+    assert any(runs["out"].name in line for line in lines)  # and in which folder
     for k, p in enumerate(pngs):
         meta = Image.open(p).text
         assert meta["prompt"] == PROMPTS[k // 2] and meta["seed"] == str(4 + k // 2)
@@ -109,9 +128,26 @@ def test_generates_pngs_with_metadata_and_a_grid(runs):
         assert (meta["negative_prompt"], meta["sampler"], meta["steps"], meta["guidance"], meta["size"]) == (
             "blurry", "ddim", "3", "4.0", "64x64")
         assert meta["model"].endswith("tiny-sdxl") and meta["loras"] == f"{runs['lora']}:0.5"
-    grid = Image.open(runs["out"] / "grid.png")
-    assert grid.size == (128, 128)  # 4 images of 64 x 64, 2 per row
-    assert (np.asarray(grid)[64:, :64] == np.asarray(Image.open(pngs[2]))).all()
+    grid = Image.open(runs["out"] / "grid.png")  # a row per prompt (its label on the left), a column per image
+    tile = 2 * 64  # 64 px pictures, enlarged 2x with sharp pixels
+    label_width, top = grid.width - 2 * tile, grid.height - 2 * tile
+    assert 0 < label_width <= 2 * tile and 0 < top < 40
+    second_prompt_first_image = Image.open(pngs[2]).resize((tile, tile), Image.NEAREST)
+    assert (np.asarray(grid)[top + tile:, label_width:label_width + tile] == np.asarray(second_prompt_first_image)).all()
+    assert grid.text["prompts"] == "\n".join(PROMPTS)
+
+
+def test_no_call_overwrites_another(runs):
+    """Two calls at once and one after them, into one --out: each writes its own folder; every image stays."""
+    for i in (1, 2):
+        assert runs["results"][f"same out, at once {i}"][0] == 0, runs["results"][f"same out, at once {i}"][2]
+    code, _, err = run_all({"after": runs["shared"] + ["--prompt", "a red ball", "--seed", "3"]})["after"]
+    assert code == 0, err
+    folders = sorted((Path(runs["shared"][runs["shared"].index("--out") + 1])).iterdir())
+    assert len(folders) == 3
+    seeds = sorted(Image.open(next(f.glob("000-*.png"))).text["seed"] for f in folders)
+    assert seeds == ["1", "2", "3"]  # one image per call, each in its own folder beside its own grid
+    assert all((f / "grid.png").is_file() for f in folders)
 
 
 def test_images_are_the_pipelines_with_the_lora_fused(runs):
@@ -139,7 +175,7 @@ def test_help_explains_every_flag(runs):
 @pytest.mark.parametrize("case", [
     "missing model", "folder that is not a model", "no prompt", "blank prompt", "height not a multiple of 8",
     "width zero", "unknown sampler", "unknown sampler, older flag", "missing prompts file", "binary prompts file", "prompts file without prompts",
-    "missing LoRA", "LoRA that does not fit", "LoRA that is no safetensors", "eta without ddim", "steps zero",
+    "missing LoRA", "unfinished run as LoRA", "folder as embedding", "LoRA that does not fit", "LoRA that is no safetensors", "eta without ddim", "steps zero",
     "not a number",
 ])
 def test_bad_input_is_one_line_and_exit_code_2(runs, case):

@@ -100,6 +100,9 @@ def test_long_prompt_is_truncated_with_a_warning_like_diffusers(ours, reference)
     assert len(ours.tokenizer(LONG).input_ids) > 77
     with pytest.warns(UserWarning, match="dropped"):
         mine = encode_prompt(ours, [LONG, "a cat"], LONG)
+    with pytest.warns(UserWarning, match="dropped") as caught:
+        encode_prompt(ours, LONG * 40, guidance=False)
+    assert len(str(caught[0].message)) < 250  # a few words of what is dropped, not thousands of characters
     assert_same(mine, reference_embeddings(reference, [LONG, "a cat"], LONG))
     # Truncation keeps the first 75 tokens: the same as the prompt cut short by hand.
     cut = ours.tokenizer.decode(ours.tokenizer(LONG).input_ids[1:76]).replace("</w>", " ")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -127,14 +128,17 @@ def test_train_then_sample_with_the_embedding(tmp_path, capsys):
     import sample
 
     out = tmp_path / "samples"
-    assert sample.main(["--embedding", str(file), "--prompt", "a photo of <rraj> person", "--steps", "2",
-                        "--out", str(out), "--no-progress"]) == 0
-    assert len(list(out.glob("000-*.png"))) == 1
+    assert sample.main(["--embedding", str(run), "--prompt", "a photo of <rraj> person", "--steps", "2",  # the run
+                        "--out", str(out), "--no-progress"]) == 0  # folder stands for its embedding file
+    (first,) = out.iterdir()
+    (image,) = first.glob("000-*.png")
+    assert Image.open(image).text["embeddings"] == str(file)  # recorded, to draw the image again
     # the same file under another name (FILE:TOKEN), and an error for a missing file
     assert sample.main(["--embedding", f"{file}:<me>", "--prompt", "a photo of <me>", "--steps", "1",
                         "--out", str(out), "--no-progress"]) == 0
+    assert len(list(out.iterdir())) == 2  # each call in its own folder
     assert sample.main(["--embedding", str(tmp_path / "nope.safetensors"), "--prompt", "x", "--out", str(out)]) == 2
-    assert "embedding file" in capsys.readouterr().err
+    assert "nope.safetensors not found; give --embedding FILE.safetensors[:TOKEN]" in capsys.readouterr().err
 
 
 def test_bad_words_and_files_fail_clearly(folder, tmp_path):

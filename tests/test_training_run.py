@@ -22,8 +22,8 @@ from minidream.formats.lora_files import load_lora
 from minidream.model import load_model
 from minidream.optim import make_optimizer
 from minidream.prior import fill_class_folder, plan_class_images
-from minidream.runs import LORA_FILE, MIN_TILE, labelled_grid
-from minidream.config import PRESETS, TrainConfig, TrainingError, fill_defaults
+from minidream.runs import MIN_TILE, labelled_grid
+from minidream.config import LORA_FILE, PRESETS, TrainConfig, TrainingError, fill_defaults
 from minidream.model import model_image_size
 from minidream.training import train
 
@@ -75,8 +75,10 @@ def test_a_run_writes_its_folder(world, tmp_path, capsys):
     assert sorted(p.name for p in (run / "validation").iterdir()) == [f"step-00000{i}.png" for i in (0, 2, 4)]
     grid = Image.open(run / "validation" / "step-000004.png")
     tile = size * -(-MIN_TILE // size)  # small pictures are enlarged by a whole factor
-    assert grid.height == 6 * tile and grid.width > 2 * tile  # 6 rows (the seed's 5 prompts + the class
-    assert "a photo of person" in grid.text["prompts"]  # prompt) x 2 seeds, after a column of labels
+    # 6 rows (5 edits of the instance prompt + the class prompt) x 2 seeds, a label column on the left
+    # and a row of seed labels on top
+    assert 6 * tile < grid.height < 6 * tile + 40 and 2 * tile < grid.width < 2 * tile + 4 * tile
+    assert "a photo of person" in grid.text["prompts"]
     assert [p.name for p in (run / "checkpoints").glob("*.pt")] == ["step-000004.pt"]  # keep_checkpoints=1
     assert not list(run.rglob(".*.tmp"))
 
@@ -103,8 +105,10 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_losses(world, tmp_path,
         return real_apply(*args, **kw)
 
     monkeypatch.setattr(training, "apply_gradients", apply_then_ctrl_c)
-    run = train(config(world, tmp_path / "b", **kwargs))
+    with pytest.raises(KeyboardInterrupt):  # after saving the checkpoint, as an unhandled Ctrl-C would
+        train(config(world, tmp_path / "b", **kwargs))
     monkeypatch.setattr(training, "apply_gradients", real_apply)
+    (run,) = (tmp_path / "b").glob("raj-*")
     assert len(losses(run)) == 3 and (run / "checkpoints" / "step-000003.pt").is_file()
     assert not (run / LORA_FILE).exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
@@ -255,7 +259,7 @@ def test_cli_user_errors_are_one_line(world, tmp_path, capsys, argv, message):
 def test_validation_grid_enlarges_small_pictures_without_blurring():
     tile = Image.new("RGB", (64, 64), "white")
     tile.putpixel((0, 0), (255, 0, 0))
-    grid = labelled_grid([tile, tile], ["a photo of rraj person"], columns=2)
+    grid = labelled_grid([tile, tile], ["a photo of rraj person"])
     factor = MIN_TILE // 64
     assert grid.height == 64 * factor
     left = grid.width - 2 * 64 * factor  # the label column

@@ -15,7 +15,7 @@ import argparse
 from dataclasses import MISSING, Field, dataclass, fields
 from pathlib import Path
 
-from minidream.config import METHODS, PRECISIONS, PRESETS, TrainConfig
+from minidream.config import EMBEDDING_FILE, LORA_FILE, METHODS, PRECISIONS, PRESETS, TrainConfig
 from minidream.errors import UserError
 
 ARGPARSE_TYPES = {"int": int, "float": float, "str": str, "list": str}  # a list's items are str unless "type" says
@@ -139,14 +139,16 @@ def sample_parser(description: str) -> Parser:
                        help="folder with tokenizer/ and tokenizer_2/ (single files carry no tokenizer)")
     model.add_argument("--variant", choices=["fp16"], help="read a folder's *.fp16.safetensors files")
     model.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                       help="a LoRA adapter and its strength [1.0]; repeat to combine several, "
-                            "e.g. --lora subject.safetensors --lora style.safetensors:0.8")
+                       help="a LoRA adapter (or a training run folder: its LoRA) and its strength [1.0]; repeat to "
+                            "combine several, e.g. --lora runs/raj-latest --lora style.safetensors:0.8")
     model.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                        help="a textual-inversion embedding (.safetensors, e.g. train.py --method textual-inversion's "
                             "learned_embeds.safetensors); prompts name it by TOKEN [the token stored in the file, "
                             "else the file name], e.g. '<rraj>'; repeatable")
     model.add_argument("--device", help="cpu, cuda, cuda:1, mps ... [cuda if available, else cpu]")
     model.add_argument("--dtype", choices=PRECISIONS, help="weights dtype [fp16 on cuda, fp32 elsewhere]")
+    model.add_argument("--cpu-threads", type=int, metavar="N",
+                       help="torch CPU threads [1 for the tiny model (fastest), torch's default for SDXL]")
 
     morph = p.add_argument_group("morph animation (a loop through N seeds' starting noise, spherical interpolation)")
     morph.add_argument("--morph", type=int, metavar="N", help="keyframes: seeds --seed .. --seed + N - 1, with one "
@@ -156,7 +158,8 @@ def sample_parser(description: str) -> Parser:
     morph.add_argument("--animation", choices=("gif", "webp"), default="gif",
                        help="file format of OUT/morph.FORMAT [%(default)s]")
 
-    p.add_argument("--out", default="runs/samples", metavar="DIR", help="where the PNGs go [%(default)s]")
+    p.add_argument("--out", default="runs/samples", metavar="DIR",
+                   help="each call writes into a new folder OUT/<date>-<time>-<prompt> [%(default)s]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -209,8 +212,8 @@ def check_numbers(args: argparse.Namespace) -> None:
         if value is not None and (value <= 0 or value % 8):
             raise UserError(f"--{name} {value} is not a positive multiple of 8 (the VAE's downsampling "
                             f"factor); use e.g. --{name} {max(8, value // 8 * 8)}")
-    for name in ("steps", "num_images"):
-        if getattr(args, name) < 1:
+    for name in ("steps", "num_images", "cpu_threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.eta <= 1:
         raise UserError(f"--eta must be between 0 and 1, got {args.eta}")
@@ -235,14 +238,24 @@ def check_morph(args: argparse.Namespace, prompts: list[str]) -> None:
         raise UserError("--morph makes one image per frame from its own noise: drop --num-images and --eta")
 
 
-def check_paths(args: argparse.Namespace, loras, embeddings) -> None:
-    """Every file or folder given exists (what they hold is checked when they are read)."""
-    for path, _ in loras:
-        if not path.is_file():
-            raise UserError(f"LoRA file {path} not found; give --lora FILE.safetensors[:SCALE]")
-    for path, _ in embeddings:
-        if not path.is_file():
-            raise UserError(f"embedding file {path} not found; give --embedding FILE.safetensors[:TOKEN]")
+def result_file(path: Path, name: str, flag: str, example: str) -> Path:
+    """The file a --lora / --embedding names: the file itself, or a training run folder's result inside it."""
+    if path.is_dir():
+        if (path / name).is_file():
+            return path / name
+        unfinished = " (the run has not finished: continue it with train.py --resume)" if (
+            path / "config.json").is_file() else ""
+        raise UserError(f"{flag} {path} is a folder without {name}{unfinished}; give {flag} {example}")
+    if not path.is_file():
+        raise UserError(f"{flag} {path} not found; give {flag} {example}, or a training run folder")
+    return path
+
+
+def check_paths(args: argparse.Namespace, loras, embeddings) -> tuple[list, list]:
+    """Every file or folder given exists (what they hold is checked when they are read); run folders given as
+    --lora / --embedding are replaced by their result files."""
+    loras = [(result_file(p, LORA_FILE, "--lora", "FILE.safetensors[:SCALE]"), s) for p, s in loras]
+    embeddings = [(result_file(p, EMBEDDING_FILE, "--embedding", "FILE.safetensors[:TOKEN]"), t) for p, t in embeddings]
     if args.vae and not Path(args.vae).exists():
         raise UserError(f"--vae {args.vae} does not exist; give a VAE folder or .safetensors file")
     if args.tokenizer and not Path(args.tokenizer).is_dir():
@@ -250,6 +263,7 @@ def check_paths(args: argparse.Namespace, loras, embeddings) -> None:
     if args.model and not Path(args.model).exists():
         raise UserError(f"--model {args.model} does not exist; give a diffusers SDXL folder or a .safetensors "
                         "file (README: 'Real SDXL on a T4'), or leave --model out for the bundled tiny model")
+    return loras, embeddings
 
 
 def check_sample_args(args: argparse.Namespace) -> SampleRequest:
@@ -261,5 +275,5 @@ def check_sample_args(args: argparse.Namespace) -> SampleRequest:
     check_morph(args, prompts)
     loras = [parse_lora(spec) for spec in args.lora]
     embeddings = [parse_embedding(spec) for spec in args.embedding]
-    check_paths(args, loras, embeddings)
+    loras, embeddings = check_paths(args, loras, embeddings)
     return SampleRequest(prompts, loras, embeddings)

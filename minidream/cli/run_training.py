@@ -1,7 +1,9 @@
-"""train.py's call: the core loop with the method cfg.method names, on every process torchrun started."""
+"""train.py's call: the core loop with the method cfg.method names, on every process torchrun started;
+then <out>/<subject>-latest points at the finished run."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import minidream.formats  # noqa: F401  (single-file checkpoints)
@@ -12,16 +14,38 @@ from minidream.training import train
 
 
 def run_training(cfg: TrainConfig, dist=None) -> Path:
-    """Train as cfg says (a resumed run keeps its saved method); returns the run folder.
+    """Train as cfg says (a resumed run keeps its saved method); returns the finished run's folder.
+    A run stopped by Ctrl-C raises KeyboardInterrupt once its checkpoint is saved.
 
     dist: the processes to train on; None joins torchrun's (or runs alone) and leaves them after.
     """
     if cfg.resume:
         cfg = resumed_config(cfg)
     if dist is not None:
-        return train(cfg, method_class(cfg.method), dist)
-    dist = distributed.setup(cfg.device)
+        run = train(cfg, method_class(cfg.method), dist)
+    else:
+        dist = distributed.setup(cfg.device)
+        try:
+            run = train(cfg, method_class(cfg.method), dist)
+        finally:
+            distributed.shutdown()
+    if dist.is_main:
+        link_latest(run, Path(cfg.subject).name)
+    return run
+
+
+def link_latest(run: Path, subject_name: str) -> Path | None:
+    """Point <out>/<subject>-latest at this finished run (a relative symlink, replaced atomically), so that
+    `python sample.py --lora runs/raj-latest` always uses the newest result."""
+    link = run.parent / f"{subject_name}-latest"
+    tmp = run.parent / f".{link.name}.{os.getpid()}.tmp"
     try:
-        return train(cfg, method_class(cfg.method), dist)
-    finally:
-        distributed.shutdown()
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError as e:  # a file system without symlinks, or a real folder of that name
+        tmp.unlink(missing_ok=True)
+        print(f"note: {link} does not point at this run ({e.strerror or e}); use the run folder itself")
+        return None
+    print(f"latest run: {link} -> {run.name}")
+    return link

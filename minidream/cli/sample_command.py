@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 import minidream.formats  # noqa: F401  (single-file .safetensors checkpoints)
@@ -20,14 +19,15 @@ from minidream import __version__
 from minidream.checkpoint import detect
 from minidream.cli.args import SampleRequest
 from minidream.cli.morph import write_morph
-from minidream.config import slug
+from minidream.config import default_cpu_threads, slug
 from minidream.errors import UserError
 from minidream.files import save_png
 from minidream.formats.lora_files import add_loras, read_lora
 from minidream.methods.textual_inversion import expand_prompt, load_embedding, read_embedding
-from minidream.model import Model, default_model_path, load_model
+from minidream.model import Model, default_model_path, load_model, model_image_size
 from minidream.optim import DTYPES
 from minidream.pipeline import SAMPLERS, generate
+from minidream.runs import labelled_grid, new_folder
 
 
 def sample_images(args: argparse.Namespace, request: SampleRequest) -> None:
@@ -38,8 +38,10 @@ def sample_images(args: argparse.Namespace, request: SampleRequest) -> None:
     device = choose_device(args.device)
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     model_path, why = choose_model(args.model)
-    out = make_output_folder(args.out)
-    print(f"model: {relative(model_path)}: {why} [{device}, {dtype}]", flush=True)
+    threads = set_cpu_threads(args.cpu_threads, model_path) if device == "cpu" else None
+    out = make_output_folder(args.out, request.prompts[0])
+    print(f"model: {relative(model_path)}: {why} [{device}{f', {threads} thread(s)' if threads else ''}, {dtype}]",
+          flush=True)
     start = time.time()
     model, prompts = load(args, request, model_path, dtype, device)
     print(f"loaded in {time.time() - start:.1f} s"
@@ -94,13 +96,22 @@ def choose_model(given: str | None) -> tuple[Path, str]:
     return path, why
 
 
-def make_output_folder(out: str) -> Path:
-    """--out, made now, before minutes of loading."""
+def set_cpu_threads(requested: int | None, model_path: Path) -> int | None:
+    """--cpu-threads, else the thread policy train.py uses too (config.default_cpu_threads)."""
+    threads = requested or default_cpu_threads(model_image_size(model_path))
+    if threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def make_output_folder(out: str, first_prompt: str) -> Path:
+    """A new folder OUT/<date>-<time>-<first prompt> for this call, made now, before minutes of loading.
+    Made with mkdir (never an existing folder), so no call writes over another's images."""
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug(first_prompt, 'image')[:40]}"
     try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # one call on the user's path: no permission, a file in the way, read-only disk
-        raise UserError(f"cannot make the output folder {out} ({e.strerror}); give another --out") from e
-    return Path(out)
+        return new_folder(Path(out) / name)
+    except OSError as e:  # no permission, a file in the way, read-only disk
+        raise UserError(f"cannot make an output folder in {out} ({e.strerror}); give another --out") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,26 +144,15 @@ def settings_metadata(args: argparse.Namespace, request: SampleRequest, model: M
     return {
         "negative_prompt": args.negative_prompt or "", "sampler": args.sampler, "steps": str(args.steps),
         "guidance": str(args.guidance), "eta": str(args.eta), "size": f"{width}x{height}",
-        "model": model.name, "vae": args.vae or "", "dtype": dtype,
-        "loras": ", ".join(f"{path}:{scale:g}" for path, scale in request.loras), "minidream": __version__,
+        "model": model.name, "vae": args.vae or "", "tokenizer": args.tokenizer or "", "variant": args.variant or "",
+        "dtype": dtype, "device": args.device or "", "loras": ", ".join(f"{p}:{scale:g}" for p, scale in request.loras),
+        "embeddings": ", ".join(f"{p}:{token}" if token else str(p) for p, token in request.embeddings),
+        "minidream": __version__,
     }
 
 
-def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """A contact sheet: images row by row, `columns` per row (default: about square)."""
-    if not images:
-        raise ValueError("image_grid needs at least one image")
-    columns = columns or max(1, round(len(images) ** 0.5))
-    rows = -(-len(images) // columns)
-    w, h = images[0].size
-    grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
-    for i, img in enumerate(images):
-        grid.paste(img.resize((w, h)), ((i % columns) * w, (i // columns) * h))
-    return grid
-
-
 def write_images(args: argparse.Namespace, model: Model, prompts: list[str], out: Path, metadata: dict) -> list[Path]:
-    """--num-images PNGs per prompt (prompt k draws with seed + k), then grid.png of them all."""
+    """--num-images PNGs per prompt (prompt k draws with seed + k), then grid.png: a row per prompt."""
     options = sampling_options(args, model)
     negative_prompt = options.pop("negative_prompt")
     written, images = [], []
@@ -162,9 +162,13 @@ def write_images(args: argparse.Namespace, model: Model, prompts: list[str], out
                          **options)
         for i, image in enumerate(batch):
             meta = {"prompt": prompt, "seed": str(seed), "image": f"{i + 1} of {len(batch)}", **metadata}
-            written.append(save_png(out / f"{len(written):03d}-{slug(prompt, 'image')}-seed{seed}-{i + 1}.png", image, meta))
+            name = f"{len(written):03d}-{slug(prompt, 'image')}-seed{seed}-{i + 1}.png"
+            written.append(save_png(out / name, image, meta))
         images += batch
-    grid = save_png(out / "grid.png", image_grid(images), {"prompts": "\n".join(prompts), **metadata})
+    labels = [f"{prompt} (seed {args.seed + k})" for k, prompt in enumerate(prompts)]
+    columns = [f"image {i + 1}" for i in range(args.num_images)] if args.num_images > 1 else None
+    grid = save_png(out / "grid.png", labelled_grid(images, labels, columns),
+                    {"prompts": "\n".join(prompts), "seed": str(args.seed), **metadata})
     return written + [grid]
 
 

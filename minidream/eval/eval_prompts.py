@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from minidream.errors import UserError
+
 _SHARED_CONTEXTS = (
     "a {} in the jungle",
     "a {} in the snow",
@@ -83,5 +85,5 @@ def custom_prompts(values: list[str], token: str, class_noun: str) -> list[str]:
         else:
             prompts.append(value)
     if not prompts:
-        raise ValueError("--prompts gave no prompts: pass prompts or a .txt file with one prompt per line")
+        raise UserError("--prompts gave no prompts: pass prompts or a .txt file with one prompt per line")
     return [p.replace("{}", f"{token} {class_noun}") for p in prompts]

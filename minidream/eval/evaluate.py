@@ -24,6 +24,7 @@ interrupted evaluation continues where it stopped, and re-scoring costs no sampl
 from __future__ import annotations
 
 import argparse
+import sys
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -36,8 +37,8 @@ from tqdm.auto import tqdm
 
 from minidream import pipeline
 from minidream.cli.run_training import run_training
-from minidream.cli.sample_command import image_grid
-from minidream.config import TrainConfig
+from minidream.cli.script import run_script
+from minidream.config import LORA_FILE, TrainConfig
 from minidream.data import Subject, load_subject, open_rgb
 from minidream.eval import metrics
 from minidream.eval.eval_prompts import custom_prompts, dreambooth_prompts, subject_kind
@@ -45,7 +46,8 @@ from minidream.files import save_png, write_json, write_text
 from minidream.formats.lora_files import load_lora, remove_adapter
 from minidream.lora import adapter_names
 from minidream.model import default_model_path, load_model
-from minidream.runs import LORA_FILE
+from minidream.errors import UserError
+from minidream.runs import labelled_grid
 
 ADAPTER = "evaluated"  # the adapter name the LoRA is loaded under while it is evaluated
 THUMB = 256  # grid tiles, px
@@ -53,6 +55,10 @@ PAPER = ("Paper (Ruiz et al. 2022, Table 1), DreamBooth on Stable Diffusion: DIN
          "CLIP-T 0.305; real images: DINO 0.774, CLIP-I 0.885. Table 3 (Imagen), with / without prior "
          "preservation: PRES 0.493 / 0.664, DIV (LPIPS) 0.391 / 0.371.")
 
+
+
+class EvalError(UserError):
+    """A run folder, LoRA or flag the evaluation cannot use; the message says what to pass instead."""
 
 @dataclass
 class Target:
@@ -107,7 +113,7 @@ def target_from_run(run: Path, label: str | None = None, subject: str | None = N
     """A training run folder: config.json (TrainConfig's fields) + the final LoRA file."""
     config_file, lora = run / "config.json", run / LORA_FILE
     if not config_file.is_file() or not lora.is_file():
-        raise FileNotFoundError(f"{run} is not a finished run folder (it needs config.json and {LORA_FILE}); "
+        raise EvalError(f"{run} is not a finished run folder (it needs config.json and {LORA_FILE}); "
                                 f"pass a run folder, or --lora FILE --subject DIR")
     cfg = json.loads(config_file.read_text())
     return Target(
@@ -124,7 +130,7 @@ def target_from_lora(lora: Path | None, subject: str | None, label: str | None =
     """A LoRA file (or None: the base model) and the subject folder; token and class noun default
     to the ones minidream wrote into the file's metadata, then to the folder's subject.json."""
     if subject is None:
-        raise ValueError("evaluating a LoRA file needs the subject's photos: pass --subject DIR")
+        raise EvalError("evaluating a LoRA file needs the subject's photos: pass --subject DIR")
     meta = lora_metadata(lora) if lora else {}
     return Target(label=label or (lora.stem if lora else "base"), lora=lora, prior=prior,
                   subject=load_subject(subject, token or meta.get("token") or None,
@@ -137,12 +143,12 @@ def target(path: str, subject: str | None, label: str | None = None, prior: bool
     if p.is_dir():
         t = target_from_run(p, label, subject)
         if prior is not None and t.prior is not None and t.prior != prior:
-            raise ValueError(f"{p}/config.json says prior={t.prior}, but it was passed as "
+            raise EvalError(f"{p}/config.json says prior={t.prior}, but it was passed as "
                              f"--{'prior' if prior else 'no-prior'}: swap the two runs")
         t.prior = prior if prior is not None else t.prior
         return t
     if not p.is_file():
-        raise FileNotFoundError(f"{p} is neither a run folder nor a LoRA file")
+        raise EvalError(f"{p} is neither a run folder nor a LoRA file")
     return target_from_lora(p, subject, label, prior=prior)
 
 
@@ -228,10 +234,11 @@ def evaluate_one(model, t: Target, s: Settings, sampler: str, steps: int, folder
             class_samples = samples(model, t.subject.class_prompt, paths, class_seeds, meta, s.batch_size)
             bar.update()
     scores = metrics.score(real, generated, class_samples, t.subject.token, clip, dino, s.div)
-    save_png(folder / "grid.png", image_grid(thumbnails([im for p in prompts for im in generated[p]]),
-                                             columns=len(seeds)), {"prompts": prompts, "seeds": seeds})
+    save_png(folder / "grid.png", labelled_grid(thumbnails([im for p in prompts for im in generated[p]]), prompts,
+                                                [f"seed {seed}" for seed in seeds]), {"prompts": prompts, "seeds": seeds})
     if class_samples:
-        save_png(folder / "class_grid.png", image_grid(thumbnails(class_samples), columns=4),
+        save_png(folder / "class_grid.png", labelled_grid(thumbnails(class_samples), [t.subject.class_prompt],
+                                                      [f"seed {seed}" for seed in class_seeds]),
                  {"prompt": t.subject.class_prompt})
     write_json(folder / "metrics.json", {**scores.as_dict(), **meta, "steps": steps, "guidance_scale": guidance,
                                          "size": size, "prompts": prompts, "seeds": seeds,
@@ -304,11 +311,11 @@ def run(targets: list[Target], s: Settings, out: Path, *, model_path=None, clip_
     clip, dino = metrics.load_clip(clip_name, device), metrics.load_dino(dino_name, device)
     paths = {model_path or t.model or str(default_model_path()[0]) for t in targets}
     if len(paths) > 1:
-        raise ValueError(f"the LoRAs were trained on different base models ({', '.join(sorted(paths))}); "
+        raise EvalError(f"the LoRAs were trained on different base models ({', '.join(sorted(paths))}); "
                          f"evaluate them separately or pass --model")
     path, t0 = paths.pop(), targets[0]
     if not Path(path).exists():
-        raise FileNotFoundError(f"base model {path} (where the LoRA was trained) does not exist here: pass --model")
+        raise EvalError(f"base model {path} (where the LoRA was trained) does not exist here: pass --model")
     model = load_model(path, dtype, device, vae=t0.vae, tokenizer=t0.tokenizer)
     rows = []
     for t in targets:
@@ -370,11 +377,11 @@ def main(argv=None) -> list[Row]:
     experiment = bool(a.prior or a.no_prior or a.train_pair)
     if a.train_pair:
         if not a.subject:
-            raise SystemExit("--train-pair needs --subject DIR")
+            raise EvalError("--train-pair needs --subject DIR")
         a.prior, a.no_prior = map(str, train_pair(a.subject, "runs", a.model, a.seed))
     if experiment:
         if not (a.prior and a.no_prior):
-            raise SystemExit("the experiment needs both --prior RUN_OR_LORA and --no-prior RUN_OR_LORA")
+            raise EvalError("the experiment needs both --prior RUN_OR_LORA and --no-prior RUN_OR_LORA")
         targets = [target(a.prior, a.subject, "prior", True), target(a.no_prior, a.subject, "no-prior", False)]
         out = Path(a.out or f"runs/experiment-{targets[0].subject.folder.name}")
     elif a.run:
@@ -395,4 +402,4 @@ def main(argv=None) -> list[Row]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script("python -m minidream.eval.evaluate", main, out_of_memory="try --batch-size 1 or --dtype fp16"))

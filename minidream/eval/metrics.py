@@ -42,6 +42,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer, ViTModel
 
 from minidream.data import to_tensor
+from minidream.errors import UserError
 from minidream.model import REPO
 
 CLIP_MODEL = "openai/clip-vit-base-patch32"  # CLIP-I, CLIP-T (the paper's CLIP)
@@ -50,7 +51,7 @@ DIV_DINO, DIV_LPIPS = "1-DINO", "LPIPS"  # how DIV was measured (written next to
 BATCH = 16  # images per forward pass of a metric model
 
 
-class MetricModelError(FileNotFoundError):
+class MetricModelError(UserError, FileNotFoundError):
     """A metric model (or package) is missing; the message says how to get it."""
 
 
@@ -128,8 +129,8 @@ def prompt_without_token(prompt: str, token: str) -> str:
 
 def _download_hint(name: str) -> str:
     folder = f"weights/{name.rstrip('/').split('/')[-1]}"
-    return (f"    hf download {name} --local-dir {folder}\n"
-            f"(older huggingface_hub: huggingface-cli download {name} --local-dir {folder})")
+    return (f"`hf download {name} --local-dir {folder}` (older huggingface_hub: `huggingface-cli download {name} "
+            f"--local-dir {folder}`)")
 
 
 def model_source(name: str) -> str:
@@ -154,9 +155,9 @@ def _load(load, name: str, what: str, flag: str, default: str):
     except (OSError, ValueError) as e:  # not a folder, not cached (ValueError: a malformed hub id)
         hub_id = name if _looks_like_hub_id(name) else default
         raise MetricModelError(
-            f"{what} was not found at {name!r} (nor in the Hugging Face cache); minidream never downloads "
-            f"it by itself. Fetch it once with\n{_download_hint(hub_id)}\nthen run again (that folder is "
-            f"found automatically) or pass {flag} DIR. [{type(e).__name__}: {str(e).splitlines()[0][:200]}]"
+            f"{what} was not found at {name!r} (nor in the Hugging Face cache; minidream never downloads it by "
+            f"itself): fetch it once with {_download_hint(hub_id)} and run again (that folder is found "
+            f"automatically), or pass {flag} DIR [{type(e).__name__}: {str(e).splitlines()[0][:200]}]"
         ) from None
 
 

@@ -44,7 +44,7 @@ from torch import nn
 
 from minidream.files import atomic_write
 from minidream.method import Method, text_encoders, train_mode
-from minidream.config import TrainingError
+from minidream.config import EMBEDDING_FILE, TrainingError
 from minidream.errors import UserError
 
 FILE_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # SDXL files: one tensor per encoder
@@ -196,7 +196,7 @@ class TextualInversion(Method):
     """train.py --method textual-inversion: only the new word's vectors train (both SDXL encoders)."""
 
     name = "textual-inversion"
-    output = "learned_embeds.safetensors"  # diffusers' TEXT_INVERSION_NAME_SAFE
+    output = EMBEDDING_FILE
     sample_flag = "--embedding"
 
     def __init__(self, model, cfg, token, class_noun):

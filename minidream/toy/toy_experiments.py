@@ -37,7 +37,7 @@ from minidream.config import PRESETS, TrainConfig
 from minidream.formats.lora_files import add_loras
 from minidream.methods.textual_inversion import load_embedding
 from minidream.model import BUNDLED_MODEL, REPO, load_model
-from minidream.runs import LORA_FILE
+from minidream.config import LORA_FILE
 from minidream.toy import toy_eval as te
 from minidream.toy import toyworld as tw
 from minidream.toy.judge import Judge

@@ -1,0 +1,81 @@
+"""A new user's path, as the README writes it: train.py twice, then the README's follow-up sample.py
+command exactly as written; Ctrl-C in the middle of a run (exit 130, a checkpoint to resume from).
+
+Each run is a subprocess in a fresh folder holding data/ (a link to the repository's), so that the
+README's relative paths (data/raj, runs/...) mean what they mean for a user.
+"""
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = ["--steps", "2", "--num-class-images", "2", "--class-steps", "2", "--validate-every", "0",
+         "--save-every", "0", "--views-per-image", "1"]
+ENV = os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def user_folder(tmp_path: Path) -> Path:
+    (tmp_path / "data").symlink_to(ROOT / "data", target_is_directory=True)
+    return tmp_path
+
+
+def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / name), *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+
+
+def readme_command(start: str) -> list[str]:
+    """The README's command line that starts with `start`, with python and the script made runnable here."""
+    (line,) = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(start)]
+    words = shlex.split(line)
+    assert words[0] == "python" and words[1].endswith(".py")
+    return [sys.executable, str(ROOT / words[1]), *words[2:]]
+
+
+def test_two_trainings_then_the_readme_follow_up_command(tmp_path):
+    cwd = user_folder(tmp_path)
+    first = script("train.py", "--subject", "data/raj", *SHORT, cwd=cwd)
+    assert first.returncode == 0, first.stderr
+    second = script("train.py", "--subject", "data/raj", *SHORT, "--seed", "1", cwd=cwd)
+    assert second.returncode == 0, second.stderr
+    runs = sorted(p for p in (cwd / "runs").iterdir() if p.name.startswith("raj-2"))
+    assert len(runs) == 2
+    latest = cwd / "runs" / "raj-latest"
+    assert latest.is_symlink() and latest.resolve() == runs[1].resolve()  # the newest finished run
+
+    follow_up = readme_command("python sample.py --lora runs/raj-latest")
+    done = subprocess.run(follow_up, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (folder,) = (cwd / "runs" / "samples").iterdir()
+    image = Image.open(next(folder.glob("000-*.png")))
+    assert image.text["loras"] == "runs/raj-latest/pytorch_lora_weights.safetensors:1"
+
+
+def test_ctrl_c_exits_130_with_a_checkpoint_to_resume(tmp_path):
+    cwd = user_folder(tmp_path)
+    train = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--subject", "data/raj", *SHORT,
+                              "--steps", "2000", "--log-every", "1", "--no-prior"], cwd=cwd, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in train.stdout:
+        if re.match(r"step +3/2000", line):
+            break
+    train.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    out, err = train.communicate(timeout=300)
+    assert train.returncode == 130, err
+    (run,) = [p for p in (cwd / "runs").iterdir() if p.name.startswith("raj-")]
+    assert "continue with: python train.py --resume " + str(Path("runs") / run.name) in out
+    assert "Traceback" not in err and "interrupted" in err
+    assert list((run / "checkpoints").glob("step-*.pt"))
+    assert not (run / "pytorch_lora_weights.safetensors").exists() and not (cwd / "runs" / "raj-latest").exists()
+
+    resumed = script("train.py", "--resume", str(run), "--steps", "8", cwd=cwd)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run / "pytorch_lora_weights.safetensors").is_file()
+    assert (cwd / "runs" / "raj-latest").resolve() == run.resolve()
