@@ -9,7 +9,6 @@ file** (`sd_xl_base_1.0.safetensors`) is read by minidream.formats.single_file, 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,20 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from minidream.unet import UNet, UNetConfig
 from minidream.vae import VAE, VAEConfig
 from minidream.loading import (CheckpointError, TensorRef, Weights, load_weights, parameters_on_meta,
-                               read_header, refuse_pickle)
+                               read_header, read_json, refuse_pickle)
 
 PathLike = Union[str, Path]
 FAMILIES = {"sdxl": "an SDXL base model", "sd2": "a Stable Diffusion 2.x model", "sd1": "a Stable Diffusion 1.x model",
             "sdxl-refiner": "an SDXL refiner model (its UNet sees only the OpenCLIP text encoder)",
             "unknown": "a UNet of unknown family"}
 LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", ".lora.", "lora_unet_", "lora_te", "hada_", "lokr_")
+# Sizes far beyond any Stable Diffusion model's (SDXL: widths <= 2816, 10 transformer layers, 32 CLIP layers, 4 levels;
+# lists hold one value per level, 8 at most). A config.json above them is damaged, and building its model would try
+# to allocate terabytes: it is refused first.
+SIZE_LIMITS = {"layers_per_block": 64, "transformer_layers_per_block": 64, "num_hidden_layers": 64, "vocab_size": 2**18}
+SIZE_LIMITS |= dict.fromkeys(("projection_class_embeddings_input_dim", "max_position_embeddings", "cross_attention_dim",
+                              "block_out_channels", "addition_time_embed_dim", "intermediate_size", "latent_channels",
+                              "in_channels", "out_channels", "sample_size", "hidden_size", "projection_dim"), 8192)
 
 
 def build_unet(config: dict) -> nn.Module:
@@ -43,6 +49,29 @@ def build_text_encoder(config: dict) -> nn.Module:
     """transformers' CLIP text model for `config`: with projection for SDXL's second encoder."""
     projected = "CLIPTextModelWithProjection" in config.get("architectures", ())
     return (CLIPTextModelWithProjection if projected else CLIPTextModel)(CLIPTextConfig.from_dict(config))
+
+
+def build_on_meta(build, config: dict, what: str) -> nn.Module:
+    """`build(config)` on meta (parameters_on_meta); a value the modules refuse is a CheckpointError."""
+    try:
+        with parameters_on_meta():
+            return build(config)
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{what}: its config builds no model ({e!r}); fix or re-download the config") from None
+
+
+def check_config(config: dict, part: str, source) -> dict:
+    """`config` (unet, vae or text encoder) if its sizes are sane and it parses; else a CheckpointError."""
+    for key, limit in SIZE_LIMITS.items():
+        value = config.get(key)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if len(values) > 8 or not all(v is None or type(v) is int and 0 < v <= limit for v in values):
+            raise CheckpointError(f"{source}: {key}={str(value)[:60]} is no sane size (1 to {limit}, 8 levels); fix it")
+    try:
+        {"unet": UNetConfig.from_dict, "vae": VAEConfig.from_dict}.get(part, CLIPTextConfig.from_dict)(config)
+    except Exception as e:  # noqa: BLE001  (transformers' config checks raise their own types)
+        raise CheckpointError(f"{source}: {e}".replace("\n", " ")) from None
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,18 +107,19 @@ def detect(path: PathLike) -> ModelInfo:
 
 def _detect_folder(path: Path) -> ModelInfo:
     if (path / "model_index.json").is_file():
-        index = json.loads((path / "model_index.json").read_text())
-        listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]]
+        index = read_json(path / "model_index.json")
+        listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and any(v[:1])]
         present = tuple(k for k in listed if (path / k).is_dir())
         missing = tuple(k for k in listed if k not in present)
-        family = _folder_family(path, index)
+        family = _folder_family(path, index, listed)
         text = f"{FAMILIES[family]} in diffusers layout"
         if missing:
             text += f", but without {', '.join(m + '/' for m in missing)} (an incomplete download?)"
         return ModelInfo(path, "diffusers", text, family, present, missing)
     if (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
-        kind = config.get("_class_name") or (config.get("architectures") or ["?"])[0]
+        config = read_json(path / "config.json")
+        architectures = config.get("architectures") if isinstance(config.get("architectures"), list) else []
+        kind = str(config.get("_class_name") or (architectures or ["?"])[0])
         part = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae"}.get(kind, "text_encoder")
         family = _family_from_unet_config(config) if part == "unet" else ""
         return ModelInfo(path, "component", f"one {kind} folder (config.json + weights)", family, (part,))
@@ -123,14 +153,14 @@ def file_reader():
     return _FILE_READERS[0]
 
 
-def _folder_family(path: Path, index: dict) -> str:
+def _folder_family(path: Path, index: dict, listed: list[str]) -> str:
     if (path / "unet" / "config.json").is_file():
-        family = _family_from_unet_config(json.loads((path / "unet" / "config.json").read_text()))
+        family = _family_from_unet_config(read_json(path / "unet" / "config.json"))
         if family != "unknown":
             return family
-    pipeline = index.get("_class_name", "")  # small SD 1.x-like test models: the pipeline says it
+    pipeline = str(index.get("_class_name", ""))  # small SD 1.x-like test models: the pipeline says it
     if pipeline.startswith("StableDiffusionXL"):
-        return "sdxl" if index.get("text_encoder", [None])[0] else "sdxl-refiner"
+        return "sdxl" if "text_encoder" in listed else "sdxl-refiner"
     return "sd1" if pipeline.startswith("StableDiffusion") else "unknown"
 
 
@@ -166,8 +196,9 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
     for want_variant in [True, False] if variant else [False, True]:
         for index in sorted(folder.glob("*.safetensors.index*.json")):
             if is_variant(index) == want_variant:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                missing = [s for s in shards if not (folder / s).is_file()]
+                weight_map = read_json(index).get("weight_map")
+                shards = sorted(set(map(str, weight_map.values() if isinstance(weight_map, dict) else ["weight_map"])))
+                missing = [s for s in shards if Path(s).name != s or not (folder / s).is_file()]
                 if missing:
                     raise CheckpointError(f"{index} lists shards that are not there: {', '.join(missing)}")
                 return [folder / s for s in shards]
@@ -194,7 +225,7 @@ def _folder_part(info: ModelInfo, part: str, variant: str | None, config: dict |
         raise CheckpointError(f"{folder} has no config.json; download it with the weights")
     weights = {key: TensorRef(file, key, shape) for file in weight_files(folder, variant)
                for key, shape in read_header(file).items()}
-    return config or json.loads((folder / "config.json").read_text()), weights
+    return check_config(config or read_json(folder / "config.json"), part, folder / "config.json"), weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,16 +258,14 @@ def vae_weights(path: PathLike, *, expect="sdxl", variant=None, config=None) -> 
 def load_unet(path: PathLike, dtype=torch.float32, device="cpu", *, expect="sdxl", variant=None, config=None):
     """The UNet at `path` (diffusers folder or single file), streamed into `dtype` on `device`."""
     config, weights = unet_weights(path, expect=expect, variant=variant, config=config)
-    with parameters_on_meta():
-        model = build_unet(config)
+    model = build_on_meta(build_unet, config, f"UNet from {path}")
     return load_weights(model, weights, dtype, device, what=f"UNet from {path}")
 
 
 def load_vae(path: PathLike, dtype=torch.float32, device="cpu", *, expect="sdxl", variant=None, config=None):
     """The VAE of a diffusers folder, a VAE folder, a single file or a lone VAE file."""
     config, weights = vae_weights(path, expect=expect, variant=variant, config=config)
-    with parameters_on_meta():
-        model = build_vae(config)
+    model = build_on_meta(build_vae, config, f"VAE from {path}")
     return load_weights(model, weights, dtype, device, what=f"VAE from {path}")
 
 
@@ -271,8 +300,7 @@ def load_text_encoder(path: PathLike, part="text_encoder", dtype=torch.float32, 
                       variant=None):
     """transformers' CLIP text encoder `part` ("text_encoder" or "text_encoder_2") of `path`."""
     config, weights = text_encoder_weights(path, part, expect=expect, variant=variant)
-    with parameters_on_meta():
-        model = build_text_encoder(config)
+    model = build_on_meta(build_text_encoder, config, f"{part} from {path}")
     weights = fit_text_model_prefix(weights, model)
     # transformers 4 saved the constant position_ids buffer (0..76) in real repos' text encoders;
     # transformers 5 no longer counts it as state: the model builds its own.

@@ -177,7 +177,10 @@ def check_config(cfg: TrainConfig) -> None:
                  "prior_weight", "max_grad_norm", "weight_decay"):
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must not be negative (got {getattr(cfg, name)})")
     need(cfg.cpu_threads is None or cfg.cpu_threads >= 1, "--cpu-threads must be at least 1")
-    need(cfg.lr > 0 and cfg.text_encoder_lr > 0, "learning rates must be positive")
+    need(0 < cfg.lr <= 1 and 0 < cfg.text_encoder_lr <= 1, f"learning rates must be in (0, 1] (got --lr {cfg.lr}, "
+         f"--text-encoder-lr {cfg.text_encoder_lr}): above 1 nothing trains, inf/NaN are no rate")
+    need(all(0 <= s < 2**63 for s in [cfg.seed, *cfg.validation_seeds]), "seeds must be in 0 .. 2**63 - 1")
+    need(1 <= len(cfg.validation_seeds) <= 16, "--validation-seeds: give 1 to 16 seeds (one grid column each)")
     for name, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS),
                           ("method", METHODS)):
         need(getattr(cfg, name) in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)} "
@@ -187,6 +190,9 @@ def check_config(cfg: TrainConfig) -> None:
     need(not (cfg.method == "textual-inversion" and cfg.train_text_encoder),
          "--train-text-encoder does not go with --method textual-inversion, which trains only the new word's "
          "embedding: drop one of them")
+    need(not Path(cfg.out).is_file(), f"--out {cfg.out} is a file: give the folder where run folders are made")
+    need(cfg.class_dir is None or not Path(cfg.class_dir).is_file(),
+         f"--class-dir {cfg.class_dir} is a file: give a folder of class images (train.py also unpacks a .zip)")
 
 
 def resumed_config(cfg: TrainConfig) -> TrainConfig:

@@ -6,17 +6,16 @@ noun]" with a rare token [V]. A subject folder holds the images (any size) and o
 
 from __future__ import annotations
 
-import json
 import random
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from minidream.errors import UserError
+from minidream.loading import read_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SETTINGS_FILE = "subject.json"
@@ -45,15 +44,10 @@ def load_subject(folder, token=None, class_noun=None, instance_prompt=None, clas
     """Read a subject folder; command-line values override `subject.json`."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"subject folder {folder} does not exist: create it and put 5-6 photos of the subject in it")
-    settings = {}
+        raise DataError(f"subject folder {folder} " + (f"is a file: pass its folder {folder.parent}" if folder.is_file()
+                        else "does not exist: create it and put 5-6 photos of the subject in it"))
     settings_path = folder / SETTINGS_FILE
-    if settings_path.exists():
-        try:
-            settings = json.loads(settings_path.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(f"{settings_path} is not valid JSON ({e}); expected e.g. "
-                            '{"token": "rraj", "class_noun": "person"}') from None
+    settings = read_json(settings_path, DataError) if settings_path.exists() else {}
     token, class_noun = token or settings.get("token"), class_noun or settings.get("class_noun")
     if not token or not class_noun:
         raise DataError(f"no rare token / class noun for {folder}: pass --token and --class-noun, or write "
@@ -71,9 +65,7 @@ def find_images(folder: Path) -> list[Path]:
         if path.name.startswith(".") or path.name == SETTINGS_FILE or path.is_dir():
             continue
         (images if path.suffix.lower() in IMAGE_SUFFIXES else skipped).append(path)
-    if skipped:
-        names = ", ".join(p.name for p in skipped[:5])
-        warnings.warn(f"skipping {len(skipped)} non-image file(s) in {folder}: {names}")
+    warn_all([p.name for p in skipped], f"non-image file(s) in {folder} skipped")
     if not images:
         raise DataError(f"no images in {folder}: add 5-6 photos ({', '.join(IMAGE_SUFFIXES)})")
     return images
@@ -85,11 +77,13 @@ def open_rgb(path: Path) -> Image.Image:
     """Open an image as 8-bit RGB, honouring EXIF orientation (phones store portraits as rotated landscape
     pixels). Transparent images are put on white; 16-bit values are scaled down, not clipped."""
     try:
-        img = Image.open(path)
-        img.load()  # decode now, so a truncated file fails here and not mid-training
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        with warnings.catch_warnings():  # the pixel limit: over Image.MAX_IMAGE_PIXELS (89 MP) PIL warns; refused here
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # (a decompression bomb: 20000 x 20000 px)
+            img = Image.open(path)
+            img.load()  # decode now, so a truncated file fails here and not mid-training
+            img = ImageOps.exif_transpose(img)
+    except Exception as e:  # noqa: BLE001  (decoders raise many types on damaged or crafted files)
         raise DataError(f"{path} is not a readable image ({e}); re-export it or remove it") from None
-    img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         peak = 65535.0 if img.mode.startswith("I;16") else max(float(np.asarray(img).max()), 1.0)
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / peak * 255.0).round().astype(np.uint8))
@@ -100,16 +94,24 @@ def open_rgb(path: Path) -> Image.Image:
 
 def iter_images(paths: list[Path], resolution: int, what: str = "instance"):
     """(path, RGB image) for each readable file, one at a time: hundreds of class images are never all in memory."""
+    unreadable, small = [], []
     for path in paths:
         try:
             img = open_rgb(path)
         except DataError as e:
-            warnings.warn(f"skipping {what} image: {e}")
+            unreadable.append(str(e))
             continue
         if min(img.size) < resolution:
-            warnings.warn(f"{path} is {img.size[0]}x{img.size[1]}, smaller than the training resolution "
-                          f"{resolution}: it will be upscaled and look soft; use larger photos if you can")
+            small.append(f"{path.name} ({img.size[0]}x{img.size[1]})")
         yield path, img
+    warn_all(unreadable, f"unreadable {what} image(s) skipped")
+    warn_all(small, f"{what} image(s) smaller than the training resolution {resolution} px, upscaled (so soft)")
+
+
+def warn_all(problems: list[str], what: str, shown: int = 5) -> None:
+    """One warning for many files (the count and the first few), not a line per file."""
+    if problems:
+        warnings.warn(f"{len(problems)} {what}: " + "; ".join(problems[:shown]) + ("; ..." if problems[shown:] else ""))
 
 
 def load_images(paths: list[Path], resolution: int, what: str = "instance") -> list[tuple[Path, Image.Image]]:
@@ -161,27 +163,13 @@ def make_view(img: Image.Image, resolution: int, rng: random.Random, flip: bool,
 # ----------------------------------------------------------------------------- class images
 
 def class_image_folder(class_dir) -> Path:
-    """A folder of class images; a `.zip` is unpacked once beside itself (`prior.zip` -> `prior/`)."""
+    """The folder of class images (made if missing: generation fills it). A .zip is unpacked before, by
+    train.py (minidream.formats.archives)."""
     class_dir = Path(class_dir)
-    if class_dir.suffix.lower() != ".zip":
-        class_dir.mkdir(parents=True, exist_ok=True)
-        return class_dir
-    if not class_dir.exists():
-        raise DataError(f"class image archive {class_dir} does not exist")
-    folder = class_dir.with_suffix("")
-    if not folder.exists():
-        try:
-            with zipfile.ZipFile(class_dir) as archive:
-                members = [m for m in archive.namelist() if Path(m).suffix.lower() in IMAGE_SUFFIXES
-                           and not Path(m).name.startswith(".")]
-                tmp = folder.with_name(folder.name + ".unpacking")
-                tmp.mkdir(parents=True, exist_ok=True)
-                for m in members:  # flatten: archives often hold one top folder
-                    (tmp / Path(m).name).write_bytes(archive.read(m))
-                tmp.rename(folder)
-        except zipfile.BadZipFile:
-            raise DataError(f"{class_dir} is not a valid zip archive") from None
-    return folder
+    if class_dir.suffix.lower() == ".zip":
+        raise DataError(f"--class-dir {class_dir}: a .zip is unpacked by train.py; give the unpacked folder here")
+    class_dir.mkdir(parents=True, exist_ok=True)
+    return class_dir
 
 
 def existing_class_images(folder: Path) -> list[Path]:

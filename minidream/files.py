@@ -3,6 +3,7 @@ temporary name in the same folder, then renamed over the target (`os.replace` is
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -22,8 +23,10 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # the user's usual permissions, whatever mode the writer chose
         os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt too: never leave the temporary file behind
+    except BaseException as e:  # KeyboardInterrupt too: never leave the temporary file behind
         tmp.unlink(missing_ok=True)
+        if "No space left on device" in str(e) and not isinstance(e, OSError):  # torch.save's, safetensors' errors
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
         raise
     return path
 

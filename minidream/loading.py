@@ -6,6 +6,7 @@ tensors are read one at a time from the memory-mapped file, each converted strai
 
 from __future__ import annotations
 
+import json
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,17 @@ def read_header(path: Path) -> dict[str, tuple[int, ...]]:
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated "
                               "(re-download it) or another format.") from e
+
+
+def read_json(path: Path, error: type = CheckpointError) -> dict:
+    """A JSON object file (config.json, model_index.json, subject.json, ...), or `error` naming the file."""
+    try:
+        value = json.loads(path.read_bytes()) if path.stat().st_size < 2**24 else "a file over 16 MB"
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON, nested too deep
+        value = e
+    if not isinstance(value, dict):
+        raise error(f"{path} is not valid JSON holding an object {{...}} ({str(value)[:80]}); fix or replace it")
+    return value
 
 
 def _read(handle, ref: TensorRef) -> torch.Tensor:
@@ -142,6 +154,9 @@ def load_weights(model: nn.Module, weights: Weights, dtype: torch.dtype = torch.
     for name, tensor in read_tensors(weights):
         owner_name, _, leaf = name.rpartition(".")
         owner = modules[owner_name]
+        slot = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+        if tensor.is_floating_point() != slot.is_floating_point():  # an int32 weight: a damaged file
+            raise CheckpointError(f"{getattr(weights[name], 'file', what)}: {name} is {tensor.dtype}, not {slot.dtype}")
         tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         if leaf in owner._parameters:
             owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=owner._parameters[leaf].requires_grad)

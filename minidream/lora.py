@@ -67,7 +67,7 @@ class LoRALayer:
         self.lora_scale: dict[str, float] = {}  # user strength, e.g. 0.8 for a style LoRA
         self.lora_dropout: dict[str, float] = {}  # dropout probability on the adapter's input
         self.active_adapters: list[str] = []
-        self.merged: dict[str, float] = {}  # name -> scaling folded into weight; empty = unmerged
+        self.merged: dict[str, float] = {}  # name -> scaling folded into weight (formats.lora_files.merge_lora)
         return self
 
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0,
@@ -78,7 +78,7 @@ class LoRALayer:
             raise ValueError(f"adapter name {name!r} must be a Python identifier (letters, digits, _)")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer; remove it first")
-        self._check_unmerged("add an adapter")
+        self.check_unmerged("add an adapter")
         out_features, *in_shape = self.weight.shape  # Linear (out, in); Conv2d (out, in, kh, kw)
         down = torch.empty((rank, *in_shape), device=self.weight.device, dtype=dtype)  # A: (r, in[, kh, kw])
         nn.init.kaiming_uniform_(down, a=math.sqrt(5))
@@ -88,13 +88,6 @@ class LoRALayer:
         self.lora_alpha[name], self.lora_scale[name] = float(alpha), float(scale)
         self.lora_dropout[name] = float(dropout)
         self.active_adapters.append(name)
-
-    def remove_adapter(self, name: str) -> None:
-        self._check_unmerged("remove an adapter")
-        for table in (self.lora_A, self.lora_B, self.lora_alpha, self.lora_scale, self.lora_dropout):
-            del table[name]
-        if name in self.active_adapters:
-            self.active_adapters.remove(name)
 
     def scaling(self, name: str) -> float:
         """scale * alpha / r: the factor in front of B A (paper section 4.1, times user strength)."""
@@ -123,25 +116,9 @@ class LoRALayer:
             out = out + delta.to(out.dtype)
         return out
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold every active adapter into `weight` (W0 + sum scaling * B A); forward then skips them."""
-        self._check_unmerged("merge again")
-        for name in self.active_adapters:
-            s = self.scaling(name)
-            self.weight += (self.delta_weight(name) * s).to(self.weight.dtype)
-            self.merged[name] = s
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Subtract what merge() added. Exact up to rounding in the weight's dtype (fp32: ~1e-7)."""
-        for name, s in self.merged.items():
-            self.weight -= (self.delta_weight(name) * s).to(self.weight.dtype)
-        self.merged = {}
-
-    def _check_unmerged(self, action: str) -> None:
+    def check_unmerged(self, action: str) -> None:
         if self.merged:
-            raise RuntimeError(f"cannot {action} while adapters are merged; call unmerge() first")
+            raise RuntimeError(f"cannot {action} while adapters are merged; call unmerge_lora() first")
 
 
 class LoRALinear(LoRALayer, nn.Linear):

@@ -3,7 +3,6 @@ file, and where models are found: without --model, SDXL where the README says to
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from transformers import CLIPTokenizer
 from minidream.checkpoint import (detect, load_text_encoder, load_unet, load_vae, text_encoder_parts, unet_weights,
                                   vae_weights)
 from minidream.errors import UserError
-from minidream.loading import CheckpointError
+from minidream.loading import CheckpointError, read_json
 from minidream.schedule import ScheduleConfig
 from minidream.text import TextEncoders
 from minidream.unet_config import UNetConfig
@@ -62,8 +61,7 @@ def default_model_path() -> tuple[Path, str]:
 
 
 def _folder_json(path: Path, name: str) -> dict:
-    file = path / name
-    return json.loads(file.read_text()) if path.is_dir() and file.is_file() else {}
+    return read_json(path / name) if (path / name).is_file() else {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     prompts ──encode_prompt──> context (B, 77, 2048), pooled (B, 1280)    [text.py]
     seed ──randn (CPU generator)──> x_T (B, 4, H/8, W/8)
-    x_T ──ddim / pndm / euler (closure: UNet on [uncond; cond], guidance)──> x_0  [samplers.py]
+    x_T ──ddim / pndm (closure: UNet on [uncond; cond], guidance)──> x_0  [samplers.py]
     x_0 / scaling_factor ──VAE.decode──> image in [-1, 1] ──> PIL          [vae.py]
 
 Every step is taken as diffusers' StableDiffusionXLPipeline takes it (noise and DDIM's eta noise from one CPU
@@ -16,11 +16,16 @@ from tqdm.auto import tqdm
 
 from minidream import samplers
 from minidream.data import to_pil
+from minidream.errors import UserError
 from minidream.model import Model
 from minidream.text import encode_prompt, sdxl_time_ids
 from minidream.vae import vae_dtype
 
-SAMPLERS = {"ddim": samplers.ddim, "pndm": samplers.pndm, "euler": samplers.euler}
+SAMPLERS = {"ddim": samplers.ddim, "pndm": samplers.pndm}  # importing minidream.more_samplers adds euler
+
+
+class NonFiniteError(UserError):
+    """Sampling gave inf/NaN: a broken model, LoRA or embedding, or an fp16 overflow."""
 
 
 def check_size(height: int, width: int, multiple: int = 8) -> None:
@@ -91,7 +96,7 @@ def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler: str 
     generator = torch.Generator("cpu").manual_seed(seed)  # on the CPU: the same numbers on any device
     if initial_latents is None:
         initial_latents = initial_noise(model, batch, height, width, generator, context.dtype)
-    x = initial_latents.to(context.device) * samplers.init_noise_sigma(model.schedule, steps, sampler)
+    x = initial_latents.to(context.device)
 
     denoiser = unet_closure(model, context, pooled, time_ids)
     if use_cfg:
@@ -109,10 +114,17 @@ def decode(model: Model, latents: torch.Tensor) -> list[Image.Image]:
     dtype = vae_dtype(vae.config, next(vae.parameters()).dtype)
     vae.to(dtype)  # a no-op when load_model already chose it
     device = next(vae.parameters()).device
+    if not torch.isfinite(latents).all():  # never a black image passed off as a result
+        raise NonFiniteError("the sampler's latents hold inf/NaN: the model, a LoRA or an embedding holds inf/NaN "
+                             "values (or fp16 overflowed: try fp32)")
     images = []
     for z in latents:
         z = z[None].to(device, dtype) / vae.config.scaling_factor  # (1, 4, h, w), unscaled
-        images += to_pil(vae.decode(z))
+        pixels = vae.decode(z)
+        if not torch.isfinite(pixels).all():
+            raise NonFiniteError("the VAE's output holds inf/NaN (SDXL's own VAE overflows in fp16: use an "
+                                 "fp16-fix VAE with --vae, or fp32)")
+        images += to_pil(pixels)
     return images
 
 

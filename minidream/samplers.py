@@ -3,8 +3,9 @@
 Free functions with one signature, as in k-diffusion: x0 = sampler(model, x_T, cfg, steps, *, ..., callback=None).
 `model(x, t)` is a closure giving the UNet output (eps or v) at integer timestep t: prompts and guidance
 live in it (`with_guidance`), all state is local to one call. `callback(i, t, x)` runs after model
-evaluation i. x_T must be scaled by `init_noise_sigma` first. Each sampler reproduces its diffusers
-scheduler (default settings) to float32 rounding; every quirk kept is named where it happens."""
+evaluation i. x_T is unit Gaussian noise (DDIM and PNDM walk x_t itself, so it needs no scaling). Each
+sampler reproduces its diffusers scheduler (default settings) to float32 rounding; every quirk kept is
+named where it happens. minidream.more_samplers adds Euler and PNDM's Runge-Kutta warm-up."""
 
 import torch
 
@@ -41,14 +42,14 @@ def ddim(model, x, cfg: ScheduleConfig, steps: int, *, eta=0.0, generator=None, 
     return x
 
 
-def pndm(model, x, cfg: ScheduleConfig, steps: int, *, prk_warmup=False, callback=None):
+def pndm(model, x, cfg: ScheduleConfig, steps: int, *, start=None, callback=None):
     """PNDM: Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds".
 
     Every step moves x from t to t - T // steps with the transfer part (eq. 9) driven by PLMS (eq. 13):
-    4th-order Adams-Bashforth over the last four model outputs. The history is started by `_plms_start`
-    (prk_warmup=False: SD/SDXL's choice, diffusers' skip_prk_steps) or by the paper's pseudo Runge-Kutta
-    warm-up (`_prk_start`, eq. 12). diffusers quirk kept: outputs are combined as the model gave them
-    (v for v_prediction) and converted to eps only inside the transfer step."""
+    4th-order Adams-Bashforth over the last four model outputs. The history is started by `start`:
+    `_plms_start` by default (SD/SDXL's choice, diffusers' skip_prk_steps), or the paper's pseudo
+    Runge-Kutta warm-up (minidream.more_samplers.prk_start, eq. 12). diffusers quirk kept: outputs are
+    combined as the model gave them (v for v_prediction) and converted to eps only inside the transfer step."""
     ac = alphas_cumprod(cfg).to(x.device)
     final = final_alpha_cumprod(cfg, ac)
 
@@ -57,8 +58,7 @@ def pndm(model, x, cfg: ScheduleConfig, steps: int, *, prk_warmup=False, callbac
 
     ts = inference_timesteps(cfg, steps)
     stride = cfg.num_train_timesteps // steps
-    start = _prk_start if prk_warmup else _plms_start
-    x, outs, rest, i = start(model, x, ts, stride, step, callback)  # i: model evaluations so far
+    x, outs, rest, i = (start or _plms_start)(model, x, ts, stride, step, callback)  # i: model evaluations so far
     for t in rest:
         outs = outs[-3:] + [model(x, t)]  # keep the 4 most recent outputs
         x = step(x, _adams_bashforth(outs), t, t - stride)
@@ -107,85 +107,6 @@ def _plms_start(model, x, ts, stride, step, callback):
     if callback is not None:
         callback(1, t1, x)
     return x, [e0], ts[1:], 2
-
-
-def _prk_start(model, x, ts, stride, step, callback):
-    """The paper's pseudo Runge-Kutta warm-up: over each of the first three intervals t -> t_next, RK4
-    weights (1/6, 1/3, 1/3, 1/6) on four evaluations, each transferred from the interval's starting x;
-    only the first joins the PLMS history. diffusers quirk kept: the half step is t_next + stride // 2
-    for the evaluations but t - stride // 2 for the first transfer (the same under leading spacing)."""
-    if len(ts) < 4:
-        raise ValueError(f"prk_warmup needs steps >= 4, got {len(ts)}; use prk_warmup=False")
-    half, outs, i = stride // 2, [], 0
-
-    def report(t, x):
-        nonlocal i
-        if callback is not None:
-            callback(i, t, x)
-        i += 1
-
-    for t, t_next in zip(ts[:3], ts[1:4]):
-        mid = t_next + half
-        e1 = model(x, t)
-        outs.append(e1)
-        x1 = step(x, e1, t, t - half)
-        report(t, x1)
-        e2 = model(x1, mid)
-        x2 = step(x, e2, t, mid)
-        report(mid, x2)
-        e3 = model(x2, mid)
-        x3 = step(x, e3, t, t_next)
-        report(mid, x3)
-        e4 = model(x3, t_next)
-        x = step(x, 1 / 6 * e1 + 1 / 3 * e2 + 1 / 3 * e3 + 1 / 6 * e4, t, t_next)
-        report(t_next, x)
-    return x, outs, ts[3:], i
-
-
-def euler(model, x, cfg: ScheduleConfig, steps: int, *, callback=None):
-    """Euler steps on the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma (Karras et al. 2022,
-    "Elucidating the Design Space...", Alg. 2 with S_churn = 0 and no second-order correction).
-
-    x lives in sigma space, x = x_t / sqrt(alpha_bar_t) with sigma_t = sqrt((1 - a) / a): the UNet is given
-    x / sqrt(sigma^2 + 1) = x_t, the input it was trained on."""
-    if cfg.timestep_spacing == "linspace":
-        raise ValueError("euler supports leading or trailing spacing (linspace gives fractional timesteps)")
-    ac = _euler_alphas_cumprod(cfg).to(x.device)
-    ts = inference_timesteps(cfg, steps)
-    sigmas = [((1 - ac[t]) / ac[t]) ** 0.5 for t in ts] + [torch.zeros((), device=x.device)]
-    for i, t in enumerate(ts):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        out = model(x / (sigma**2 + 1) ** 0.5, t)
-        x = x.float()  # as diffusers: the step itself runs in float32 even for a half model
-        if cfg.prediction_type == "epsilon":
-            x0 = x - sigma * out
-        else:  # v_prediction, rewritten for sigma space
-            x0 = out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
-        x = (x + (x - x0) / sigma * (sigma_next - sigma)).to(out.dtype)
-        if callback is not None:
-            callback(i, t, x)
-    return x
-
-
-def _euler_alphas_cumprod(cfg):
-    ac = alphas_cumprod(cfg)
-    if cfg.rescale_betas_zero_snr:  # diffusers: alpha_bar = 0 would make sigma_max infinite
-        ac[-1] = 2**-24
-    return ac
-
-
-def init_noise_sigma(cfg: ScheduleConfig, steps: int, sampler: str = "ddim") -> float:
-    """Scale for unit Gaussian noise before it is handed to `sampler` as x_T: 1 for ddim and pndm (x_t
-    itself), sqrt(sigma_max^2 + 1) for euler (x_t / sqrt(alpha_bar)). diffusers quirk kept: sigma_max for
-    trailing (and linspace) spacing."""
-    if sampler in ("ddim", "pndm"):
-        return 1.0
-    if sampler != "euler":
-        raise ValueError(f"unknown sampler {sampler!r}; use 'ddim', 'pndm' or 'euler'")
-    ac = _euler_alphas_cumprod(cfg)
-    t_max = inference_timesteps(cfg, steps)[0]
-    sigma_max = ((1 - ac[t_max]) / ac[t_max]) ** 0.5
-    return float(sigma_max if cfg.timestep_spacing != "leading" else (sigma_max**2 + 1) ** 0.5)
 
 
 def _clip_x0(x0, cfg: ScheduleConfig):

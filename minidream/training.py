@@ -36,32 +36,22 @@ from minidream.step import apply_gradients, training_step
 from minidream.text import encode_text
 
 
+MAX_SKIPPED_IN_A_ROW = 25  # inf/NaN gradients in a row that stop a run (fp16 loss scaling at its start: ~16)
+
+
 class OneProcess:
     """Training in this one process: every collective operation is the identity.
     minidream.parallel.distributed.Dist does them for several processes under torchrun."""
 
     rank, world_size, device, is_main, enabled = 0, 1, None, True, False
 
-    def barrier(self):
-        pass
-
-    def broadcast(self, obj):
-        return obj
-
-    def mean(self, values):
-        return values
-
-    def any(self, flag):
-        return flag
-
-    def shard(self, batch):
-        return batch
-
-    def wrap(self, unet, text_modules, find_unused):
-        return unet
-
-    def accumulating(self, model, last_micro_step):
-        return contextlib.nullcontext()
+    def barrier(self): pass  # one line each: every one is the identity
+    def broadcast(self, obj): return obj
+    def mean(self, values): return values
+    def any(self, flag): return flag
+    def shard(self, batch): return batch
+    def wrap(self, unet, text_modules, find_unused): return unet
+    def accumulating(self, model, last_micro_step): return contextlib.nullcontext()
 
 
 @dataclass
@@ -208,6 +198,8 @@ def open_run_folder(cfg: TrainConfig, subject_name: str, dist) -> Path:
     """A new run folder with the run's config.json (rank 0 names it from the clock), or the resumed one."""
     if cfg.resume:
         run = Path(cfg.resume)
+        for leftover in run.rglob(".*.tmp") if dist.is_main else []:  # half-written by a killed process
+            leftover.unlink(missing_ok=True)
     else:
         run = dist.broadcast(new_run_folder(cfg.out, subject_name) if dist.is_main else None)
         if dist.is_main:
@@ -286,6 +278,10 @@ def record(progress: Progress, losses: list, lr: float, grad_norm: float, applie
     })
     if not applied:
         print(f"step {progress.step}: gradient is inf/NaN, update skipped ({progress.skipped} so far)")
+    if len(progress.history) >= MAX_SKIPPED_IN_A_ROW and all(r["skipped"] for r in progress.history[-MAX_SKIPPED_IN_A_ROW:]):
+        raise TrainingError(f"stopped at step {progress.step}: the last {MAX_SKIPPED_IN_A_ROW} steps had inf/NaN "
+                            "gradients, so nothing trains (a learning rate too high, or inf/NaN values in the base "
+                            "model); the run folder keeps its last good checkpoint")
     return progress.step
 
 
@@ -331,12 +327,20 @@ def validate(model, prompts, cfg: TrainConfig, run: Path, device, dist, step: in
     return path
 
 
+def require_finite(method: Method, step: int) -> None:
+    """Never write a result or checkpoint holding inf/NaN (it would draw black images)."""
+    if not all(t.isfinite().all() for tensors in method.state_dict().values() for t in tensors.values()):
+        raise TrainingError(f"the trained values hold inf/NaN at step {step} (the learning rate is too high?); "
+                            "nothing was written: the run folder keeps its last good checkpoint")
+
+
 def save_training_state(run: Path, cfg: TrainConfig, method: Method, optimizer, optimizer_name: str, scaler,
                         progress: Progress, dist) -> None:
     """checkpoints/step-N.pt: the trained tensors, optimizer, scaler and Progress (rank 0 writes)."""
     if not dist.is_main:
         return
     step = progress.step
+    require_finite(method, step)
     try:
         if method.checkpoint_result:
             method.save(run / "checkpoints" / f"step-{step:06d}{Path(method.output).suffix}", step)
@@ -355,6 +359,7 @@ def finish(run: Path, cfg: TrainConfig, method: Method, progress: Progress, dist
         print(f"stopped at step {progress.step}; continue with: python train.py --resume {run}")
         raise KeyboardInterrupt
     if dist.is_main:
+        require_finite(method, progress.step)
         result = method.save(run / method.output, progress.step)
         print(f"done: {result} ({progress.skipped} step(s) skipped for inf/NaN gradients)\n"
               f"try it: python sample.py {method.sample_flag} {result} --prompt \"{example_prompt}\"")

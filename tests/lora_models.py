@@ -97,7 +97,7 @@ def set_adapter_scale(model: nn.Module, name: str, scale: float) -> None:
     require_adapter(model, name)
     for _, layer in lora_layers(model):
         if name in layer.lora_A:
-            layer._check_unmerged("change a scale")
+            layer.check_unmerged("change a scale")
             layer.lora_scale[name] = float(scale)
 
 
@@ -106,7 +106,7 @@ def set_active_adapters(model: nn.Module, names: list[str]) -> None:
     for name in names:
         require_adapter(model, name)
     for _, layer in lora_layers(model):
-        layer._check_unmerged("change the active adapters")
+        layer.check_unmerged("change the active adapters")
         layer.active_adapters = [n for n in names if n in layer.lora_A]
 
 

@@ -10,8 +10,10 @@ import ctypes
 import json
 import os
 import shutil
+import struct
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from checkpoint_fixtures import (
     write_single_file,
 )  # fmt: skip
 from minidream import checkpoint
+from minidream import model as model_module
 from minidream.checkpoint import CheckpointError
 from minidream.formats.model_folder import text_encoder_state_dicts
 from minidream.toy.tiny import UNET as TINY_UNET
@@ -368,3 +371,105 @@ def test_not_a_model(tiny, tmp_path):
     (bad := tmp_path / "truncated.safetensors").write_bytes(tiny["file"].read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"not a readable safetensors file"):
         checkpoint.load_unet(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged and crafted model folders and headers: one CheckpointError naming the file, at once
+
+BUNDLED = Path(__file__).resolve().parent.parent / "weights" / "tiny-sdxl"
+
+
+def _edit_json(file, **changes):
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+def _int32_weight(folder):
+    file = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(file)
+    state["conv_in.weight"] = state["conv_in.weight"].to(torch.int32)
+    save_file(state, file)
+
+
+DAMAGED_FOLDERS = {  # how the folder is damaged, what the error says
+    "int32 weight": (_int32_weight, r"unet/diffusion_pytorch_model.safetensors: conv_in.weight is torch.int32, not "
+                                    r"torch.float32"),
+    "config a list": (lambda f: (f / "unet" / "config.json").write_text("[1, 2]"),
+                      r"unet/config.json is not valid JSON holding an object \{\.\.\.\} \(\[1, 2\]\)"),
+    "config not JSON": (lambda f: (f / "vae" / "config.json").write_text("{'a': 1"), r"vae/config.json is not valid JSON"),
+    "config not UTF-8": (lambda f: (f / "text_encoder" / "config.json").write_bytes(b"{\"a\": \"\xff\"}"),
+                         r"text_encoder/config.json is not valid JSON.*utf-8"),
+    "model_index not JSON": (lambda f: (f / "model_index.json").write_text("{"), r"model_index.json is not valid JSON"),
+    "model_index odd values": (lambda f: (f / "model_index.json").write_text('{"_class_name": 7, "unet": [], "vae": 5}'),
+                               r"has no vae/ folder"),
+    "scheduler a list": (lambda f: (f / "scheduler" / "scheduler_config.json").write_text("[]"),
+                         r"scheduler_config.json is not valid JSON holding an object"),
+    "absurd widths": (lambda f: _edit_json(f / "unet" / "config.json", block_out_channels=[100000, 64, 128]),
+                      r"unet/config.json: block_out_channels=\[100000, 64, 128\] is no sane size \(1 to 8192"),
+    "absurd depth": (lambda f: _edit_json(f / "unet" / "config.json", transformer_layers_per_block=[1, 1, 10**6]),
+                     r"unet/config.json: transformer_layers_per_block=\[1, 1, 1000000\] is no sane size"),
+    "absurd text width": (lambda f: _edit_json(f / "text_encoder_2" / "config.json", hidden_size=10**6),
+                          r"text_encoder_2/config.json: hidden_size=1000000 is no sane size"),
+    "levels": (lambda f: _edit_json(f / "vae" / "config.json", block_out_channels=[16] * 50),
+               r"vae/config.json: block_out_channels=.* is no sane size"),
+    "a string for sizes": (lambda f: _edit_json(f / "unet" / "config.json", block_out_channels="big"),
+                           r"block_out_channels=big is no sane size"),
+    "unknown key": (lambda f: _edit_json(f / "unet" / "config.json", magic=1), r"unet/config.json: UNet config has an "
+                                                                               r"unknown key 'magic'"),
+    "groups that do not divide": (lambda f: _edit_json(f / "vae" / "config.json", norm_num_groups=5),
+                                  r"VAE from .*: its config builds no model \(ValueError\('num_channels \(16\) must be "
+                                  r"divisible by num_groups \(5\)'\)\)"),
+    "heads that do not divide": (lambda f: _edit_json(f / "text_encoder" / "config.json", num_attention_heads=7),
+                                 r"text_encoder/config.json: .*not a multiple of the number of attention heads"),
+    "shards outside the folder": (lambda f: (f / "vae" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "../../unet/diffusion_pytorch_model.safetensors"}})), r"lists shards that are "
+                                                                                             r"not there: \.\./\.\./"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_FOLDERS))
+def test_damaged_model_folder_is_one_clear_error(tmp_path, case):
+    damage, message = DAMAGED_FOLDERS[case]
+    folder = tmp_path / "model"
+    shutil.copytree(BUNDLED, folder)
+    damage(folder)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=message) as error:
+        model_module.load_model(folder)
+    assert str(folder) in str(error.value) and "\n" not in str(error.value)
+    assert time.perf_counter() - start < 20  # refused before building anything big
+
+
+def _raw_safetensors(path, header: bytes, length=None, data=b""):
+    path.write_bytes(struct.pack("<Q", len(header) if length is None else length) + header + data)
+    return path
+
+
+def _entry(dtype="F32", shape=(2, 2), offsets=(0, 16)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+MALFORMED_HEADERS = {
+    "huge length": (b"{}", 2**62, b""),
+    "length past the end": (b"{}", 10**6, b""),
+    "zero length": (b"{}", 0, b""),
+    "not JSON": (b"{abc}", None, b""),
+    "a JSON list": (b"[1, 2]", None, b""),
+    "offsets out of range": (json.dumps({"w": _entry(offsets=(0, 1600))}).encode(), None, bytes(16)),
+    "overlapping": (json.dumps({"w": _entry(), "v": _entry(offsets=(8, 24))}).encode(), None, bytes(24)),
+    "unknown dtype": (json.dumps({"w": _entry(dtype="X99")}).encode(), None, bytes(16)),
+    "shape and bytes differ": (json.dumps({"w": _entry(shape=(2, 3))}).encode(), None, bytes(16)),
+    "overflowing shape": (json.dumps({"w": _entry(shape=(2**40, 2**40))}).encode(), None, bytes(16)),
+    "metadata not strings": (json.dumps({"__metadata__": {"a": 1}, "w": _entry()}).encode(), None, bytes(16)),
+    "truncated": (json.dumps({"w": _entry()}).encode(), None, bytes(8)),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_HEADERS))
+def test_malformed_safetensors_header_is_a_checkpoint_error(tmp_path, case):
+    header, length, data = MALFORMED_HEADERS[case]
+    file = _raw_safetensors(tmp_path / "model.safetensors", header, length, data)
+    with pytest.raises(CheckpointError, match=rf"{file} is not a readable safetensors file \(.+\)") as error:
+        checkpoint.read_header(file)
+    assert "\n" not in str(error.value)
+    with pytest.raises(CheckpointError, match=str(file)):
+        checkpoint.load_unet(file)

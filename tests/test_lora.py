@@ -17,7 +17,7 @@ from lora_models import (count_trainable_parameters, randomize_lora, reference_u
 from minidream.lora import (TEXT_ATTENTION, UNET_ATTENTION, UNET_CONV, UNET_FEEDFORWARD, UNET_PROJ,
                             LoRAConv2d, LoRALinear, adapter_names, inject_lora, lora_parameters, lora_state_dict,
                             mark_only_lora_trainable, wrap_module)
-from minidream.formats.lora_files import merge_lora, remove_adapter, unmerge_lora
+from minidream.formats.lora_files import merge_layer, merge_lora, remove_adapter, unmerge_layer, unmerge_lora
 from minidream.lora_file import get_adapter_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,10 +172,10 @@ def test_two_adapters_sum_of_scaled_deltas_and_merge():
     x = torch.randn(3, 8)
     unfused = layer(x)
     assert torch.allclose(unfused, F.linear(x, w0 + delta, layer.bias), atol=1e-5)
-    layer.merge()
+    merge_layer(layer)
     assert torch.allclose(layer.weight, w0 + delta, atol=1e-6)
     assert torch.allclose(layer(x), unfused, atol=1e-5)
-    layer.unmerge()
+    unmerge_layer(layer)
     assert (layer.weight - w0).abs().max() <= 1e-6
 
 

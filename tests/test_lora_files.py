@@ -246,7 +246,7 @@ BAD = {
                      r"6 LoRA key\(s\) match no module of the unet.*down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.*SD 1.5"),
     "typo": (_unet_lora(Q.replace("to_q", "to_qq"), torch.zeros(4, 64), torch.zeros(64, 4)),
              LoRAMismatchError, r"1 LoRA key\(s\) match no module.*attn1\.to_qq"),
-    "rank": (_unet_lora(Q, torch.zeros(4, 64), torch.zeros(64, 2)), ValueError, rf"rank mismatch at {re.escape(Q)}"),
+    "rank": (_unet_lora(Q, torch.zeros(4, 64), torch.zeros(64, 2)), ValueError, rf"{re.escape(Q)} has a rank mismatch"),
     "shape": (_unet_lora(Q, torch.zeros(4, 320), torch.zeros(64, 4)), ValueError, rf"shape mismatch at {re.escape(Q)}"),
     "no_up": ({f"unet.{Q}.lora_A.weight": torch.zeros(4, 64)}, ValueError, r"has no up weight"),
     "text_but_no_encoder": ({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 32),

@@ -15,6 +15,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, Stab
 
 from checkpoint_fixtures import write_single_file
 from lora_models import write_random_lora
+import minidream.more_samplers  # noqa: F401  (the euler sampler)
 from minidream.formats.lora_files import add_loras
 from minidream.model import load_model
 from minidream.pipeline import check_size, decode, generate, sample_latents

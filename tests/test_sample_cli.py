@@ -199,7 +199,8 @@ def test_only_user_errors_end_in_one_line():
         return command
 
     ends = {UserError("bad input"): 2, OSError(errno.ENOSPC, "No space left on device", "x.png"): 1,
-            RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"): 1, KeyboardInterrupt(): 130}
+            RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"): 1, KeyboardInterrupt(): 130,
+            OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out"): 1}
     for error, code in ends.items():
         assert run_script("sample.py", raising(error), out_of_memory="try less") == code
     for error in (ValueError("a bug"), OSError(errno.EACCES, "Permission denied"), RuntimeError("shape mismatch")):

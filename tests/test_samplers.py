@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from minidream import samplers
+from minidream.more_samplers import euler, init_noise_sigma, prk_start
+from minidream.pipeline import SAMPLERS
 from minidream.schedule import ScheduleConfig
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -39,14 +41,13 @@ def run_minidream(c: dict, x_T: torch.Tensor, model=ref.analytic_model):
         ts.append(t)
         xs.append(x.clone())
 
-    x = x_T * samplers.init_noise_sigma(cfg, c["steps"], c["sampler"])
     if c["sampler"] == "ddim":
         g = torch.Generator().manual_seed(ref.NOISE_SEED) if c["eta"] > 0 else None
-        out = samplers.ddim(model, x, cfg, c["steps"], eta=c["eta"], generator=g, callback=record)
+        out = samplers.ddim(model, x_T, cfg, c["steps"], eta=c["eta"], generator=g, callback=record)
     elif c["sampler"] == "pndm":
-        out = samplers.pndm(model, x, cfg, c["steps"], prk_warmup=c["prk"], callback=record)
-    else:
-        out = samplers.euler(model, x, cfg, c["steps"], callback=record)
+        out = samplers.pndm(model, x_T, cfg, c["steps"], start=prk_start if c["prk"] else None, callback=record)
+    else:  # euler scales the unit noise x_T by init_noise_sigma itself
+        out = euler(model, x_T, cfg, c["steps"], callback=record)
     assert torch.equal(out, xs[-1]), "the sampler returns the last x it reported"
     return torch.tensor(ts, dtype=torch.int64), torch.stack(xs)
 
@@ -105,7 +106,7 @@ def test_trajectory_lengths_show_the_pndm_warmups():
 def test_samplers_keep_no_state_between_calls(stored):
     """Two identical calls give identical results: no history survives a call."""
     x_T, cfg = stored["x_T"], ScheduleConfig()
-    for fn in (samplers.ddim, samplers.pndm, samplers.euler):
+    for fn in (samplers.ddim, samplers.pndm, euler):
         a = fn(ref.analytic_model, x_T, cfg, 10)
         b = fn(ref.analytic_model, x_T, cfg, 10)
         assert torch.equal(a, b), fn.__name__
@@ -131,19 +132,18 @@ def test_ddim_rejects_eta_outside_0_1(eta):
 @pytest.mark.parametrize("steps", [0, 1001])
 def test_samplers_reject_bad_step_counts(sampler, steps):
     with pytest.raises(ValueError, match="steps must be between 1 and num_train_timesteps=1000"):
-        getattr(samplers, sampler)(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(), steps)
+        SAMPLERS[sampler](ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(), steps)
 
 
 def test_prk_warmup_needs_four_steps():
-    with pytest.raises(ValueError, match="prk_warmup needs steps >= 4"):
-        samplers.pndm(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(), 3, prk_warmup=True)
+    with pytest.raises(ValueError, match="the PRK warm-up needs steps >= 4"):
+        samplers.pndm(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(), 3, start=prk_start)
 
 
-def test_euler_rejects_linspace_and_init_noise_sigma_rejects_unknown_sampler():
+def test_euler_rejects_linspace_and_registers_with_the_pipeline():
     with pytest.raises(ValueError, match="euler supports leading or trailing"):
-        samplers.euler(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(timestep_spacing="linspace"), 5)
-    with pytest.raises(ValueError, match="unknown sampler 'heun'"):
-        samplers.init_noise_sigma(ScheduleConfig(), 5, "heun")
+        euler(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(timestep_spacing="linspace"), 5)
+    assert SAMPLERS["euler"] is euler and sorted(SAMPLERS) == ["ddim", "euler", "pndm"]
 
 
 # ----------------------------------------------------------------------------- init sigma, guidance
@@ -156,8 +156,7 @@ def test_init_noise_sigma_matches_diffusers(spacing):
     sched = diffusers.EulerDiscreteScheduler.from_config(cfg_dict)
     sched.set_timesteps(30)
     cfg = ScheduleConfig.from_dict(cfg_dict)
-    assert samplers.init_noise_sigma(cfg, 30, "euler") == float(sched.init_noise_sigma)
-    assert samplers.init_noise_sigma(cfg, 30, "ddim") == samplers.init_noise_sigma(cfg, 30, "pndm") == 1.0
+    assert init_noise_sigma(cfg, 30) == float(sched.init_noise_sigma)
 
 
 def test_guidance_formula():

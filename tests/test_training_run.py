@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import minidream.training as training
 from minidream.toy.tiny import write_tiny_sdxl
@@ -21,6 +21,7 @@ from minidream.lora import lora_layers
 from minidream.formats.lora_files import load_lora
 from minidream.model import load_model
 from minidream.optim import make_optimizer
+from minidream.pipeline import NonFiniteError, generate
 from minidream.prior import fill_class_folder, plan_class_images
 from minidream.runs import MIN_TILE, labelled_grid
 from minidream.config import LORA_FILE, PRESETS, TrainConfig, TrainingError, fill_defaults
@@ -124,6 +125,27 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_losses(world, tmp_path,
         (older / "checkpoints" / f"{late}.pt").unlink(missing_ok=True)
     train(TrainConfig(resume=str(older)))
     assert losses(older) == uninterrupted
+
+
+def test_a_base_model_with_nan_weights_stops_the_run_and_writes_nothing_non_finite(world, tmp_path):
+    broken = tmp_path / "nan-model"
+    shutil.copytree(world["model"], broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    tensors = {k: torch.full_like(v, float("nan")) if k.startswith("conv_in.") else v for k, v in tensors.items()}
+    save_file(tensors, str(weights))
+    with pytest.raises(NonFiniteError, match="latents hold inf/NaN"):  # sampling: an error, not black images
+        generate(load_model(broken), "a photo", steps=2, progress=False)
+    with pytest.raises(TrainingError, match=f"the last {training.MAX_SKIPPED_IN_A_ROW} steps had inf/NaN gradients"):
+        train(config(world, tmp_path / "runs", model=str(broken), prior=False, steps=40, save_every=10))
+    (run,) = (tmp_path / "runs").iterdir()
+    assert not (run / LORA_FILE).exists()
+    checkpoints = sorted((run / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["step-000010.pt", "step-000010.safetensors", "step-000020.pt",
+                                             "step-000020.safetensors"]
+    for path in checkpoints:
+        trained = torch.load(path, weights_only=True)["trained"] if path.suffix == ".pt" else {"": load_file(path)}
+        assert all(t.isfinite().all() for tensors in trained.values() for t in tensors.values())
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(world, tmp_path, monkeypatch):
@@ -244,9 +266,17 @@ def test_cli_help_names_every_setting(capsys):
     (["--subject", "/no/such/folder"], "subject folder /no/such/folder does not exist"),
     (["--model", "/no/such/model"], "model /no/such/model does not exist"),
     (["--steps", "0"], "--steps must be at least 1"),
-    (["--lr", "-1"], "learning rates must be positive"),
+    (["--lr", "-1"], "learning rates must be in (0, 1]"),
+    (["--lr", "inf"], "learning rates must be in (0, 1]"),
+    (["--lr", "nan"], "learning rates must be in (0, 1]"),
+    (["--lr", "1e6"], "learning rates must be in (0, 1]"),
+    (["--seed", "99999999999999999999999"], "seeds must be in 0 .. 2**63 - 1"),
+    (["--validation-seeds", *["1"] * 17], "give 1 to 16 seeds"),
     (["--resume", "/no/such/run"], "is not a run folder"),
     (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    (["--resume", str(Path(__file__))], "is not a run folder"),  # a file where a folder is expected
+    (["--out", str(Path(__file__))], "is a file: give the folder where run folders are made"),
+    (["--class-dir", str(Path(__file__))], "is a file: give a folder of class images"),
 ])
 def test_cli_user_errors_are_one_line(world, tmp_path, capsys, argv, message):
     base = ["--subject", world["subject"], "--model", world["model"], "--out", str(tmp_path)]

@@ -4,10 +4,12 @@ then <out>/<subject>-latest points at the finished run."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import minidream.formats  # noqa: F401  (single-file checkpoints)
 from minidream.config import TrainConfig, resumed_config
+from minidream.formats.archives import unpack_class_images
 from minidream.methods import method_class
 from minidream.parallel import distributed
 from minidream.training import train
@@ -21,6 +23,8 @@ def run_training(cfg: TrainConfig, dist=None) -> Path:
     """
     if cfg.resume:
         cfg = resumed_config(cfg)
+    if cfg.class_dir and Path(cfg.class_dir).suffix.lower() == ".zip":
+        cfg = replace(cfg, class_dir=str(unpack_class_images(cfg.class_dir)))
     if dist is not None:
         run = train(cfg, method_class(cfg.method), dist)
     else:

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 import minidream.formats  # noqa: F401  (single-file .safetensors checkpoints)
+import minidream.more_samplers  # noqa: F401  (the euler sampler)
 from minidream import __version__
 from minidream.checkpoint import detect
 from minidream.cli.args import SampleRequest
@@ -107,11 +108,9 @@ def set_cpu_threads(requested: int | None, model_path: Path) -> int | None:
 def make_output_folder(out: str, first_prompt: str) -> Path:
     """A new folder OUT/<date>-<time>-<first prompt> for this call, made now, before minutes of loading.
     Made with mkdir (never an existing folder), so no call writes over another's images."""
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{slug(first_prompt, 'image')[:40]}"
-    try:
-        return new_folder(Path(out) / name)
-    except OSError as e:  # no permission, a file in the way, read-only disk
-        raise UserError(f"cannot make an output folder in {out} ({e.strerror}); give another --out") from e
+    if Path(out).is_file():
+        raise UserError(f"--out {out} is a file: give a folder")
+    return new_folder(Path(out) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug(first_prompt, 'image')[:40]}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """How train.py and sample.py end: an exit code, and for each way of failing what stderr says.
 
     0    done
-    1    the machine: a full disk, or out of memory (one line with a hint)
+    1    the machine: a full disk, an output folder that cannot be written, or out of memory (one line
+         with a hint)
     2    the user's input: a minidream.errors.UserError, from the library or the scripts' own checks,
          or a bad flag (cli.args.Parser); one line `prog: error: ...` that names the fix
     130  Ctrl-C
@@ -11,8 +12,10 @@ Any other exception is a bug, or a failure of the machine, and keeps its traceba
 from __future__ import annotations
 
 import errno
+import shutil
 import sys
 import warnings
+from pathlib import Path
 from typing import Callable
 
 from minidream.errors import UserError
@@ -20,6 +23,14 @@ from minidream.errors import UserError
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"  # for users: the message, not the source line that warned
+
+
+def free_space(filename: str | None) -> str:
+    """"12.3 MiB free" on the file system of `filename` (its nearest existing folder)."""
+    folder = Path(filename or ".").resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
 
 
 def fail(prog: str, message: str, code: int) -> int:
@@ -38,10 +49,12 @@ def run_script(prog: str, command: Callable[[], None], *, out_of_memory: str, di
     except UserError as e:
         return fail(prog, str(e), 2)
     except OSError as e:
-        if e.errno != errno.ENOSPC:
-            raise
-        return fail(prog, f"disk full while writing {e.filename or 'a file'}; free some space and run again"
-                          + disk_full, 1)
+        if e.errno == errno.ENOSPC:
+            return fail(prog, f"disk full while writing {e.filename or 'a file'} ({free_space(e.filename)}); free "
+                              "some space and run again" + disk_full, 1)
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM) and e.filename:
+            return fail(prog, f"cannot write {e.filename} ({e.strerror}); choose a writable folder (--out)", 1)
+        raise
     except RuntimeError as e:  # torch.cuda.OutOfMemoryError, and the CPU / MPS allocators' errors
         if "out of memory" not in str(e).lower():
             raise

@@ -35,6 +35,7 @@ from PIL import Image
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+import minidream.more_samplers  # noqa: F401  (the euler sampler)
 from minidream import pipeline
 from minidream.cli.run_training import run_training
 from minidream.cli.script import run_script

@@ -25,6 +25,7 @@ detects the layout from the keys, and every key must land on a module of the giv
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from minidream.lora import LoRAWeights, lora_layers, require_adapter
+from minidream.lora import LoRALayer, LoRAWeights, lora_layers, require_adapter
 from minidream.formats.lora_weights import LoRAFileError, check_adapter_weights, load_adapter_weights, mismatch_error
 from minidream.lora_file import DIFFUSERS_METADATA_KEY, diffusers_tensors, file_module_name
 from minidream.lora_file import save_lora as save_diffusers_layout
@@ -100,10 +101,11 @@ def read_lora(path) -> LoRAFile:
     tensors, metadata = read_safetensors(path)
     layout = detect_layout(tensors.keys(), source=str(path))
     if layout.startswith("kohya"):
-        adapters = _parse_kohya(tensors)
+        parts = _parse_kohya(tensors)
+        alphas = lambda component, module, rank: float(rank)  # noqa: E731  (kohya: no alpha = rank)
     else:
-        adapters = _parse_diffusers(tensors, layout, _diffusers_alphas(metadata))
-    return LoRAFile(layout, adapters, metadata)
+        parts, alphas = _parse_diffusers(tensors, layout), _diffusers_alphas(metadata, path)
+    return LoRAFile(layout, _assemble(parts, alphas, path), metadata)
 
 
 def _key_kind(key: str) -> str:
@@ -121,6 +123,9 @@ def _key_kind(key: str) -> str:
 def detect_layout(keys, source: str = "the LoRA") -> str:
     """One of LAYOUTS, decided from the tensor names; unknown or mixed spellings are an error."""
     keys = list(keys)
+    if set(keys) == {"clip_l", "clip_g"} or (len(keys) == 1 and "." not in keys[0]):  # SDXL's, A1111's, diffusers
+        raise LoRAFileError(f"{source} is a textual-inversion embedding ({', '.join(keys)[:80]}), not a LoRA: "
+                            "pass it with --embedding")
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in keys):
         raise LoRAFileError(f"{source} is a DoRA adapter; minidream supports plain LoRA only")
     kinds = defaultdict(list)
@@ -156,7 +161,7 @@ _PROCESSOR_PROJ = {"unet": {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_ou
 _PART = {"A": "down", "B": "up", "down": "down", "up": "up"}
 
 
-def _parse_diffusers(tensors, layout, alphas) -> dict[str, dict[str, LoRAWeights]]:
+def _parse_diffusers(tensors, layout) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
     parts: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in tensors.items():
         component, rest = _split_component(key)
@@ -172,26 +177,64 @@ def _parse_diffusers(tensors, layout, alphas) -> dict[str, dict[str, LoRAWeights
             raise LoRAFileError(f"LoRA key {key!r} is not in the {layout} layout of the other keys")
         projections = _PROCESSOR_PROJ["unet" if component == "unet" else "text"]
         parts[component, f"{m['parent']}.{projections[m['proj']]}"][m["part"]] = tensor
-    return _assemble(parts, lambda component, module, rank: alphas(component, module, rank))
+    return parts
 
 
-def _diffusers_alphas(metadata: dict[str, str]):
+def _diffusers_alphas(metadata: dict[str, str], path):
     """alpha for (component, module, rank) from diffusers' per-component LoraConfig metadata."""
-    config = json.loads(metadata.get(DIFFUSERS_METADATA_KEY, "{}") or "{}")
+    config = _lora_config(metadata, path)
 
     def alpha(component: str, module: str, rank: int) -> float:
         get = lambda name, default=None: config.get(f"{component}.{name}", default)  # noqa: E731
         if get("use_dora"):
-            raise LoRAFileError("this is a DoRA adapter (use_dora in its metadata); minidream supports plain LoRA only")
+            raise LoRAFileError(f"{path} is a DoRA adapter (use_dora in its metadata); minidream supports plain LoRA only")
         value = get("lora_alpha", rank)
-        for pattern, pattern_alpha in (get("alpha_pattern") or {}).items():
-            if re.match(rf"(.*\.)?({pattern})$", module):  # peft's rule for alpha_pattern keys
+        for (literal, anchored), pattern_alpha in (get("alpha_pattern") or {}).items():
+            if module == literal or (not anchored and module.endswith("." + literal)):  # peft's rule, without regex
                 value = pattern_alpha
                 break
         # rsLoRA scales by alpha / sqrt(r); alpha * sqrt(r) gives the same factor as alpha / r.
         return float(value) * (rank ** 0.5 if get("use_rslora") else 1.0)
 
     return alpha
+
+
+# An alpha_pattern / rank_pattern key as diffusers and minidream write it: a module path, re.escape'd or not,
+# optionally anchored with ^ and $. peft runs such keys as regular expressions; a file's keys are never run here
+# (a crafted pattern can take hours): they are read as the literal module paths they spell, and any other is refused.
+_LITERAL_PATTERN = re.compile(r"(?P<anchored>\^)?(?P<path>(?:\w|\\?\.)+)\$?", re.ASCII)
+
+
+def _lora_config(metadata: dict[str, str], path) -> dict:
+    """diffusers' LoraConfig metadata ({"unet.lora_alpha": 8, "unet.alpha_pattern": {...}, ...}), checked: a JSON
+    object whose alphas are finite numbers; each pattern dict is returned as {(module path, anchored): value}."""
+    def fail(problem: str):
+        return LoRAFileError(f"{path}: the metadata entry {DIFFUSERS_METADATA_KEY} {problem}; the file is damaged "
+                             "or crafted: use an intact copy of the LoRA")
+
+    try:
+        config = json.loads(metadata.get(DIFFUSERS_METADATA_KEY) or "{}")
+    except (ValueError, RecursionError) as e:
+        raise fail(f"is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise fail(f"is a JSON {type(config).__name__}, not an object {{...}}")
+    for key, value in config.items():
+        name = key.rpartition(".")[2]
+        if name == "lora_alpha" and not _is_number(value):
+            raise fail(f"sets {key}={str(value)[:40]}, not a finite number")
+        if name in ("alpha_pattern", "rank_pattern") and value is not None:
+            if not isinstance(value, dict) or not all(map(_is_number, value.values())):
+                raise fail(f"sets {key} to {str(value)[:60]}, not an object of module patterns -> numbers")
+            matches = {pattern: _LITERAL_PATTERN.fullmatch(pattern) for pattern in value}
+            if not all(matches.values()):
+                bad = next(p for p, m in matches.items() if m is None)
+                raise fail(f"has the {name} key {bad[:60]!r}, not a module path (a regular expression is not run)")
+            config[key] = {(m["path"].replace("\\.", "."), bool(m["anchored"])): value[p] for p, m in matches.items()}
+    return config
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 _KOHYA_PATTERN = re.compile(r"(?P<prefix>lora_unet|lora_te1|lora_te2|lora_te)_(?P<module>[^.]+)\."
@@ -209,20 +252,42 @@ def _parse_kohya(tensors) -> dict[str, dict[str, LoRAWeights]]:
                              ".lora_up.weight / .alpha)")
         part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m["part"]]
         parts[_KOHYA_COMPONENT[m["prefix"]], m["module"]][part] = tensor
-    return _assemble(parts, lambda component, module, rank: float(rank))  # kohya: no alpha = rank
+    return parts
 
 
-def _assemble(parts, default_alpha) -> dict[str, dict[str, LoRAWeights]]:
+def _assemble(parts, default_alpha, path) -> dict[str, dict[str, LoRAWeights]]:
+    """{component: {module: LoRAWeights}} from each module's down, up and alpha tensors, each checked."""
     adapters: dict[str, dict[str, LoRAWeights]] = defaultdict(dict)
     for (component, module), p in parts.items():
         missing = [name for name in ("down", "up") if name not in p]
         if missing:
-            raise LoRAFileError(f"LoRA module {component}.{module} has no {' and no '.join(missing)} "
-                             "weight; the file is incomplete")
+            raise LoRAFileError(f"{path}: LoRA module {component}.{module} has no {' and no '.join(missing)} "
+                                "weight; the file is incomplete")
+        problem = check_lora_tensors(p)
+        if problem:
+            raise LoRAFileError(f"{path}: LoRA module {component}.{module} {problem}; the file is damaged: "
+                                "re-download or re-train it")
         rank = p["down"].shape[0]
         alpha = float(p["alpha"].item()) if "alpha" in p else default_alpha(component, module, rank)
         adapters[component][module] = LoRAWeights(p["down"], p["up"], alpha)
     return dict(adapters)
+
+
+def check_lora_tensors(p: dict[str, torch.Tensor]) -> str:
+    """What is wrong with one module's down (r, in[, k, k]), up (out, r[, 1, 1]) and optional alpha, or ""."""
+    down, up = p["down"], p["up"]
+    if not (2 <= down.dim() <= 4 and 2 <= up.dim() <= 4):
+        return f"has down {tuple(down.shape)} / up {tuple(up.shape)}, not matrices"
+    if down.shape[0] == 0 or down.shape[0] != up.shape[1]:
+        return f"has a rank mismatch: down {tuple(down.shape)} / up {tuple(up.shape)} (need (r, in) / (out, r), r > 0)"
+    if "alpha" in p and p["alpha"].numel() != 1:
+        return f"has an alpha of shape {tuple(p['alpha'].shape)}, not one number"
+    for name, tensor in p.items():
+        if not (tensor.is_floating_point() or name == "alpha") or tensor.is_complex():
+            return f"has a {tensor.dtype} {name}, not floating point"
+        if not torch.isfinite(tensor).all():  # NaN or inf: applied, they make black images
+            return f"has NaN or infinite values in its {name}"
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,18 +380,40 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     require_adapter(model, name)
     for _, layer in lora_layers(model):
         if name in layer.lora_A:
-            layer.remove_adapter(name)
+            layer.check_unmerged("remove an adapter")
+            for table in (layer.lora_A, layer.lora_B, layer.lora_alpha, layer.lora_scale, layer.lora_dropout):
+                del table[name]
+            if name in layer.active_adapters:
+                layer.active_adapters.remove(name)
+
+
+@torch.no_grad()
+def merge_layer(layer: LoRALayer) -> None:
+    """Fold every active adapter into `weight` (W0 + sum scaling * B A); forward then skips them."""
+    layer.check_unmerged("merge again")
+    for name in layer.active_adapters:
+        s = layer.scaling(name)
+        layer.weight += (layer.delta_weight(name) * s).to(layer.weight.dtype)
+        layer.merged[name] = s
+
+
+@torch.no_grad()
+def unmerge_layer(layer: LoRALayer) -> None:
+    """Subtract what merge_layer() added. Exact up to rounding in the weight's dtype (fp32: ~1e-7)."""
+    for name, s in layer.merged.items():
+        layer.weight -= (layer.delta_weight(name) * s).to(layer.weight.dtype)
+    layer.merged = {}
 
 
 def merge_lora(model: nn.Module) -> None:
     """Fold all active adapters into the base weights (fast sampling: plain matmuls only)."""
     for _, layer in lora_layers(model):
-        layer.merge()
+        merge_layer(layer)
 
 
 def unmerge_lora(model: nn.Module) -> None:
     for _, layer in lora_layers(model):
-        layer.unmerge()
+        unmerge_layer(layer)
 
 
 def add_loras(model, loras, fuse: bool = True) -> list[str]:

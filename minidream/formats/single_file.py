@@ -9,10 +9,11 @@ TensorRefs (loading.py) that fill the part under minidream's names. Nothing is r
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from minidream.formats import sgm_keys
-from minidream.checkpoint import FAMILIES, ModelInfo, family_from_context
+from minidream.checkpoint import FAMILIES, ModelInfo, check_config, family_from_context
 from minidream.loading import CheckpointError, TensorRef, Weights, read_header
 
 # Which part each prefix holds. The SDXL refiner has only the OpenCLIP encoder, as embedder 0;
@@ -53,8 +54,8 @@ IGNORED_NAMES = {  # SD 1.x / 2.x (LDM) noise-schedule buffers, recomputed by mi
 
 def shaped_after(shape: tuple[int, ...], op: str) -> tuple[int, ...]:
     """The shape a tensor has after `op` (see loading.TensorRef), known before reading it."""
-    if op == "squeeze":  # (out, in, 1, 1) conv kernel -> (out, in) linear weight
-        return tuple(shape[:2])
+    if op == "squeeze":  # (out, in, 1, 1) conv kernel -> (out, in) linear weight; other kernels stay (and misfit)
+        return tuple(shape[:2]) if all(d == 1 for d in shape[2:]) else tuple(shape)
     if op == "transpose":
         return tuple(reversed(shape))
     if op in ("q", "k", "v"):
@@ -143,11 +144,29 @@ class SingleFile:
         return clip_config({k: w.shape for k, w in weights.items()}, "gelu"), weights
 
 
+@contextmanager
+def shapes_of(path: Path):
+    """Read a file's architecture off its shapes; a file whose tensors are missing or misshapen (damaged, or
+    crafted) is a CheckpointError instead of a KeyError deep inside."""
+    try:
+        yield
+    except (KeyError, IndexError, StopIteration, ValueError, TypeError, ZeroDivisionError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is not a complete single-file checkpoint: its tensors do not fit the "
+                              f"architecture ({type(e).__name__}: {e}); re-download it") from None
+
+
 class SingleFileReader:
-    """What minidream.checkpoint asks of single files (registered by minidream.formats)."""
+    """What minidream.checkpoint asks of single files (registered by minidream.formats). Every config read off
+    shapes passes checkpoint.check_config, as a folder's config.json does."""
 
     def describe(self, path: Path, header: dict[str, tuple]) -> ModelInfo:
         """What a .safetensors file that is no LoRA holds: a whole model, a lone VAE, UNet, ..."""
+        with shapes_of(path):
+            return self._describe(path, header)
+
+    def _describe(self, path: Path, header: dict[str, tuple]) -> ModelInfo:
         parts = split_parts(header)
         if "unet" in parts:
             name, names = family(parts), tuple(sorted(parts))
@@ -163,21 +182,28 @@ class SingleFileReader:
         return ModelInfo(path, "unknown", f"no tensor names minidream knows (first: {', '.join(list(header)[:3])})")
 
     def unet(self, info: ModelInfo, config: dict | None) -> tuple[dict, Weights]:
-        return SingleFile(info.path).unet(config)
+        with shapes_of(info.path):
+            config, weights = SingleFile(info.path).unet(config)
+        return check_config(config, "unet", info.path), weights
 
     def vae(self, info: ModelInfo, expect: str | None, config: dict | None) -> tuple[dict, Weights]:
-        if info.layout == "vae-file":
-            return vae_file(info.path, expect or "sdxl", config)
-        single = SingleFile(info.path)
-        if "vae" not in single.parts:
-            raise CheckpointError(f"{info.path} holds no VAE (first_stage_model.*); give one with --vae")
-        return single.vae(config)
+        with shapes_of(info.path):
+            if info.layout == "vae-file":
+                config, weights = vae_file(info.path, expect or "sdxl", config)
+            else:
+                single = SingleFile(info.path)
+                if "vae" not in single.parts:
+                    raise CheckpointError(f"{info.path} holds no VAE (first_stage_model.*); give one with --vae")
+                config, weights = single.vae(config)
+        return check_config(config, "vae", info.path), weights
 
     def text_encoder(self, info: ModelInfo, part: str) -> tuple[dict, Weights]:
-        single = SingleFile(info.path)
-        if part not in single.parts:
-            raise CheckpointError(f"{info.path} holds no {part} ({info.description})")
-        return single.text_encoder(part)
+        with shapes_of(info.path):
+            single = SingleFile(info.path)
+            if part not in single.parts:
+                raise CheckpointError(f"{info.path} holds no {part} ({info.description})")
+            config, weights = single.text_encoder(part)
+        return check_config(config, part, info.path), weights
 
 
 def vae_file(path: Path, family_name: str, config: dict | None = None) -> tuple[dict, Weights]:
