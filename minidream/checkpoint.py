@@ -35,6 +35,8 @@ SIZE_LIMITS = {"layers_per_block": 64, "transformer_layers_per_block": 64, "num_
 SIZE_LIMITS |= dict.fromkeys(("projection_class_embeddings_input_dim", "max_position_embeddings", "cross_attention_dim",
                               "block_out_channels", "addition_time_embed_dim", "intermediate_size", "latent_channels",
                               "in_channels", "out_channels", "sample_size", "hidden_size", "projection_dim"), 8192)
+NULLABLE_SIZES = ("projection_class_embeddings_input_dim", "addition_time_embed_dim", "transformer_layers_per_block",
+                  "projection_dim")  # null in SD 1.x / 2.x configs: the feature is off
 
 
 def build_unet(config: dict) -> nn.Module:
@@ -56,8 +58,8 @@ def build_on_meta(build, config: dict, what: str) -> nn.Module:
     try:
         with parameters_on_meta():
             return build(config)
-    except (ValueError, TypeError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{what}: its config builds no model ({e!r}); fix or re-download the config") from None
+    except (ValueError, TypeError, KeyError, RuntimeError, ArithmeticError) as e:
+        raise CheckpointError(f"{what}: its config.json builds no model ({e!r}); fix or re-download it") from None
 
 
 def check_config(config: dict, part: str, source) -> dict:
@@ -65,7 +67,8 @@ def check_config(config: dict, part: str, source) -> dict:
     for key, limit in SIZE_LIMITS.items():
         value = config.get(key)
         values = value if isinstance(value, (list, tuple)) else [value]
-        if len(values) > 8 or not all(v is None or type(v) is int and 0 < v <= limit for v in values):
+        may_be_null = key not in config or key in NULLABLE_SIZES
+        if len(values) > 8 or not all(v is None and may_be_null or type(v) is int and 0 < v <= limit for v in values):
             raise CheckpointError(f"{source}: {key}={str(value)[:60]} is no sane size (1 to {limit}, 8 levels); fix it")
     try:
         {"unet": UNetConfig.from_dict, "vae": VAEConfig.from_dict}.get(part, CLIPTextConfig.from_dict)(config)
@@ -108,7 +111,8 @@ def detect(path: PathLike) -> ModelInfo:
 def _detect_folder(path: Path) -> ModelInfo:
     if (path / "model_index.json").is_file():
         index = read_json(path / "model_index.json")
-        listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and any(v[:1])]
+        listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+                  and all(isinstance(name, str) for name in v) and v[0]]  # "vae": ["diffusers", "AutoencoderKL"]
         present = tuple(k for k in listed if (path / k).is_dir())
         missing = tuple(k for k in listed if k not in present)
         family = _folder_family(path, index, listed)
@@ -129,7 +133,8 @@ def _detect_folder(path: Path) -> ModelInfo:
 
 
 def _family_from_unet_config(config: dict) -> str:
-    return family_from_context(config.get("cross_attention_dim"), config.get("addition_embed_type") == "text_time")
+    context_dim = config.get("cross_attention_dim")  # an int in every SD config; anything else: "unknown"
+    return family_from_context(context_dim if type(context_dim) is int else 0, config.get("addition_embed_type") == "text_time")
 
 
 def family_from_context(context_dim: int, has_label_emb: bool) -> str:
@@ -218,6 +223,9 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
 def _folder_part(info: ModelInfo, part: str, variant: str | None, config: dict | None = None) -> tuple[dict, Weights]:
     """(`config` or config.json, TensorRefs named as stored) of one part of a diffusers or part folder."""
     folder = info.path / part if info.layout == "diffusers" else info.path
+    if info.layout == "diffusers" and part not in info.parts and folder.is_dir():
+        raise CheckpointError(f"{info.path / 'model_index.json'} does not list {part}/ as [library, class name] "
+                              "(damaged?): fix or re-download model_index.json")
     if info.layout == "diffusers" and part not in info.parts:
         raise CheckpointError(f"{info.path} has no {part}/ folder ({info.description}). Download the whole "
                               f"repository, including {part}/config.json and its weights.")

@@ -201,7 +201,10 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
     if not (run / "config.json").is_file():
         raise TrainingError(f"{run} is not a run folder (no config.json): give a folder under {cfg.out}/")
     names = {f.name for f in fields(TrainConfig)}
-    saved = TrainConfig(**{k: v for k, v in json.loads((run / "config.json").read_text()).items() if k in names})
+    try:
+        saved = TrainConfig(**{k: v for k, v in json.loads((run / "config.json").read_text()).items() if k in names})
+    except (ValueError, AttributeError, RecursionError) as e:  # not UTF-8, not JSON, not an object
+        raise TrainingError(f"{run / 'config.json'} is damaged ({str(e)[:80]}); restore it, or start a new run") from None
     default = TrainConfig()
     for name in names - {"resume"}:
         given = getattr(cfg, name)

@@ -400,7 +400,7 @@ DAMAGED_FOLDERS = {  # how the folder is damaged, what the error says
                          r"text_encoder/config.json is not valid JSON.*utf-8"),
     "model_index not JSON": (lambda f: (f / "model_index.json").write_text("{"), r"model_index.json is not valid JSON"),
     "model_index odd values": (lambda f: (f / "model_index.json").write_text('{"_class_name": 7, "unet": [], "vae": 5}'),
-                               r"has no vae/ folder"),
+                               r"model_index.json does not list vae/ as \[library, class name\]"),
     "scheduler a list": (lambda f: (f / "scheduler" / "scheduler_config.json").write_text("[]"),
                          r"scheduler_config.json is not valid JSON holding an object"),
     "absurd widths": (lambda f: _edit_json(f / "unet" / "config.json", block_out_channels=[100000, 64, 128]),
@@ -416,7 +416,7 @@ DAMAGED_FOLDERS = {  # how the folder is damaged, what the error says
     "unknown key": (lambda f: _edit_json(f / "unet" / "config.json", magic=1), r"unet/config.json: UNet config has an "
                                                                                r"unknown key 'magic'"),
     "groups that do not divide": (lambda f: _edit_json(f / "vae" / "config.json", norm_num_groups=5),
-                                  r"VAE from .*: its config builds no model \(ValueError\('num_channels \(16\) must be "
+                                  r"VAE from .*: its config.json builds no model \(ValueError\('num_channels \(16\) must be "
                                   r"divisible by num_groups \(5\)'\)\)"),
     "heads that do not divide": (lambda f: _edit_json(f / "text_encoder" / "config.json", num_attention_heads=7),
                                  r"text_encoder/config.json: .*not a multiple of the number of attention heads"),

@@ -65,7 +65,8 @@ def error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "LoRA that is no safetensors": (tiny + ["--prompt", "a dog", "--lora", str(tmp / "not_a_lora.safetensors")],
                                         "not a valid safetensors file"),
         "eta without ddim": (tiny + ["--prompt", "a dog", "--scheduler", "pndm", "--eta", "0.5"], "--eta is DDIM's noise"),
-        "steps zero": (tiny + ["--prompt", "a dog", "--steps", "0"], "--steps must be at least 1"),
+        "steps zero": (tiny + ["--prompt", "a dog", "--steps", "0"], "--steps must be between 1 and 1,000, got 0"),
+        "steps too many": (tiny + ["--prompt", "a dog", "--steps", "100000"], "--steps must be between 1 and 1,000"),
         "not a number": (tiny + ["--prompt", "a dog", "--steps", "many"], "invalid int value: 'many'"),
     }
 
@@ -175,7 +176,7 @@ def test_help_explains_every_flag(runs):
 @pytest.mark.parametrize("case", [
     "missing model", "folder that is not a model", "no prompt", "blank prompt", "height not a multiple of 8",
     "width zero", "unknown sampler", "unknown sampler, older flag", "missing prompts file", "binary prompts file", "prompts file without prompts",
-    "missing LoRA", "unfinished run as LoRA", "folder as embedding", "LoRA that does not fit", "LoRA that is no safetensors", "eta without ddim", "steps zero",
+    "missing LoRA", "unfinished run as LoRA", "folder as embedding", "LoRA that does not fit", "LoRA that is no safetensors", "eta without ddim", "steps zero", "steps too many",
     "not a number",
 ])
 def test_bad_input_is_one_line_and_exit_code_2(runs, case):

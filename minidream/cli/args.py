@@ -12,6 +12,7 @@ This module imports no torch: `--help` and mistyped flags answer at once.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, Field, dataclass, fields
 from pathlib import Path
 
@@ -178,9 +179,12 @@ def parse_lora(spec: str) -> tuple[Path, float]:
     the path (C:\\loras\\x.safetensors)."""
     path, _, scale = spec.rpartition(":")
     try:
-        return (Path(path), float(scale)) if path else (Path(spec), 1.0)
+        value = float(scale) if path else 1.0
     except ValueError:  # float(scale): no number after the colon
         return Path(spec), 1.0
+    if not math.isfinite(value) or abs(value) > 100:
+        raise UserError(f"--lora {spec}: the scale must be a number between -100 and 100 (e.g. {path}:0.8)")
+    return (Path(path), value) if path else (Path(spec), 1.0)
 
 
 def parse_embedding(spec: str) -> tuple[Path, str | None]:
@@ -212,9 +216,13 @@ def check_numbers(args: argparse.Namespace) -> None:
         if value is not None and (value <= 0 or value % 8):
             raise UserError(f"--{name} {value} is not a positive multiple of 8 (the VAE's downsampling "
                             f"factor); use e.g. --{name} {max(8, value // 8 * 8)}")
-    for name in ("steps", "num_images", "cpu_threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, most in (("height", 16384), ("width", 16384), ("steps", 1000), ("num_images", 1024),
+                       ("cpu_threads", 4096)):  # steps: at most the schedule's 1,000 training timesteps
+        value = getattr(args, name)
+        if value is not None and not 1 <= value <= most:
+            raise UserError(f"--{name.replace('_', '-')} must be between 1 and {most:,}, got {value}")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if not 0 <= args.eta <= 1:
         raise UserError(f"--eta must be between 0 and 1, got {args.eta}")
     if args.eta and args.sampler != "ddim":

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import zipfile
@@ -33,9 +34,11 @@ def unpack_class_images(archive_path) -> Path:
             for m in members:  # only the file name is kept: no member can write outside tmp
                 (tmp / Path(m.filename).name).write_bytes(archive.read(m))
         tmp.rename(folder)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as e:  # + password
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as e:
         raise DataError(f"{archive_path} is not a valid zip archive ({e}); unpack it and pass the folder") from None
-    except OSError:
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # a member's offset points before the file's start: a damaged directory
+            raise DataError(f"{archive_path} is not a valid zip archive ({e}); unpack it and pass the folder") from None
         if not folder.is_dir():  # else another process (a torchrun rank) unpacked it first
             raise
     finally:

@@ -335,7 +335,10 @@ def load_lora(path, *, unet: nn.Module | None = None, text_encoder: nn.Module | 
             raise mismatch_error(unmatched, f"the {component} ({type(model).__name__})", f"File: {path}.")
         resolved[component] = {index[_flat(k)]: w for k, w in weights.items()}
     for component, weights in resolved.items():  # check every component before changing any
-        check_adapter_weights(models[component], name, weights)
+        try:
+            check_adapter_weights(models[component], name, weights)
+        except LoRAFileError as e:
+            raise type(e)(f"{path}: {e}") from None
     for component, weights in resolved.items():
         load_adapter_weights(models[component], name, weights, scale)
     return name
