@@ -25,7 +25,7 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
         os.replace(tmp, path)
     except BaseException as e:  # KeyboardInterrupt too: never leave the temporary file behind
         tmp.unlink(missing_ok=True)
-        if "No space left on device" in str(e) and not isinstance(e, OSError):  # torch.save's, safetensors' errors
+        if "No space left on device" in str(e) and not getattr(e, "filename", None):  # torch, safetensors, PIL
             raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
         raise
     return path

@@ -114,8 +114,11 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_losses(world, tmp_path,
     assert not (run / LORA_FILE).exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
+    leftover = run / "checkpoints" / ".step-000004.pt.4242.tmp"  # a checkpoint write killed half-way (SIGKILL)
+    leftover.write_bytes(b"half a checkpoint")
     train(TrainConfig(resume=str(run)))
     assert losses(run) == uninterrupted  # bit for bit, as written to the CSV
+    assert not leftover.exists()  # removed at the start of the resumed run, never read as a checkpoint
     assert (run / LORA_FILE).is_file()
 
     # resuming from an older mid-run checkpoint (step 2) gives the same numbers too

@@ -34,6 +34,8 @@ def unpack_class_images(archive_path) -> Path:
             for m in members:  # only the file name is kept: no member can write outside tmp
                 (tmp / Path(m.filename).name).write_bytes(archive.read(m))
         tmp.rename(folder)
+    except DataError:  # check_archive's refusal (a UserError is a ValueError too)
+        raise
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as e:
         raise DataError(f"{archive_path} is not a valid zip archive ({e}); unpack it and pass the folder") from None
     except OSError as e:
