@@ -6,6 +6,7 @@ behaviour: prompted for a class, it draws that class far more often than chance 
 """
 
 from dataclasses import replace
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from minidream.toy import tiny, toy_eval, toyworld
 from minidream.toy.judge import Judge
 from minidream.model import load_model
-from minidream.toy.pretrain import PretrainConfig, encode_pictures, normalise_latents, pretrain
+from minidream.toy.pretrain import RECORD, PretrainConfig, encode_pictures, normalise_latents, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / "weights" / "tiny-sdxl"
@@ -53,6 +54,21 @@ def test_pretraining_is_deterministic_and_trains_every_stage(tmp_path):
         assert len(moved) > len(ours) // 2, f"{name}: only {len(moved)} of {len(ours)} tensors changed"
     other = pretrain(replace(TOY, out=str(tmp_path / "c"), seed=1))
     assert (other / WEIGHTS[0]).read_bytes() != (a / WEIGHTS[0]).read_bytes()
+
+
+def test_a_continued_run_keeps_the_vae_trains_the_unet_and_adds_up_the_record(tmp_path):
+    first = pretrain(replace(TOY, out=str(tmp_path / "first")))
+    more = pretrain(replace(TOY, out=str(tmp_path / "more"), start_from=str(first), seed=1, unet_steps=4,
+                            save_every=2))
+    vae, unet = WEIGHTS[1], WEIGHTS[0]
+    assert (more / vae).read_bytes() == (first / vae).read_bytes()
+    assert (more / unet).read_bytes() != (first / unet).read_bytes()
+    record = json.loads((more / RECORD).read_text())
+    assert [r["unet_steps"] for r in record["runs"]] == [TOY.unet_steps, 4]
+    assert [r["vae_steps"] for r in record["runs"]] == [TOY.vae_steps, 0]
+    assert record["total"]["unet_steps"] == TOY.unet_steps + 4
+    assert record["total"]["unet_samples"] == (TOY.unet_steps + 4) * TOY.unet_batch
+    assert not (tmp_path / "more.writing").exists()
 
 
 def test_latent_normalisation_is_exact_and_standardises(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from minidream.toy import tiny, toyworld
+from minidream.toy import pretrain, tiny, toyworld
 from minidream.checkpoint import load_unet
 from minidream.model import default_model_path, load_model
 from minidream.toy.tiny import WORDS, write_tiny_sdxl
@@ -40,6 +40,8 @@ def regenerated(tmp_path_factory):
 
 def test_committed_folder_is_what_the_writer_writes(regenerated):
     committed, fresh = files(BUNDLED), files(regenerated)
+    record = json.loads(committed.pop(pretrain.RECORD))  # written by pretrain.py, not by the folder writer
+    assert record["total"]["unet_steps"] == sum(r["unet_steps"] for r in record["runs"]) > 0
     assert sorted(committed) == sorted(fresh), "file sets differ: rerun python -m minidream.toy.pretrain"
     weights = set(WEIGHTS.values())
     changed = [name for name in fresh if name not in weights and committed[name] != fresh[name]]

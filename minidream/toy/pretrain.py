@@ -21,6 +21,11 @@ weights have one source: this command.
 
     python -m minidream.toy.pretrain                          # weights/tiny-sdxl (see README for the time)
     python -m minidream.toy.pretrain --scale 0.01 --out /tmp/tiny-smoke     # a smoke run in seconds
+    python -m minidream.toy.pretrain --start-from weights/tiny-sdxl --seed 1 --unet-steps 4000   # train on
+
+--start-from continues from a written folder (its VAE is kept, stage 1 skipped): compute adds up over
+several runs, each appended to the folder's pretraining.json with its steps and time. With --save-every
+the folder is rewritten every that many UNet steps, so a stopped run loses little.
 
 Every random number comes from generators seeded with --seed, so a run gives the same weights
 again for the same torch version and --threads (CPU kernels sum in thread-dependent order).
@@ -29,6 +34,8 @@ again for the same torch version and --threads (CPU kernels sum in thread-depend
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
@@ -38,6 +45,7 @@ import numpy as np
 import torch
 
 from minidream.toy import tiny, toyworld
+from minidream.files import write_json
 from minidream.model import load_model
 from minidream.optim import lr_at
 from minidream.schedule import ScheduleConfig, alphas_cumprod as alphas_cumprod_of
@@ -69,10 +77,13 @@ class PretrainConfig:
     ema_decay: float = 0.995  # the written weights are an exponential moving average of the trained ones
     train_text_encoders: bool = True  # train the toy "CLIP" with the UNet (else frozen random, cached)
     log_every: int = 100  # steps between log lines
+    start_from: str = ""  # a folder this command wrote: continue training its UNet and text encoders
+    save_every: int = 0  # rewrite `out` every this many UNet steps (0: only at the end)
 
     def scaled(self, scale: float) -> "PretrainConfig":
-        counts = ("pictures", "vae_steps", "unet_steps", "warmup_steps", "log_every")
-        return PretrainConfig(**{**asdict(self), **{k: max(1, round(getattr(self, k) * scale)) for k in counts}})
+        counts = ("pictures", "vae_steps", "unet_steps", "warmup_steps", "log_every", "save_every")
+        return PretrainConfig(**{**asdict(self), **{k: max(int(getattr(self, k) > 0), round(getattr(self, k) * scale))
+                                                    for k in counts}})
 
 
 def log(message: str, start: float) -> None:
@@ -240,27 +251,69 @@ def train_unet(unet, text, latents, captions: list[str], schedule: ScheduleConfi
 
 # ----------------------------------------------------------------------------- the whole run
 
+RECORD = "pretraining.json"  # in the written folder: every run that trained these weights
+
+
+def past_runs(folder) -> list[dict]:
+    """The runs recorded in `folder`/pretraining.json ([] for a folder without one)."""
+    path = Path(folder) / RECORD
+    return json.loads(path.read_text())["runs"] if path.is_file() else []
+
+
+def write_folder(cfg: PretrainConfig, text, weights: dict, vae, runs: list[dict]) -> Path:
+    """Write the diffusers folder (to a sibling temp folder, then swapped in) with its run record."""
+    out = Path(cfg.out)
+    staging = out.with_name(out.name + ".writing")
+    shutil.rmtree(staging, ignore_errors=True)
+    tiny.write_tiny_sdxl(staging, cfg.seed, state_dicts={
+        "text_encoder": text.text_encoder.state_dict(), "text_encoder_2": text.text_encoder_2.state_dict(),
+        **weights, "vae": vae.state_dict()})
+    unet_steps = sum(r["unet_steps"] for r in runs)
+    samples = sum(r["unet_steps"] * r["unet_batch"] for r in runs)
+    write_json(staging / RECORD, {"total": {"unet_steps": unet_steps, "unet_samples": samples,
+                                            "seconds": round(sum(r["seconds"] for r in runs))}, "runs": runs})
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
+
+
 def pretrain(cfg: PretrainConfig) -> Path:
-    """Both stages, then write the folder; returns it."""
+    """Both stages (or stage 2 only, from --start-from), then write the folder; returns it."""
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:  # the random model, loaded the way every model is
-        model = load_model(tiny.write_tiny_sdxl(Path(tmp) / "random", cfg.seed, dtype=torch.float32))
+    if cfg.start_from:
+        model, runs = load_model(cfg.start_from), past_runs(cfg.start_from)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:  # the random model, loaded the way every model is
+            model, runs = load_model(tiny.write_tiny_sdxl(Path(tmp) / "random", cfg.seed, dtype=torch.float32)), []
     generator = torch.Generator().manual_seed(cfg.seed)
     pictures, _, captions = toyworld.batch(cfg.pictures, seed=(cfg.seed, 1))
     log(f"rendered {len(pictures)} toy-world pictures ({len(set(captions))} distinct captions)", start)
 
-    vae = train_vae(model.vae, pictures, cfg, generator, start)
-    mean, std = normalise_latents(vae, *encode_pictures(vae, pictures))
+    if cfg.start_from:
+        vae = model.vae
+        mean, std = encode_pictures(vae, pictures)
+    else:
+        vae = train_vae(model.vae, pictures, cfg, generator, start)
+        mean, std = normalise_latents(vae, *encode_pictures(vae, pictures))
     log(f"encoded the pictures: latents {tuple(mean.shape[1:])}, posterior std {std.mean():.4f}", start)
     del pictures
+    this_run = {"seed": cfg.seed, "threads": cfg.threads, "unet_steps": 0, "unet_batch": cfg.unet_batch,
+                "unet_lr": cfg.unet_lr, "vae_steps": 0 if cfg.start_from else cfg.vae_steps, "seconds": 0}
+
+    def save(steps_done: int, weights: dict) -> Path:
+        this_run.update(unet_steps=steps_done, seconds=round(time.perf_counter() - start))
+        return write_folder(cfg, model.text, weights, vae, runs + [this_run])
+
+    def save_now_and_then(steps_done: int, ema: dict, modules) -> None:
+        if cfg.save_every and steps_done % cfg.save_every == 0 and steps_done < cfg.unet_steps:
+            save(steps_done, ema)
+            log(f"saved {cfg.out} after {steps_done} steps", start)
 
     weights = train_unet(model.unet, model.text, (mean, std), captions, model.schedule, vae.config.scaling_factor,
-                         cfg, generator, start)
-    text = model.text
-    folder = tiny.write_tiny_sdxl(cfg.out, cfg.seed, state_dicts={
-        "text_encoder": text.text_encoder.state_dict(), "text_encoder_2": text.text_encoder_2.state_dict(),
-        **weights, "vae": vae.state_dict()})
+                         cfg, generator, start, callback=save_now_and_then)
+    folder = save(cfg.unet_steps, weights)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     log(f"wrote {folder} ({size / 1e6:.1f} MB)", start)
     return folder
