@@ -68,6 +68,8 @@ def error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "steps zero": (tiny + ["--prompt", "a dog", "--steps", "0"], "--steps must be between 1 and 1,000, got 0"),
         "steps too many": (tiny + ["--prompt", "a dog", "--steps", "100000"], "--steps must be between 1 and 1,000"),
         "not a number": (tiny + ["--prompt", "a dog", "--steps", "many"], "invalid int value: 'many'"),
+        "output under a file": (["--model", str(TINY), "--prompt", "a dog", "--out", str(tmp / "binary.txt" / "sub")],
+                                "binary.txt is a file: give a folder"),
     }
 
 

@@ -178,13 +178,15 @@ def parse_lora(spec: str) -> tuple[Path, float]:
     """"FILE[:SCALE]" -> (path, scale). A colon followed by something that is no number belongs to
     the path (C:\\loras\\x.safetensors)."""
     path, _, scale = spec.rpartition(":")
+    if not path:
+        return Path(spec), 1.0
     try:
-        value = float(scale) if path else 1.0
-    except ValueError:  # float(scale): no number after the colon
+        value = float(scale)
+    except ValueError:  # no number after the colon: the colon is part of the path
         return Path(spec), 1.0
     if not math.isfinite(value) or abs(value) > 100:
         raise UserError(f"--lora {spec}: the scale must be a number between -100 and 100 (e.g. {path}:0.8)")
-    return (Path(path), value) if path else (Path(spec), 1.0)
+    return Path(path), value
 
 
 def parse_embedding(spec: str) -> tuple[Path, str | None]:

@@ -108,8 +108,9 @@ def set_cpu_threads(requested: int | None, model_path: Path) -> int | None:
 def make_output_folder(out: str, first_prompt: str) -> Path:
     """A new folder OUT/<date>-<time>-<first prompt> for this call, made now, before minutes of loading.
     Made with mkdir (never an existing folder), so no call writes over another's images."""
-    if Path(out).is_file():
-        raise UserError(f"--out {out} is a file: give a folder")
+    for folder in (Path(out), *Path(out).parents):
+        if folder.is_file():
+            raise UserError(f"--out {out}: {folder} is a file: give a folder")
     return new_folder(Path(out) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug(first_prompt, 'image')[:40]}")
 
 

@@ -36,10 +36,9 @@ def unpack_class_images(archive_path) -> Path:
         tmp.rename(folder)
     except DataError:  # check_archive's refusal (a UserError is a ValueError too)
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as e:
-        raise DataError(f"{archive_path} is not a valid zip archive ({e}); unpack it and pass the folder") from None
-    except OSError as e:
-        if e.errno == errno.EINVAL:  # a member's offset points before the file's start: a damaged directory
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError, OSError) as e:
+        # EINVAL: a member's offset points before the file's start (a damaged directory)
+        if not isinstance(e, OSError) or e.errno == errno.EINVAL:
             raise DataError(f"{archive_path} is not a valid zip archive ({e}); unpack it and pass the folder") from None
         if not folder.is_dir():  # else another process (a torchrun rank) unpacked it first
             raise
