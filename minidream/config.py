@@ -130,6 +130,7 @@ class TrainConfig:
     save_every: int | None = setting(None, "steps between checkpoints, 0 = only at the end [preset]", "validation")
     keep_checkpoints: int = setting(2, "newest checkpoints kept, 0 = all", "validation")
     log_every: int = setting(10, "steps between log lines (and loss.csv/png rewrites)", "validation")
+    score: bool = setting(True, "end by scoring the result with the toy judge (toy-world subjects only)", "validation")
 
 
 def preset_kind(image_size: int) -> str:

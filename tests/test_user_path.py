@@ -5,6 +5,7 @@ Each run is a subprocess in a fresh folder holding data/ (a link to the reposito
 README's relative paths (data/raj, runs/...) mean what they mean for a user.
 """
 
+import json
 import os
 import re
 import shlex
@@ -43,7 +44,12 @@ def test_two_trainings_then_the_readme_follow_up_command(tmp_path):
     cwd = user_folder(tmp_path)
     first = script("train.py", "--subject", "data/raj", *SHORT, cwd=cwd)
     assert first.returncode == 0, first.stderr
-    second = script("train.py", "--subject", "data/raj", *SHORT, "--seed", "1", cwd=cwd)
+    # the run scores itself with the toy judge; two steps cannot teach the subject, so the judge never sees it
+    assert re.search(r"^subject look 0% \| drift 0% \| edit kept 0%  \(toy judge; ", first.stdout, re.M), first.stdout
+    (scored,) = (cwd / "runs").glob("raj-2*/score.json")
+    assert json.loads(scored.read_text())["line"] == "subject look 0% | drift 0% | edit kept 0%"
+    second = script("train.py", "--subject", "data/raj", *SHORT, "--seed", "1", "--no-score", cwd=cwd)
+    assert "subject look" not in second.stdout
     assert second.returncode == 0, second.stderr
     runs = sorted(p for p in (cwd / "runs").iterdir() if p.name.startswith("raj-2"))
     assert len(runs) == 2
@@ -61,7 +67,7 @@ def test_two_trainings_then_the_readme_follow_up_command(tmp_path):
 def test_ctrl_c_exits_130_with_a_checkpoint_to_resume(tmp_path):
     cwd = user_folder(tmp_path)
     train = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--subject", "data/raj", *SHORT,
-                              "--steps", "2000", "--log-every", "1", "--no-prior"], cwd=cwd, env=ENV,
+                              "--steps", "2000", "--log-every", "1", "--no-prior", "--no-score"], cwd=cwd, env=ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in train.stdout:
         if re.match(r"step +3/2000", line):

@@ -1,5 +1,5 @@
 """train.py's call: the core loop with the method cfg.method names, on every process torchrun started;
-then <out>/<subject>-latest points at the finished run."""
+then <out>/<subject>-latest points at the finished run, and a toy-world result is scored (toy/run_score.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from minidream.config import TrainConfig, resumed_config
 from minidream.formats.archives import unpack_class_images
 from minidream.methods import method_class
 from minidream.parallel import distributed
+from minidream.toy.run_score import score_run
 from minidream.training import train
 
 
@@ -35,6 +36,8 @@ def run_training(cfg: TrainConfig, dist=None) -> Path:
             distributed.shutdown()
     if dist.is_main:
         link_latest(run, Path(cfg.subject).name)
+        if cfg.score:
+            score_run(run)
     return run
 
 

@@ -94,7 +94,7 @@ class Experiments:
         if self.s.steps:
             overrides.setdefault("steps", self.s.steps)
         start = time.perf_counter()
-        run = run_training(TrainConfig(subject=str(subject), out=str(self.out / "runs"), **overrides))
+        run = run_training(TrainConfig(subject=str(subject), out=str(self.out / "runs"), score=False, **overrides))
         self.seconds = time.perf_counter() - start
         self.notes.append(f"{name}: trained in {self.seconds:.0f} s ({run.name})")
         return run / LORA_FILE
