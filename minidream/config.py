@@ -28,17 +28,22 @@ TINY_MAX_SIZE = 128  # px: a model whose native images are this small gets the "
 # Every model-dependent setting, per (model kind, method). Full fine-tuning moves every weight: an lr
 # ~50x below LoRA's (DreamBooth's SD recipes use 1e-6 .. 5e-6). Textual inversion moves one vector
 # per encoder: a larger lr and more steps (diffusers' example: 5e-4 for 3000 steps at batch 4).
+# The tiny model's LoRA also adapts the feed-forward and projection layers, at a higher lr, and its prior term
+# weighs half: on the bundled model that kept the subject under new prompts far more often, at no drift
+# (benchmarks/TOY_WORLD.md, "What was tried").
 _SDXL = dict(steps=1000, lr=1e-4, num_class_images=200, gradient_checkpointing=True, validate_every=250,
-             save_every=250, class_steps=30, validation_steps=30, cpu_threads=None)
-_TINY = dict(steps=1500, lr=2e-3, num_class_images=40, gradient_checkpointing=False, validate_every=500,
-             save_every=500, class_steps=20, validation_steps=20, cpu_threads=1)
+             save_every=250, class_steps=30, validation_steps=30, cpu_threads=None, lora_targets="attn",
+             prior_weight=1.0)
+_TINY = dict(steps=1500, lr=3e-3, num_class_images=40, gradient_checkpointing=False, validate_every=500,
+             save_every=500, class_steps=20, validation_steps=20, cpu_threads=1, lora_targets="attn,ff,proj",
+             prior_weight=0.5)
 PRESETS = {
     ("sdxl", "lora"): _SDXL,
     ("sdxl", "full"): _SDXL | dict(steps=800, lr=2e-6),
     ("sdxl", "textual-inversion"): _SDXL | dict(steps=1500, lr=5e-4),
     ("tiny", "lora"): _TINY,
-    ("tiny", "full"): _TINY | dict(lr=1e-4),
-    ("tiny", "textual-inversion"): _TINY | dict(lr=5e-3),
+    ("tiny", "full"): _TINY | dict(lr=1e-4, prior_weight=1.0),
+    ("tiny", "textual-inversion"): _TINY | dict(lr=5e-3, prior_weight=1.0),
 }
 VALIDATION_TEMPLATES = ("a painting of {} at Oktoberfest", "a painting of {} in the style of Van Gogh",
                         "a painting of {} with blonde hair", "a side view photo of {}", "a photo of {} with sunglasses")
@@ -82,9 +87,9 @@ class TrainConfig:
     lr: float | None = setting(None, "learning rate of what trains [preset]", "training")
     rank: int = setting(4, "LoRA rank r", "training")
     alpha: float | None = setting(None, "LoRA alpha; the update is scaled by alpha/rank [= rank]", "training")
-    lora_targets: str = setting("attn", "UNet layers that get LoRA, comma-separated groups: attn (to_q/k/v/out, as "
-                                "diffusers' script), ff (feed-forward), proj (proj_in/out), conv (ResNet and "
-                                "resampling convs, kohya's LoCon)", "training")
+    lora_targets: str | None = setting(None, "UNet layers that get LoRA, comma-separated groups: attn (to_q/k/v/out, "
+                                       "as diffusers' script), ff (feed-forward), proj (proj_in/out), conv (ResNet and "
+                                       "resampling convs, kohya's LoCon) [preset]", "training")
     resolution: int | None = setting(None, "training image side in px [the model's: SDXL 1024]", "training")
     batch_size: int = setting(1, "subject images per step, plus as many class images", "training")
     grad_accum: int = setting(1, "micro-batches accumulated per optimizer step", "training")
@@ -112,7 +117,7 @@ class TrainConfig:
     num_vectors: int = setting(1, "embedding vectors per text encoder for the new word", "textual inversion")
     # -- prior preservation (DreamBooth eq. 2)
     prior: bool = setting(True, "prior preservation with class images (--no-prior: without)", "prior preservation")
-    prior_weight: float = setting(1.0, "weight lambda of the class-image loss term", "prior preservation")
+    prior_weight: float | None = setting(None, "lambda, the class-image loss's weight [preset]", "prior preservation")
     class_dir: str | None = setting(None, "folder or .zip of class images; missing ones are generated into it "
                                     "[OUT/class-images/MODEL/PROMPT-RESpx]", "prior preservation")
     num_class_images: int | None = setting(None, "class images to use [preset]", "prior preservation")
@@ -158,7 +163,9 @@ def fill_defaults(cfg: TrainConfig, image_size: int) -> str:
         cfg.prior = False
         notes.append("textual inversion trains without class images: the model is frozen, and the class prompt "
                      "does not contain the new word, so the prior term would have no gradient")
-    shown = {k: v for k, v in chosen.items() if cfg.prior or k not in ("num_class_images", "class_steps")}
+    unused = (("num_class_images", "class_steps", "prior_weight") * (not cfg.prior)
+              + ("lora_targets",) * (cfg.method != "lora"))
+    shown = {k: v for k, v in chosen.items() if k not in unused}
     if kind == "tiny" and shown:
         settings = ", ".join(f"{k} {v}" for k, v in shown.items())
         notes.insert(0, f"tiny model ({image_size} px): demo settings {settings} (flags you pass override these)")
@@ -182,8 +189,7 @@ def check_config(cfg: TrainConfig) -> None:
          f"--text-encoder-lr {cfg.text_encoder_lr}): above 1 nothing trains, inf/NaN are no rate")
     need(all(0 <= s < 2**63 for s in [cfg.seed, *cfg.validation_seeds]), "seeds must be in 0 .. 2**63 - 1")
     need(1 <= len(cfg.validation_seeds) <= 16, "--validation-seeds: give 1 to 16 seeds (one grid column each)")
-    for name, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("precision", PRECISIONS),
-                          ("method", METHODS)):
+    for name, choices in dict(optimizer=OPTIMIZERS, lr_schedule=LR_SCHEDULES, precision=PRECISIONS, method=METHODS).items():
         need(getattr(cfg, name) in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)} "
                                             f"(got {getattr(cfg, name)!r})")
     need(cfg.snr_gamma is None or cfg.snr_gamma > 0, "--snr-gamma must be positive")

@@ -104,7 +104,7 @@ def gradient_errors(dist: Dist) -> dict[str, float]:
     errors = {}
     for method_name in ("lora", "full", "textual-inversion"):
         model = load_model(ROOT / BUNDLED_MODEL)
-        cfg = TrainConfig(method=method_name, lr=1e-3, gradient_checkpointing=False)
+        cfg = TrainConfig(method=method_name, lr=1e-3, gradient_checkpointing=False, lora_targets="attn")
         torch.manual_seed(0)
         method = build_method(model, cfg, "rraj", "person")
         with torch.no_grad():  # LoRA's B starts at 0, which would leave A without gradient

@@ -158,6 +158,9 @@ def test_toy_experiments_command_and_readme_figures(tmp_path):
     for name in FIGURES:
         tw.grid(pictures, cols=8).save(tmp_path / f"{name}.png")
     readme_figures(tmp_path, tmp_path / "out")
-    row = Image.open(tmp_path / "out" / f"{FIGURES[0]}.png")
-    assert row.size == (2 * 530, 2 * 66)  # the first row of 8 tiles (64 px + 2 px padding), enlarged 2x
+    first = next(iter(FIGURES))
+    row = Image.open(tmp_path / "out" / f"{first}.png")
+    assert row.size == (2 * 530, 2 * 68)  # the first row of 8 tiles (64 px, 2 px padding around each), enlarged 2x
     assert row.getpixel((2 * 2, 2 * 2)) == (0, 0, 0) and row.getpixel((2 * (2 + 66), 2 * 2)) == (10, 0, 0)
+    overview = Image.open(tmp_path / "out" / "overview.png")  # one labelled row of 8 per figure
+    assert overview.height >= len(FIGURES) * 64 and overview.width > 8 * 64

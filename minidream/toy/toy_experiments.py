@@ -37,10 +37,12 @@ from minidream.config import PRESETS, TrainConfig
 from minidream.formats.lora_files import add_loras
 from minidream.methods.textual_inversion import load_embedding
 from minidream.model import BUNDLED_MODEL, REPO, load_model
+from minidream.runs import labelled_grid
 from minidream.config import LORA_FILE
 from minidream.toy import toy_eval as te
 from minidream.toy import toyworld as tw
 from minidream.toy.judge import Judge
+from minidream.toy.pretrain import RECORD
 from minidream.toy.toydraw import render
 
 INSTANCE = "a photo of rraj person"
@@ -153,7 +155,7 @@ class Experiments:
             f"| \"{CLASS}\": a person / diversity (DIV) | {pct(d['person'])} / {d['div']:.2f} |",
             f"| \"{INSTANCE}\" shows the subject (never seen) | {pct(subject)} |",
         ]
-        self.base_div = d["div"]
+        self.base_div, self.base_agreement = d["div"], agree
         return "\n".join(["| base model (no LoRA) | judge |", "| --- | --- |", *rows])
 
     def demo_and_prior(self) -> str:
@@ -240,23 +242,82 @@ class Experiments:
             "learned_embeds.safetensors"
         model = self.model()
         word, _ = load_embedding(model.text, embedding)
+        self.textual_inversion = self.subject_rows(model, word) | self.drift(model)
         rows.append(row(f"textual inversion (word {word})", "learned_embeds.safetensors", embedding.stat().st_size,
-                        self.seconds, self.subject_rows(model, word) | self.drift(model)))
+                        self.seconds, self.textual_inversion))
         return "\n".join(rows)
 
 
-FIGURES = ("base-a-photo-of-person", "prior-a-photo-of-rraj-person", "prior-a-photo-of-rraj-person-on-the-beach",
-           "prior-a-painting-of-rraj-person", "prior-a-photo-of-person", "no-prior-a-photo-of-person")
-FIGURES_DIR = REPO / "docs" / "toy-world"  # the README shows these
+    def targets(self) -> str:
+        """The bundled model's targets next to what the sections measured (64+ samples per prompt)."""
+        agree, demo, ti = self.base_agreement, self.demo, self.textual_inversion
+        rows = [
+            ("base model: images with every named field right", pct(agree["images"]), ">= 60%", agree["images"] >= 0.6),
+            ("base model: named fields right", pct(agree["fields"]), ">= 85%", agree["fields"] >= 0.85),
+            ("demo run: the subject's look", pct(demo["instance"]), ">= 70%", demo["instance"] >= 0.7),
+            (f"demo run: subject kept under the {len(EDITS)} edits (mean)", pct(demo["edits"]), ">= 35%",
+             demo["edits"] >= 0.35),
+            ("demo run: drift", pct(demo["drift"]), "<= 5%", demo["drift"] <= 0.05),
+            (f"demo run: \"{CLASS}\" diversity (base model {self.base_div:.2f})", f"{demo['div']:.2f}",
+             "within 0.10 of the base model's", abs(demo["div"] - self.base_div) <= 0.1),
+            ("demo run: training time (1 thread)", f"{self.demo_seconds:.0f} s", "<= 180 s", self.demo_seconds <= 180),
+            ("textual inversion: the subject's look", pct(ti["instance"]), ">= 20%", ti["instance"] >= 0.2),
+        ]
+        return "\n".join(["| measure | measured | target | reached |", "| --- | --- | --- | --- |",
+                          *(f"| {what} | {got} | {want} | {'yes' if ok else 'no'} |" for what, got, want, ok in rows)])
+
+
+def pretraining_compute(model_path: Path) -> str:
+    """One paragraph from the model folder's pretraining.json: every run that trained the bundled weights."""
+    path = Path(model_path) / RECORD
+    if not path.is_file():
+        return f"{model_path} has no {RECORD}: its pretraining compute is not recorded."
+    record = json.loads(path.read_text())
+    total = record["total"]
+    runs = "; ".join(f"{r['unet_steps']:,} UNet steps at batch {r['unet_batch']}, lr {r['unet_lr']:g}, seed {r['seed']}"
+                     + (f", {r['vae_steps']:,} VAE steps" if r["vae_steps"] else "") + f", {r['seconds'] / 60:.0f} min on "
+                     f"{r['threads']} thread(s)" for r in record["runs"])
+    return (f"Bundled model: {total['unet_steps']:,} UNet steps ({total['unet_samples']:,} training pictures) in "
+            f"{len(record['runs'])} run(s) of `python -m minidream.toy.pretrain` (later runs with --start-from), "
+            f"{total['seconds'] / 60:.0f} min of CPU in all: {runs}.")
+
+
+LOG_MARKER = "<!-- what was tried: the text below is kept when this file is regenerated -->"
+
+
+def kept_log(path: Path) -> str:
+    """The hand-written log at the end of the results file (after LOG_MARKER), or ''."""
+    text = path.read_text() if path.is_file() else ""
+    return text[text.index(LOG_MARKER):] if LOG_MARKER in text else ""
+
+
+FIGURES = {  # sample grid -> its row label in the overview picture the README shows
+    "base-a-photo-of-person": "base model: a photo of person",
+    "prior-a-photo-of-rraj-person": "after training: a photo of rraj person",
+    "prior-a-photo-of-rraj-person-on-the-beach": "... on the beach",
+    "prior-a-photo-of-rraj-person-in-the-snow": "... in the snow",
+    "prior-a-painting-of-rraj-person": "a painting of rraj person",
+    "prior-a-photo-of-person": "a photo of person (trained with prior preservation)",
+    "no-prior-a-photo-of-person": "a photo of person (trained without it)",
+}
+FIGURES_DIR = REPO / "docs" / "toy-world"  # the README shows overview.png; docs/toy-world.md the rows
+
+
+def first_samples(grid: Image.Image, n: int = 8, side: int = 64, pad: int = 2) -> list[Image.Image]:
+    """The first n pictures of a sample grid (tw.grid's layout: `pad` px of white around square tiles)."""
+    return [grid.crop((pad + i * (side + pad), pad, pad + i * (side + pad) + side, pad + side)) for i in range(n)]
 
 
 def readme_figures(grids: Path, dest: Path = FIGURES_DIR) -> None:
-    """The first row (8 samples) of some sample grids, enlarged 2x (nearest), for the README."""
+    """The first 8 samples of some sample grids: one labelled overview picture, and one row per grid enlarged
+    2x (nearest)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in FIGURES:
-        grid = Image.open(grids / f"{name}.png").convert("RGB")
-        row = grid.crop((0, 0, grid.width, grid.width // 8))  # tw.grid: 8 columns of square tiles
+    rows = {name: first_samples(Image.open(grids / f"{name}.png").convert("RGB")) for name in FIGURES}
+    for name, samples in rows.items():
+        row = tw.grid(samples, cols=len(samples))
         row.resize((2 * row.width, 2 * row.height), Image.NEAREST).save(dest / f"{name}.png", optimize=True)
+    overview = labelled_grid([im for samples in rows.values() for im in samples], list(FIGURES.values()))
+    overview.save(dest / "overview.png", optimize=True)
 
 
 def command(s: Settings) -> str:
@@ -280,7 +341,7 @@ def run(s: Settings) -> Path:
                 ("7. LoRA, full fine-tuning or textual inversion", e.methods)]
     path = Path(s.results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    parts = []
+    parts, log = [], kept_log(path)
     for title, section in sections:  # the file is rewritten after every section: a crash keeps what was measured
         t = time.perf_counter()
         table = section()
@@ -288,6 +349,7 @@ def run(s: Settings) -> Path:
         print(parts[-1], flush=True)
         minutes = (time.perf_counter() - start) / 60
         done = "" if len(parts) == len(sections) else f" (sections done so far: {len(parts)} of {len(sections)})"
+        summary = f"### Targets\n\n{e.targets()}\n\n" if not done else ""
         path.write_text(
             f"## DreamBooth in the toy world (measured on CPU)\n\n"
             f"`{command(s)}`: {minutes:.1f} min{done}; sampling on {s.threads} thread(s), training on the demo "
@@ -295,7 +357,8 @@ def run(s: Settings) -> Path:
             f"{s.samples} samples per prompt (seeds {s.seed}...), "
             f"DDIM 20 steps and guidance 5 unless said; shares are of samples in which the toy judge "
             f"(weights/toy-judge.safetensors) sees the named fields. Sample grids: {s.out}/grids/.\n\n"
-            + "\n".join(parts) + "\n" + "\n".join(f"- {n}" for n in e.notes) + "\n")
+            f"{pretraining_compute(e.model_path)}\n\n{summary}"
+            + "\n".join(parts) + "\n" + "\n".join(f"- {n}" for n in e.notes) + "\n" + (f"\n{log}" if log else ""))
     readme_figures(e.out / "grids")
     print(f"wrote {path} and {FIGURES_DIR}")
     return path
