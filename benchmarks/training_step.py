@@ -81,12 +81,14 @@ def build_pair(dtype: torch.dtype, checkpointing: bool, seed: int = 0):
     return ours, ref
 
 
-def minidream_step(unet, optimizer, params, inputs, autocast_dtype):
-    """step() -> loss: minidream's training_step + apply_gradients on one prior-preservation batch."""
-    alphas_cumprod = alphas_cumprod_of(ScheduleConfig())
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+def minidream_step(unet, optimizer, params, inputs, autocast_dtype, scaler=None):
+    """step() -> loss: minidream's training_step + apply_gradients on one prior-preservation batch, on the
+    inputs' device; `scaler` an fp16 GradScaler (None: a disabled one)."""
+    device = inputs["latents"].device
+    alphas_cumprod = alphas_cumprod_of(ScheduleConfig()).to(device)
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     batch = Batch(inputs["latents"], inputs["noise"], inputs["timesteps"], inputs["time_ids"],
-                  torch.tensor([0, 1]), num_instance=1)
+                  torch.tensor([0, 1], device=device), num_instance=1)
     context, pooled = inputs["context"], inputs["pooled"]
 
     def step():
@@ -98,25 +100,30 @@ def minidream_step(unet, optimizer, params, inputs, autocast_dtype):
     return step
 
 
-def diffusers_step(unet, optimizer, params, inputs, autocast_dtype):
-    """The loop body of diffusers' train_dreambooth_lora_sdxl.py (prior preservation, cached text)."""
+def diffusers_step(unet, optimizer, params, inputs, autocast_dtype, scaler=None):
+    """The loop body of diffusers' train_dreambooth_lora_sdxl.py (prior preservation, cached text); with an
+    fp16 `scaler` the loss scaling accelerate adds around it."""
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, steps_offset=1)
+    device = inputs["latents"].device
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
 
     def step():
         latents, noise, t = inputs["latents"], inputs["noise"], inputs["timesteps"]
         noisy = scheduler.add_noise(latents, noise, t)
-        with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             pred = unet(noisy, t, inputs["context"], added_cond_kwargs={"text_embeds": inputs["pooled"],
                         "time_ids": inputs["time_ids"]}, return_dict=False)[0]
         pred, prior_pred = torch.chunk(pred, 2, dim=0)
         target, prior_target = torch.chunk(noise, 2, dim=0)
         loss = F.mse_loss(pred.float(), target.float()) + F.mse_loss(prior_pred.float(), prior_target.float())
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
