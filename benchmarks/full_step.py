@@ -44,11 +44,12 @@ RANK, LR, LATENT = 4, 1e-4, 64
 
 
 def fill(named_tensors, dtype=None) -> None:
-    """Give every tensor N(0, 0.02) values from a generator seeded by its name (both sides alike)."""
+    """Give every tensor N(0, 0.02) values from a generator seeded by its name (both sides alike), drawn on
+    the tensor's device (a full-size UNet on a GPU fills in a moment)."""
     with torch.no_grad():
         for name, t in named_tensors:
-            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32).mul_(0.02).to(t.dtype))
+            g = torch.Generator(t.device).manual_seed(zlib.crc32(name.encode()))
+            t.copy_(torch.randn(t.shape, generator=g, device=t.device, dtype=torch.float32).mul_(0.02).to(t.dtype))
 
 
 def build(side: str):

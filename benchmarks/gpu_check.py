@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +37,8 @@ from benchmarks import harness
 harness.passive_waiting()
 import torch  # noqa: E402
 
-from benchmarks.training_step import MAX_NORM, diffusers_step, make_inputs, minidream_step  # noqa: E402
+from benchmarks.full_step import fill  # noqa: E402
+from benchmarks.training_step import diffusers_step, make_inputs, minidream_step  # noqa: E402
 from minidream import pipeline, samplers  # noqa: E402
 from minidream.checkpoint import build_unet, build_vae  # noqa: E402
 from minidream.config import TrainConfig  # noqa: E402
@@ -52,20 +53,17 @@ RANK, LR, TARGETS = 4, 1e-4, unet_targets("attn")
 GiB = 2**30
 
 
-def fill_random(module: torch.nn.Module) -> None:
-    """N(0, 0.02) values in every parameter and buffer, drawn on its device from a generator seeded by its name."""
-    with torch.no_grad():
-        for name, t in [*module.named_parameters(), *module.named_buffers()]:
-            if t.is_floating_point():
-                g = torch.Generator(t.device).manual_seed(zlib.crc32(name.encode()))
-                t.copy_(torch.randn(t.shape, generator=g, device=t.device).mul_(0.02))
-
-
 def on_device(module: torch.nn.Module, device) -> torch.nn.Module:
-    """A module built on meta, given fp16 storage on `device` and random values."""
+    """A module built on meta, given fp16 storage on `device` and random values (the UNets and the VAE have
+    no buffers: parameters are all there is to fill)."""
     module = module.to(torch.float16).to_empty(device=device).requires_grad_(False)
-    fill_random(module)
+    fill(module.named_parameters())
     return module
+
+
+def pooled_dim(config: dict) -> int:
+    """Width of the pooled text embedding an SDXL UNet config expects (its added input minus 6 time ids)."""
+    return config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
 
 
 def build_minidream(config: dict, device, rank: int):
@@ -73,8 +71,7 @@ def build_minidream(config: dict, device, rank: int):
     with torch.device("meta"):
         unet = build_unet(config)
     unet = on_device(unet, device)
-    inject_lora(unet, TARGETS, rank=rank, alpha=rank)
-    unet.to(device)
+    inject_lora(unet, TARGETS, rank=rank, alpha=rank)  # adapters are made on the weights' device
     mark_only_lora_trainable(unet)
     unet.enable_gradient_checkpointing(True)
     return unet.train(), lora_parameters(unet)
@@ -134,8 +131,7 @@ def measure_sampling(unet, config: dict, vae_config: dict, latent: int, device, 
     """Seconds for one image: `steps` DDIM steps with guidance 5 (doubled batch) and the fp32 VAE decode."""
     unet.eval()
     context = torch.randn(2, 77, config["cross_attention_dim"], device=device)
-    pooled = torch.randn(2, config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"],
-                         device=device)
+    pooled = torch.randn(2, pooled_dim(config), device=device)
     side = 8 * latent
     time_ids = torch.tensor([[side, side, 0, 0, side, side]] * 2, dtype=torch.float32, device=device)
     with torch.device("meta"):
@@ -163,7 +159,7 @@ def failed_checks(ours: dict) -> list[str]:
     """What did not hold of the fp16 + 8-bit path (empty: all did)."""
     checks = {
         "the GradScaler was enabled, with a finite scale": ours["scaler_enabled"] and 0 < ours["scale"] < float("inf"),
-        "every loss is finite": all(map(lambda v: v == v and abs(v) != float("inf"), ours["losses"])),
+        "every loss is finite": all(map(math.isfinite, ours["losses"])),
         "the LoRA weights changed": ours["lora_change"] > 0,
         "the optimizer is AdamW8bit, with uint8 moments for every LoRA tensor of 4096+ values":
             ours["optimizer"] == "adamw8bit" and 0 < ours["big_params"] == ours["big_params_8bit"],
@@ -221,9 +217,8 @@ def main(argv=None) -> int:
     args.resolution = 64 if args.small else 1024
     args.rank = args.rank or (32 if args.small else RANK)
     latent = args.resolution // 8
-    pooled_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
     inputs = {k: v.to(args.device) for k, v in make_inputs(latent, context_dim=config["cross_attention_dim"],
-                                                           pooled_dim=pooled_dim).items()}
+                                                           pooled_dim=pooled_dim(config)).items()}
     ours = measure_training("minidream", config, inputs, args)
     sample_s = measure_sampling(ours.pop("unet"), config, vae_config, latent, args.device)
     try:

@@ -39,6 +39,7 @@ import re
 import runpy
 import shutil
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -242,8 +243,6 @@ def child(stderr_log: str, script: str, script_args: list[str]) -> None:
 
 def sample_minidream(run_out: Path, dest: Path):
     """One image through minidream's sample.py with the run's LoRA."""
-    import subprocess
-
     from PIL import Image
 
     (lora,) = (run_out / "runs").glob("raj-2*/pytorch_lora_weights.safetensors")

@@ -163,8 +163,8 @@ def fill_defaults(cfg: TrainConfig, image_size: int) -> str:
         cfg.prior = False
         notes.append("textual inversion trains without class images: the model is frozen, and the class prompt "
                      "does not contain the new word, so the prior term would have no gradient")
-    unused = (("num_class_images", "class_steps", "prior_weight") * (not cfg.prior)
-              + ("lora_targets",) * (cfg.method != "lora"))
+    unused = set() if cfg.prior else {"num_class_images", "class_steps", "prior_weight"}
+    unused |= set() if cfg.method == "lora" else {"lora_targets"}
     shown = {k: v for k, v in chosen.items() if k not in unused}
     if kind == "tiny" and shown:
         settings = ", ".join(f"{k} {v}" for k, v in shown.items())
