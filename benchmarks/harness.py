@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import runpy
 import statistics
 import subprocess
 import sys
@@ -211,6 +212,46 @@ def run_child(args: list[str], env: dict[str, str] | None = None, timeout: float
 # ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
+
+
+class Tee:
+    """A text stream that writes to two streams (the child's stderr and a log file)."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self.streams[0], name)
+
+
+def run_script(stderr_log: str, script: str, script_args: list[str]) -> None:
+    """Run `script` as `python script args...` would, in this process, its stderr also going to
+    `stderr_log`; then print its peak memory as JSON (for run_child in the parent)."""
+    sys.argv = [script, *script_args]
+    sys.path.insert(0, str(Path(script).resolve().parent))
+    with open(stderr_log, "w") as log:
+        sys.stderr = Tee(sys.__stderr__, log)
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as stop:
+            if stop.code not in (None, 0):
+                raise
+        finally:
+            sys.stderr.flush()
+            sys.stderr = sys.__stderr__
+    print(json.dumps({"peak_rss_gib": peak_rss_gib()}))
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
