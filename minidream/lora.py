@@ -67,7 +67,7 @@ class LoRALayer:
         self.lora_scale: dict[str, float] = {}  # user strength, e.g. 0.8 for a style LoRA
         self.lora_dropout: dict[str, float] = {}  # dropout probability on the adapter's input
         self.active_adapters: list[str] = []
-        self.merged: dict[str, float] = {}  # name -> scaling folded into weight (formats.lora_files.merge_lora)
+        self.merged: dict[str, float] = {}  # name -> scaling folded into weight (formats.lora_merge.merge_lora)
         return self
 
     def add_adapter(self, name: str, rank: int, alpha: float, dropout: float = 0.0,

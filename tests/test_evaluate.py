@@ -13,8 +13,10 @@ from PIL import Image
 
 from _eval_fixtures import TINY_SDXL, write_lora, write_subject, write_tiny_clip, write_tiny_dino
 from minidream import pipeline
+from minidream.config import LORA_FILE
 from minidream.eval import evaluate, metrics
 from minidream.eval.eval_prompts import LIVE_PROMPTS, OBJECT_PROMPTS, custom_prompts, dreambooth_prompts, subject_kind
+from minidream.eval.eval_targets import EvalError
 from minidream.model import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,7 +130,7 @@ def test_run_folder(setup, tmp_path):
     """A training run folder: subject, prior and guidance come from its config.json."""
     run = tmp_path / "rraj-20250101-000000"
     run.mkdir()
-    (run / evaluate.LORA_FILE).write_bytes(setup["prior"].read_bytes())
+    (run / LORA_FILE).write_bytes(setup["prior"].read_bytes())
     (run / "config.json").write_text(json.dumps({"subject": str(setup["subject"]), "prior": True,
                                                  "model": str(setup["model"]), "guidance_scale": 3.0}))
     args = tiny_args(setup, tmp_path / "unused")
@@ -162,11 +164,11 @@ def test_the_command_without_metric_weights_says_so_in_one_line(setup, tmp_path)
 
 
 def test_bad_input_is_named(setup, tmp_path):
-    with pytest.raises(evaluate.EvalError, match="--no-prior"):
+    with pytest.raises(EvalError, match="--no-prior"):
         evaluate.main(["--prior", str(setup["prior"]), *tiny_args(setup, tmp_path)])
     with pytest.raises(ValueError, match="--subject"):
         evaluate.main(["--lora", str(setup["prior"]), *tiny_args(setup, tmp_path)])
-    with pytest.raises(evaluate.EvalError, match="config.json"):
+    with pytest.raises(EvalError, match="config.json"):
         evaluate.main([str(tmp_path), *tiny_args(setup, tmp_path)])
 
 

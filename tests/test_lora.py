@@ -17,7 +17,7 @@ from lora_models import (count_trainable_parameters, randomize_lora, reference_u
 from minidream.lora import (TEXT_ATTENTION, UNET_ATTENTION, UNET_CONV, UNET_FEEDFORWARD, UNET_PROJ,
                             LoRAConv2d, LoRALinear, adapter_names, inject_lora, lora_parameters, lora_state_dict,
                             mark_only_lora_trainable, wrap_module)
-from minidream.formats.lora_files import merge_layer, merge_lora, remove_adapter, unmerge_layer, unmerge_lora
+from minidream.formats.lora_merge import merge_layer, merge_lora, remove_adapter, unmerge_layer, unmerge_lora
 from minidream.lora_file import get_adapter_weights
 
 ROOT = Path(__file__).resolve().parent.parent

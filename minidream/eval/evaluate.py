@@ -26,28 +26,27 @@ from __future__ import annotations
 import argparse
 import sys
 import hashlib
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import minidream.more_samplers  # noqa: F401  (the euler sampler)
 from minidream import pipeline
 from minidream.cli.run_training import run_training
 from minidream.cli.script import run_script
-from minidream.config import LORA_FILE, TrainConfig
-from minidream.data import Subject, load_subject, open_rgb
+from minidream.config import TrainConfig
+from minidream.data import open_rgb
 from minidream.eval import metrics
-from minidream.eval.eval_prompts import custom_prompts, dreambooth_prompts, subject_kind
+from minidream.eval.eval_prompts import subject_kind
+from minidream.eval.eval_targets import EvalError, Settings, Target, prompt_set, target, target_from_lora
 from minidream.files import save_png, write_json, write_text
-from minidream.formats.lora_files import load_lora, remove_adapter
+from minidream.formats.lora_files import load_lora
+from minidream.formats.lora_merge import remove_adapter
 from minidream.lora import adapter_names
 from minidream.model import default_model_path, load_model
-from minidream.errors import UserError
 from minidream.runs import labelled_grid
 
 ADAPTER = "evaluated"  # the adapter name the LoRA is loaded under while it is evaluated
@@ -57,109 +56,16 @@ PAPER = ("Paper (Ruiz et al. 2022, Table 1), DreamBooth on Stable Diffusion: DIN
          "preservation: PRES 0.493 / 0.664, DIV (LPIPS) 0.391 / 0.371.")
 
 
-
-class EvalError(UserError):
-    """A run folder, LoRA or flag the evaluation cannot use; the message says what to pass instead."""
-
-@dataclass
-class Target:
-    """One LoRA to evaluate and the subject it learned."""
-
-    label: str  # names its output folder and its rows ("prior", "no-prior", the run's name)
-    lora: Path | None  # None: the base model alone (a baseline)
-    subject: Subject  # photos, token, class noun, class prompt
-    model: str | None = None  # the base model it was trained on (None: minidream's default)
-    vae: str | None = None
-    tokenizer: str | None = None
-    prior: bool | None = None  # trained with prior preservation? (None: unknown)
-    guidance_scale: float | None = None  # the run's, used unless --guidance-scale is given
-    size: int | None = None  # the run's training resolution
-
-
-@dataclass
-class Settings:
-    samplers: list[str] = field(default_factory=lambda: ["ddim"])
-    steps: list[int] = field(default_factory=lambda: [50])
-    images_per_prompt: int = 4  # the paper: 4
-    class_images: int = 16  # class-prompt samples for PRES
-    seed: int = 0  # image j of every prompt uses seed + j
-    guidance_scale: float | None = None  # None: the run's, else 5.0
-    size: int | None = None  # None: the run's resolution, else the model's
-    prompts: list[str] | None = None  # None: the 25 DreamBooth prompts
-    limit: int | None = None  # only the first N prompts (quick runs)
-    kind: str | None = None  # "live" | "object" (None: from the class noun)
-    batch_size: int = 1  # images per sampler call (results do not depend on it)
-    div: str = "dino"  # "dino" | "lpips"
-
-
 @dataclass
 class Row:
+    """One line of the table: a target scored with one (sampler, steps)."""
+
     label: str
     sampler: str
     steps: int
     prior: bool | None
     scores: metrics.Scores
     folder: Path
-
-
-# ----------------------------------------------------------------------------- what to evaluate
-
-def lora_metadata(path: Path) -> dict[str, str]:
-    """The string metadata minidream writes into a LoRA file (token, class_noun, base_model, ...)."""
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
-
-
-def target_from_run(run: Path, label: str | None = None, subject: str | None = None) -> Target:
-    """A training run folder: config.json (TrainConfig's fields) + the final LoRA file."""
-    config_file, lora = run / "config.json", run / LORA_FILE
-    if not config_file.is_file() or not lora.is_file():
-        raise EvalError(f"{run} is not a finished run folder (it needs config.json and {LORA_FILE}); "
-                                f"pass a run folder, or --lora FILE --subject DIR")
-    cfg = json.loads(config_file.read_text())
-    return Target(
-        label=label or run.name, lora=lora,
-        subject=load_subject(subject or cfg["subject"], cfg.get("token"), cfg.get("class_noun"),
-                             cfg.get("instance_prompt"), cfg.get("class_prompt")),
-        model=cfg.get("model"), vae=cfg.get("vae"), tokenizer=cfg.get("tokenizer"), prior=cfg.get("prior"),
-        guidance_scale=cfg.get("guidance_scale"), size=cfg.get("resolution"),
-    )
-
-
-def target_from_lora(lora: Path | None, subject: str | None, label: str | None = None, token=None,
-                     class_noun=None, prior: bool | None = None) -> Target:
-    """A LoRA file (or None: the base model) and the subject folder; token and class noun default
-    to the ones minidream wrote into the file's metadata, then to the folder's subject.json."""
-    if subject is None:
-        raise EvalError("evaluating a LoRA file needs the subject's photos: pass --subject DIR")
-    meta = lora_metadata(lora) if lora else {}
-    return Target(label=label or (lora.stem if lora else "base"), lora=lora, prior=prior,
-                  subject=load_subject(subject, token or meta.get("token") or None,
-                                       class_noun or meta.get("class_noun") or None),
-                  model=meta.get("base_model") or None)
-
-
-def target(path: str, subject: str | None, label: str | None = None, prior: bool | None = None) -> Target:
-    p = Path(path)
-    if p.is_dir():
-        t = target_from_run(p, label, subject)
-        if prior is not None and t.prior is not None and t.prior != prior:
-            raise EvalError(f"{p}/config.json says prior={t.prior}, but it was passed as "
-                             f"--{'prior' if prior else 'no-prior'}: swap the two runs")
-        t.prior = prior if prior is not None else t.prior
-        return t
-    if not p.is_file():
-        raise EvalError(f"{p} is neither a run folder nor a LoRA file")
-    return target_from_lora(p, subject, label, prior=prior)
-
-
-def prompt_set(t: Target, s: Settings) -> list[str]:
-    subject = t.subject
-    if s.prompts:
-        prompts = custom_prompts(s.prompts, subject.token, subject.class_noun)
-    else:
-        prompts = dreambooth_prompts(subject.token, subject.class_noun, s.kind)
-    return prompts[: s.limit] if s.limit else prompts
 
 
 # ----------------------------------------------------------------------------- sampling

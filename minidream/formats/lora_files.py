@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from minidream.lora import LoRALayer, LoRAWeights, lora_layers, require_adapter
+from minidream.lora import LoRAWeights
+from minidream.formats.lora_merge import merge_lora
 from minidream.formats.lora_weights import LoRAFileError, check_adapter_weights, load_adapter_weights, mismatch_error
 from minidream.lora_file import DIFFUSERS_METADATA_KEY, diffusers_tensors, file_module_name
 from minidream.lora_file import save_lora as save_diffusers_layout
@@ -378,54 +379,13 @@ def save_lora(path, *, layout: str = "diffusers", **models_and_metadata) -> Path
                                  to_tensors=lambda adapters: lora_to_tensors(adapters, layout, unet))
 
 
-def remove_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` from every LoRA layer of `model` (they stay LoRA layers)."""
-    require_adapter(model, name)
-    for _, layer in lora_layers(model):
-        if name in layer.lora_A:
-            layer.check_unmerged("remove an adapter")
-            for table in (layer.lora_A, layer.lora_B, layer.lora_alpha, layer.lora_scale, layer.lora_dropout):
-                del table[name]
-            if name in layer.active_adapters:
-                layer.active_adapters.remove(name)
-
-
-@torch.no_grad()
-def merge_layer(layer: LoRALayer) -> None:
-    """Fold every active adapter into `weight` (W0 + sum scaling * B A); forward then skips them."""
-    layer.check_unmerged("merge again")
-    for name in layer.active_adapters:
-        s = layer.scaling(name)
-        layer.weight += (layer.delta_weight(name) * s).to(layer.weight.dtype)
-        layer.merged[name] = s
-
-
-@torch.no_grad()
-def unmerge_layer(layer: LoRALayer) -> None:
-    """Subtract what merge_layer() added. Exact up to rounding in the weight's dtype (fp32: ~1e-7)."""
-    for name, s in layer.merged.items():
-        layer.weight -= (layer.delta_weight(name) * s).to(layer.weight.dtype)
-    layer.merged = {}
-
-
-def merge_lora(model: nn.Module) -> None:
-    """Fold all active adapters into the base weights (fast sampling: plain matmuls only)."""
-    for _, layer in lora_layers(model):
-        merge_layer(layer)
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    for _, layer in lora_layers(model):
-        unmerge_layer(layer)
-
-
 def add_loras(model, loras, fuse: bool = True) -> list[str]:
     """Apply LoRA files to the model: `loras` is [(path, scale), ...]; returns the adapter names.
 
     Each file may hold UNet and text-encoder adapters (diffusers or kohya layout); every key must
     fit, or nothing of that file is loaded. fuse=True folds all of them into the base weights
-    (W += scale * B A * alpha / r, merge_lora), so sampling runs plain matmuls at the base
-    model's speed; unmerge_lora undoes it.
+    (W += scale * B A * alpha / r, lora_merge.merge_lora), so sampling runs plain matmuls at the
+    base model's speed; lora_merge.unmerge_lora undoes it.
     """
     text = model.text
     names = []
