@@ -29,12 +29,12 @@ TINY_MAX_SIZE = 128  # px: a model whose native images are this small gets the "
 # ~50x below LoRA's (DreamBooth's SD recipes use 1e-6 .. 5e-6). Textual inversion moves one vector
 # per encoder: a larger lr and more steps (diffusers' example: 5e-4 for 3000 steps at batch 4).
 # The tiny model's LoRA also adapts the feed-forward and projection layers, at a higher lr, and its prior term
-# weighs half: on the bundled model that kept the subject under new prompts far more often, at no drift
-# (benchmarks/TOY_WORLD.md, "What was tried").
+# weighs half, and it stops at 1200 steps: on the bundled model that kept the subject under new prompts
+# far more often, at no drift (benchmarks/TOY_WORLD.md, "What was tried").
 _SDXL = dict(steps=1000, lr=1e-4, num_class_images=200, gradient_checkpointing=True, validate_every=250,
              save_every=250, class_steps=30, validation_steps=30, cpu_threads=None, lora_targets="attn",
              prior_weight=1.0)
-_TINY = dict(steps=1500, lr=3e-3, num_class_images=40, gradient_checkpointing=False, validate_every=500,
+_TINY = dict(steps=1200, lr=3e-3, num_class_images=40, gradient_checkpointing=False, validate_every=500,
              save_every=500, class_steps=20, validation_steps=20, cpu_threads=1, lora_targets="attn,ff,proj",
              prior_weight=0.5)
 PRESETS = {
@@ -42,8 +42,8 @@ PRESETS = {
     ("sdxl", "full"): _SDXL | dict(steps=800, lr=2e-6),
     ("sdxl", "textual-inversion"): _SDXL | dict(steps=1500, lr=5e-4),
     ("tiny", "lora"): _TINY,
-    ("tiny", "full"): _TINY | dict(lr=1e-4, prior_weight=1.0),
-    ("tiny", "textual-inversion"): _TINY | dict(lr=5e-3, prior_weight=1.0),
+    ("tiny", "full"): _TINY | dict(steps=1500, lr=1e-4, prior_weight=1.0),
+    ("tiny", "textual-inversion"): _TINY | dict(steps=1500, lr=5e-3, prior_weight=1.0),
 }
 VALIDATION_TEMPLATES = ("a painting of {} at Oktoberfest", "a painting of {} in the style of Van Gogh",
                         "a painting of {} with blonde hair", "a side view photo of {}", "a photo of {} with sunglasses")

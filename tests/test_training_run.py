@@ -232,7 +232,7 @@ def test_class_generation_fills_a_partial_folder_and_keeps_existing_images(world
 def test_tiny_and_t4_defaults():
     cfg = TrainConfig()
     assert "tiny model (64 px)" in fill_defaults(cfg, 64)
-    assert (cfg.resolution, cfg.steps, cfg.num_class_images) == (64, 1500, 40)
+    assert (cfg.resolution, cfg.steps, cfg.num_class_images) == (64, 1200, 40)
     cfg = TrainConfig(steps=50)
     assert fill_defaults(cfg, 1024) == ""
     assert (cfg.resolution, cfg.steps, cfg.lr, cfg.num_class_images) == (1024, 50, 1e-4, 200)

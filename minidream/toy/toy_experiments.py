@@ -67,6 +67,11 @@ class Settings:
     threads: int = 1  # torch CPU threads
     steps: int | None = None  # training steps (None: the demo's); for quick checks
 
+SETTING_HELP = {"out": "folder for run folders, class images and sample grids", "results": "markdown file to write",
+                "samples": "images per prompt, each with its own seed", "seed": "seed of the first sample batch",
+                "threads": "torch CPU threads for sampling",
+                "steps": "training steps (None: the demo's), for quick checks"}
+
 
 class Experiments:
     """Holds the judge, the output folder and the timings; one method per section."""
@@ -367,7 +372,9 @@ def run(s: Settings) -> Path:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minidream.toy.toy_experiments", description=__doc__.split("\n\n")[0])
     for name, default in vars(Settings()).items():
-        ap.add_argument("--" + name.replace("_", "-"), type=type(default) if default is not None else int, default=default)
+        kind = type(default) if default is not None else int
+        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
+                        help=f"{SETTING_HELP[name]} [%(default)s]")
     run(Settings(**vars(ap.parse_args(argv))))
 
 
