@@ -106,13 +106,14 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_losses(world, tmp_path,
         return real_apply(*args, **kw)
 
     monkeypatch.setattr(training, "apply_gradients", apply_then_ctrl_c)
+    handler_before = signal.getsignal(signal.SIGINT)  # default_int_handler; SIG_IGN under nohup / `cmd &`
     with pytest.raises(KeyboardInterrupt):  # after saving the checkpoint, as an unhandled Ctrl-C would
         train(config(world, tmp_path / "b", **kwargs))
     monkeypatch.setattr(training, "apply_gradients", real_apply)
     (run,) = (tmp_path / "b").glob("raj-*")
     assert len(losses(run)) == 3 and (run / "checkpoints" / "step-000003.pt").is_file()
     assert not (run / LORA_FILE).exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the caller's handler is back
 
     leftover = run / "checkpoints" / ".step-000004.pt.4242.tmp"  # a checkpoint write killed half-way (SIGKILL)
     leftover.write_bytes(b"half a checkpoint")
