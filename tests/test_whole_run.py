@@ -1,6 +1,7 @@
 """The whole-run benchmark's pieces that run without diffusers' script: recipes, both command lines,
 the torchvision guard, and the in-process script runner (the runs themselves are benchmarks/)."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def args_for(models="tiny,mid", checkpointing="off,on", steps=None, class_images=None):
-    return type("Args", (), dict(models=models, checkpointing=checkpointing, steps=steps, class_images=class_images))
+    return argparse.Namespace(models=models, checkpointing=checkpointing, steps=steps, class_images=class_images)
 
 
 def test_recipes_cover_every_model_and_checkpointing_mode():

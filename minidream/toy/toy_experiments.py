@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -58,20 +58,19 @@ EDITS = (  # (what the prompt asks for, prompt): each keeps the subject and chan
 )
 
 
+def setting(default, help: str):
+    """A Settings field and its --help text, written once."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Settings:
-    out: str = "runs/toy-experiments"  # run folders, class images, sample grids
-    results: str = "benchmarks/TOY_WORLD.md"  # the markdown tables
-    samples: int = 32  # images per prompt (seeds differ)
-    seed: int = 1000  # seed of the first sample batch; training runs use seed 0 as train.py does
-    threads: int = 1  # torch CPU threads
-    steps: int | None = None  # training steps (None: the demo's); for quick checks
-
-SETTING_HELP = {"out": "folder for run folders, class images and sample grids", "results": "markdown file to write",
-                "samples": "images per prompt, each with its own seed", "seed": "seed of the first sample batch",
-                "threads": "torch CPU threads for sampling",
-                "steps": "training steps (None: the demo's), for quick checks"}
-
+    out: str = setting("runs/toy-experiments", "folder for run folders, class images and sample grids")
+    results: str = setting("benchmarks/TOY_WORLD.md", "markdown file to write")
+    samples: int = setting(32, "images per prompt, each with its own seed")
+    seed: int = setting(1000, "seed of the first sample batch (training runs use seed 0, as train.py does)")
+    threads: int = setting(1, "torch CPU threads for sampling")
+    steps: int | None = setting(None, "training steps (None: the demo's), for quick checks")
 
 class Experiments:
     """Holds the judge, the output folder and the timings; one method per section."""
@@ -371,10 +370,10 @@ def run(s: Settings) -> Path:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minidream.toy.toy_experiments", description=__doc__.split("\n\n")[0])
-    for name, default in vars(Settings()).items():
-        kind = type(default) if default is not None else int
-        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
-                        help=f"{SETTING_HELP[name]} [%(default)s]")
+    for f in fields(Settings):
+        kind = type(f.default) if f.default is not None else int
+        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+                        help=f"{f.metadata['help']} [%(default)s]")
     run(Settings(**vars(ap.parse_args(argv))))
 
 
