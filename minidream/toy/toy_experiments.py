@@ -72,6 +72,7 @@ class Settings:
     threads: int = setting(1, "torch CPU threads for sampling")
     steps: int | None = setting(None, "training steps (None: the demo's), for quick checks")
 
+
 class Experiments:
     """Holds the judge, the output folder and the timings; one method per section."""
 
