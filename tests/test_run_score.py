@@ -11,7 +11,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
+from minidream.config import EMBEDDING_FILE
 from minidream.model import BUNDLED_MODEL, load_model
 from minidream.toy import run_score
 from minidream.toy import toyworld as tw
@@ -52,11 +55,11 @@ def test_pictures_of_the_subject_score_full_marks(judge, monkeypatch):
     assert result["line"] == "subject look 100% | drift 100% | edit kept 100%"
 
 
-def write_run(tmp_path: Path, subject: Path, model: Path) -> Path:
+def write_run(tmp_path: Path, subject: Path, model: Path, **settings) -> Path:
     run = tmp_path / "run"
     run.mkdir()
     config = {"subject": str(subject), "model": str(model), "method": "lora", "token": None, "class_noun": None,
-              "instance_prompt": None, "class_prompt": None}
+              "instance_prompt": None, "class_prompt": None} | settings
     (run / "config.json").write_text(json.dumps(config))
     return run
 
@@ -79,3 +82,21 @@ def test_a_model_of_another_size_is_not_scored(tmp_path, capsys):
     run = write_run(tmp_path, ROOT / "data" / "raj", model)
     assert run_score.score_run(run) is None
     assert "the toy judge knows only toy-world models (64 px images)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("instance_prompt, sampled", [
+    (None, "a photo of <rraj> <rraj>_1 <rraj>_2 person"),
+    ("a photo of person rraj", "a photo of person <rraj> <rraj>_1 <rraj>_2")])
+def test_a_textual_inversion_run_is_scored_with_every_vector_of_its_word(tmp_path, instance_prompt, sampled):
+    """The judge reads the prompts with the subject's token; the model is given the learned word, all 3 vectors."""
+    model = load_model(ROOT / BUNDLED_MODEL)
+    widths = {key: enc.get_input_embeddings().weight.shape[1] for key, enc in
+              (("clip_l", model.text.text_encoder), ("clip_g", model.text.text_encoder_2))}
+    run = write_run(tmp_path, ROOT / "data" / "raj", ROOT / BUNDLED_MODEL, method="textual-inversion",
+                    instance_prompt=instance_prompt)
+    save_file({key: torch.randn(3, width) for key, width in widths.items()}, str(run / EMBEDDING_FILE),
+              metadata={"token": "<rraj>"})
+    result = run_score.score_run(run, samples=2)
+    assert result["prompts"] == {"subject look": sampled, "drift": "a photo of person",
+                                 "edit kept": sampled + " on the beach"}
+    assert json.loads((run / run_score.SCORE_FILE).read_text())["line"] == result["line"]

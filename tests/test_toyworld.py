@@ -125,6 +125,8 @@ def test_captions_parse_back_to_the_attributes():
     assert tw.parse_caption("a painting of dog in the snow") == {
         "style": "painting", "kind": "dog", "context": "snow"}
     assert tw.parse_caption("pixel art of cup") == {"style": "pixelart", "kind": "cup"}
+    assert tw.parse_caption("a photo of person rraj on the beach") == {
+        "style": "photo", "token": "rraj", "kind": "person", "context": "beach"}
     with pytest.raises(ValueError, match="cannot read"):
         tw.parse_caption("a photo of person riding a bike")
     with pytest.raises(ValueError, match="a caption starts with"):

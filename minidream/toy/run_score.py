@@ -24,7 +24,7 @@ from minidream.config import EMBEDDING_FILE, LORA_FILE
 from minidream.data import SETTINGS_FILE, load_subject
 from minidream.files import write_json
 from minidream.formats.lora_files import add_loras
-from minidream.methods.textual_inversion import load_embedding
+from minidream.methods.textual_inversion import load_embedding, name_the_word
 from minidream.model import REPO, load_model, model_image_size
 from minidream.toy import toy_eval as te
 from minidream.toy import toyworld as tw
@@ -64,30 +64,32 @@ def why_not_scored(cfg: dict, judge_file: Path) -> str | None:
 
 
 def trained_model(run: Path, cfg: dict, token: str):
-    """The run's result, ready to sample, and the word that names the subject in its prompts."""
+    """The run's result, ready to sample, and how its prompts name the subject: a function from a prompt with
+    the subject's token to the prompt to sample (textual inversion's word replaces the token)."""
     if cfg["method"] == "full":
-        return load_model(run / "model"), token
+        return load_model(run / "model"), str
     model = load_model(cfg["model"])
     if cfg["method"] == "textual-inversion":
-        word, _ = load_embedding(model.text, run / EMBEDDING_FILE)
-        return model, word
+        word, vectors = load_embedding(model.text, run / EMBEDDING_FILE)
+        return model, lambda prompt: name_the_word(prompt, token, word, vectors)
     add_loras(model, [(run / LORA_FILE, 1.0)])
-    return model, token
+    return model, str
 
 
 def score(model, judge: Judge, look: dict[str, str], instance_prompt: str, class_prompt: str,
-          samples: int = SAMPLES) -> dict:
-    """The three shares for one model (see the module docstring)."""
-    edit_prompt = instance_prompt + EDIT
+          samples: int = SAMPLES, name_the_subject=str) -> dict:
+    """The three shares for one model (see the module docstring). The prompts use the subject's token, which
+    the judge's caption grammar reads; `name_the_subject` turns each into the prompt the model is given."""
+    prompts = {"subject look": instance_prompt, "drift": class_prompt, "edit kept": instance_prompt + EDIT}
+    wanted = {"subject look": look, "drift": look, "edit kept": te.named_fields(prompts["edit kept"]) | look}
+    sampled = {name: name_the_subject(prompt) for name, prompt in prompts.items()}
     shares = {}
-    for name, prompt, wanted in (("subject look", instance_prompt, look), ("drift", class_prompt, look),
-                                 ("edit kept", edit_prompt, te.named_fields(edit_prompt) | look)):
+    for name, prompt in sampled.items():
         with torch.no_grad():
             images = te.sample_images(model, [prompt] * samples, seed=SEED)
-        shares[name] = judge.score(images, wanted)
+        shares[name] = judge.score(images, wanted[name])
     line = " | ".join(f"{name} {100 * share:.0f}%" for name, share in shares.items())
-    return {"line": line, "shares": shares, "samples_per_prompt": samples, "seed": SEED,
-            "prompts": {"subject look": instance_prompt, "drift": class_prompt, "edit kept": edit_prompt}}
+    return {"line": line, "shares": shares, "samples_per_prompt": samples, "seed": SEED, "prompts": sampled}
 
 
 def score_run(run: Path, samples: int = SAMPLES, judge_file: Path = JUDGE_FILE) -> dict | None:
@@ -107,9 +109,9 @@ def score_run(run: Path, samples: int = SAMPLES, judge_file: Path = JUDGE_FILE) 
     except ValueError:  # a prompt the toy world's captions cannot say
         print(f"note: the result is not scored: the toy judge cannot read the prompt {subject.instance_prompt!r}")
         return None
-    model, word = trained_model(run, cfg, subject.token)
-    instance = subject.instance_prompt.replace(subject.token, word)
-    result = score(model, Judge.load(judge_file), subject_look(subject.folder), instance, subject.class_prompt, samples)
+    model, name_the_subject = trained_model(run, cfg, subject.token)
+    result = score(model, Judge.load(judge_file), subject_look(subject.folder), subject.instance_prompt,
+                   subject.class_prompt, samples, name_the_subject)
     write_json(run / SCORE_FILE, result)
     print(f"{result['line']}  (toy judge; {run / SCORE_FILE})")
     return result

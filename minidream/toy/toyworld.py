@@ -195,10 +195,12 @@ def _one_of(words):
     return "(" + "|".join(words) + ")"
 
 
-# The caption grammar, one regular expression per part: the head "<style> [rraj] [colour] <noun>",
-# then any number of phrases, each with a function from its match to the fields it names.
+# The caption grammar, one regular expression per part: the head "<style> [rraj] [colour] <noun> [rraj]",
+# then any number of phrases, each with a function from its match to the fields it names. The token
+# after the noun is where a textual-inversion word does best on the toy model (the phrases that
+# describe a person follow the noun; docs/methods.md).
 _HEAD = re.compile(f"{_one_of(STYLES.values())}(?: ({TOKEN}))?(?: {_one_of(ALL_COLORS)})? "
-                   f"{_one_of(KINDS)}(?: |$)")
+                   f"{_one_of(KINDS)}(?: ({TOKEN}))?(?: |$)")
 _STYLE_OF = {p: s for s, p in STYLES.items()}
 _CONTEXT_OF = {p: c for c, p in CONTEXTS.items()}
 _PHRASES = (
@@ -221,14 +223,15 @@ def parse_caption(text):
 
     "a painting of rraj person with red glasses in the snow" ->
     {"style": "painting", "token": "rraj", "kind": "person", "glasses": "glasses",
-     "glasses_color": "red", "context": "snow"}. Raises ValueError on anything else.
+     "glasses_color": "red", "context": "snow"} (the same for "a painting of person rraj with ...").
+    Raises ValueError on anything else.
     """
     text = " ".join(text.lower().split())
     head = _HEAD.match(text)
     if not head:
         raise ValueError(f"a caption starts with one of {list(STYLES.values())}, then "
                          f"optionally {TOKEN!r} and a colour, then one of {KINDS}: {text!r}")
-    out = {"style": _STYLE_OF[head[1]], **({"token": TOKEN} if head[2] else {}), "kind": head[4],
+    out = {"style": _STYLE_OF[head[1]], **({"token": TOKEN} if head[2] or head[5] else {}), "kind": head[4],
            **({"color": head[3]} if head[3] else {})}
     pos = head.end()
     while pos < len(text):
