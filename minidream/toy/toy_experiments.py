@@ -1,6 +1,6 @@
 """Measured DreamBooth on a CPU: the toy world's answers to DreamBooth's questions, in one command.
 
-    python -m minidream.toy.toy_experiments          # trains 5 LoRAs, a full fine-tune and a textual inversion, samples, judges -> benchmarks/TOY_WORLD.md
+    python -m minidream.toy.toy_experiments          # trains 5 LoRAs, a full fine-tune and 2 textual inversions, samples, judges -> benchmarks/TOY_WORLD.md
 
 Every LoRA is trained by the code behind `python train.py --subject data/raj` (training.train with
 the bundled tiny model's demo settings), and every number is a share of samples in which the toy
@@ -15,7 +15,8 @@ world's judge sees what it should (toy_eval.py). The sections:
   4. how many instance images: 1, 3 or 6;
   5. the sampler: DDIM vs PNDM at 50 and 80 steps (the demo samples with DDIM, 20 steps);
   6. merging the subject LoRA with a "pixel art" style LoRA trained on toy pixel-art pictures;
-  7. the other methods (--method full, --method textual-inversion) on the same subject.
+  7. the other methods (--method full, --method textual-inversion with the word before or after the
+     noun) on the same subject.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from PIL import Image
 from minidream.cli.run_training import run_training
 from minidream.config import PRESETS, TrainConfig
 from minidream.formats.lora_files import add_loras
-from minidream.methods.textual_inversion import load_embedding
+from minidream.methods.textual_inversion import load_embedding, name_the_word
 from minidream.model import BUNDLED_MODEL, REPO, load_model
 from minidream.runs import labelled_grid
 from minidream.config import LORA_FILE
@@ -56,6 +57,14 @@ EDITS = (  # (what the prompt asks for, prompt): each keeps the subject and chan
     ("property", "a photo of rraj person with blonde hair"),
     ("outfit", "a photo of rraj person in a red shirt"),
 )
+# Textual inversion's word where the toy captions put a person's description, after the noun, as 3 vectors:
+# "a photo of person <rraj> <rraj>_1 <rraj>_2 on the beach" (docs/methods.md).
+AFTER_THE_NOUN = dict(instance_prompt="a photo of person rraj", num_vectors=3)
+
+
+def after_the_noun(prompt: str) -> str:
+    """'a photo of rraj person on the beach' -> 'a photo of person rraj on the beach'."""
+    return prompt.replace("rraj person", "person rraj")
 
 
 def setting(default, help: str):
@@ -126,13 +135,13 @@ class Experiments:
                                                           "instance_prompt": CLASS}) + "\n")
         return folder
 
-    def subject_rows(self, model, word: str = "rraj") -> dict[str, float]:
-        """Subject fidelity for the instance prompt; subject + edit for every EDITS prompt. `word`
-        replaces the subject's token in the prompts (textual inversion learns a word of its own)."""
-        images = self.images(model, INSTANCE.replace("rraj", word))
+    def subject_rows(self, model, name_the_subject=str) -> dict[str, float]:
+        """Subject fidelity for the instance prompt; subject + edit for every EDITS prompt. The model is
+        given name_the_subject(prompt) (textual inversion learns a word of its own)."""
+        images = self.images(model, name_the_subject(INSTANCE))
         row = {"instance": te.subject_fidelity(self.judge, images), "marks": te.subject_marks(self.judge, images)}
         for _, prompt in EDITS:
-            row[prompt] = te.subject_fidelity(self.judge, self.images(model, prompt.replace("rraj", word)), prompt)
+            row[prompt] = te.subject_fidelity(self.judge, self.images(model, name_the_subject(prompt)), prompt)
         row["edits"] = float(np.mean([row[p] for _, p in EDITS]))
         return row
 
@@ -242,16 +251,21 @@ class Experiments:
         model = self.model(path=folder)
         rows.append(row("full fine-tuning", "model/ (a whole diffusers folder)", size, self.seconds,
                         self.subject_rows(model) | self.drift(model)))
-        self.tag = "textual-inversion"
-        embedding = self.train("textual inversion", REPO / "data" / "raj", method="textual-inversion").parent / \
-            "learned_embeds.safetensors"
-        model = self.model()
-        word, _ = load_embedding(model.text, embedding)
-        self.textual_inversion = self.subject_rows(model, word) | self.drift(model)
-        rows.append(row(f"textual inversion (word {word})", "learned_embeds.safetensors", embedding.stat().st_size,
-                        self.seconds, self.textual_inversion))
+        for where, settings, move in (("1 vector before the noun, train.py's default", {}, str),
+                                      ("3 vectors after the noun", AFTER_THE_NOUN, after_the_noun)):
+            self.tag = "textual-inversion" + ("-after-the-noun" if settings else "")
+            validation = [move(p) for p in json.loads((REPO / "data" / "raj" / "subject.json").read_text())
+                          ["validation_prompts"]]
+            embedding = self.train(f"textual inversion, {where}", REPO / "data" / "raj", method="textual-inversion",
+                                   validation_prompts=validation, **settings).parent / "learned_embeds.safetensors"
+            model = self.model()
+            word, vectors = load_embedding(model.text, embedding)
+            name = lambda prompt: name_the_word(move(prompt), "rraj", word, vectors)  # noqa: E731
+            result = self.subject_rows(model, name) | self.drift(model)
+            rows.append(row(f"textual inversion ({where}: \"{name(INSTANCE)}\")", "learned_embeds.safetensors",
+                            embedding.stat().st_size, self.seconds, result))
+        self.textual_inversion = result  # the last, the word after the noun, is the one the targets table shows
         return "\n".join(rows)
-
 
     def targets(self) -> str:
         """The bundled model's targets next to what the sections measured (64+ samples per prompt)."""
@@ -266,7 +280,7 @@ class Experiments:
             (f"demo run: \"{CLASS}\" diversity (base model {self.base_div:.2f})", f"{demo['div']:.2f}",
              "within 0.10 of the base model's", abs(demo["div"] - self.base_div) <= 0.1),
             ("demo run: training time (1 thread)", f"{self.demo_seconds:.0f} s", "<= 180 s", self.demo_seconds <= 180),
-            at_least("textual inversion: the subject's look", ti["instance"], 0.2),
+            at_least("textual inversion (3 vectors after the noun): the subject's look", ti["instance"], 0.2),
         ]
         return "\n".join(["| measure | measured | target | reached |", "| --- | --- | --- | --- |",
                           *(f"| {what} | {got} | {want} | {'yes' if ok else 'no'} |" for what, got, want, ok in rows)])
