@@ -157,7 +157,7 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None) -> Pat
             if (cfg.save_every and step % cfg.save_every == 0) or stopping or step == cfg.steps:
                 save_state()
     write_logs(run, progress.history, dist)
-    return finish(run, cfg, method, progress, dist, example_prompt=prompts[0])
+    return finish(run, cfg, method, progress, dist, example_prompt=method.prompt(subject.instance_prompt))
 
 
 # ----------------------------------------------------------------------------- before the loop

@@ -141,6 +141,16 @@ def test_train_then_sample_with_the_embedding(tmp_path, capsys):
     assert "nope.safetensors not found; give --embedding FILE.safetensors[:TOKEN]" in capsys.readouterr().err
 
 
+def test_the_closing_hint_names_the_trained_prompt(tmp_path, capsys):
+    """The 'try it' line spells the word as it was trained: here after the noun, with its 3 vectors (not as
+    the subject's validation prompts, which put it before the noun)."""
+    write_subject(tmp_path)
+    train(TrainConfig(subject=str(tmp_path / "raj"), model=str(ROOT / "weights/tiny-sdxl"), out=str(tmp_path / "runs"),
+                      method="textual-inversion", instance_prompt="a photo of person rraj", num_vectors=3, steps=1,
+                      validate_every=0, views_per_image=1, score=False))
+    assert '--prompt "a photo of person <rraj> <rraj>_1 <rraj>_2"\n' in capsys.readouterr().out
+
+
 def test_bad_words_and_files_fail_clearly(folder, tmp_path):
     model = load_model(folder)
     with pytest.raises(EmbeddingFileError, match="'rraj' is already a word"):
