@@ -1,6 +1,6 @@
 """Measured DreamBooth on a CPU: the toy world's answers to DreamBooth's questions, in one command.
 
-    python -m minidream.toy.toy_experiments          # trains 5 LoRAs, a full fine-tune and 2 textual inversions, samples, judges -> benchmarks/TOY_WORLD.md
+    python -m minidream.toy.toy_experiments   # 5 LoRAs, a full fine-tune, 2 textual inversions -> benchmarks/TOY_WORLD.md
 
 Every LoRA is trained by the code behind `python train.py --subject data/raj` (training.train with
 the bundled tiny model's demo settings), and every number is a share of samples in which the toy
