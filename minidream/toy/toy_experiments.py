@@ -35,6 +35,7 @@ from PIL import Image
 
 from minidream.cli.run_training import run_training
 from minidream.config import PRESETS, TrainConfig
+from minidream.data import load_subject
 from minidream.formats.lora_files import add_loras
 from minidream.methods.textual_inversion import load_embedding, name_the_word
 from minidream.model import BUNDLED_MODEL, REPO, load_model
@@ -57,14 +58,16 @@ EDITS = (  # (what the prompt asks for, prompt): each keeps the subject and chan
     ("property", "a photo of rraj person with blonde hair"),
     ("outfit", "a photo of rraj person in a red shirt"),
 )
-# Textual inversion's word where the toy captions put a person's description, after the noun, as 3 vectors:
-# "a photo of person <rraj> <rraj>_1 <rraj>_2 on the beach" (docs/methods.md).
-AFTER_THE_NOUN = dict(instance_prompt="a photo of person rraj", num_vectors=3)
 
 
 def after_the_noun(prompt: str) -> str:
     """'a photo of rraj person on the beach' -> 'a photo of person rraj on the beach'."""
     return prompt.replace("rraj person", "person rraj")
+
+
+# Textual inversion's word where the toy captions put a person's description, after the noun, as 3 vectors:
+# "a photo of person <rraj> <rraj>_1 <rraj>_2 on the beach" (docs/methods.md).
+AFTER_THE_NOUN = dict(instance_prompt=after_the_noun(INSTANCE), num_vectors=3)
 
 
 def setting(default, help: str):
@@ -254,8 +257,7 @@ class Experiments:
         for where, settings, move in (("1 vector before the noun, train.py's default", {}, str),
                                       ("3 vectors after the noun", AFTER_THE_NOUN, after_the_noun)):
             self.tag = "textual-inversion" + ("-after-the-noun" if settings else "")
-            validation = [move(p) for p in json.loads((REPO / "data" / "raj" / "subject.json").read_text())
-                          ["validation_prompts"]]
+            validation = [move(p) for p in load_subject(REPO / "data" / "raj").validation_prompts]
             embedding = self.train(f"textual inversion, {where}", REPO / "data" / "raj", method="textual-inversion",
                                    validation_prompts=validation, **settings).parent / "learned_embeds.safetensors"
             model = self.model()
