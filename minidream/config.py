@@ -47,7 +47,7 @@ PRESETS = {
 }
 VALIDATION_TEMPLATES = ("a painting of {} at Oktoberfest", "a painting of {} in the style of Van Gogh",
                         "a painting of {} with blonde hair", "a side view photo of {}", "a photo of {} with sunglasses")
-RESUME_OVERRIDES = ("steps", "save_every", "validate_every", "keep_checkpoints", "log_every", "device",
+RESUME_OVERRIDES = ("steps", "save_every", "validate_every", "keep_checkpoints", "log_every", "device", "score",
                     "cpu_threads")
 
 
@@ -202,11 +202,25 @@ def check_config(cfg: TrainConfig) -> None:
          f"--class-dir {cfg.class_dir} is a file: give a folder of class images (train.py also unpacks a .zip)")
 
 
+def run_folder(path: str) -> Path:
+    """The real folder behind `path` to a run: through a symlink (runs/raj-latest), a relative path or a
+    trailing slash, resolved once, so nothing later mistakes the link for the run."""
+    given = Path(path)
+    try:
+        run = given.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # missing, a broken link, a loop (RuntimeError before Python 3.13)
+        why = "a broken or looping link" if given.is_symlink() else "nothing there"
+        runs = sorted(c.parent for c in given.parent.glob("*/config.json") if not c.parent.is_symlink())
+        listed = ", ".join(str(r) for r in runs[-5:]) or "none"
+        raise TrainingError(f"--resume {path} is not a run folder ({why}); run folders there: {listed}") from None
+    if not (run / "config.json").is_file():
+        raise TrainingError(f"{path} is not a run folder (no config.json): give a folder made by train.py")
+    return run
+
+
 def resumed_config(cfg: TrainConfig) -> TrainConfig:
     """The saved config of run cfg.resume, with the few settings that may change on resume."""
-    run = Path(cfg.resume)
-    if not (run / "config.json").is_file():
-        raise TrainingError(f"{run} is not a run folder (no config.json): give a folder under {cfg.out}/")
+    run = run_folder(cfg.resume)
     names = {f.name for f in fields(TrainConfig)}
     try:
         saved = TrainConfig(**{k: v for k, v in json.loads((run / "config.json").read_text()).items() if k in names})

@@ -78,12 +78,19 @@ def read_json(path: Path, error: type = CheckpointError) -> dict:
     return value
 
 
+def widen_float8(tensor: torch.Tensor) -> torch.Tensor:
+    """An 8-bit float tensor (safetensors' F8_E4M3 / F8_E5M2: files shared at half size) as float32, which
+    holds each of its values exactly and supports every operation (isfinite has no float8 kernel); any
+    other tensor as it is."""
+    return tensor.float() if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
+
+
 def _read(handle, ref: TensorRef) -> torch.Tensor:
     """Read one tensor and apply its op; q/k/v read only their third of the rows."""
     if ref.op in ("q", "k", "v"):
         start = "qkv".index(ref.op) * ref.shape[0]
-        return handle.get_slice(ref.key)[start : start + ref.shape[0]]
-    tensor = handle.get_tensor(ref.key)
+        return widen_float8(handle.get_slice(ref.key)[start : start + ref.shape[0]])
+    tensor = widen_float8(handle.get_tensor(ref.key))
     if ref.op == "squeeze":
         return tensor.reshape(ref.shape)
     if ref.op == "transpose":

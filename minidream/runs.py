@@ -180,31 +180,47 @@ def labelled_grid(images: list[Image.Image], row_labels: list[str], column_label
     return grid
 
 
-# ----------------------------------------------------------------------------- Ctrl-C
+# ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
+
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: timeout, docker stop, SLURM
+
+
+class Stopped(KeyboardInterrupt):
+    """A run stopped by a signal once its checkpoint is saved (or at once, by a second signal); the
+    script exits with 128 + signum, as a process killed by that signal would: 130 Ctrl-C, 143 SIGTERM."""
+
+    def __init__(self, signum: int):
+        super().__init__(STOP_SIGNALS.get(signum, f"signal {signum}"))
+        self.signum = signum
+
 
 class StopRequest:
-    """Turn the first Ctrl-C into a request the loop sees at the end of its step (it saves a checkpoint and
-    returns); a second Ctrl-C interrupts at once. Under torchrun one key press arrives twice, from the terminal and
-    forwarded, a moment apart: a second SIGINT within `grace` seconds counts as the same one."""
+    """Turn the first Ctrl-C or SIGTERM into a request the loop sees at the end of its step (it saves a
+    checkpoint and returns); a second one interrupts at once. Under torchrun one key press arrives twice,
+    from the terminal and forwarded, a moment apart: a second signal within `grace` seconds counts as the
+    same one. A signal the caller ignores (nohup ignores SIGINT) stays ignored."""
 
     def __init__(self, grace: float = 2.0):
-        self.requested, self.grace = False, grace
-        self._previous, self._first = None, 0.0  # the handler to restore; when the first Ctrl-C came
+        self.requested, self.signum, self.grace = False, None, grace
+        self._previous, self._first = {}, 0.0  # the handlers to restore; when the first signal came
 
     def _handler(self, signum, frame):
         if self.requested and time.monotonic() - self._first > self.grace:
-            raise KeyboardInterrupt
+            raise Stopped(signum)
         if not self.requested:
-            self.requested, self._first = True, time.monotonic()
-            print("\nCtrl-C: stopping after this step and saving a checkpoint (press Ctrl-C again to abort at once)")
+            self.requested, self.signum, self._first = True, signum, time.monotonic()
+            print(f"\n{STOP_SIGNALS[signum]}: stopping after this step and saving a checkpoint "
+                  "(Ctrl-C or SIGTERM again aborts at once)")
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: signals cannot be caught here
-            self._previous = None
+        for signum in STOP_SIGNALS:
+            try:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handler)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)

@@ -114,7 +114,8 @@ def _clip_x0(x0, cfg: ScheduleConfig):
     thresholding (Saharia et al. 2022, "Imagen"): x0 clamped to [-s, s] and divided by s, per sample, where
     s = a quantile of |x0| kept within [1, sample_max_value]."""
     if cfg.thresholding:
-        flat = x0.float().reshape(x0.shape[0], -1)  # (B, C*H*W); quantile needs float32
+        wide = torch.promote_types(x0.dtype, torch.float32)  # quantile needs float32 or float64
+        flat = x0.to(wide).reshape(x0.shape[0], -1)  # (B, C*H*W)
         s = torch.quantile(flat.abs(), cfg.dynamic_thresholding_ratio, dim=1)
         s = s.clamp(min=1, max=cfg.sample_max_value)[:, None]  # (B, 1)
         return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(x0.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -29,7 +30,7 @@ from minidream.model import default_model_path, load_model, model_image_size
 from minidream.optim import make_grad_scaler, make_optimizer, resolve_precision, set_lr
 from minidream.pipeline import generate
 from minidream.prior import fill_class_folder, plan_class_images
-from minidream.runs import (StopRequest, draw_loss_curve, labelled_grid, load_latest_checkpoint, new_run_folder,
+from minidream.runs import (StopRequest, Stopped, draw_loss_curve, labelled_grid, load_latest_checkpoint, new_run_folder,
                             rng_states, save_checkpoint, set_rng_states, write_loss_csv)
 from minidream.schedule import alphas_cumprod
 from minidream.step import apply_gradients, training_step
@@ -157,7 +158,8 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None) -> Pat
             if (cfg.save_every and step % cfg.save_every == 0) or stopping or step == cfg.steps:
                 save_state()
     write_logs(run, progress.history, dist)
-    return finish(run, cfg, method, progress, dist, example_prompt=method.prompt(subject.instance_prompt))
+    return finish(run, cfg, method, progress, dist, example_prompt=method.prompt(subject.instance_prompt),
+                  stopped_by=stop.signum)
 
 
 # ----------------------------------------------------------------------------- before the loop
@@ -352,12 +354,14 @@ def save_training_state(run: Path, cfg: TrainConfig, method: Method, optimizer, 
                             f"are intact: free disk space, then `python train.py --resume {run}`") from None
 
 
-def finish(run: Path, cfg: TrainConfig, method: Method, progress: Progress, dist, example_prompt: str) -> Path:
-    """Write the result (rank 0) and say how to use it; or, for a run stopped by Ctrl-C (its checkpoint
-    saved), say how to continue it and raise KeyboardInterrupt, as an unhandled Ctrl-C would."""
+def finish(run: Path, cfg: TrainConfig, method: Method, progress: Progress, dist, example_prompt: str,
+           stopped_by: int | None = None) -> Path:
+    """Write the result (rank 0) and say how to use it; or, for a run stopped by Ctrl-C or SIGTERM (its
+    checkpoint saved), say how to continue it and raise Stopped, as an unhandled signal would end it.
+    stopped_by: the signal this rank received (None on a rank that another rank's signal stopped)."""
     if progress.step < cfg.steps:
         print(f"stopped at step {progress.step}; continue with: python train.py --resume {run}")
-        raise KeyboardInterrupt
+        raise Stopped(stopped_by or signal.SIGINT)
     if dist.is_main:
         require_finite(method, progress.step)
         result = method.save(run / method.output, progress.step)

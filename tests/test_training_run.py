@@ -23,7 +23,7 @@ from minidream.model import load_model
 from minidream.optim import make_optimizer
 from minidream.pipeline import NonFiniteError, generate
 from minidream.prior import fill_class_folder, plan_class_images
-from minidream.runs import MIN_TILE, labelled_grid
+from minidream.runs import MIN_TILE, Stopped, labelled_grid
 from minidream.config import LORA_FILE, PRESETS, TrainConfig, TrainingError, fill_defaults
 from minidream.model import model_image_size
 from minidream.training import train
@@ -92,28 +92,32 @@ def test_a_run_writes_its_folder(world, tmp_path, capsys):
     assert trained and any(b.abs().max() > 0 for b in trained)
 
 
-def test_ctrl_c_then_resume_reproduces_the_uninterrupted_losses(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_then_resume_reproduces_the_uninterrupted_losses(world, tmp_path, monkeypatch, signum):
+    """Ctrl-C (SIGINT) or SIGTERM (timeout, docker stop, SLURM) during a step: the step finishes, a
+    checkpoint is written, and the resumed run continues bit for bit."""
     kwargs = dict(noise_offset=0.1, snr_gamma=5.0, grad_accum=2, lr_schedule="cosine", warmup_steps=2)
     uninterrupted = losses(train(config(world, tmp_path / "a", **kwargs)))
 
     calls = {"n": 0}
     real_apply = training.apply_gradients
 
-    def apply_then_ctrl_c(*args, **kw):
+    def apply_then_signal(*args, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
-            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C during step 3
+            signal.raise_signal(signum)  # as if the user pressed Ctrl-C, or a scheduler sent SIGTERM, in step 3
         return real_apply(*args, **kw)
 
-    monkeypatch.setattr(training, "apply_gradients", apply_then_ctrl_c)
-    handler_before = signal.getsignal(signal.SIGINT)  # default_int_handler; SIG_IGN under nohup / `cmd &`
-    with pytest.raises(KeyboardInterrupt):  # after saving the checkpoint, as an unhandled Ctrl-C would
+    monkeypatch.setattr(training, "apply_gradients", apply_then_signal)
+    handlers_before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]  # SIG_IGN under nohup
+    with pytest.raises(Stopped) as stopped:  # after saving the checkpoint, as an unhandled signal would
         train(config(world, tmp_path / "b", **kwargs))
+    assert stopped.value.signum == signum and isinstance(stopped.value, KeyboardInterrupt)
     monkeypatch.setattr(training, "apply_gradients", real_apply)
     (run,) = (tmp_path / "b").glob("raj-*")
     assert len(losses(run)) == 3 and (run / "checkpoints" / "step-000003.pt").is_file()
     assert not (run / LORA_FILE).exists()
-    assert signal.getsignal(signal.SIGINT) is handler_before  # the caller's handler is back
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers_before  # the caller's
 
     leftover = run / "checkpoints" / ".step-000004.pt.4242.tmp"  # a checkpoint write killed half-way (SIGKILL)
     leftover.write_bytes(b"half a checkpoint")
@@ -129,6 +133,42 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_losses(world, tmp_path,
         (older / "checkpoints" / f"{late}.pt").unlink(missing_ok=True)
     train(TrainConfig(resume=str(older)))
     assert losses(older) == uninterrupted
+
+
+def test_resume_through_the_latest_link_a_relative_path_and_a_trailing_slash(world, tmp_path, monkeypatch,
+                                                                             capsys):
+    """runs/raj-latest is a link to the newest finished run: resuming through it (or through any other
+    spelling of the run's path) continues that run, and the link then still points at the run folder."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--subject", world["subject"], "--model", world["model"], "--class-dir", world["class_dir"],
+            "--num-class-images", "2", "--class-steps", "2", "--validate-every", "0", "--views-per-image", "1",
+            "--no-score"]
+    assert train_cli.main(base + ["--out", "runs", "--steps", "2", "--save-every", "2"]) == 0
+    (run,) = Path("runs").glob("raj-2*")
+    latest = Path("runs") / "raj-latest"
+    for steps, spelling in [(3, "runs/raj-latest"), (4, "runs/raj-latest/"), (5, f"./runs/{run.name}/"),
+                            (6, str(latest.absolute()))]:
+        assert train_cli.main(["--resume", spelling, "--steps", str(steps)]) == 0, capsys.readouterr().err
+        assert latest.is_symlink() and latest.readlink() == Path(run.name), latest.readlink()
+        assert losses(run)[-1][0] == str(steps)
+    assert sorted(p.name for p in Path("runs").iterdir()) == [run.name, "raj-latest"]  # no new run folder
+
+
+@pytest.mark.parametrize("kind", ["looping", "broken", "missing"])
+def test_resume_through_a_broken_or_looping_link_is_one_line_naming_the_runs(world, tmp_path, capsys, kind):
+    runs = tmp_path / "runs"
+    real = runs / "raj-20260101-120000"
+    real.mkdir(parents=True)
+    (real / "config.json").write_text("{}")
+    link = runs / "raj-latest"
+    if kind == "looping":
+        link.symlink_to("raj-latest")
+    elif kind == "broken":
+        link.symlink_to("raj-20250101-000000")
+    assert train_cli.main(["--resume", str(link), "--steps", "3"]) == 2
+    err = capsys.readouterr().err
+    why = "nothing there" if kind == "missing" else "a broken or looping link"
+    assert err == f"train.py: error: --resume {link} is not a run folder ({why}); run folders there: {real}\n"
 
 
 def test_a_base_model_with_nan_weights_stops_the_run_and_writes_nothing_non_finite(world, tmp_path):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +65,9 @@ def test_two_trainings_then_the_readme_follow_up_command(tmp_path):
     assert image.text["loras"] == "runs/raj-latest/pytorch_lora_weights.safetensors:1"
 
 
-def test_ctrl_c_exits_130_with_a_checkpoint_to_resume(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_a_signal_exits_128_plus_it_with_a_checkpoint_to_resume(tmp_path, signum, code):
+    """Ctrl-C, or SIGTERM as timeout, docker stop and SLURM send it: a checkpoint, then exit 128 + signum."""
     cwd = user_folder(tmp_path)
     train = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--subject", "data/raj", *SHORT,
                               "--steps", "2000", "--log-every", "1", "--no-prior", "--no-score"], cwd=cwd, env=ENV,
@@ -72,9 +75,9 @@ def test_ctrl_c_exits_130_with_a_checkpoint_to_resume(tmp_path):
     for line in train.stdout:
         if re.match(r"step +3/2000", line):
             break
-    train.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    train.send_signal(signum)
     out, err = train.communicate(timeout=300)
-    assert train.returncode == 130, err
+    assert train.returncode == code, err
     (run,) = [p for p in (cwd / "runs").iterdir() if p.name.startswith("raj-")]
     assert "continue with: python train.py --resume " + str(Path("runs") / run.name) in out
     assert "Traceback" not in err and "interrupted" in err

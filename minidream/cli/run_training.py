@@ -44,7 +44,11 @@ def run_training(cfg: TrainConfig, dist=None) -> Path:
 def link_latest(run: Path, subject_name: str) -> Path | None:
     """Point <out>/<subject>-latest at this finished run (a relative symlink, replaced atomically), so that
     `python sample.py --lora runs/raj-latest` always uses the newest result."""
+    run = run.resolve()  # the real folder, never a link to it (resuming through the link itself)
     link = run.parent / f"{subject_name}-latest"
+    if run.name == link.name:
+        print(f"note: {link} is a run folder itself, not a link; it is left as it is")
+        return None
     tmp = run.parent / f".{link.name}.{os.getpid()}.tmp"
     try:
         tmp.unlink(missing_ok=True)

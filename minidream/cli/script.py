@@ -5,7 +5,7 @@
          with a hint)
     2    the user's input: a minidream.errors.UserError, from the library or the scripts' own checks,
          or a bad flag (cli.args.Parser); one line `prog: error: ...` that names the fix
-    130  Ctrl-C
+    130  Ctrl-C; 143 SIGTERM (timeout, docker stop, SLURM): a training run saves a checkpoint first
 Any other exception is a bug, or a failure of the machine, and keeps its traceback.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -59,7 +60,8 @@ def run_script(prog: str, command: Callable[[], None], *, out_of_memory: str, di
         if "out of memory" not in str(e).lower():
             raise
         return fail(prog, f"out of memory; {out_of_memory}", 1)
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or runs.Stopped: Ctrl-C or SIGTERM once a checkpoint is saved
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"\n{prog}: interrupted" + (" (SIGTERM)" if signum == signal.SIGTERM else ""), file=sys.stderr)
+        return 128 + signum
     return 0

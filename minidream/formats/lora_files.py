@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
+from minidream.loading import widen_float8
 from minidream.lora import LoRAWeights
 from minidream.formats.lora_merge import merge_lora
 from minidream.formats.lora_weights import LoRAFileError, check_adapter_weights, load_adapter_weights, mismatch_error
@@ -83,7 +84,7 @@ def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise LoRAFileError(f"LoRA file not found: {path}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: widen_float8(f.get_tensor(k)) for k in f.keys()}
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         with open(path, "rb") as f:

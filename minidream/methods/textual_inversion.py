@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minidream.files import atomic_write
+from minidream.loading import widen_float8
 from minidream.method import Method, text_encoders, train_mode
 from minidream.config import EMBEDDING_FILE, TrainingError
 from minidream.errors import UserError
@@ -172,7 +173,14 @@ def read_embedding(path, token: str | None = None) -> tuple[str, dict[str, torch
     else:
         raise EmbeddingFileError(f"{path} holds {sorted(tensors)[:4]}: not a textual-inversion file (expected "
                                  "'clip_l' + 'clip_g', or one tensor)")
-    rows = {k: v[None] if v.dim() == 1 else v for k, v in rows.items()}  # (D,) -> (1, D)
+    for name, vectors in rows.items():
+        if not vectors.is_floating_point() or vectors.dim() not in (1, 2):
+            raise EmbeddingFileError(f"{path}: {name}'s vectors are {vectors.dtype} {tuple(vectors.shape)}, not "
+                                     "floating-point rows (n, D): the file is damaged or not an embedding")
+    rows = {k: widen_float8(v[None] if v.dim() == 1 else v) for k, v in rows.items()}  # (D,) -> (1, D)
+    if not all(v.isfinite().all() for v in rows.values()):
+        raise EmbeddingFileError(f"{path} holds NaN or infinite values: it would draw black images; "
+                                 "re-download or re-train it")
     return token or stored or path.stem, rows
 
 

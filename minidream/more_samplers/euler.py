@@ -21,7 +21,7 @@ def euler(model, x, cfg: ScheduleConfig, steps: int, *, callback=None):
     for i, t in enumerate(ts):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         out = model(x / (sigma**2 + 1) ** 0.5, t)
-        x = x.float()  # as diffusers: the step itself runs in float32 even for a half model
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # as diffusers: a half model's step runs in float32
         if cfg.prediction_type == "epsilon":
             x0 = x - sigma * out
         else:  # v_prediction, rewritten for sigma space
