@@ -87,6 +87,8 @@ class TrainConfig:
     lr: float | None = setting(None, "learning rate of what trains [preset]", "training")
     rank: int = setting(4, "LoRA rank r", "training")
     alpha: float | None = setting(None, "LoRA alpha; the update is scaled by alpha/rank [= rank]", "training")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA branch's input while training (Hu et al. 2021)",
+                                  "training")
     lora_targets: str | None = setting(None, "UNet layers that get LoRA, comma-separated groups: attn (to_q/k/v/out, "
                                        "as diffusers' script), ff (feed-forward), proj (proj_in/out), conv (ResNet and "
                                        "resampling convs, kohya's LoCon) [preset]", "training")
@@ -193,6 +195,7 @@ def check_config(cfg: TrainConfig) -> None:
         need(getattr(cfg, name) in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)} "
                                             f"(got {getattr(cfg, name)!r})")
     need(cfg.snr_gamma is None or cfg.snr_gamma > 0, "--snr-gamma must be positive")
+    need(0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {cfg.lora_dropout})")
     need(cfg.resolution % 8 == 0, f"--resolution must be a multiple of 8 (got {cfg.resolution})")
     need(not (cfg.method == "textual-inversion" and cfg.train_text_encoder),
          "--train-text-encoder does not go with --method textual-inversion, which trains only the new word's "
