@@ -33,7 +33,7 @@ def sample(argv: list[str] | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_script("sample.py", lambda: sample(argv), out_of_memory=OUT_OF_MEMORY)
+    return run_script("sample.py", sample, argv, out_of_memory=OUT_OF_MEMORY)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""DreamBooth training for SDXL: the command line around minidream.training.train().
+"""DreamBooth training for SDXL: build the settings from the command line, then
+minidream.training.train() does the work.
 
     python train.py --subject data/raj                 # LoRA; bundled tiny model on CPU, or SDXL if in weights/
     python train.py --subject data/me --token zwx --class-noun person
     python train.py --subject data/raj --method full   # every UNet weight -> a diffusers model folder
     python train.py --subject data/raj --method textual-inversion   # a new word "<rraj>" -> a few KB
-    python train.py --resume runs/raj-20250101-120000  # continue a stopped run
+    python train.py --resume runs/raj-latest           # continue a stopped run
     torchrun --nproc_per_node 2 train.py --subject data/raj        # 2 GPUs (DistributedDataParallel)
 
 Settings left out are chosen from the model: the T4 recipe for SDXL (1000 steps, lr 1e-4, rank 4,
@@ -18,9 +19,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from minidream.cli.args import config_from_args, train_parser
+from minidream import formats, training
+from minidream.cli.args import config_from_args, resumed_config, train_parser
 from minidream.cli.script import run_script
+from minidream.formats.archives import unpack_class_images
+from minidream.methods import method_class
+from minidream.parallel import distributed
+from minidream.planner.memory import default_plan_model, format_plan, plan_training
+from minidream.runs import link_latest
+from minidream.toy.run_score import score_run
 
 OUT_OF_MEMORY = ("see what fits with --plan; try --gradient-checkpointing, --optimizer adamw8bit, "
                  "a smaller --resolution or --batch-size 1")
@@ -40,20 +49,29 @@ def train(argv: list[str] | None) -> None:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     if args.plan:
-        from minidream.planner.memory import default_plan_model, format_plan, plan_training
-
         cfg.model = cfg.model or default_plan_model()
         print(format_plan(plan_training(cfg)))
         return
-    from minidream.cli.run_training import run_training
-
-    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 prints (errors still reach stderr)
+    if cfg.resume:  # the run's own settings, with the few a resumed run may change
+        cfg = resumed_config(cfg)
+    if cfg.class_dir and Path(cfg.class_dir).suffix.lower() == ".zip":  # the core reads folders
+        cfg.class_dir = str(unpack_class_images(cfg.class_dir))
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 prints (errors still do)
         sys.stdout = open(os.devnull, "w")
-    run_training(cfg)
+    dist = distributed.setup(cfg.device)  # one process, or this rank among torchrun's
+    try:
+        run = training.train(cfg, method_class(cfg.method), dist, models=formats)
+    finally:
+        distributed.shutdown()
+    if dist.is_main:
+        link_latest(run, Path(cfg.subject).name)  # runs/raj-latest -> this run
+        if cfg.score:
+            score_run(run)  # the toy judge's score line (toy-world subjects only)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_script("train.py", lambda: train(argv), out_of_memory=OUT_OF_MEMORY,
+    """train.py's exit code: 0 done, 1 the machine, 2 the user's input, 130/143 Ctrl-C/SIGTERM."""
+    return run_script("train.py", train, argv, out_of_memory=OUT_OF_MEMORY,
                       disk_full=" (a stopped run continues with --resume RUN)")
 
 

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from minidream.formats.model_folder import WEIGHT_FILES, write_model_index, write_part  # noqa: E402
 from minidream.model import load_model  # noqa: E402
+from minidream import samplers  # noqa: E402
 from minidream.pipeline import sample_latents  # noqa: E402
 from minidream.toy import tiny  # noqa: E402
 from minidream.toy.vocab import vocab_size, write_clip_tokenizer  # noqa: E402
@@ -77,7 +78,7 @@ def minidream_case(folder: Path, dtype: torch.dtype, sampler: str, size: int):
     model = load_model(folder, dtype)
 
     def run(steps=STEPS):
-        return sample_latents(model, PROMPT, sampler=sampler, steps=steps, guidance_scale=GUIDANCE, seed=0,
+        return sample_latents(model, PROMPT, sampler=getattr(samplers, sampler), steps=steps, guidance_scale=GUIDANCE, seed=0,
                               height=size, width=size, progress=False)
 
     return run

@@ -10,9 +10,8 @@ This module is a leaf: it imports no model, loader or optimizer code.
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from minidream.errors import UserError
@@ -203,42 +202,6 @@ def check_config(cfg: TrainConfig) -> None:
     need(not Path(cfg.out).is_file(), f"--out {cfg.out} is a file: give the folder where run folders are made")
     need(cfg.class_dir is None or not Path(cfg.class_dir).is_file(),
          f"--class-dir {cfg.class_dir} is a file: give a folder of class images (train.py also unpacks a .zip)")
-
-
-def run_folder(path: str) -> Path:
-    """The real folder behind `path` to a run: through a symlink (runs/raj-latest), a relative path or a
-    trailing slash, resolved once, so nothing later mistakes the link for the run."""
-    given = Path(path)
-    try:
-        run = given.resolve(strict=True)
-    except (OSError, RuntimeError) as e:  # missing, a broken link, a loop (RuntimeError before Python 3.13)
-        why = "a broken or looping link" if given.is_symlink() else "nothing there"
-        runs = sorted(c.parent for c in given.parent.glob("*/config.json") if not c.parent.is_symlink())
-        listed = ", ".join(str(r) for r in runs[-5:]) or "none"
-        raise TrainingError(f"--resume {path} is not a run folder ({why}); run folders there: {listed}") from None
-    if not (run / "config.json").is_file():
-        raise TrainingError(f"{path} is not a run folder (no config.json): give a folder made by train.py")
-    return run
-
-
-def resumed_config(cfg: TrainConfig) -> TrainConfig:
-    """The saved config of run cfg.resume, with the few settings that may change on resume."""
-    run = run_folder(cfg.resume)
-    names = {f.name for f in fields(TrainConfig)}
-    try:
-        saved = TrainConfig(**{k: v for k, v in json.loads((run / "config.json").read_text()).items() if k in names})
-    except (ValueError, AttributeError, RecursionError) as e:  # not UTF-8, not JSON, not an object
-        raise TrainingError(f"{run / 'config.json'} is damaged ({str(e)[:80]}); restore it, or start a new run") from None
-    default = TrainConfig()
-    for name in names - {"resume"}:
-        given = getattr(cfg, name)
-        if given != getattr(default, name) and given != getattr(saved, name):
-            if name in RESUME_OVERRIDES:
-                setattr(saved, name, given)
-            else:
-                print(f"note: --{name.replace('_', '-')} ignored on resume; the run keeps {getattr(saved, name)!r}")
-    saved.resume = str(run)
-    return saved
 
 
 def slug(text: str, empty: str = "class") -> str:

@@ -5,8 +5,10 @@
     x_T ──ddim / pndm (closure: UNet on [uncond; cond], guidance)──> x_0  [samplers.py]
     x_0 / scaling_factor ──VAE.decode──> image in [-1, 1] ──> PIL          [vae.py]
 
-Every step is taken as diffusers' StableDiffusionXLPipeline takes it (noise and DDIM's eta noise from one CPU
-generator seeded with `seed`, [uncond; cond] in one UNet call), so the same seed gives the same image."""
+Every step is taken as diffusers' StableDiffusionXLPipeline takes it (noise and DDIM's eta noise from
+one CPU generator seeded with `seed`, [uncond; cond] in one UNet call), so the same seed gives the same
+image. The sampler is a function, k-diffusion style: generate(model, prompt, sampler=samplers.pndm);
+minidream.more_samplers has Euler, and sample.py's table (cli/sample_command.py) names them."""
 
 from __future__ import annotations
 
@@ -20,9 +22,6 @@ from minidream.errors import UserError
 from minidream.model import Model
 from minidream.text import encode_prompt, sdxl_time_ids
 from minidream.vae import vae_dtype
-
-SAMPLERS = {"ddim": samplers.ddim, "pndm": samplers.pndm}  # importing minidream.more_samplers adds euler
-
 
 class NonFiniteError(UserError):
     """Sampling gave inf/NaN: a broken model, LoRA or embedding, or an fp16 overflow."""
@@ -76,7 +75,7 @@ def initial_noise(model: Model, batch: int, height: int, width: int, generator: 
 
 
 @torch.no_grad()
-def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler: str = "ddim", steps: int = 30,
+def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler=samplers.ddim, steps: int = 30,
                    guidance_scale: float = 5.0, seed: int = 0, height: int | None = None, width: int | None = None,
                    num_images: int = 1, eta: float = 0.0, guidance_rescale: float = 0.0, progress: bool = True,
                    initial_latents=None, embeddings=None) -> torch.Tensor:
@@ -84,10 +83,8 @@ def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler: str 
     by the VAE's scaling_factor, in prompt-major order (p0, p0, p1, p1, ...). initial_latents: x_T before the
     sampler's sigma scaling, instead of drawn from `seed`. embeddings: (context, pooled) of the conditional
     half instead of the prompts' (one row per image); the prompts then only set the batch size."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    if eta and sampler != "ddim":
-        raise ValueError(f"eta is DDIM's noise; the {sampler} sampler has none (use sampler='ddim' or eta=0)")
+    if eta and sampler is not samplers.ddim:
+        raise ValueError(f"eta is DDIM's noise; {sampler.__name__} has none (use samplers.ddim or eta=0)")
     height, width = height or model.default_size, width or model.default_size
     check_size(height, width, model.vae_scale)
     context, pooled, time_ids, use_cfg = conditioning(model, prompts, negative_prompt, guidance_scale,
@@ -101,10 +98,10 @@ def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler: str 
     denoiser = unet_closure(model, context, pooled, time_ids)
     if use_cfg:
         denoiser = samplers.with_guidance(denoiser, guidance_scale, guidance_rescale)
-    evaluations = steps + 1 if sampler == "pndm" else steps  # PLMS evaluates its second step twice
-    noise = dict(eta=eta, generator=generator) if sampler == "ddim" else {}
-    with tqdm(total=evaluations, desc=f"{sampler} x{steps}", disable=not progress, leave=False) as bar:
-        return SAMPLERS[sampler](denoiser, x, model.schedule, steps, callback=lambda *_: bar.update(), **noise)
+    evaluations = steps + 1 if sampler is samplers.pndm else steps  # PLMS evaluates step 2 twice
+    noise = dict(eta=eta, generator=generator) if sampler is samplers.ddim else {}
+    with tqdm(total=evaluations, desc=f"{sampler.__name__} x{steps}", disable=not progress, leave=False) as bar:
+        return sampler(denoiser, x, model.schedule, steps, callback=lambda *_: bar.update(), **noise)
 
 
 @torch.no_grad()

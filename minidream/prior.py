@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from minidream.data import DataError, class_image_folder, existing_class_images
 from minidream.files import save_png
 from minidream.pipeline import generate
+from minidream.samplers import ddim
 
 NAME = re.compile(r"^class-(\d{5})\.png$")
 
@@ -55,7 +56,7 @@ def plan_class_images(class_dir, wanted: int, can_generate: bool) -> ClassImageP
 
 
 def fill_class_folder(plan: ClassImagePlan, model, prompt: str, *, resolution: int, seed: int = 0,
-                      steps: int = 30, guidance_scale: float = 5.0, sampler: str = "ddim",
+                      steps: int = 30, guidance_scale: float = 5.0, sampler=ddim,
                       negative_prompt: str | None = None, progress: bool = True, dist=None) -> list[Path]:
     """Generate the plan's missing images with `model` (the base model, before any LoRA) and return the
     images training uses. With dist (torchrun), rank r makes the r-th, (r + N)-th, ... missing image."""
@@ -69,7 +70,7 @@ def fill_class_folder(plan: ClassImagePlan, model, prompt: str, *, resolution: i
                              guidance_scale=guidance_scale, seed=seed + index, height=resolution,
                              width=resolution, num_images=1, progress=False)[0]
             save_png(plan.folder / f"class-{index:05d}.png", image,
-                     {"prompt": prompt, "seed": seed + index, "steps": steps, "sampler": sampler,
+                     {"prompt": prompt, "seed": seed + index, "steps": steps, "sampler": sampler.__name__,
                       "guidance_scale": guidance_scale, "model": getattr(model, "name", "")})
         barrier()  # every share is written
         plan = ClassImagePlan(plan.folder, existing_class_images(plan.folder), plan.wanted)

@@ -1,10 +1,12 @@
 """DreamBooth training for SDXL (Ruiz et al. 2022) with LoRA (Hu et al. 2021), top to bottom:
 
-    settings -> subject + class images -> model -> cached latents and prompts -> trained parameters
-    + optimizer -> loop: lr, micro-batches (step.py), apply gradients, log, validate, checkpoint -> result
+    train(): settings -> subject photos + class images -> model -> cached latents and prompts
+             -> what trains (method.py) + optimizer -> the loop -> the result
+    loop:    lr -> micro-batches: draw_batch (latent_cache.py), training_step (step.py)
+             -> apply_gradients (step.py) -> log, validate, checkpoint
 
-Other methods (minidream/methods/) and several GPUs (minidream/parallel/) come in through train()'s
-arguments; train.py chooses them.
+Other methods (minidream/methods/), single-file checkpoints (minidream/formats/) and several GPUs
+(minidream/parallel/) come in through train()'s arguments; train.py chooses them.
 """
 
 from __future__ import annotations
@@ -14,30 +16,31 @@ import json
 import signal
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 
-from minidream.config import (VALIDATION_TEMPLATES, TrainConfig, TrainingError, check_config, fill_defaults,
-                              resumed_config, slug)
+import minidream.model as folder_models
+from minidream.config import (VALIDATION_TEMPLATES, TrainConfig, TrainingError, check_config,
+                              fill_defaults, slug)
 from minidream.data import load_images, load_subject
+from minidream.drawing import draw_loss_curve, labelled_grid
 from minidream.files import save_png, write_json
-from minidream.latent_cache import ShuffledOrder, build_cache, draw_batch, load_cache, offload_encoders, save_cache
+from minidream.latent_cache import (ShuffledOrder, build_cache, draw_batch, load_cache,
+                                    offload_encoders, save_cache)
 from minidream.lora import unet_targets
 from minidream.method import LoRA, Method
-from minidream.model import default_model_path, load_model, model_image_size
 from minidream.optim import make_grad_scaler, make_optimizer, resolve_precision, set_lr
 from minidream.pipeline import generate
 from minidream.prior import fill_class_folder, plan_class_images
-from minidream.runs import (StopRequest, Stopped, draw_loss_curve, labelled_grid, load_latest_checkpoint, new_run_folder,
+from minidream.runs import (StopRequest, Stopped, load_latest_checkpoint, new_run_folder,
                             rng_states, save_checkpoint, set_rng_states, write_loss_csv)
+from minidream.samplers import ddim
 from minidream.schedule import alphas_cumprod
 from minidream.step import apply_gradients, training_step
 from minidream.text import encode_text
 
-
-MAX_SKIPPED_IN_A_ROW = 25  # inf/NaN gradients in a row that stop a run (fp16 loss scaling at its start: ~16)
+MAX_SKIPPED_IN_A_ROW = 25  # inf/NaN gradients in a row stop a run (fp16 loss scaling starts: ~16)
 
 
 class OneProcess:
@@ -69,8 +72,9 @@ class Progress:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "skipped": self.skipped, "history": self.history,
-                "rng": rng_states(self.generator), "instance_order": self.instance_order.state_dict(),
-                "class_order": self.class_order.state_dict() if self.class_order is not None else None}
+                "rng": rng_states(self.generator),
+                "instance_order": self.instance_order.state_dict(),
+                "class_order": self.class_order.state_dict() if self.class_order else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.skipped, self.history = state["step"], state["skipped"], state["history"]
@@ -80,27 +84,45 @@ class Progress:
             self.class_order.load_state_dict(state["class_order"])
 
 
+@dataclass
+class PromptTable:
+    """The two prompts a step reads (row 0 the instance prompt, row 1 the class prompt), called by
+    training_step inside its autocast: the cached embeddings, or, when gradients must reach the text
+    encoders (text-encoder LoRA, full text-encoder training, textual inversion), encoded anew."""
+
+    prompts: list[str]
+    text: object | None  # the TextEncoders when they train, else None
+    context: torch.Tensor | None  # (2, L, D) cached
+    pooled: torch.Tensor | None  # (2, Dp) cached; None for SD 1.x / 2.x
+
+    def __call__(self):
+        return encode_text(self.text, self.prompts) if self.text else (self.context, self.pooled)
+
+
 # ----------------------------------------------------------------------------- train
 
-def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None) -> Path:
-    """Run (or, with cfg.resume, continue) a DreamBooth training; returns the run folder.
+def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None,
+          models=folder_models) -> Path:
+    """Run a DreamBooth training, or continue one (cfg from cli.args.resumed_config); returns the
+    run folder.
 
-    method_class: what trains (LoRA here; minidream.methods has full fine-tuning and textual
-    inversion). dist: OneProcess(), or minidream.parallel.distributed.setup() under torchrun.
+    method_class: what trains (LoRA; minidream.methods: full fine-tuning, textual inversion).
+    dist: OneProcess(), or minidream.parallel.distributed.setup() under torchrun.
+    models: what reads model paths: minidream.model (diffusers folders) or minidream.formats
+    (single .safetensors files too).
     """
     dist = dist or OneProcess()
-    if cfg.method != method_class.name:
-        raise TrainingError(f"--method {cfg.method} needs its method class (minidream.methods.method_class; "
-                            "train.py chooses it)")
-    cfg, subject, device, precision = settings(cfg, method_class, dist)  # cheap checks, before anything heavy
-    instance_images = load_images(subject.images, cfg.resolution, "instance")  # unreadable photos fail here
-    plan = plan_class_images(cfg.class_dir, cfg.num_class_images, cfg.generate_class_images) if cfg.prior else None
+    cfg, subject, device, precision = settings(cfg, method_class, dist, models)  # cheap checks
+    instance_images = load_images(subject.images, cfg.resolution)  # unreadable photos fail here
+    plan = plan_class_images(cfg.class_dir, cfg.num_class_images, cfg.generate_class_images) \
+        if cfg.prior else None
     run = open_run_folder(cfg, subject.folder.name, dist)
 
-    # -- model, class images, cached latents and prompts; then the VAE and text encoders leave the GPU
-    model = load_model(cfg.model, precision.weight_dtype, device, vae=cfg.vae, tokenizer=cfg.tokenizer)
+    # -- model, class images, cached latents and prompts; then the VAE and text encoders leave
+    model = models.load_model(cfg.model, precision.weight_dtype, device, vae=cfg.vae,
+                              tokenizer=cfg.tokenizer)
     trains_text = method_class.trains_text(cfg)
-    cache = prepare_cache(model, cfg, subject, instance_images, plan, run, dist, cache_text=not trains_text)
+    cache = prepare_cache(model, cfg, subject, instance_images, plan, run, dist, not trains_text)
     offload_encoders(model, keep_text=trains_text)
 
     # -- what trains (LoRA adapters), the optimizer, the fp16 loss scaler, the loop's random state
@@ -109,43 +131,39 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None) -> Pat
     optimizer, optimizer_name = make_optimizer(method.param_groups(), cfg.optimizer, lr=cfg.lr,
                                                weight_decay=cfg.weight_decay)
     scaler = make_grad_scaler(precision)
-    generator = torch.Generator().manual_seed(cfg.seed)  # the same on every rank: they draw the same global batch
-    progress = Progress(generator, ShuffledOrder(cache.instance.num_images, generator),
-                        ShuffledOrder(cache.classes.num_images, generator) if cache.classes is not None else None)
+    progress = new_progress(cfg.seed, cache)
     if cfg.resume:
         resume(run, method, optimizer, scaler, progress)
-    next_batch = partial(draw_batch, cache, progress.instance_order, progress.class_order,
-                         cfg.batch_size * dist.world_size, generator, scaling_factor=model.vae.config.scaling_factor,
-                         num_timesteps=model.schedule.num_train_timesteps, noise_offset=cfg.noise_offset,
-                         sdxl=model.is_sdxl, device=device)
-    embed_prompts = prompt_embedder(model, cache, [method.prompt(subject.instance_prompt), subject.class_prompt],
-                                    trains_text, device)
-    step_on = partial(training_step, embed_prompts=embed_prompts, alphas_cumprod=alphas_cumprod(model.schedule)
-                      .to(device), prediction_type=model.schedule.prediction_type, prior_weight=cfg.prior_weight,
-                      snr_gamma=cfg.snr_gamma, autocast_dtype=precision.autocast_dtype, scaler=scaler,
-                      accumulation=cfg.grad_accum)
+    prompts = PromptTable([method.prompt(subject.instance_prompt), subject.class_prompt],
+                          model.text if trains_text else None, *cached_prompts(cache, device))
     text_modules = {k: m for k, m in method.trained_modules().items() if k != "unet"}
-    denoiser = dist.wrap(model.unet, text_modules, find_unused=cfg.train_text_encoder)  # what the step calls
-    prompts = validation_prompts(cfg, subject, method)
-    watch = partial(validate, model, prompts, cfg, run, device, dist)
-    save_state = partial(save_training_state, run, cfg, method, optimizer, optimizer_name, scaler, progress, dist)
+    denoiser = dist.wrap(model.unet, text_modules, find_unused=cfg.train_text_encoder)
+    alpha_bar = alphas_cumprod(model.schedule).to(device)  # the noise schedule's table
+    prediction = model.schedule.prediction_type  # eps or v
+    validation = validation_prompts(cfg, subject, method)
+    params, base_lrs = method.parameters(), [g["lr"] for g in optimizer.param_groups]
+    print(start_line(cfg, method, device, precision, optimizer_name, dist))
+    if progress.step == 0 and cfg.validate_every:
+        validate(model, validation, cfg, run, device, dist, step=0)
 
     # -- the loop
-    params, base_lrs = method.parameters(), [g["lr"] for g in optimizer.param_groups]
-    print(f"training {method.summary()} for {cfg.steps} steps on {device} ({precision.name}, {optimizer_name}, "
-          f"batch {cfg.batch_size}x{cfg.grad_accum}" + (f" x {dist.world_size} processes" if dist.enabled else "")
-          + f", {'prior on' if plan else 'no prior'})")
-    if progress.step == 0 and cfg.validate_every:
-        watch(0)
     with StopRequest() as stop:
-        stopping = dist.any(stop.requested)  # Ctrl-C on any rank stops every rank after the same step
+        stopping = dist.any(stop.requested)  # a signal on any rank stops all after the same step
         while progress.step < cfg.steps and not stopping:
             start = time.perf_counter()
             set_lr(optimizer, progress.step, base_lrs, cfg.lr_schedule, cfg.warmup_steps, cfg.steps)
             losses = []
             for micro in range(cfg.grad_accum):
+                batch = draw_batch(  # every rank draws the global batch, then keeps its rows
+                    cache, progress.instance_order, progress.class_order,
+                    cfg.batch_size * dist.world_size, progress.generator, device=device,
+                    scaling_factor=model.vae.config.scaling_factor, sdxl=model.is_sdxl,
+                    num_timesteps=model.schedule.num_train_timesteps, noise_offset=cfg.noise_offset)
                 with dist.accumulating(denoiser, last_micro_step=micro == cfg.grad_accum - 1):
-                    losses.append(step_on(denoiser, dist.shard(next_batch())))
+                    losses.append(training_step(
+                        denoiser, dist.shard(batch), prompts, alpha_bar, prediction_type=prediction,
+                        prior_weight=cfg.prior_weight, snr_gamma=cfg.snr_gamma, scaler=scaler,
+                        autocast_dtype=precision.autocast_dtype, accumulation=cfg.grad_accum))
             lr = optimizer.param_groups[0]["lr"]
             grad_norm, applied = apply_gradients(optimizer, params, scaler, cfg.max_grad_norm)
             step = record(progress, losses, lr, grad_norm, applied, start, dist, device)
@@ -153,33 +171,39 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None) -> Pat
                 print(log_line(progress.history, cfg.steps, progress.skipped))
                 write_logs(run, progress.history, dist)
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
-                watch(step)
+                validate(model, validation, cfg, run, device, dist, step)
             stopping = dist.any(stop.requested)
             if (cfg.save_every and step % cfg.save_every == 0) or stopping or step == cfg.steps:
-                save_state()
+                save_training_state(run, cfg, method, optimizer, optimizer_name, scaler, progress,
+                                    dist)
     write_logs(run, progress.history, dist)
-    return finish(run, cfg, method, progress, dist, example_prompt=method.prompt(subject.instance_prompt),
+    return finish(run, cfg, method, progress, dist, method.prompt(subject.instance_prompt),
                   stopped_by=stop.signum)
 
 
 # ----------------------------------------------------------------------------- before the loop
 
-def settings(cfg: TrainConfig, method_class: type[Method], dist):
-    """The run's complete settings (presets filled, everything checked), subject, device, precision."""
-    cfg = resumed_config(cfg) if cfg.resume else TrainConfig(**asdict(cfg))
-    why = ""
+def settings(cfg: TrainConfig, method_class: type[Method], dist, models):
+    """The run's settings (presets filled, everything checked), subject, device, precision."""
+    if cfg.resume and cfg.model is None:  # resumed_config's settings always name the model
+        raise TrainingError("to continue a run, pass cli.args.resumed_config(cfg): its settings")
+    if cfg.method != method_class.name:
+        raise TrainingError(f"--method {cfg.method} needs its method class (train.py chooses it)")
+    cfg, why = TrainConfig(**asdict(cfg)), ""
     if cfg.model is None:
-        path, why = default_model_path()
+        path, why = models.default_model_path()
         cfg.model, why = str(path), f" ({why})"
     print(f"model: {cfg.model}{why}")
-    device = dist.device or torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = dist.device or torch.device(cfg.device or default_device)
     precision = resolve_precision(cfg.precision, device)
     if precision.note:
         print(f"note: {precision.note}")
-    subject = load_subject(cfg.subject, cfg.token, cfg.class_noun, cfg.instance_prompt, cfg.class_prompt)
+    subject = load_subject(cfg.subject, cfg.token, cfg.class_noun, cfg.instance_prompt,
+                           cfg.class_prompt)
     if not Path(cfg.model).exists():
-        raise TrainingError(f"model {cfg.model} does not exist: pass --model DIR|FILE (see docs/t4.md)")
-    note = fill_defaults(cfg, model_image_size(cfg.model))
+        raise TrainingError(f"model {cfg.model} does not exist: pass --model DIR|FILE (docs/t4.md)")
+    note = fill_defaults(cfg, models.model_image_size(cfg.model))
     if note and not cfg.resume:
         print(note)
     check_config(cfg)
@@ -190,66 +214,77 @@ def settings(cfg: TrainConfig, method_class: type[Method], dist):
     method_class.check_subject(cfg, subject)
     if cfg.cpu_threads and device.type == "cpu":  # the preset's: config.default_cpu_threads
         torch.set_num_threads(cfg.cpu_threads)
-    if cfg.prior and cfg.class_dir is None:
-        folder = f"{slug(subject.class_prompt)}-{cfg.resolution}px"  # class images depend on both
+    if cfg.prior and cfg.class_dir is None:  # class images depend on the prompt and the resolution
+        folder = f"{slug(subject.class_prompt)}-{cfg.resolution}px"
         cfg.class_dir = str(Path(cfg.out) / "class-images" / Path(cfg.model).stem / folder)
     return cfg, subject, device, precision
 
 
 def open_run_folder(cfg: TrainConfig, subject_name: str, dist) -> Path:
-    """A new run folder with the run's config.json (rank 0 names it from the clock), or the resumed one."""
+    """A new run folder with the run's config.json (rank 0 names it from the clock), or the
+    resumed one, rid of files a killed process left half-written."""
     if cfg.resume:
         run = Path(cfg.resume)
-        for leftover in run.rglob(".*.tmp") if dist.is_main else []:  # half-written by a killed process
+        for leftover in run.rglob(".*.tmp") if dist.is_main else []:
             leftover.unlink(missing_ok=True)
     else:
         run = dist.broadcast(new_run_folder(cfg.out, subject_name) if dist.is_main else None)
         if dist.is_main:
             write_json(run / "config.json", asdict(cfg))
-    print(f"run folder: {run}" + (f" ({dist.world_size} processes, this is rank {dist.rank})" if dist.enabled else ""))
+    ranks = f" ({dist.world_size} processes, this is rank {dist.rank})" if dist.enabled else ""
+    print(f"run folder: {run}{ranks}")
     return run
 
 
 def prepare_cache(model, cfg, subject, instance_images, plan, run: Path, dist, cache_text: bool):
-    """Fill the class folder (each rank its share), then encode images and prompts once (rank 0; the
-    other ranks read rank 0's file, so every rank trains on the same latents). A resumed run reads
-    its cache back when it was made from the same inputs."""
+    """Fill the class folder (each rank its share), then encode images and prompts once (rank 0;
+    the other ranks read rank 0's file, so every rank trains on the same latents). A resumed run
+    reads its cache back when it was made from the same inputs."""
     class_paths = []
     if plan is not None:
-        class_paths = fill_class_folder(plan, model, subject.class_prompt, resolution=cfg.resolution, seed=cfg.seed,
-                                        steps=cfg.class_steps, guidance_scale=cfg.guidance_scale, dist=dist)
-    fingerprint = json.dumps([cfg.model, cfg.resolution, cfg.seed, cfg.flip, cfg.center_crop, cfg.views_per_image,
-                              subject.instance_prompt, subject.class_prompt, cache_text,
-                              [(p.name, p.stat().st_size) for p in [*(p for p, _ in instance_images), *class_paths]]])
+        class_paths = fill_class_folder(plan, model, subject.class_prompt, seed=cfg.seed,
+                                        resolution=cfg.resolution, steps=cfg.class_steps,
+                                        guidance_scale=cfg.guidance_scale, dist=dist)
+    files = [(p.name, p.stat().st_size) for p in [*(p for p, _ in instance_images), *class_paths]]
+    fingerprint = json.dumps([cfg.model, cfg.resolution, cfg.seed, cfg.flip, cfg.center_crop,
+                              cfg.views_per_image, subject.instance_prompt, subject.class_prompt,
+                              cache_text, files])
     path = run / "cache.safetensors"
     cache = load_cache(path, fingerprint) if cfg.resume else None
     if cache is None and dist.is_main:
         cache = build_cache(model, instance_images, class_paths, resolution=cfg.resolution,
-                            instance_prompt=subject.instance_prompt, class_prompt=subject.class_prompt, seed=cfg.seed,
-                            flip=cfg.flip, center_crop=cfg.center_crop, cache_text=cache_text,
+                            instance_prompt=subject.instance_prompt, seed=cfg.seed,
+                            class_prompt=subject.class_prompt, flip=cfg.flip,
+                            center_crop=cfg.center_crop, cache_text=cache_text,
                             views_per_image=cfg.views_per_image)
         save_cache(path, cache, fingerprint)
     dist.barrier()  # rank 0's cache file is complete
     if cache is None:
         cache = load_cache(path, fingerprint)
         if cache is None:
-            raise TrainingError(f"rank {dist.rank} cannot read {path}, which rank 0 wrote: the run folder must be "
-                                "on a file system every process sees")
+            raise TrainingError(f"rank {dist.rank} cannot read {path}, which rank 0 wrote: the run "
+                                "folder must be on a file system every process sees")
     return cache
 
 
-def prompt_embedder(model, cache, prompts: list[str], trains_text: bool, device):
-    """The embed_prompts() of training_step: the cached table, or the text encoders run anew (when
-    gradients must reach them: text-encoder LoRA, full text-encoder training, textual inversion)."""
-    if trains_text:
-        return lambda: encode_text(model.text, prompts)  # with gradients (encode_prompt is no_grad)
-    context, pooled = cache.context.to(device), None if cache.pooled is None else cache.pooled.to(device)
-    return lambda: (context, pooled)
+def new_progress(seed: int, cache) -> Progress:
+    """Step 0: one generator draws every batch, the same on every rank (one global batch)."""
+    generator = torch.Generator().manual_seed(seed)
+    classes = ShuffledOrder(cache.classes.num_images, generator) if cache.classes else None
+    return Progress(generator, ShuffledOrder(cache.instance.num_images, generator), classes)
+
+
+def cached_prompts(cache, device) -> tuple:
+    """The cached (context (2, L, D), pooled (2, Dp) or None), on the training device."""
+    if cache.context is None:  # the text encoders train: nothing cached
+        return None, None
+    return cache.context.to(device), None if cache.pooled is None else cache.pooled.to(device)
 
 
 def validation_prompts(cfg: TrainConfig, subject, method: Method) -> list[str]:
     prompts = cfg.validation_prompts or subject.validation_prompts or (
-        [t.format(f"{subject.token} {subject.class_noun}") for t in VALIDATION_TEMPLATES] + [subject.class_prompt])
+        [t.format(f"{subject.token} {subject.class_noun}") for t in VALIDATION_TEMPLATES]
+        + [subject.class_prompt])
     return [method.prompt(p) for p in prompts]
 
 
@@ -264,43 +299,56 @@ def resume(run: Path, method: Method, optimizer, scaler, progress: Progress) -> 
         print(f"resuming from {path} (step {progress.step})")
 
 
+def start_line(cfg: TrainConfig, method: Method, device, precision, optimizer_name, dist) -> str:
+    processes = f" x {dist.world_size} processes" if dist.enabled else ""
+    return (f"training {method.summary()} for {cfg.steps} steps on {device} ({precision.name}, "
+            f"{optimizer_name}, batch {cfg.batch_size}x{cfg.grad_accum}{processes}, "
+            f"{'prior on' if cfg.prior else 'no prior'})")
+
+
 # ----------------------------------------------------------------------------- in the loop
 
-def record(progress: Progress, losses: list, lr: float, grad_norm: float, applied: bool, start: float, dist,
-           device) -> int:
-    """Count the step and add its row (the global batch's losses, averaged over micro-batches and ranks)."""
+def record(progress: Progress, losses: list, lr: float, grad_norm: float, applied: bool,
+           start: float, dist, device) -> int:
+    """Count the step and add its row (the global batch's losses, averaged over micro-batches and
+    ranks)."""
     progress.step += 1
     progress.skipped += not applied
     per_micro = torch.tensor([[p.loss.item(), p.instance.item(), p.prior.item()] for p in losses],
                              dtype=torch.float64, device=device)
     loss, instance_loss, prior_loss = dist.mean(per_micro.mean(dim=0)).tolist()
     progress.history.append({
-        "step": progress.step, "lr": lr, "grad_norm": grad_norm, "skipped": int(not applied), "loss": loss,
-        "instance_loss": instance_loss, "prior_loss": prior_loss, "seconds": time.perf_counter() - start,
-    })
+        "step": progress.step, "lr": lr, "grad_norm": grad_norm, "skipped": int(not applied),
+        "loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss,
+        "seconds": time.perf_counter() - start})
     if not applied:
-        print(f"step {progress.step}: gradient is inf/NaN, update skipped ({progress.skipped} so far)")
-    if len(progress.history) >= MAX_SKIPPED_IN_A_ROW and all(r["skipped"] for r in progress.history[-MAX_SKIPPED_IN_A_ROW:]):
-        raise TrainingError(f"stopped at step {progress.step}: the last {MAX_SKIPPED_IN_A_ROW} steps had inf/NaN "
-                            "gradients, so nothing trains (a learning rate too high, or inf/NaN values in the base "
-                            "model); the run folder keeps its last good checkpoint")
+        print(f"step {progress.step}: inf/NaN gradient, update skipped ({progress.skipped} so far)")
+    recent = progress.history[-MAX_SKIPPED_IN_A_ROW:]
+    if len(recent) == MAX_SKIPPED_IN_A_ROW and all(r["skipped"] for r in recent):
+        raise TrainingError(
+            f"stopped at step {progress.step}: the last {MAX_SKIPPED_IN_A_ROW} steps had inf/NaN "
+            "gradients, so nothing trains (a learning rate too high, or inf/NaN values in the base "
+            "model); the run folder keeps its last good checkpoint")
     return progress.step
 
 
 def log_line(history: list[dict], total: int, skipped: int) -> str:
-    """The newest step's numbers, time so far and left (steps to go x the last 20 steps' mean time)."""
+    """The newest step's numbers, time so far and left (steps to go x the last 20 steps' mean)."""
     row, recent = history[-1], [r["seconds"] for r in history[-20:]]
-    elapsed, left = sum(r["seconds"] for r in history), (total - row["step"]) * sum(recent) / len(recent)
+    elapsed = sum(r["seconds"] for r in history)
+    left = (total - row["step"]) * sum(recent) / len(recent)
     prior = f", prior {row['prior_loss']:.4f}" if row["prior_loss"] else ""
-    return (f"step {row['step']:>5}/{total} | loss {row['loss']:.4f} (subject {row['instance_loss']:.4f}{prior}) "
-            f"| lr {row['lr']:.2e} | grad norm {row['grad_norm']:.3f} | {row['seconds']:.2f} s/step "
-            f"| {clock(elapsed)} elapsed, ETA {clock(left)}"
-            + (f" | {skipped} skipped (inf/NaN)" if skipped else ""))
+    return (f"step {row['step']:>5}/{total} | loss {row['loss']:.4f} (subject "
+            f"{row['instance_loss']:.4f}{prior}) | lr {row['lr']:.2e} | grad norm "
+            f"{row['grad_norm']:.3f} | {row['seconds']:.2f} s/step | {clock(elapsed)} elapsed, "
+            f"ETA {clock(left)}" + (f" | {skipped} skipped (inf/NaN)" if skipped else ""))
 
 
 def clock(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+    if minutes >= 60:
+        return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+    return f"{minutes}:{seconds:02d}"
 
 
 def write_logs(run: Path, history: list[dict], dist) -> None:
@@ -310,15 +358,17 @@ def write_logs(run: Path, history: list[dict], dist) -> None:
 
 
 def validate(model, prompts, cfg: TrainConfig, run: Path, device, dist, step: int) -> Path | None:
-    """A grid (one row per prompt, one column per seed) from the model as it is now, with fixed seeds."""
+    """A grid (one row per prompt, one column per seed) from the model as it is now, fixed seeds."""
     path = None
     if dist.is_main:
-        parts = [p for p in (model.vae, model.text.text_encoder, model.text.text_encoder_2) if p is not None]
+        text = model.text
+        parts = [p for p in (model.vae, text.text_encoder, text.text_encoder_2) if p is not None]
         homes = [next(p.parameters()).device for p in parts]
         for p in parts:  # the VAE and text encoders come back to the GPU only for this
             p.to(device)
-        images = [generate(model, prompt, sampler="ddim", steps=cfg.validation_steps, guidance_scale=cfg.guidance_scale,
-                           seed=seed, height=cfg.resolution, width=cfg.resolution, progress=False)[0]
+        images = [generate(model, prompt, sampler=ddim, steps=cfg.validation_steps, seed=seed,
+                           guidance_scale=cfg.guidance_scale, height=cfg.resolution,
+                           width=cfg.resolution, progress=False)[0]
                   for prompt in prompts for seed in cfg.validation_seeds]
         for p, home in zip(parts, homes):
             p.to(home)
@@ -331,40 +381,45 @@ def validate(model, prompts, cfg: TrainConfig, run: Path, device, dist, step: in
 
 def require_finite(method: Method, step: int) -> None:
     """Never write a result or checkpoint holding inf/NaN (it would draw black images)."""
-    if not all(t.isfinite().all() for tensors in method.state_dict().values() for t in tensors.values()):
-        raise TrainingError(f"the trained values hold inf/NaN at step {step} (the learning rate is too high?); "
-                            "nothing was written: the run folder keeps its last good checkpoint")
+    tensors = [t for part in method.state_dict().values() for t in part.values()]
+    if not all(t.isfinite().all() for t in tensors):
+        raise TrainingError(f"the trained values hold inf/NaN at step {step} (the learning rate is "
+                            "too high?); nothing was written: the run folder keeps its last good "
+                            "checkpoint")
 
 
-def save_training_state(run: Path, cfg: TrainConfig, method: Method, optimizer, optimizer_name: str, scaler,
-                        progress: Progress, dist) -> None:
-    """checkpoints/step-N.pt: the trained tensors, optimizer, scaler and Progress (rank 0 writes)."""
+def save_training_state(run: Path, cfg: TrainConfig, method: Method, optimizer, optimizer_name: str,
+                        scaler, progress: Progress, dist) -> None:
+    """checkpoints/step-N.pt: the trained tensors, optimizer, scaler and Progress (rank 0)."""
     if not dist.is_main:
         return
     step = progress.step
     require_finite(method, step)
+    state = progress.state_dict() | {
+        "optimizer_name": optimizer_name, "method": cfg.method, "trained": method.state_dict(),
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}
     try:
         if method.checkpoint_result:
             method.save(run / "checkpoints" / f"step-{step:06d}{Path(method.output).suffix}", step)
-        save_checkpoint(run, step, progress.state_dict() | {
-            "optimizer_name": optimizer_name, "method": cfg.method, "trained": method.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, keep=cfg.keep_checkpoints)
+        save_checkpoint(run, step, state, keep=cfg.keep_checkpoints)
     except OSError as e:
-        raise TrainingError(f"could not write the step-{step} checkpoint ({e.strerror or e}); earlier checkpoints "
-                            f"are intact: free disk space, then `python train.py --resume {run}`") from None
+        raise TrainingError(f"could not write the step-{step} checkpoint ({e.strerror or e}); "
+                            "earlier checkpoints are intact: free disk space, then "
+                            f"`python train.py --resume {run}`") from None
 
 
-def finish(run: Path, cfg: TrainConfig, method: Method, progress: Progress, dist, example_prompt: str,
-           stopped_by: int | None = None) -> Path:
-    """Write the result (rank 0) and say how to use it; or, for a run stopped by Ctrl-C or SIGTERM (its
-    checkpoint saved), say how to continue it and raise Stopped, as an unhandled signal would end it.
-    stopped_by: the signal this rank received (None on a rank that another rank's signal stopped)."""
+def finish(run: Path, cfg: TrainConfig, method: Method, progress: Progress, dist,
+           example_prompt: str, stopped_by: int | None = None) -> Path:
+    """Write the result (rank 0) and say how to use it. A run stopped by Ctrl-C or SIGTERM (its
+    checkpoint saved) says how to continue it and raises Stopped, as an unhandled signal would end
+    it. stopped_by: the signal this rank received (None on a rank another rank's signal stopped)."""
     if progress.step < cfg.steps:
         print(f"stopped at step {progress.step}; continue with: python train.py --resume {run}")
         raise Stopped(stopped_by or signal.SIGINT)
     if dist.is_main:
         require_finite(method, progress.step)
         result = method.save(run / method.output, progress.step)
+        use = f'python sample.py {method.sample_flag} {result} --prompt "{example_prompt}"'
         print(f"done: {result} ({progress.skipped} step(s) skipped for inf/NaN gradients)\n"
-              f"try it: python sample.py {method.sample_flag} {result} --prompt \"{example_prompt}\"")
+              f"try it: {use}")
     return run

@@ -43,7 +43,7 @@ from minidream.schedule import alphas_cumprod
 from minidream.step import Batch, training_step
 from minidream.text import encode_text
 from minidream.config import TrainConfig
-from minidream.cli.run_training import run_training as train
+from _train import train_like_cli as train
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5

@@ -14,6 +14,7 @@ from PIL import Image
 from _eval_fixtures import TINY_SDXL, write_lora, write_subject, write_tiny_clip, write_tiny_dino
 from minidream import pipeline
 from minidream.config import LORA_FILE
+from minidream.samplers import ddim
 from minidream.eval import evaluate, metrics
 from minidream.eval.eval_prompts import LIVE_PROMPTS, OBJECT_PROMPTS, custom_prompts, dreambooth_prompts, subject_kind
 from minidream.eval.eval_targets import EvalError
@@ -77,7 +78,7 @@ def test_seeds_are_per_image_whatever_the_batch(setup, tmp_path):
     seeds = [3, 4, 5]
     one = evaluate.samples(model, "a rraj dog", [tmp_path / f"a{s}.png" for s in seeds], seeds, meta, 1)
     two = evaluate.samples(model, "a rraj dog", [tmp_path / f"b{s}.png" for s in seeds], seeds, meta, 2)
-    alone = pipeline.generate(model, "a rraj dog", sampler="ddim", steps=2, seed=4, progress=False)[0]
+    alone = pipeline.generate(model, "a rraj dog", sampler=ddim, steps=2, seed=4, progress=False)[0]
     for a, b in zip(one, two):
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
     assert np.abs(np.asarray(one[1], dtype=int) - np.asarray(alone, dtype=int)).max() <= 1

@@ -7,7 +7,7 @@ import stat
 import pytest
 from PIL import Image
 
-from minidream.runs import MIN_TILE, labelled_grid
+from minidream.drawing import MIN_TILE, labelled_grid
 from minidream.files import atomic_write, save_png, write_json
 
 

@@ -24,7 +24,7 @@ from minidream.schedule import alphas_cumprod
 from minidream.step import Batch, apply_gradients, training_step
 from minidream.toy.tiny import write_tiny_sdxl
 from minidream.config import TrainConfig
-from minidream.cli.run_training import run_training as train
+from _train import train_like_cli as train
 from tests.checkpoint_fixtures import reference_models, write_single_file
 from tests.test_distributed import losses, write_subject
 from tests.test_training_step import SCHEDULE, make_batch, reference_step, reference_unet, rel_err, unet_under_test

@@ -13,6 +13,7 @@ from PIL import Image
 from minidream.model import BUNDLED_MODEL, load_model
 from minidream.cli.morph import lerp, loop_positions, morph_latents, render_morph, save_animation, slerp
 from minidream.pipeline import generate
+from minidream.samplers import ddim
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -71,7 +72,7 @@ def model():
 
 
 def test_keyframes_are_the_plain_images_of_their_seeds_and_prompts(model, tmp_path):
-    options = dict(sampler="ddim", steps=2, guidance_scale=5.0)
+    options = dict(sampler=ddim, steps=2, guidance_scale=5.0)
     prompts = ["a photo of rraj person", "a painting of a dog"]
     frames = render_morph(model, prompts, [7, 8], 4, progress=False, **options)
     assert len(frames) == 4

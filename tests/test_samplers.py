@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from minidream import samplers
 from minidream.more_samplers import euler, init_noise_sigma, prk_start
-from minidream.pipeline import SAMPLERS
+from minidream.cli.sample_command import SAMPLERS
 from minidream.schedule import ScheduleConfig
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -161,7 +161,7 @@ def test_prk_warmup_needs_four_steps():
         samplers.pndm(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(), 3, start=prk_start)
 
 
-def test_euler_rejects_linspace_and_registers_with_the_pipeline():
+def test_euler_rejects_linspace_and_sample_py_offers_it():
     with pytest.raises(ValueError, match="euler supports leading or trailing"):
         euler(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(timestep_spacing="linspace"), 5)
     assert SAMPLERS["euler"] is euler and sorted(SAMPLERS) == ["ddim", "euler", "pndm"]

@@ -23,7 +23,7 @@ from minidream.methods.textual_inversion import (EmbeddingFileError, TextualInve
                                          name_the_word)
 from minidream.toy.tiny import write_tiny_sdxl
 from minidream.config import TrainConfig, TrainingError
-from minidream.cli.run_training import run_training as train
+from _train import train_like_cli as train
 from tests.test_distributed import write_subject
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,9 +23,11 @@ from minidream.model import load_model
 from minidream.optim import make_optimizer
 from minidream.pipeline import NonFiniteError, generate
 from minidream.prior import fill_class_folder, plan_class_images
-from minidream.runs import MIN_TILE, Stopped, labelled_grid
+from minidream.drawing import MIN_TILE, labelled_grid
+from minidream.runs import Stopped
 from minidream.config import LORA_FILE, PRESETS, TrainConfig, TrainingError, fill_defaults
 from minidream.model import model_image_size
+from minidream.cli.args import resumed_config
 from minidream.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +123,7 @@ def test_a_signal_then_resume_reproduces_the_uninterrupted_losses(world, tmp_pat
 
     leftover = run / "checkpoints" / ".step-000004.pt.4242.tmp"  # a checkpoint write killed half-way (SIGKILL)
     leftover.write_bytes(b"half a checkpoint")
-    train(TrainConfig(resume=str(run)))
+    train(resumed_config(TrainConfig(resume=str(run))))
     assert losses(run) == uninterrupted  # bit for bit, as written to the CSV
     assert not leftover.exists()  # removed at the start of the resumed run, never read as a checkpoint
     assert (run / LORA_FILE).is_file()
@@ -131,7 +133,7 @@ def test_a_signal_then_resume_reproduces_the_uninterrupted_losses(world, tmp_pat
     shutil.copytree(run, older)
     for late in ("step-000003", "step-000004", "step-000006"):
         (older / "checkpoints" / f"{late}.pt").unlink(missing_ok=True)
-    train(TrainConfig(resume=str(older)))
+    train(resumed_config(TrainConfig(resume=str(older))))
     assert losses(older) == uninterrupted
 
 

@@ -12,11 +12,13 @@ This module imports no torch: `--help` and mistyped flags answer at once.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import MISSING, Field, dataclass, fields
 from pathlib import Path
 
-from minidream.config import EMBEDDING_FILE, LORA_FILE, METHODS, PRECISIONS, PRESETS, TrainConfig
+from minidream.config import (EMBEDDING_FILE, LORA_FILE, METHODS, PRECISIONS, PRESETS, RESUME_OVERRIDES,
+                              TrainConfig, TrainingError)
 from minidream.errors import UserError
 
 ARGPARSE_TYPES = {"int": int, "float": float, "str": str, "list": str}  # a list's items are str unless "type" says
@@ -97,6 +99,42 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{name: value for name, value in vars(args).items() if name in names})
 
 
+def run_folder(path: str) -> Path:
+    """The real folder behind `path` to a run: through a symlink (runs/raj-latest), a relative path or a
+    trailing slash, resolved once, so nothing later mistakes the link for the run."""
+    given = Path(path)
+    try:
+        run = given.resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # missing, a broken link, a loop (RuntimeError before Python 3.13)
+        why = "a broken or looping link" if given.is_symlink() else "nothing there"
+        runs = sorted(c.parent for c in given.parent.glob("*/config.json") if not c.parent.is_symlink())
+        listed = ", ".join(str(r) for r in runs[-5:]) or "none"
+        raise TrainingError(f"--resume {path} is not a run folder ({why}); run folders there: {listed}") from None
+    if not (run / "config.json").is_file():
+        raise TrainingError(f"{path} is not a run folder (no config.json): give a folder made by train.py")
+    return run
+
+
+def resumed_config(cfg: TrainConfig) -> TrainConfig:
+    """The saved config of run cfg.resume, with the few settings that may change on resume."""
+    run = run_folder(cfg.resume)
+    names = {f.name for f in fields(TrainConfig)}
+    try:
+        saved = TrainConfig(**{k: v for k, v in json.loads((run / "config.json").read_text()).items() if k in names})
+    except (ValueError, AttributeError, RecursionError) as e:  # not UTF-8, not JSON, not an object
+        raise TrainingError(f"{run / 'config.json'} is damaged ({str(e)[:80]}); restore it, or start a new run") from None
+    default = TrainConfig()
+    for name in names - {"resume"}:
+        given = getattr(cfg, name)
+        if given != getattr(default, name) and given != getattr(saved, name):
+            if name in RESUME_OVERRIDES:
+                setattr(saved, name, given)
+            else:
+                print(f"note: --{name.replace('_', '-')} ignored on resume; the run keeps {getattr(saved, name)!r}")
+    saved.resume = str(run)
+    return saved
+
+
 # ---------------------------------------------------------------------------------------------
 # sample.py
 
@@ -123,7 +161,7 @@ def sample_parser(description: str) -> Parser:
     what.add_argument("--width", type=int, metavar="PX", help="image width, a multiple of 8 [the model's]")
 
     how = p.add_argument_group("sampling")
-    how.add_argument("--sampler", metavar="NAME", default="ddim",  # checked against minidream.pipeline.SAMPLERS
+    how.add_argument("--sampler", metavar="NAME", default="ddim",  # checked against cli.sample_command.SAMPLERS
                      help="ddim (Song et al. 2021), pndm (PLMS, Liu et al. 2022) or euler (Karras et al. 2022) "
                           "[%(default)s]")
     how.add_argument("--scheduler", dest="sampler", help=argparse.SUPPRESS)  # the flag's earlier name

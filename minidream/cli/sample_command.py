@@ -15,7 +15,6 @@ import torch
 from tqdm.auto import tqdm
 
 import minidream.formats  # noqa: F401  (single-file .safetensors checkpoints)
-import minidream.more_samplers  # noqa: F401  (the euler sampler)
 from minidream import __version__
 from minidream.checkpoint import detect
 from minidream.cli.args import SampleRequest
@@ -27,8 +26,13 @@ from minidream.formats.lora_files import add_loras, read_lora
 from minidream.methods.textual_inversion import expand_prompt, load_embedding, read_embedding
 from minidream.model import Model, default_model_path, load_model, model_image_size
 from minidream.optim import DTYPES
-from minidream.pipeline import SAMPLERS, generate
-from minidream.runs import labelled_grid, new_folder
+from minidream.more_samplers import euler
+from minidream.pipeline import generate
+from minidream.samplers import ddim, pndm
+from minidream.drawing import labelled_grid
+from minidream.runs import new_folder
+
+SAMPLERS = {"ddim": ddim, "pndm": pndm, "euler": euler}  # sample.py --sampler NAME
 
 
 def sample_images(args: argparse.Namespace, request: SampleRequest) -> None:
@@ -133,7 +137,7 @@ def load(args: argparse.Namespace, request: SampleRequest, path: Path, dtype: st
 
 def sampling_options(args: argparse.Namespace, model: Model) -> dict:
     """The keywords of minidream.pipeline.sample_latents that images and morph frames share."""
-    return dict(negative_prompt=args.negative_prompt, sampler=args.sampler, steps=args.steps,
+    return dict(negative_prompt=args.negative_prompt, sampler=SAMPLERS[args.sampler], steps=args.steps,
                 guidance_scale=args.guidance, height=args.height or model.default_size,
                 width=args.width or model.default_size, progress=not args.no_progress)
 

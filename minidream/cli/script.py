@@ -39,14 +39,14 @@ def fail(prog: str, message: str, code: int) -> int:
     return code
 
 
-def run_script(prog: str, command: Callable[[], None], *, out_of_memory: str, disk_full: str = "") -> int:
-    """Run `command` (parsing included) and return the script's exit code.
+def run_script(prog: str, command: Callable, *args, out_of_memory: str, disk_full: str = "") -> int:
+    """Run `command(*args)` (parsing included) and return the script's exit code.
 
     out_of_memory: what to try instead; disk_full: what else to know once space is free.
     """
     warnings.formatwarning = one_line_warning
     try:
-        command()
+        command(*args)
     except UserError as e:
         return fail(prog, str(e), 2)
     except OSError as e:

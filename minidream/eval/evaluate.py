@@ -33,9 +33,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-import minidream.more_samplers  # noqa: F401  (the euler sampler)
-from minidream import pipeline
-from minidream.cli.run_training import run_training
+from minidream import formats, pipeline, training
+from minidream.cli.sample_command import SAMPLERS
 from minidream.cli.script import run_script
 from minidream.config import TrainConfig
 from minidream.data import open_rgb
@@ -45,9 +44,10 @@ from minidream.eval.eval_targets import EvalError, Settings, Target, prompt_set,
 from minidream.files import save_png, write_json, write_text
 from minidream.formats.lora_files import load_lora
 from minidream.formats.lora_merge import remove_adapter
+from minidream.methods import method_class
 from minidream.lora import adapter_names
 from minidream.model import default_model_path, load_model
-from minidream.runs import labelled_grid
+from minidream.drawing import labelled_grid
 
 ADAPTER = "evaluated"  # the adapter name the LoRA is loaded under while it is evaluated
 THUMB = 256  # grid tiles, px
@@ -100,7 +100,7 @@ def samples(model, prompt: str, paths: list[Path], seeds: list[int], meta: dict[
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         noise = initial_noise(model, [seeds[i] for i in batch], size)
-        out = pipeline.generate(model, prompt, sampler=meta["sampler"], steps=int(meta["steps"]),
+        out = pipeline.generate(model, prompt, sampler=SAMPLERS[meta["sampler"]], steps=int(meta["steps"]),
                        guidance_scale=float(meta["guidance_scale"]), height=size, width=size,
                        num_images=len(batch), initial_latents=noise, progress=False)
         for i, img in zip(batch, out):
@@ -244,8 +244,8 @@ def run(targets: list[Target], s: Settings, out: Path, *, model_path=None, clip_
 def train_pair(subject: str, out: str, model: str | None = None, seed: int = 0, **settings) -> tuple[Path, Path]:
     """The prior-preservation experiment from scratch: train the subject with and without prior
     preservation (train.py's defaults, or `settings`: any TrainConfig field); returns the two run folders."""
-    runs = [run_training(TrainConfig(subject=subject, out=out, model=model, seed=seed, prior=p, **settings))
-            for p in (True, False)]
+    configs = [TrainConfig(subject=subject, out=out, model=model, seed=seed, prior=p, **settings) for p in (True, False)]
+    runs = [training.train(cfg, method_class(cfg.method), models=formats) for cfg in configs]
     return runs[0], runs[1]
 
 
@@ -257,7 +257,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prior", help="run folder or LoRA trained WITH prior preservation (8-row experiment)")
     p.add_argument("--no-prior", dest="no_prior", help="run folder or LoRA trained WITHOUT it")
     p.add_argument("--train-pair", action="store_true", help="train the subject with and without prior preservation first (train.py defaults)")
-    p.add_argument("--sampler", nargs="+", choices=["ddim", "pndm", "euler"],
+    p.add_argument("--sampler", nargs="+", choices=list(SAMPLERS),
                    help="default: ddim (experiment: ddim pndm)")
     p.add_argument("--steps", nargs="+", type=int, help="default: 50 (experiment: 50 80)")
     p.add_argument("--images-per-prompt", type=int, default=4)

@@ -19,13 +19,14 @@ import itertools
 import numpy as np
 
 from minidream.pipeline import generate
+from minidream.samplers import ddim
 from minidream.toy import toyworld as tw
 from minidream.toy.judge import HEADS, PERSON_ONLY
 
 PERSON_FIELDS = PERSON_ONLY  # skin, hair, eyes, hat, hat_color, glasses, glasses_color
 
 
-def sample_images(model, prompts: list[str], seed: int = 0, *, steps: int = 20, sampler: str = "ddim",
+def sample_images(model, prompts: list[str], seed: int = 0, *, steps: int = 20, sampler=ddim,
                   guidance_scale: float = 5.0, chunk: int = 64):
     """One image per prompt, `chunk` prompts per sampler run (chunk i uses seed + i), as PIL images."""
     images = []

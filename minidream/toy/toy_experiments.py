@@ -33,14 +33,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minidream.cli.run_training import run_training
+from minidream import formats, training
 from minidream.config import PRESETS, TrainConfig
 from minidream.data import load_subject
 from minidream.formats.lora_files import add_loras
+from minidream.methods import method_class
 from minidream.methods.textual_inversion import load_embedding, name_the_word
 from minidream.model import BUNDLED_MODEL, REPO, load_model
-from minidream.runs import labelled_grid
+from minidream.drawing import labelled_grid
 from minidream.config import LORA_FILE
+from minidream.samplers import ddim, pndm
 from minidream.toy import toy_eval as te
 from minidream.toy import toyworld as tw
 from minidream.toy.judge import Judge
@@ -105,7 +107,7 @@ class Experiments:
     def images(self, model, prompt: str, n: int | None = None, **kw):
         n = n or self.s.samples
         images = te.sample_images(model, [prompt] * n, seed=self.s.seed, **kw)
-        name = prompt.replace(" ", "-") + "".join(f"-{k}{v}" for k, v in kw.items())
+        name = prompt.replace(" ", "-") + "".join(f"-{k}{getattr(v, '__name__', v)}" for k, v in kw.items())
         tw.grid(images[:32], cols=8).save(self.out / "grids" / f"{self.tag}-{name}.png")
         return images
 
@@ -113,7 +115,8 @@ class Experiments:
         if self.s.steps:
             overrides.setdefault("steps", self.s.steps)
         start = time.perf_counter()
-        run = run_training(TrainConfig(subject=str(subject), out=str(self.out / "runs"), score=False, **overrides))
+        cfg = TrainConfig(subject=str(subject), out=str(self.out / "runs"), score=False, **overrides)
+        run = training.train(cfg, method_class(cfg.method), models=formats)
         self.seconds = time.perf_counter() - start
         self.notes.append(f"{name}: trained in {self.seconds:.0f} s ({run.name})")
         return run / LORA_FILE
@@ -213,13 +216,13 @@ class Experiments:
         self.tag = "samplers"
         model = self.model([(self.lora, 1.0)])
         rows = ["| sampler | steps | subject's look | subject + edit (mean of 7) | s / image |", "| --- | --- | --- | --- | --- |"]
-        for sampler, steps in (("ddim", 20), ("ddim", 50), ("ddim", 80), ("pndm", 50), ("pndm", 80)):
+        for sampler, steps in ((ddim, 20), (ddim, 50), (ddim, 80), (pndm, 50), (pndm, 80)):
             start = time.perf_counter()
             look = te.subject_fidelity(self.judge, self.images(model, INSTANCE, sampler=sampler, steps=steps))
             edits = [te.subject_fidelity(self.judge, self.images(model, p, sampler=sampler, steps=steps), p)
                      for _, p in EDITS]
             seconds = (time.perf_counter() - start) / ((1 + len(EDITS)) * self.s.samples)
-            rows.append(f"| {sampler.upper()} | {steps} | {pct(look)} | {pct(float(np.mean(edits)))} | {seconds:.3f} |")
+            rows.append(f"| {sampler.__name__.upper()} | {steps} | {pct(look)} | {pct(float(np.mean(edits)))} | {seconds:.3f} |")
         return "\n".join(rows)
 
     def merging(self) -> str:
