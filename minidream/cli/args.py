@@ -105,7 +105,7 @@ def run_folder(path: str) -> Path:
     given = Path(path)
     try:
         run = given.resolve(strict=True)
-    except (OSError, RuntimeError) as e:  # missing, a broken link, a loop (RuntimeError before Python 3.13)
+    except (OSError, RuntimeError):  # missing, a broken link, a loop (RuntimeError before Python 3.13)
         why = "a broken or looping link" if given.is_symlink() else "nothing there"
         runs = sorted(c.parent for c in given.parent.glob("*/config.json") if not c.parent.is_symlink())
         listed = ", ".join(str(r) for r in runs[-5:]) or "none"

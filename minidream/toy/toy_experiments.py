@@ -47,7 +47,6 @@ from minidream.toy import toy_eval as te
 from minidream.toy import toyworld as tw
 from minidream.toy.judge import Judge
 from minidream.toy.pretrain import RECORD
-from minidream.toy.toydraw import render
 
 INSTANCE = "a photo of rraj person"
 CLASS = "a photo of person"
@@ -130,16 +129,9 @@ class Experiments:
         shutil.copy(REPO / "data" / "raj" / "subject.json", folder / "subject.json")
         return folder
 
-    def pixel_art_folder(self, n: int = 8) -> Path:
-        """n toy pixel-art pictures of random persons, for a style LoRA trained as "a photo of person"."""
-        folder = self.out / "subjects" / "pixel-art"
-        folder.mkdir(parents=True, exist_ok=True)
-        rng = np.random.default_rng(7)
-        for i in range(n):
-            render(tw.sample_attributes(rng, kind="person", style="pixelart")).save(folder / f"pixel-art-{i}.png")
-        (folder / "subject.json").write_text(json.dumps({"token": "sks", "class_noun": "person",
-                                                          "instance_prompt": CLASS}) + "\n")
-        return folder
+    def pixel_art_folder(self) -> Path:
+        """8 toy pixel-art pictures of random persons, for a style LoRA trained as "a photo of person"."""
+        return tw.write_style(self.out / "subjects" / "pixel-art")
 
     def subject_rows(self, model, name_the_subject=str) -> dict[str, float]:
         """Subject fidelity for the instance prompt; subject + edit for every EDITS prompt. The model is

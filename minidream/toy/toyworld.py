@@ -16,6 +16,7 @@ look of the DreamBooth subject `rraj` (data/raj), the "specific person" the mode
 
     python -m minidream.toy.toyworld subject data/raj   # draw the bundled subject's 6 pictures
     python -m minidream.toy.toyworld grid out.png       # look at 64 random pictures and captions
+    python -m minidream.toy.toyworld style data/pixel-art   # 8 pixel-art persons, for a style LoRA
 """
 
 import argparse
@@ -304,6 +305,20 @@ def write_subject(folder):
     return folder
 
 
+def write_style(folder, n: int = 8, style: str = "pixelart", seed: int = 7):
+    """Draw n pictures of random persons in one style, captioned "a photo of person": a style LoRA
+    trained on them (with --no-prior) turns every "a photo of ..." into that style."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        render(sample_attributes(rng, kind="person", style=style)).save(folder / f"{style}-{i}.png")
+    settings = {"token": "sks", "class_noun": CLASS_NOUN, "instance_prompt": f"a photo of {CLASS_NOUN}",
+                "made_by": f"python -m minidream.toy.toyworld style FOLDER --style {style}"}
+    (folder / "subject.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return folder
+
+
 def grid(images, cols=8, pad=2):
     """Tile equal-size PIL images into one image (for looking at the world)."""
     w, h = images[0].size
@@ -319,6 +334,9 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("subject", help="draw the bundled subject's pictures into a folder")
     s.add_argument("folder", nargs="?", default="data/raj")
+    st = sub.add_parser("style", help="draw 8 pictures of persons in one style, for a style LoRA")
+    st.add_argument("folder")
+    st.add_argument("--style", choices=list(STYLES), default="pixelart")
     g = sub.add_parser("grid", help="save a grid of random pictures and print their captions")
     g.add_argument("out")
     g.add_argument("--n", type=int, default=64)
@@ -326,6 +344,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cmd == "subject":
         print(f"wrote {write_subject(args.folder)}")
+    elif args.cmd == "style":
+        print(f"wrote {write_style(args.folder, style=args.style)}")
     elif args.cmd == "grid":
         images, _, captions = batch(args.n, args.seed)
         grid([Image.fromarray(im) for im in images]).save(args.out)
