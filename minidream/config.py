@@ -1,9 +1,9 @@
-"""The settings of a training run: TrainConfig, the presets that fill the model-dependent ones, checks.
+"""The settings of a training run: TrainConfig, the presets of the model-dependent ones, checks.
 
 Each setting is documented once, in its field below; train.py builds its command line from these
 fields. A setting left at None is model-dependent: PRESETS gives its value for each kind of model
-and method, complete, in one table. "sdxl" is the recipe for a 16 GB T4 (Colab); "tiny" is a CPU
-demo of a few minutes on the bundled tiny model (any model whose images are at most TINY_MAX_SIZE px).
+and method, in one table. "sdxl" is the recipe for a 16 GB T4 (Colab); "tiny" a CPU demo of a few
+minutes on the bundled tiny model (any model whose images are at most TINY_MAX_SIZE px).
 
 This module is a leaf: it imports no model, loader or optimizer code.
 """
@@ -24,18 +24,18 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # a LoRA run's result (the name 
 EMBEDDING_FILE = "learned_embeds.safetensors"  # what textual inversion writes (diffusers' name)
 TINY_MAX_SIZE = 128  # px: a model whose native images are this small gets the "tiny" preset
 
-# Every model-dependent setting, per (model kind, method). Full fine-tuning moves every weight: an lr
-# ~50x below LoRA's (DreamBooth's SD recipes use 1e-6 .. 5e-6). Textual inversion moves one vector
-# per encoder: a larger lr and more steps (diffusers' example: 5e-4 for 3000 steps at batch 4).
-# The tiny model's LoRA also adapts the feed-forward and projection layers, at a higher lr, and its prior term
-# weighs half, and it stops at 1200 steps: on the bundled model that kept the subject under new prompts
-# far more often, at no drift (benchmarks/TOY_WORLD.md, "What was tried").
-_SDXL = dict(steps=1000, lr=1e-4, num_class_images=200, gradient_checkpointing=True, validate_every=250,
-             save_every=250, class_steps=30, validation_steps=30, cpu_threads=None, lora_targets="attn",
-             prior_weight=1.0)
-_TINY = dict(steps=1200, lr=3e-3, num_class_images=40, gradient_checkpointing=False, validate_every=500,
-             save_every=500, class_steps=20, validation_steps=20, cpu_threads=1, lora_targets="attn,ff,proj",
-             prior_weight=0.5)
+# Every model-dependent setting, per (model kind, method). Full fine-tuning moves every weight:
+# an lr ~50x below LoRA's (DreamBooth's SD recipes use 1e-6 .. 5e-6). Textual inversion moves one
+# vector per encoder: a larger lr, more steps (diffusers' example: 5e-4 for 3000 steps at batch 4).
+# The tiny model's LoRA also adapts feed-forward and projection layers, at a higher lr, its prior
+# term weighs half, and it stops at 1200 steps: on the bundled model that kept the subject under new
+# prompts far more often, at no drift (benchmarks/TOY_WORLD.md, "What was tried").
+_SDXL = dict(steps=1000, lr=1e-4, num_class_images=200, gradient_checkpointing=True,
+             validate_every=250, save_every=250, class_steps=30, validation_steps=30,
+             cpu_threads=None, lora_targets="attn", prior_weight=1.0)
+_TINY = dict(steps=1200, lr=3e-3, num_class_images=40, gradient_checkpointing=False,
+             validate_every=500, save_every=500, class_steps=20, validation_steps=20, cpu_threads=1,
+             lora_targets="attn,ff,proj", prior_weight=0.5)
 PRESETS = {
     ("sdxl", "lora"): _SDXL,
     ("sdxl", "full"): _SDXL | dict(steps=800, lr=2e-6),
@@ -44,99 +44,112 @@ PRESETS = {
     ("tiny", "full"): _TINY | dict(steps=1500, lr=1e-4, prior_weight=1.0),
     ("tiny", "textual-inversion"): _TINY | dict(steps=1500, lr=5e-3, prior_weight=1.0),
 }
-VALIDATION_TEMPLATES = ("a painting of {} at Oktoberfest", "a painting of {} in the style of Van Gogh",
-                        "a painting of {} with blonde hair", "a side view photo of {}", "a photo of {} with sunglasses")
-RESUME_OVERRIDES = ("steps", "save_every", "validate_every", "keep_checkpoints", "log_every", "device", "score",
-                    "cpu_threads")
+VALIDATION_TEMPLATES = ("a painting of {} at Oktoberfest", "a painting of {} in the style of Van "
+                        "Gogh", "a painting of {} with blonde hair", "a side view photo of {}",
+                        "a photo of {} with sunglasses")
+RESUME_OVERRIDES = ("steps", "save_every", "validate_every", "keep_checkpoints", "log_every",
+                    "device", "score", "cpu_threads")
+# train.py --help's sections, each from its first setting on (TrainConfig's fields are in order)
+HELP_SECTIONS = {"subject": "subject", "model": "model", "out": "run", "method": "training",
+                 "placeholder_token": "textual inversion", "prior": "prior preservation",
+                 "validate_every": "validation"}
 
 
 class TrainingError(UserError):
     """A setting or situation the user can fix; the message says how."""
 
 
-def setting(default, help: str, group: str, **cli):
-    """A TrainConfig field: its default, its one description, its --help group and argparse extras."""
-    kw = dict(default_factory=lambda: list(default)) if isinstance(default, list) else dict(default=default)
-    return field(**kw, metadata=dict(help=help, group=group, **cli))
+def setting(default, help: str, **cli):
+    """A TrainConfig field: its default, its one description and argparse extras."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=dict(help=help, **cli))
+    return field(default=default, metadata=dict(help=help, **cli))
+
+
+def _resume_help() -> str:
+    flags = ", ".join("--" + s.replace("_", "-") for s in RESUME_OVERRIDES)
+    return f"continue run folder RUN from its newest checkpoint (same settings; only {flags} vary)"
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run (saved as the run's config.json). None: from PRESETS, or as its help says."""
+    """Every setting of a run (saved as the run's config.json). None: from PRESETS, or as its help
+    says."""
 
     # -- subject
-    subject: str = setting("data/raj", "folder of subject photos (+ subject.json)", "subject")
-    token: str | None = setting(None, "rare identifier of the subject, e.g. rraj [subject.json]", "subject")
-    class_noun: str | None = setting(None, "the subject's class, e.g. person, dog [subject.json]", "subject")
-    instance_prompt: str | None = setting(None, 'prompt of the photos ["a photo of TOKEN CLASS"]', "subject")
-    class_prompt: str | None = setting(None, 'prompt of the class images ["a photo of CLASS"]', "subject")
+    subject: str = setting("data/raj", "folder of subject photos (+ subject.json)")
+    token: str | None = setting(None, "rare identifier of the subject, e.g. rraj [subject.json]")
+    class_noun: str | None = setting(None, "the subject's class, e.g. person, dog [subject.json]")
+    instance_prompt: str | None = setting(None, 'prompt of the photos ["a photo of TOKEN CLASS"]')
+    class_prompt: str | None = setting(None, 'prompt of the class images ["a photo of CLASS"]')
     # -- model, run folder
-    model: str | None = setting(None, "diffusers folder or .safetensors file [weights/ SDXL, else tiny]", "model")
-    vae: str | None = setting(None, "a separate VAE folder/file, e.g. an fp16-fix VAE", "model")
-    tokenizer: str | None = setting(None, "folder with tokenizer/ and tokenizer_2/ (single files)", "model")
-    out: str = setting("runs", "where run folders are made", "run")
-    resume: str | None = setting(None, "continue run folder RUN from its latest checkpoint (same settings; only "
-                                 + ", ".join("--" + s.replace("_", "-") for s in RESUME_OVERRIDES) + " may change)",
-                                 "run", metavar="RUN")
-    device: str | None = setting(None, "cuda, cuda:1, cpu, ... [cuda if available]", "run")
-    cpu_threads: int | None = setting(None, "torch CPU threads [preset]", "run")
+    model: str | None = setting(None, "diffusers folder or .safetensors file [SDXL in weights/, "
+                                "else the tiny model]")
+    vae: str | None = setting(None, "a separate VAE folder/file, e.g. an fp16-fix VAE")
+    tokenizer: str | None = setting(None, "folder with tokenizer/ and tokenizer_2/ (single files)")
+    out: str = setting("runs", "where run folders are made")
+    resume: str | None = setting(None, _resume_help(), metavar="RUN")
+    device: str | None = setting(None, "cuda, cuda:1, cpu, ... [cuda if available]")
+    cpu_threads: int | None = setting(None, "torch CPU threads [preset]")
     # -- training
-    method: str = setting("lora", "LoRA adapters, every UNet weight, or a new word", "training", choices=METHODS)
-    steps: int | None = setting(None, "optimizer steps [preset]", "training")
-    lr: float | None = setting(None, "learning rate of what trains [preset]", "training")
-    rank: int = setting(4, "LoRA rank r", "training")
-    alpha: float | None = setting(None, "LoRA alpha; the update is scaled by alpha/rank [= rank]", "training")
-    lora_dropout: float = setting(0.0, "dropout on the LoRA branch's input while training (Hu et al. 2021)",
-                                  "training")
-    lora_targets: str | None = setting(None, "UNet layers that get LoRA, comma-separated groups: attn (to_q/k/v/out, "
-                                       "as diffusers' script), ff (feed-forward), proj (proj_in/out), conv (ResNet and "
-                                       "resampling convs, kohya's LoCon) [preset]", "training")
-    resolution: int | None = setting(None, "training image side in px [the model's: SDXL 1024]", "training")
-    batch_size: int = setting(1, "subject images per step, plus as many class images", "training")
-    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step", "training")
-    precision: str = setting("fp16", "autocast dtype; fp16: loss scaling, fp32 without CUDA", "training",
+    method: str = setting("lora", "LoRA adapters, every UNet weight, a new word", choices=METHODS)
+    steps: int | None = setting(None, "optimizer steps [preset]")
+    lr: float | None = setting(None, "learning rate of what trains [preset]")
+    rank: int = setting(4, "LoRA rank r")
+    alpha: float | None = setting(None, "LoRA alpha; the update is scaled by alpha/rank [= rank]")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA branch's input while training")
+    lora_targets: str | None = setting(None, "UNet layers that get LoRA, comma-separated groups: "
+                                       "attn (to_q/k/v/out, as diffusers' script), ff "
+                                       "(feed-forward), proj (proj_in/out), conv (ResNet and "
+                                       "resampling convs, kohya's LoCon) [preset]")
+    resolution: int | None = setting(None, "training image side in px [the model's: SDXL 1024]")
+    batch_size: int = setting(1, "subject images per step, plus as many class images")
+    grad_accum: int = setting(1, "micro-batches accumulated per optimizer step")
+    precision: str = setting("fp16", "autocast dtype; fp16: loss scaling, fp32 without CUDA",
                              choices=PRECISIONS)
-    seed: int = setting(0, "seeds the LoRA init, crops, data order, noise, timesteps and class images", "training")
-    gradient_checkpointing: bool | None = setting(None, "recompute activations in backward [preset]", "training")
-    optimizer: str = setting("adamw8bit", "bitsandbytes 8-bit AdamW, or torch AdamW (also used, with a warning, "
-                             "where bitsandbytes cannot run)", "training", choices=OPTIMIZERS)
-    weight_decay: float = setting(1e-4, "AdamW decoupled weight decay", "training")
-    max_grad_norm: float = setting(1.0, "clip the gradient's 2-norm to this; 0 = no clipping", "training")
-    lr_schedule: str = setting("constant", "learning-rate schedule", "training", choices=LR_SCHEDULES)
-    warmup_steps: int = setting(0, "linear warmup steps for constant_with_warmup / cosine", "training")
-    snr_gamma: float | None = setting(None, "min-SNR loss weighting gamma (Hang et al. 2023; try 5)", "training")
-    noise_offset: float = setting(0.0, "offset noise strength, helps very dark/bright images (try 0.05)", "training")
-    flip: bool = setting(True, "random horizontal flips (--no-flip for asymmetric subjects, e.g. text)", "training")
-    center_crop: bool = setting(False, "centre crops instead of random crops", "training")
-    views_per_image: int = setting(4, "augmented crops/flips cached per subject photo", "training")
-    train_text_encoder: bool = setting(False, "train both text encoders too: LoRA on them, or with --method full all "
-                                       "their weights (more memory; prompts are encoded every step)", "training")
-    text_encoder_lr: float = setting(5e-6, "learning rate of the text encoders", "training")
+    seed: int = setting(0, "seeds the LoRA init, crops, data order, noise, timesteps, class images")
+    gradient_checkpointing: bool | None = setting(None, "recompute activations in backward "
+                                                  "[preset]")
+    optimizer: str = setting("adamw8bit", "bitsandbytes 8-bit AdamW, or torch AdamW (also used, "
+                             "with a warning, where bitsandbytes cannot run)", choices=OPTIMIZERS)
+    weight_decay: float = setting(1e-4, "AdamW decoupled weight decay")
+    max_grad_norm: float = setting(1.0, "clip the gradient's 2-norm to this; 0 = no clipping")
+    lr_schedule: str = setting("constant", "learning-rate schedule", choices=LR_SCHEDULES)
+    warmup_steps: int = setting(0, "linear warmup steps for constant_with_warmup / cosine")
+    snr_gamma: float | None = setting(None, "min-SNR loss weights' gamma (Hang et al. 2023; try 5)")
+    noise_offset: float = setting(0.0, "offset noise, helps very dark/bright images (try 0.05)")
+    flip: bool = setting(True, "random horizontal flips (--no-flip: asymmetric subjects, text)")
+    center_crop: bool = setting(False, "centre crops instead of random crops")
+    views_per_image: int = setting(4, "augmented crops/flips cached per subject photo")
+    train_text_encoder: bool = setting(False, "train both text encoders too: LoRA on them, or with "
+                                       "--method full all their weights (more memory; prompts are "
+                                       "encoded every step)")
+    text_encoder_lr: float = setting(5e-6, "learning rate of the text encoders")
     # -- textual inversion
-    placeholder_token: str | None = setting(None, "the new word [<TOKEN>, e.g. <rraj>]", "textual inversion")
-    init_word: str | None = setting(None, "the new word starts as this word [the class noun]", "textual inversion")
-    num_vectors: int = setting(1, "embedding vectors per text encoder for the new word", "textual inversion")
+    placeholder_token: str | None = setting(None, "the new word [<TOKEN>, e.g. <rraj>]")
+    init_word: str | None = setting(None, "the new word starts as this word [the class noun]")
+    num_vectors: int = setting(1, "embedding vectors per text encoder for the new word")
     # -- prior preservation (DreamBooth eq. 2)
-    prior: bool = setting(True, "prior preservation with class images (--no-prior: without)", "prior preservation")
-    prior_weight: float | None = setting(None, "lambda, the class-image loss's weight [preset]", "prior preservation")
-    class_dir: str | None = setting(None, "folder or .zip of class images; missing ones are generated into it "
-                                    "[OUT/class-images/MODEL/PROMPT-RESpx]", "prior preservation")
-    num_class_images: int | None = setting(None, "class images to use [preset]", "prior preservation")
-    generate_class_images: bool = setting(True, "generate missing class images (--no-generate-class-images: error "
-                                          "if the class folder holds too few)", "prior preservation")
-    class_steps: int | None = setting(None, "sampler steps per generated class image [preset]", "prior preservation")
-    guidance_scale: float = setting(5.0, "classifier-free guidance (class, validation images)", "prior preservation")
+    prior: bool = setting(True, "prior preservation with class images (--no-prior: without)")
+    prior_weight: float | None = setting(None, "lambda, the class-image loss's weight [preset]")
+    class_dir: str | None = setting(None, "folder or .zip of class images; missing ones are "
+                                    "generated into it [OUT/class-images/MODEL/PROMPT-RESpx]")
+    num_class_images: int | None = setting(None, "class images to use [preset]")
+    generate_class_images: bool = setting(True, "generate missing class images "
+                                          "(--no-generate-class-images: error if too few)")
+    class_steps: int | None = setting(None, "sampler steps per generated class image [preset]")
+    guidance_scale: float = setting(5.0, "classifier-free guidance (class, validation images)")
     # -- validation, checkpoints, logs
-    validate_every: int | None = setting(None, "steps between validation grids, 0 = never [preset]", "validation")
-    validation_prompts: list | None = setting(None, "a validation prompt; repeat for more [subject.json's, else five "
-                                              "edits of the instance prompt + the class prompt]", "validation",
-                                              flag="--validation-prompt", action="append")
-    validation_seeds: list = setting([0, 1], "one grid column per seed", "validation", nargs="+", type=int)
-    validation_steps: int | None = setting(None, "sampler steps of validation images [preset]", "validation")
-    save_every: int | None = setting(None, "steps between checkpoints, 0 = only at the end [preset]", "validation")
-    keep_checkpoints: int = setting(2, "newest checkpoints kept, 0 = all", "validation")
-    log_every: int = setting(10, "steps between log lines (and loss.csv/png rewrites)", "validation")
-    score: bool = setting(True, "end by scoring the result with the toy judge (toy-world subjects only)", "validation")
+    validate_every: int | None = setting(None, "steps between validation grids, 0 = never [preset]")
+    validation_prompts: list | None = setting(
+        None, "a validation prompt; repeat for more [subject.json's, else five edits of the "
+        "instance prompt + the class prompt]", flag="--validation-prompt", action="append")
+    validation_seeds: list = setting([0, 1], "one grid column per seed", nargs="+", type=int)
+    validation_steps: int | None = setting(None, "sampler steps of validation images [preset]")
+    save_every: int | None = setting(None, "steps between checkpoints, 0 = at the end [preset]")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept, 0 = all")
+    log_every: int = setting(10, "steps between log lines (and loss.csv/png rewrites)")
+    score: bool = setting(True, "end by scoring the result with the toy judge (toy-world subjects)")
 
 
 def preset_kind(image_size: int) -> str:
@@ -144,15 +157,16 @@ def preset_kind(image_size: int) -> str:
 
 
 def default_cpu_threads(image_size: int) -> int | None:
-    """Torch CPU threads for a model of native side `image_size` (train.py, sample.py, morphs): one for tiny
-    models, whose ops are so small that handing each to several threads costs more than the math (here a
-    30-step 64 px image: about 1 s with one thread, 16-20 s with torch's default on a busy 2-core machine);
-    None (torch's default) otherwise."""
+    """Torch CPU threads for a model of native side `image_size` (train.py, sample.py, morphs): one
+    for tiny models, whose ops are so small that handing each to several threads costs more than the
+    math (a 30-step 64 px image: about 1 s with one thread, 16-20 s with torch's default on a busy
+    2-core machine); None (torch's default) otherwise."""
     return PRESETS[preset_kind(image_size), "lora"]["cpu_threads"]
 
 
 def fill_defaults(cfg: TrainConfig, image_size: int) -> str:
-    """Fill every None setting from PRESETS for a model of native side `image_size` px; returns a note."""
+    """Fill every None setting from PRESETS for a model of native side `image_size` px; returns a
+    note."""
     kind = preset_kind(image_size)
     chosen = {k: v for k, v in PRESETS[kind, cfg.method].items() if getattr(cfg, k) is None}
     if cfg.resolution is None:
@@ -162,14 +176,14 @@ def fill_defaults(cfg: TrainConfig, image_size: int) -> str:
     notes = []
     if cfg.method == "textual-inversion" and cfg.prior:
         cfg.prior = False
-        notes.append("textual inversion trains without class images: the model is frozen, and the class prompt "
-                     "does not contain the new word, so the prior term would have no gradient")
+        notes.append("textual inversion trains without class images: the model is frozen, and "
+                     "the class prompt lacks the new word: the prior term would have no gradient")
     unused = set() if cfg.prior else {"num_class_images", "class_steps", "prior_weight"}
     unused |= set() if cfg.method == "lora" else {"lora_targets"}
-    shown = {k: v for k, v in chosen.items() if k not in unused}
+    shown = ", ".join(f"{k} {v}" for k, v in chosen.items() if k not in unused)
     if kind == "tiny" and shown:
-        settings = ", ".join(f"{k} {v}" for k, v in shown.items())
-        notes.insert(0, f"tiny model ({image_size} px): demo settings {settings} (flags you pass override these)")
+        notes.insert(0, f"tiny model ({image_size} px): demo settings {shown} (flags you pass "
+                        "override these)")
     return "\n".join(notes)
 
 
@@ -179,31 +193,41 @@ def check_config(cfg: TrainConfig) -> None:
         if not ok:
             raise TrainingError(message)
 
-    for name in ("steps", "rank", "resolution", "batch_size", "grad_accum", "views_per_image", "class_steps",
-                 "validation_steps", "log_every", "num_vectors"):
-        need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for name in ("steps", "rank", "resolution", "batch_size", "grad_accum", "views_per_image",
+                 "class_steps", "validation_steps", "log_every", "num_vectors"):
+        need(getattr(cfg, name) >= 1, f"{flag(name)} must be at least 1 (got {getattr(cfg, name)})")
     for name in ("validate_every", "save_every", "keep_checkpoints", "warmup_steps", "noise_offset",
                  "prior_weight", "max_grad_norm", "weight_decay"):
-        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must not be negative (got {getattr(cfg, name)})")
+        need(getattr(cfg, name) >= 0, f"{flag(name)} must be >= 0 (got {getattr(cfg, name)})")
     need(cfg.cpu_threads is None or cfg.cpu_threads >= 1, "--cpu-threads must be at least 1")
-    need(0 < cfg.lr <= 1 and 0 < cfg.text_encoder_lr <= 1, f"learning rates must be in (0, 1] (got --lr {cfg.lr}, "
-         f"--text-encoder-lr {cfg.text_encoder_lr}): above 1 nothing trains, inf/NaN are no rate")
-    need(all(0 <= s < 2**63 for s in [cfg.seed, *cfg.validation_seeds]), "seeds must be in 0 .. 2**63 - 1")
-    need(1 <= len(cfg.validation_seeds) <= 16, "--validation-seeds: give 1 to 16 seeds (one grid column each)")
-    for name, choices in dict(optimizer=OPTIMIZERS, lr_schedule=LR_SCHEDULES, precision=PRECISIONS, method=METHODS).items():
-        need(getattr(cfg, name) in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)} "
-                                            f"(got {getattr(cfg, name)!r})")
+    need(0 < cfg.lr <= 1 and 0 < cfg.text_encoder_lr <= 1,
+         f"learning rates must be in (0, 1] (got --lr {cfg.lr}, --text-encoder-lr "
+         f"{cfg.text_encoder_lr}): above 1 nothing trains, inf/NaN are no rate")
+    seeds = [cfg.seed, *cfg.validation_seeds]
+    need(all(0 <= s < 2**63 for s in seeds), "seeds must be in 0 .. 2**63 - 1")
+    need(1 <= len(cfg.validation_seeds) <= 16, "--validation-seeds: give 1 to 16 seeds (one grid "
+         "column each)")
+    choices = dict(optimizer=OPTIMIZERS, lr_schedule=LR_SCHEDULES, precision=PRECISIONS,
+                   method=METHODS)
+    for name, allowed in choices.items():
+        need(getattr(cfg, name) in allowed,
+             f"{flag(name)} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
     need(cfg.snr_gamma is None or cfg.snr_gamma > 0, "--snr-gamma must be positive")
     need(0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {cfg.lora_dropout})")
     need(cfg.resolution % 8 == 0, f"--resolution must be a multiple of 8 (got {cfg.resolution})")
     need(not (cfg.method == "textual-inversion" and cfg.train_text_encoder),
-         "--train-text-encoder does not go with --method textual-inversion, which trains only the new word's "
-         "embedding: drop one of them")
-    need(not Path(cfg.out).is_file(), f"--out {cfg.out} is a file: give the folder where run folders are made")
+         "--train-text-encoder does not go with --method textual-inversion, which trains only the "
+         "new word's embedding: drop one of them")
+    need(not Path(cfg.out).is_file(),
+         f"--out {cfg.out} is a file: give the folder where run folders are made")
     need(cfg.class_dir is None or not Path(cfg.class_dir).is_file(),
-         f"--class-dir {cfg.class_dir} is a file: give a folder of class images (train.py also unpacks a .zip)")
+         f"--class-dir {cfg.class_dir} is a file: give a folder of class images (or a .zip)")
 
 
 def slug(text: str, empty: str = "class") -> str:
-    """A file-name form of `text`: "a photo of person" -> "a-photo-of-person" (`empty` if nothing is left)."""
+    """A file-name form of `text`: "a photo of person" -> "a-photo-of-person" (`empty` if nothing is
+    left)."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or empty

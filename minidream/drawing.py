@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw, ImageFont
 def smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average (diffusion losses are noisy: each step draws its own timestep)."""
     sums = np.cumsum([0.0, *values])  # sums[i] = values[0] + ... + values[i - 1]
-    return [float(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window) for i in range(len(values))]
+    return [float(sums[i + 1] - sums[max(0, i + 1 - window)]) / min(i + 1, window)
+            for i in range(len(values))]
 
 
 def draw_loss_curve(rows: list[dict], size=(720, 400)) -> Image.Image:
@@ -40,11 +41,12 @@ def draw_loss_curve(rows: list[dict], size=(720, 400)) -> Image.Image:
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     for values, color in series:
-        draw.line([xy(s, v) for s, v in zip(steps, values)], fill=color, width=1 if color[0] == 190 else 2)
-    legend = f"loss (grey), mean of {window} (blue)" + (", prior term (orange)" if len(series) > 2 else "")
+        line_width = 1 if color[0] == 190 else 2
+        draw.line([xy(s, v) for s, v in zip(steps, values)], fill=color, width=line_width)
+    legend = f"loss (grey), mean of {window} (blue)" + (", prior term (orange)" * (len(series) > 2))
     for position, text in [((4, top - 4), f"{hi:.4g}"), ((4, height - bottom - 8), f"{lo:.4g}"),
-                           ((left, height - bottom + 6), f"step {s0}"),
-                           ((width - right - 70, height - bottom + 6), f"step {s1}"), ((left, 8), legend)]:
+                           ((left, height - bottom + 6), f"step {s0}"), ((left, 8), legend),
+                           ((width - right - 70, height - bottom + 6), f"step {s1}")]:
         draw.text(position, text, fill="black", font=font)
     return img
 
@@ -61,11 +63,11 @@ def wrap(text: str, font, width: int) -> str:
     return "\n".join(lines)
 
 
-def labelled_grid(images: list[Image.Image], row_labels: list[str], column_labels: list[str] | None = None
-                  ) -> Image.Image:
-    """One row per row label (its text on the left, in a column as wide as the longest line needs), the
-    images of that row beside it, and `column_labels` (e.g. seeds) above the columns. Pictures under
-    MIN_TILE px (the tiny model's 64 px) are enlarged by a whole factor, pixels kept sharp."""
+def labelled_grid(images: list[Image.Image], row_labels: list[str],
+                  column_labels: list[str] | None = None) -> Image.Image:
+    """One row per row label (its text on the left, in a column as wide as the longest line needs),
+    the images of that row beside it, and `column_labels` (e.g. seeds) above the columns. Pictures
+    under MIN_TILE px (the tiny model's 64 px) are enlarged by a whole factor, pixels kept sharp."""
     columns = len(images) // len(row_labels)
     factor = max(1, -(-MIN_TILE // images[0].width))  # ceil(MIN_TILE / width)
     images = [im.resize((im.width * factor, im.height * factor), Image.NEAREST) for im in images]

@@ -5,10 +5,11 @@
     x_T ──ddim / pndm (closure: UNet on [uncond; cond], guidance)──> x_0  [samplers.py]
     x_0 / scaling_factor ──VAE.decode──> image in [-1, 1] ──> PIL          [vae.py]
 
-Every step is taken as diffusers' StableDiffusionXLPipeline takes it (noise and DDIM's eta noise from
-one CPU generator seeded with `seed`, [uncond; cond] in one UNet call), so the same seed gives the same
-image. The sampler is a function, k-diffusion style: generate(model, prompt, sampler=samplers.pndm);
-minidream.more_samplers has Euler, and sample.py's table (cli/sample_command.py) names them."""
+Every step is taken as diffusers' StableDiffusionXLPipeline takes it (noise and DDIM's eta noise
+from one CPU generator seeded with `seed`, [uncond; cond] in one UNet call), so the same seed gives
+the same image. The sampler is a function, k-diffusion style:
+generate(model, prompt, sampler=samplers.pndm); minidream.more_samplers has Euler, and sample.py's
+table (cli/sample_command.py) names them."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def check_size(height: int, width: int, multiple: int = 8) -> None:
 
 def conditioning(model: Model, prompts, negative_prompt, guidance_scale: float, num_images: int,
                  height: int, width: int, embeddings=None):
-    """(context, pooled, time_ids, use_cfg) for the UNet; with guidance the batch is [uncond; cond]."""
+    """(context, pooled, time_ids, use_cfg) for the UNet; with guidance the batch is
+    [uncond; cond]."""
     use_cfg = guidance_scale > 1.0  # as diffusers: a scale <= 1 is the plain conditional model
     context, pooled, u_context, u_pooled = encode_prompt(
         model.text, prompts, negative_prompt, guidance=use_cfg, num_images_per_prompt=num_images,
@@ -55,10 +57,12 @@ def conditioning(model: Model, prompts, negative_prompt, guidance_scale: float, 
 
 
 def unet_closure(model: Model, context, pooled, time_ids):
-    """model(x, t) for the samplers: the UNet (predicting eps, or v) with its text conditioning bound in."""
+    """model(x, t) for the samplers: the UNet (predicting eps, or v) with its text conditioning
+    bound in."""
     unet = model.unet
     dtype = next(unet.parameters()).dtype
-    context, pooled, time_ids = (None if x is None else x.to(dtype) for x in (context, pooled, time_ids))
+    context, pooled, time_ids = (x if x is None else x.to(dtype) for x in (context, pooled,
+                                                                           time_ids))
 
     def denoiser(x, t):  # (B, 4, h, w) -> the UNet's output: eps or v, as the model was trained
         t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
@@ -69,28 +73,32 @@ def unet_closure(model: Model, context, pooled, time_ids):
 
 def initial_noise(model: Model, batch: int, height: int, width: int, generator: torch.Generator,
                   dtype=torch.float32) -> torch.Tensor:
-    """x_T ~ N(0, I), (batch, C, H/8, W/8), drawn as diffusers draws it (embeddings' dtype, CPU generator)."""
-    shape = (batch, model.unet.config.in_channels, height // model.vae_scale, width // model.vae_scale)
+    """x_T ~ N(0, I), (batch, C, H/8, W/8), drawn as diffusers draws it (embeddings' dtype, CPU
+    generator)."""
+    scale = model.vae_scale
+    shape = (batch, model.unet.config.in_channels, height // scale, width // scale)
     return torch.randn(shape, generator=generator, dtype=dtype)
 
 
 @torch.no_grad()
-def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler=samplers.ddim, steps: int = 30,
-                   guidance_scale: float = 5.0, seed: int = 0, height: int | None = None, width: int | None = None,
-                   num_images: int = 1, eta: float = 0.0, guidance_rescale: float = 0.0, progress: bool = True,
+def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler=samplers.ddim,
+                   steps: int = 30, guidance_scale: float = 5.0, seed: int = 0,
+                   height: int | None = None, width: int | None = None, num_images: int = 1,
+                   eta: float = 0.0, guidance_rescale: float = 0.0, progress: bool = True,
                    initial_latents=None, embeddings=None) -> torch.Tensor:
-    """Run the sampler; returns the final latents (len(prompts) * num_images, 4, H/8, W/8), still scaled
-    by the VAE's scaling_factor, in prompt-major order (p0, p0, p1, p1, ...). initial_latents: x_T before the
-    sampler's sigma scaling, instead of drawn from `seed`. embeddings: (context, pooled) of the conditional
-    half instead of the prompts' (one row per image); the prompts then only set the batch size."""
+    """Run the sampler; returns the final latents (len(prompts) * num_images, 4, H/8, W/8), still
+    scaled by the VAE's scaling_factor, in prompt-major order (p0, p0, p1, p1, ...).
+    initial_latents: x_T before the sampler's sigma scaling, instead of drawn from `seed`.
+    embeddings: (context, pooled) of the conditional half instead of the prompts' (one row per
+    image); the prompts then only set the batch size."""
     if eta and sampler is not samplers.ddim:
-        raise ValueError(f"eta is DDIM's noise; {sampler.__name__} has none (use samplers.ddim or eta=0)")
+        raise ValueError(f"eta is DDIM's noise; {sampler.__name__} has none (use ddim, or eta=0)")
     height, width = height or model.default_size, width or model.default_size
     check_size(height, width, model.vae_scale)
-    context, pooled, time_ids, use_cfg = conditioning(model, prompts, negative_prompt, guidance_scale,
-                                                      num_images, height, width, embeddings)
+    context, pooled, time_ids, use_cfg = conditioning(
+        model, prompts, negative_prompt, guidance_scale, num_images, height, width, embeddings)
     batch = context.shape[0] // (2 if use_cfg else 1)
-    generator = torch.Generator("cpu").manual_seed(seed)  # on the CPU: the same numbers on any device
+    generator = torch.Generator("cpu").manual_seed(seed)  # CPU: the same numbers on any device
     if initial_latents is None:
         initial_latents = initial_noise(model, batch, height, width, generator, context.dtype)
     x = initial_latents.to(context.device)
@@ -100,31 +108,34 @@ def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler=sampl
         denoiser = samplers.with_guidance(denoiser, guidance_scale, guidance_rescale)
     evaluations = steps + 1 if sampler is samplers.pndm else steps  # PLMS evaluates step 2 twice
     noise = dict(eta=eta, generator=generator) if sampler is samplers.ddim else {}
-    with tqdm(total=evaluations, desc=f"{sampler.__name__} x{steps}", disable=not progress, leave=False) as bar:
-        return sampler(denoiser, x, model.schedule, steps, callback=lambda *_: bar.update(), **noise)
+    name = f"{sampler.__name__} x{steps}"
+    with tqdm(total=evaluations, desc=name, disable=not progress, leave=False) as bar:
+        return sampler(denoiser, x, model.schedule, steps, callback=lambda *_: bar.update(),
+                       **noise)
 
 
 @torch.no_grad()
 def decode(model: Model, latents: torch.Tensor) -> list[Image.Image]:
-    """Scaled latents -> PIL images, one at a time (a 1024 px SDXL decode in fp32 needs GBs), in vae_dtype."""
+    """Scaled latents -> PIL images, one at a time (a 1024 px SDXL decode in fp32 needs GBs), in
+    vae_dtype."""
     vae = model.vae
     dtype = vae_dtype(vae.config, next(vae.parameters()).dtype)
     vae.to(dtype)  # a no-op when load_model already chose it
     device = next(vae.parameters()).device
     if not torch.isfinite(latents).all():  # never a black image passed off as a result
-        raise NonFiniteError("the sampler's latents hold inf/NaN: the model, a LoRA or an embedding holds inf/NaN "
-                             "values (or fp16 overflowed: try fp32)")
+        raise NonFiniteError("the sampler's latents hold inf/NaN: the model, a LoRA or an "
+                             "embedding holds inf/NaN values (or fp16 overflowed: try fp32)")
     images = []
     for z in latents:
         z = z[None].to(device, dtype) / vae.config.scaling_factor  # (1, 4, h, w), unscaled
         pixels = vae.decode(z)
         if not torch.isfinite(pixels).all():
-            raise NonFiniteError("the VAE's output holds inf/NaN (SDXL's own VAE overflows in fp16: use an "
-                                 "fp16-fix VAE with --vae, or fp32)")
+            raise NonFiniteError("the VAE's output holds inf/NaN (SDXL's own VAE overflows in "
+                                 "fp16: use an fp16-fix VAE with --vae, or fp32)")
         images += to_pil(pixels)
     return images
 
 
 def generate(model: Model, prompts, negative_prompt=None, **kwargs) -> list[Image.Image]:
-    """Prompt(s) -> PIL images (num_images per prompt, prompt-major). Options: see sample_latents."""
+    """Prompt(s) -> PIL images (num_images per prompt, prompt-major); options: sample_latents."""
     return decode(model, sample_latents(model, prompts, negative_prompt, **kwargs))

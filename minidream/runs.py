@@ -20,12 +20,13 @@ import torch
 from minidream.files import atomic_write, write_text
 
 CHECKPOINT = re.compile(r"^step-(\d{6})\.pt$")
-LOG_COLUMNS = ("step", "loss", "instance_loss", "prior_loss", "lr", "grad_norm", "skipped", "seconds")
+LOG_COLUMNS = ("step", "loss", "instance_loss", "prior_loss", "lr", "grad_norm", "skipped",
+               "seconds")
 
 
 def new_folder(path) -> Path:
-    """Make the folder `path`, or path-2, path-3, ... if it exists. mkdir either creates or fails, so two
-    processes starting at once never get the same folder, and nothing already written is ever reused."""
+    """Make the folder `path`, or path-2, path-3, ... if it exists. mkdir either creates or fails,
+    so two processes starting at once never get the same folder, and nothing written is reused."""
     folder, n = Path(path), 1
     while True:
         try:
@@ -65,11 +66,12 @@ def link_latest(run: Path, subject_name: str) -> Path | None:
 # ----------------------------------------------------------------------------- RNG states
 
 def rng_states(generator: torch.Generator) -> dict:
-    """Every RNG a step may read: the training generator, torch's CPU and CUDA ones, Python's and NumPy's; as
-    tensors and plain Python values, so that torch.load(weights_only=True) reads them back."""
+    """Every RNG a step may read: the training generator, torch's CPU and CUDA ones, Python's and
+    NumPy's; as tensors and plain values, so that torch.load(weights_only=True) reads them back."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [], "python": random.getstate(),
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state(), "cuda": cuda,
+            "python": random.getstate(),
             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
                       "has_gauss": has_gauss, "cached_gaussian": cached}}
 
@@ -89,12 +91,14 @@ def set_rng_states(states: dict, generator: torch.Generator) -> None:
 
 def list_checkpoints(run: Path) -> list[Path]:
     folder = Path(run) / "checkpoints"
-    return sorted(p for p in folder.iterdir() if CHECKPOINT.match(p.name)) if folder.is_dir() else []
+    return sorted(p for p in folder.glob("step-*.pt") if CHECKPOINT.match(p.name))
 
 
 def save_checkpoint(run: Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Write checkpoints/step-NNNNNN.pt atomically, then (only once it is complete) delete all but the newest `keep`."""
-    path = atomic_write(Path(run) / "checkpoints" / f"step-{step:06d}.pt", lambda tmp: torch.save(state, tmp))
+    """Write checkpoints/step-NNNNNN.pt atomically, then (only once it is complete) delete all but
+    the newest `keep`."""
+    path = Path(run) / "checkpoints" / f"step-{step:06d}.pt"
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     if keep > 0:
         for old in list_checkpoints(run)[:-keep]:
             old.unlink(missing_ok=True)
@@ -108,7 +112,7 @@ def load_latest_checkpoint(run: Path) -> tuple[Path, dict] | tuple[None, None]:
         try:
             return path, torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated or corrupt: fall back to the one before
-            print(f"warning: cannot read {path} ({type(e).__name__}: {e}); trying the previous checkpoint")
+            print(f"warning: cannot read {path} ({type(e).__name__}: {e}); trying the one before")
     return None, None
 
 
@@ -117,7 +121,7 @@ def load_latest_checkpoint(run: Path) -> tuple[Path, dict] | tuple[None, None]:
 def write_loss_csv(path: Path, rows: list[dict]) -> None:
     """The whole log, rewritten atomically (a few KB: cheaper to rewrite than to repair)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, LOG_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buffer.getvalue())
@@ -125,12 +129,12 @@ def write_loss_csv(path: Path, rows: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
 
-STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: timeout, docker stop, SLURM
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # SIGTERM: timeout, SLURM
 
 
 class Stopped(KeyboardInterrupt):
     """A run stopped by a signal once its checkpoint is saved (or at once, by a second signal); the
-    script exits with 128 + signum, as a process killed by that signal would: 130 Ctrl-C, 143 SIGTERM."""
+    script exits with 128 + signum, as a process killed by that signal would (130, 143 SIGTERM)."""
 
     def __init__(self, signum: int):
         super().__init__(STOP_SIGNALS.get(signum, f"signal {signum}"))
@@ -138,10 +142,10 @@ class Stopped(KeyboardInterrupt):
 
 
 class StopRequest:
-    """Turn the first Ctrl-C or SIGTERM into a request the loop sees at the end of its step (it saves a
-    checkpoint and returns); a second one interrupts at once. Under torchrun one key press arrives twice,
-    from the terminal and forwarded, a moment apart: a second signal within `grace` seconds counts as the
-    same one. A signal the caller ignores (nohup ignores SIGINT) stays ignored."""
+    """Turn the first Ctrl-C or SIGTERM into a request the loop sees at the end of its step (it
+    saves a checkpoint and returns); a second one interrupts at once. Under torchrun one key press
+    arrives twice, from the terminal and forwarded, a moment apart: a second signal within `grace`
+    seconds counts as the same one. A signal the caller ignores (nohup: SIGINT) stays ignored."""
 
     def __init__(self, grace: float = 2.0):
         self.requested, self.signum, self.grace = False, None, grace

@@ -3,7 +3,7 @@
 train.py's flags are built from the fields of minidream.config.TrainConfig, where each setting is
 documented once: the flag is --name-with-dashes (or the field's "flag"), the help is the field's
 with its default shown as [default], the type comes from the annotation, booleans get --x and
---no-x, and each field's "group" becomes a section of --help. A flag left out is not set at all
+--no-x, and config.HELP_SECTIONS cuts them into sections of --help. A flag left out is not set at all
 (argparse.SUPPRESS), so TrainConfig's own defaults, and its presets, decide.
 
 This module imports no torch: `--help` and mistyped flags answer at once.
@@ -17,8 +17,8 @@ import math
 from dataclasses import MISSING, Field, dataclass, fields
 from pathlib import Path
 
-from minidream.config import (EMBEDDING_FILE, LORA_FILE, METHODS, PRECISIONS, PRESETS, RESUME_OVERRIDES,
-                              TrainConfig, TrainingError)
+from minidream.config import (EMBEDDING_FILE, HELP_SECTIONS, LORA_FILE, METHODS, PRECISIONS, PRESETS,
+                              RESUME_OVERRIDES, TrainConfig, TrainingError)
 from minidream.errors import UserError
 
 ARGPARSE_TYPES = {"int": int, "float": float, "str": str, "list": str}  # a list's items are str unless "type" says
@@ -83,13 +83,11 @@ def train_parser(description: str) -> Parser:
     """train.py's parser: one flag per TrainConfig field, one --help section per field group."""
     parser = Parser(prog="train.py", description=description, argument_default=argparse.SUPPRESS,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups = {}
     for f in fields(TrainConfig):
-        title = f.metadata["group"]
-        if title not in groups:
-            groups[title] = parser.add_argument_group(title)
+        if f.name in HELP_SECTIONS:
+            section = parser.add_argument_group(HELP_SECTIONS[f.name])
         flags, options = field_argument(f)
-        groups[title].add_argument(*flags, **options)
+        section.add_argument(*flags, **options)
     return parser
 
 
