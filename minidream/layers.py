@@ -33,6 +33,8 @@ class ResnetBlock(nn.Module):
     block of the LDM UNet and autoencoder (Rombach et al. 2022; DDPM appendix B). With temb_channels
     (UNet) a Linear adds a bias per channel from `temb`, already through SiLU (the UNet does it)."""
 
+    gradient_checkpointing = False  # see maybe_checkpoint
+
     def __init__(self, in_channels, out_channels, temb_channels, groups, eps):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
@@ -107,12 +109,13 @@ class Attention(nn.Module):
         return self.to_out[0](out.transpose(1, 2).reshape(B, L, -1))  # (B, L, heads*D) -> out dim
 
 
-def maybe_checkpoint(enabled, module, *args):
-    """module(*args), through activation checkpointing when `enabled` and autograd is recording.
+def maybe_checkpoint(module, *args):
+    """module(*args), through activation checkpointing if module.gradient_checkpointing (set by
+    UNet.enable_gradient_checkpointing) and autograd is recording.
 
     use_reentrant=False still gives parameter gradients when no input requires grad (frozen UNet,
     LoRA weights) and restores the RNG state, so a LoRA dropout draws the same mask recomputed."""
-    if enabled and torch.is_grad_enabled():
+    if module.gradient_checkpointing and torch.is_grad_enabled():
         return checkpoint(module, *args, use_reentrant=False)
     return module(*args)
 
