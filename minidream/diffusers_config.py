@@ -20,13 +20,12 @@ _UNET_FEATURE_OFF = {
 # UNet2DConditionModel's defaults: an SD 1.x UNet.
 _UNET_LIBRARY_DEFAULTS = dict(
     sample_size=None, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    layers_per_block=2, transformer_layers_per_block=1, attention_head_dim=8,
-    num_attention_heads=None, cross_attention_dim=1280, use_linear_projection=False,
-    upcast_attention=False, addition_embed_type=None, addition_time_embed_dim=None,
-    projection_class_embeddings_input_dim=None, norm_num_groups=32, norm_eps=1e-5,
-    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1)
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), layers_per_block=2,
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, transformer_layers_per_block=1,
+    attention_head_dim=8, num_attention_heads=None, cross_attention_dim=1280, freq_shift=0,
+    use_linear_projection=False, upcast_attention=False, addition_embed_type=None, norm_eps=1e-5,
+    addition_time_embed_dim=None, projection_class_embeddings_input_dim=None, norm_num_groups=32,
+    flip_sin_to_cos=True, downsample_padding=1)
 _UNET_IGNORED = {"addition_embed_type_num_heads"}  # only used by addition_embed_type "text"
 
 _VAE_FEATURE_OFF = {
@@ -34,20 +33,17 @@ _VAE_FEATURE_OFF = {
     "use_quant_conv": (True,), "use_post_quant_conv": (True,), "mid_block_add_attention": (True,)}
 # AutoencoderKL's defaults (old SD 1.x files lack scaling_factor).
 _VAE_LIBRARY_DEFAULTS = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-    up_block_types=("UpDecoderBlock2D",), block_out_channels=(64,), layers_per_block=1,
-    latent_channels=4, norm_num_groups=32, sample_size=32, scaling_factor=0.18215,
-    force_upcast=True)
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), layers_per_block=1,
+    up_block_types=("UpDecoderBlock2D",), block_out_channels=(64,), latent_channels=4,
+    norm_num_groups=32, sample_size=32, scaling_factor=0.18215, force_upcast=True)
 
 _TABLES = {"UNet": (_UNET_LIBRARY_DEFAULTS, _UNET_FEATURE_OFF, _UNET_IGNORED),
            "VAE": (_VAE_LIBRARY_DEFAULTS, _VAE_FEATURE_OFF, set())}
 
 
 def read_diffusers_config(cls, d, what):
-    """Config dataclass `cls` from the config.json dict `d` of a diffusers `what` ("UNet" or "VAE").
-
-    Missing keys take diffusers' defaults, not the dataclass's. A feature key set to other than its
-    "off" values, or an unknown key, is a ValueError."""
+    """Config dataclass `cls` from the config.json dict `d` of a diffusers `what` ("UNet", "VAE");
+    ValueError for a feature key set to other than its "off" values, or an unknown key."""
     library_defaults, feature_off, ignored = _TABLES[what]
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = dict(library_defaults)

@@ -35,15 +35,14 @@ class ResnetBlock(nn.Module):
 
     gradient_checkpointing = False  # see maybe_checkpoint
 
-    def __init__(self, in_channels, out_channels, temb_channels, groups, eps):
+    def __init__(self, in_ch, out_ch, temb_channels, groups, eps):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        same = in_channels == out_channels
-        self.conv_shortcut = None if same else nn.Conv2d(in_channels, out_channels, 1)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_ch) if temb_channels else None
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, kernel_size=3, padding=1)
+        self.conv_shortcut = None if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x, temb=None):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -76,8 +75,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x, size=None):
-        scale = 2.0 if size is None else None
-        return self.conv(F.interpolate(x, size=size, scale_factor=scale, mode="nearest"))
+        return self.conv(F.interpolate(x, size, scale_factor=None if size else 2.0, mode="nearest"))
 
 
 class Attention(nn.Module):
@@ -98,15 +96,13 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None):
         """x: (B, L, query_dim), context: (B, S, context_dim) or None -> (B, L, query_dim)."""
-        B, L, _ = x.shape
         context = x if context is None else context
-        S = context.shape[1]
         # (B, L, heads*D) -> (B, L, heads, D) -> (B, heads, L, D); SDPA reads the strided view.
-        q = self.to_q(x).view(B, L, self.heads, -1).transpose(1, 2)
-        k = self.to_k(context).view(B, S, self.heads, -1).transpose(1, 2)  # (B, heads, S, D)
-        v = self.to_v(context).view(B, S, self.heads, -1).transpose(1, 2)  # (B, heads, S, D)
+        q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        k = self.to_k(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, S, D)
+        v = self.to_v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, S, D)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, D)
-        return self.to_out[0](out.transpose(1, 2).reshape(B, L, -1))  # (B, L, heads*D) -> out dim
+        return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, L, heads*D) -> query_dim
 
 
 def maybe_checkpoint(module, *args):

@@ -47,30 +47,24 @@ class VAEMidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-class EncoderLevel(nn.Module):
-    """`num_layers` resnets, then (except at the last level) a stride-2 conv."""
+class EncoderLevel(nn.Sequential):
+    """`num_layers` resnets, then (except at the last level) a stride-2 conv; run in sequence."""
 
     def __init__(self, in_ch, out_ch, num_layers, downsample, cfg):
         super().__init__()
         self.resnets = _resnets(in_ch, out_ch, num_layers, cfg)
-        self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=0)]) if downsample else None
-
-    def forward(self, x):
-        x = self.resnets(x)
-        return x if self.downsamplers is None else self.downsamplers[0](x)
+        if downsample:
+            self.downsamplers = nn.Sequential(Downsample(out_ch, padding=0))
 
 
-class DecoderLevel(nn.Module):
+class DecoderLevel(nn.Sequential):
     """`num_layers` resnets, then (except at the last level) nearest 2x upsampling and a conv."""
 
     def __init__(self, in_ch, out_ch, num_layers, upsample, cfg):
         super().__init__()
         self.resnets = _resnets(in_ch, out_ch, num_layers, cfg)
-        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
-
-    def forward(self, x):
-        x = self.resnets(x)
-        return x if self.upsamplers is None else self.upsamplers[0](x)
+        if upsample:
+            self.upsamplers = nn.Sequential(Upsample(out_ch))
 
 
 class Encoder(nn.Module):
