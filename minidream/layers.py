@@ -1,9 +1,8 @@
-"""Building blocks shared by the UNet (unet.py) and the VAE (vae.py); every size comes in as an argument.
+"""Building blocks of the UNet (unet.py) and the VAE (vae.py); every size comes in as an argument.
 
-Attribute names (norm1, conv1, time_emb_proj, conv_shortcut, to_q, to_out.0, ...) equal diffusers', so a
-diffusers checkpoint loads with no rename table."""
+Attribute names (norm1, conv1, time_emb_proj, conv_shortcut, to_q, to_out.0, ...) equal diffusers',
+so a diffusers checkpoint loads with no rename table."""
 
-import dataclasses
 import math
 
 import torch
@@ -15,9 +14,9 @@ from torch.utils.checkpoint import checkpoint
 def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=10000.0):
     """Sinusoidal embedding of (possibly fractional) timesteps, t: (N,) -> (N, dim) in fp32.
 
-    Vaswani et al. 2017 sec. 3.5, used for the timestep by Ho et al. 2020 (appendix B) and by SDXL for
-    its size/crop ids: f_i = max_period ** (-i / (dim/2 - freq_shift)), features [sin(t f), cos(t f)]
-    (SD: cos half first, freq_shift 0). fp32 whatever the model dtype: values up to 4096 need it."""
+    Vaswani et al. 2017 sec. 3.5, used for the timestep by Ho et al. 2020 (appendix B) and by SDXL
+    for its size/crop ids: f_i = max_period ** (-i / (dim/2 - freq_shift)), features
+    [sin(t f), cos(t f)] (SD: cos first, freq_shift 0). fp32 always: values up to 4096 need it."""
     half = dim // 2
     exponent = torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(max_period))
     freqs = torch.exp(exponent / (half - freq_shift))  # (half,)
@@ -30,18 +29,20 @@ def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm -> SiLU -> 3x3 conv, twice, plus a skip (1x1 conv when channels change): the residual block of the
-    LDM UNet and autoencoder (Rombach et al. 2022; DDPM appendix B). With `temb_channels` (UNet) a Linear adds one
-    bias per channel from `temb`, which must already have gone through SiLU (the UNet applies it once for all)."""
+    """GroupNorm -> SiLU -> 3x3 conv, twice, plus a skip (1x1 conv if channels change): the residual
+    block of the LDM UNet and autoencoder (Rombach et al. 2022; DDPM appendix B). With temb_channels
+    (UNet) a Linear adds a bias per channel from `temb`, already through SiLU (the UNet does it)."""
 
-    def __init__(self, in_channels, out_channels, temb_channels, groups, eps):
+    gradient_checkpointing = False  # see maybe_checkpoint
+
+    def __init__(self, in_ch, out_ch, temb_channels, groups, eps):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.conv_shortcut = None if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, kernel_size=3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_ch) if temb_channels else None
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, kernel_size=3, padding=1)
+        self.conv_shortcut = None if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
 
     def forward(self, x, temb=None):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -53,7 +54,7 @@ class ResnetBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 conv; padding=0 (VAE) pads right and bottom only, as it was trained."""
+    """Halve H and W by a stride-2 3x3 conv; padding=0 (VAE) pads right/bottom only, as trained."""
 
     def __init__(self, channels, padding):
         super().__init__()
@@ -67,21 +68,21 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W (nearest neighbour; or to `size`: the UNet passes its next skip's), then a 3x3 conv."""
+    """Double H and W (nearest; or to `size`: the UNet passes its next skip's), then a 3x3 conv."""
 
     def __init__(self, channels):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x, size=None):
-        return self.conv(F.interpolate(x, size=size, scale_factor=2.0 if size is None else None, mode="nearest"))
+        return self.conv(F.interpolate(x, size, scale_factor=None if size else 2.0, mode="nearest"))
 
 
 class Attention(nn.Module):
-    """Multi-head attention softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017 eq. 1, sec. 3.2.2) via SDPA.
+    """Multi-head attention softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017 eq. 1, sec. 3.2.2).
 
-    Self-attention when `context` is None, else cross-attention to it (the text tokens). q, k, v, out are
-    separate Linears, the layers LoRA adapts; to_out is a ModuleList only to keep the key `to_out.0`."""
+    Self-attention when `context` is None, else cross-attention to it (the text tokens), via SDPA.
+    q, k, v, out are separate Linears (LoRA adapts them); to_out is a ModuleList for `to_out.0`."""
 
     def __init__(self, query_dim, heads, head_dim, context_dim=None, qkv_bias=False):
         super().__init__()
@@ -95,43 +96,22 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None):
         """x: (B, L, query_dim), context: (B, S, context_dim) or None -> (B, L, query_dim)."""
-        B, L, _ = x.shape
         context = x if context is None else context
         # (B, L, heads*D) -> (B, L, heads, D) -> (B, heads, L, D); SDPA reads the strided view.
-        q = self.to_q(x).view(B, L, self.heads, -1).transpose(1, 2)
-        k = self.to_k(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, S, D)
-        v = self.to_v(context).view(B, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, S, D)
+        q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        k = self.to_k(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, S, D)
+        v = self.to_v(context).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, S, D)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, L, D)
-        return self.to_out[0](out.transpose(1, 2).reshape(B, L, -1))  # (B, L, heads*D) -> (B, L, query_dim)
+        return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, L, heads*D) -> query_dim
 
 
-def maybe_checkpoint(enabled, module, *args):
-    """module(*args), through activation checkpointing when `enabled` and autograd is recording.
+def maybe_checkpoint(module, *args):
+    """module(*args), through activation checkpointing if module.gradient_checkpointing (set by
+    UNet.enable_gradient_checkpointing) and autograd is recording.
 
-    use_reentrant=False still gives parameter gradients when no input requires grad (frozen UNet, LoRA weights)
-    and restores the RNG state, so a LoRA dropout draws the same mask when recomputed."""
-    if enabled and torch.is_grad_enabled():
+    use_reentrant=False still gives parameter gradients when no input requires grad (frozen UNet,
+    LoRA weights) and restores the RNG state, so a LoRA dropout draws the same mask recomputed."""
+    if module.gradient_checkpointing and torch.is_grad_enabled():
         return checkpoint(module, *args, use_reentrant=False)
     return module(*args)
 
-
-def read_diffusers_config(cls, d, library_defaults, feature_off, ignored, what):
-    """Build config dataclass `cls` from a diffusers config.json dict; never half-understood.
-
-    Missing keys take `library_defaults` (diffusers' class defaults, which old SD 1.5 files rely on), not the
-    dataclass's. A `feature_off` key with a value other than its "off" values, or an unknown key, is a ValueError."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = dict(library_defaults)
-    for key, value in d.items():
-        if key.startswith("_") or key in ignored:
-            continue
-        if key in feature_off:
-            if value not in feature_off[key]:
-                raise ValueError(f"{what} config sets {key}={value!r}, a feature minidream does not implement "
-                                 f"(supported: {feature_off[key]}); minidream builds the SD 1.x / 2.x / XL "
-                                 "architectures only")
-            continue
-        if key not in fields:
-            raise ValueError(f"{what} config has an unknown key {key!r}: is this the right config.json?")
-        kwargs[key] = tuple(value) if isinstance(value, list) else value
-    return cls(**kwargs)

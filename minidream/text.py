@@ -1,4 +1,4 @@
-"""Text conditioning: prompts -> the vectors the UNet reads, through transformers' CLIP text encoders.
+"""Text conditioning: prompts -> the vectors the UNet reads, via transformers' CLIP text encoders.
 
 SDXL (Podell et al. 2023, sec. 2.1) concatenates the penultimate hidden states of two encoders:
 
@@ -7,7 +7,7 @@ SDXL (Podell et al. 2023, sec. 2.1) concatenates the penultimate hidden states o
     context = concat(...)                                                 (B, 77, 2048)
     pooled  = text_projection(encoder 2 at the end-of-text token)         (B, 1280)
 
-SD 1.x / 2.x use one encoder's last hidden state (SD 2's saved OpenCLIP-H already lacks its last layer)."""
+SD 1.x / 2.x use one encoder's last hidden state (SD 2's saved OpenCLIP-H lacks its last layer)."""
 
 import warnings
 from dataclasses import dataclass
@@ -20,8 +20,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 class TextEncoders:
     tokenizer: CLIPTokenizer  # CLIP BPE, 49408 tokens, pads with <|endoftext|>
     text_encoder: CLIPTextModel  # CLIP ViT-L/14 text tower (SD 1.x: the only encoder)
-    tokenizer_2: CLIPTokenizer | None = None  # same vocabulary, pads with "!" (id 0, as OpenCLIP); SD 1/2: None
-    text_encoder_2: CLIPTextModelWithProjection | None = None  # OpenCLIP ViT-bigG/14; None for SD 1.x/2.x
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL: same vocab, pads with "!" (id 0) as OpenCLIP
+    text_encoder_2: CLIPTextModelWithProjection | None = None  # SDXL only: OpenCLIP ViT-bigG/14
 
     @property
     def is_sdxl(self) -> bool:
@@ -36,20 +36,21 @@ class TextEncoders:
 # ---------------------------------------------------------------------------------------------
 # Prompt -> embeddings.
 
-def _tokenize(tokenizer: CLIPTokenizer, texts: list[str], length: int, warn: bool = True) -> torch.Tensor:
-    """(B, length) ids: <start> tokens <end>, padded; longer prompts are truncated with a warning naming
-    the dropped words (CLIP has only `length` position embeddings)."""
-    for text, ids in zip(texts, tokenizer(texts, verbose=False).input_ids):  # verbose: no second warning
+def _tokenize(tokenizer: CLIPTokenizer, texts: list[str], length: int, warn=True) -> torch.Tensor:
+    """(B, length) ids: <start> tokens <end>, padded; longer prompts are truncated with a warning
+    naming the dropped words (CLIP has only `length` position embeddings)."""
+    for text, ids in zip(texts, tokenizer(texts, verbose=False).input_ids):  # no 2nd warning
         if warn and len(ids) > length:
             dropped = tokenizer.decode(ids[length - 1 : -1])
             more = f"... ({len(ids) - length} tokens in all)" if len(dropped) > 60 else ""
-            warnings.warn(f"prompt {text[:40]!r}... is {len(ids)} tokens, CLIP reads {length}: dropped "
-                          f"{dropped[:60]!r}{more}")
-    return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+            warnings.warn(f"prompt {text[:40]!r}... is {len(ids)} tokens, CLIP reads {length}: "
+                          f"dropped {dropped[:60]!r}{more}")
+    return tokenizer(texts, padding="max_length", max_length=length, truncation=True,
+                     return_tensors="pt").input_ids
 
 
 def encode_text(encoders: TextEncoders, texts: list[str]):
-    """(context, pooled) for a list of texts, with gradients (text-encoder LoRA); pooled is None for SD 1.x / 2.x."""
+    """(context, pooled) of texts, with gradients (for LoRA); pooled: None in SD 1.x/2.x."""
     out_dtype, out_device = encoders.output_encoder.dtype, encoders.output_encoder.device
     if not encoders.is_sdxl:
         enc = encoders.text_encoder
@@ -76,8 +77,8 @@ def encode_prompt(encoders: TextEncoders, prompts, negative_prompts=None, *, gui
 
     prompts / negative_prompts: a string or a list (one negative applies to every prompt). The
     unconditional pair is None without guidance; zeros for SDXL when no negative is given and
-    force_zeros_for_empty_prompt (an explicit "" is encoded like any prompt); else the encoded negatives
-    ("" when none is given). Rows are repeated num_images_per_prompt times in place: p0, p0, p1, p1, ..."""
+    force_zeros_for_empty_prompt (an explicit "" is encoded like any prompt); else the encoded
+    negatives ("" if none). Rows repeat num_images_per_prompt times in place: p0, p0, p1, p1, ..."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompt given: pass at least one prompt")
@@ -100,11 +101,11 @@ def encode_prompt(encoders: TextEncoders, prompts, negative_prompts=None, *, gui
 # Micro-conditioning.
 
 def sdxl_time_ids(original_size, crop_top_left, target_size, dtype=torch.float32) -> torch.Tensor:
-    """SDXL's size and crop conditioning (Podell et al. 2023, sec. 2.2): (orig_h, orig_w, top, left, h, w).
+    """SDXL's size/crop ids (Podell et al. 2023 sec. 2.2): (orig_h, orig_w, top, left, h, w).
 
     Each argument is a pair or a (B, 2) batch of pairs (they broadcast); returns (6,) or (B, 6)."""
     parts = [torch.as_tensor(x, dtype=dtype) for x in (original_size, crop_top_left, target_size)]
     for name, p in zip(("original_size", "crop_top_left", "target_size"), parts):
         if p.shape[-1:] != (2,):
-            raise ValueError(f"{name} must be a pair (or a (B, 2) batch of pairs), got shape {tuple(p.shape)}")
+            raise ValueError(f"{name} must be a pair or a (B, 2) batch, got shape {tuple(p.shape)}")
     return torch.cat(torch.broadcast_tensors(*parts), dim=-1)

@@ -1,21 +1,22 @@
 """The denoising UNet of Stable Diffusion: SD 1.x, SD 2.x and SDXL from one config (unet_config.py).
 
-Latent diffusion (Rombach et al. 2022, sec. 3.3): a convolutional UNet over the VAE latent whose resnets
-take the timestep embedding and whose spatial transformers cross-attend to the text tokens. SDXL (Podell
-et al. 2023, sec. 2.1-2.2) changes only numbers and adds the pooled text embedding and six size/crop
-"micro-conditioning" ids to the timestep embedding. Reads bottom-up; state-dict keys and shapes equal
-those of diffusers' UNet2DConditionModel, so its checkpoints load strictly."""
+Latent diffusion (Rombach et al. 2022, sec. 3.3): a convolutional UNet over the VAE latent whose
+resnets take the timestep embedding and whose spatial transformers cross-attend to the text tokens.
+SDXL (Podell et al. 2023, sec. 2.1-2.2) changes only numbers and adds the pooled text embedding and
+six size/crop "micro-conditioning" ids to the timestep embedding. Reads bottom-up; state-dict keys
+and shapes equal diffusers' UNet2DConditionModel's, so its checkpoints load strictly."""
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidream.layers import Attention, Downsample, ResnetBlock, Upsample, maybe_checkpoint, timestep_embedding
+from minidream.layers import (Attention, Downsample, ResnetBlock, Upsample, maybe_checkpoint,
+                              timestep_embedding)
 from minidream.unet_config import DOWN_TYPES, UP_TYPES, UNetConfig
 
 
 class GEGLU(nn.Module):
-    """value * GELU(gate), both halves from one Linear (Shazeer 2020, "GLU Variants", eq. 6 FFN_GEGLU)."""
+    """value * GELU(gate), both halves from one Linear (Shazeer 2020, "GLU Variants", eq. 6)."""
 
     def __init__(self, dim, hidden_dim):
         super().__init__()
@@ -41,8 +42,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm block, each sub-layer x + f(LayerNorm(x)): self-attention, cross-attention to the text
-    (queries from the image, keys and values from the text: Rombach et al. 2022 sec. 3.3), feed-forward."""
+    """Pre-norm block, each sub-layer x + f(LayerNorm(x)): self-attention, cross-attention to the
+    text (queries from the image, keys/values from the text: Rombach et al. 2022 sec. 3.3), MLP."""
+
+    gradient_checkpointing = False  # see maybe_checkpoint
 
     def __init__(self, dim, heads, context_dim, cfg):
         super().__init__()
@@ -60,7 +63,7 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm, proj_in, `depth` TransformerBlocks over the H*W positions, proj_out, plus a residual."""
+    """GroupNorm, proj_in, `depth` TransformerBlocks over the H*W positions, proj_out, residual."""
 
     def __init__(self, channels, heads, depth, cfg):
         super().__init__()
@@ -68,47 +71,48 @@ class SpatialTransformer(nn.Module):
         self.norm = nn.GroupNorm(cfg.norm_num_groups, channels, eps=cfg.transformer_norm_eps)
         proj = nn.Linear if self.linear else (lambda i, o: nn.Conv2d(i, o, kernel_size=1))
         self.proj_in = proj(channels, channels)
-        blocks = [TransformerBlock(channels, heads, cfg.cross_attention_dim, cfg) for _ in range(depth)]
-        self.transformer_blocks = nn.ModuleList(blocks)
+        self.transformer_blocks = nn.ModuleList([
+            TransformerBlock(channels, heads, cfg.cross_attention_dim, cfg) for _ in range(depth)])
         self.proj_out = proj(channels, channels)
-        self.gradient_checkpointing = False  # set by UNet.enable_gradient_checkpointing
 
     def forward(self, x, context):
         B, C, H, W = x.shape
+        tokens = lambda t: t.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, H*W, C)
+        image = lambda t: t.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, H*W, C) -> (B, C, H, W)
         h = self.norm(x)
-        if self.linear:
-            h = self.proj_in(h.permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, H*W, C)
-        else:
-            h = self.proj_in(h).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, H*W, C)
+        h = self.proj_in(tokens(h)) if self.linear else tokens(self.proj_in(h))  # Linear/1x1 conv
         for block in self.transformer_blocks:
-            h = maybe_checkpoint(self.gradient_checkpointing, block, h, context)
-        if self.linear:
-            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
-        else:
-            h = self.proj_out(h.reshape(B, H, W, C).permute(0, 3, 1, 2))  # (B, C, H, W)
+            h = maybe_checkpoint(block, h, context)
+        h = image(self.proj_out(h)) if self.linear else self.proj_out(image(h))
         # x first: the sum takes x's contiguous (B, C, H, W) layout, no extra copy needed.
         return x + h
+
+
+def _resnets(in_chs, out_ch, temb_ch, cfg):  # a ResnetBlock per entry of in_chs, to out_ch
+    return nn.ModuleList([ResnetBlock(i, out_ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps)
+                          for i in in_chs])
+
+
+def _transformers(n, ch, heads, depth, cfg):  # n = 0 at levels without attention: no keys
+    return nn.ModuleList([SpatialTransformer(ch, heads, depth, cfg) for _ in range(n)])
 
 
 class DownLevel(nn.Module):
     """One encoder level: `num_layers` x (resnet [+ spatial transformer]), then a stride-2 conv.
     Returns the features and every intermediate output: the skips the decoder concatenates back."""
 
-    def __init__(self, in_ch, out_ch, temb_ch, num_layers, has_attention, heads, depth, add_downsample, cfg):
+    def __init__(self, in_ch, out_ch, temb_ch, num_layers, attn, heads, depth, down, cfg):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, temb_ch, cfg.norm_num_groups,
-                                                  cfg.norm_eps) for i in range(num_layers)])
-        n_attn = num_layers if has_attention else 0  # an empty ModuleList adds no keys
-        self.attentions = nn.ModuleList([SpatialTransformer(out_ch, heads, depth, cfg) for _ in range(n_attn)])
-        self.downsamplers = nn.ModuleList([Downsample(out_ch, cfg.downsample_padding)]) if add_downsample else None
-        self.gradient_checkpointing = False
+        self.resnets = _resnets([in_ch] + [out_ch] * (num_layers - 1), out_ch, temb_ch, cfg)
+        self.attentions = _transformers(num_layers * attn, out_ch, heads, depth, cfg)
+        pad = cfg.downsample_padding
+        self.downsamplers = nn.ModuleList([Downsample(out_ch, pad)]) if down else None
 
     def forward(self, x, temb, context):
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = maybe_checkpoint(self.gradient_checkpointing, resnet, x, temb)
-            if self.attentions:
-                x = self.attentions[i](x, context)
+            x = maybe_checkpoint(resnet, x, temb)
+            x = self.attentions[i](x, context) if self.attentions else x
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -121,37 +125,31 @@ class MidBlock(nn.Module):
 
     def __init__(self, ch, temb_ch, heads, depth, cfg):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(ch, ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps)
-                                      for _ in range(2)])
-        self.attentions = nn.ModuleList([SpatialTransformer(ch, heads, depth, cfg)])
-        self.gradient_checkpointing = False
+        self.resnets = _resnets([ch, ch], ch, temb_ch, cfg)
+        self.attentions = _transformers(1, ch, heads, depth, cfg)
 
     def forward(self, x, temb, context):
-        x = maybe_checkpoint(self.gradient_checkpointing, self.resnets[0], x, temb)
+        x = maybe_checkpoint(self.resnets[0], x, temb)
         x = self.attentions[0](x, context)
-        return maybe_checkpoint(self.gradient_checkpointing, self.resnets[1], x, temb)
+        return maybe_checkpoint(self.resnets[1], x, temb)
 
 
 class UpLevel(nn.Module):
-    """One decoder level: `num_layers` x (concat a skip, resnet [+ spatial transformer]), upsample."""
+    """One decoder level: `num_layers` x (concat a skip, resnet [+ spatial transformer]), 2x up."""
 
-    def __init__(self, in_ch, prev_ch, out_ch, temb_ch, num_layers, has_attention, heads, depth, add_upsample, cfg):
+    def __init__(self, in_ch, prev_ch, out_ch, temb_ch, num_layers, attn, heads, depth, up, cfg):
         super().__init__()
-        x_chs = [prev_ch] + [out_ch] * (num_layers - 1)  # from the deeper level, then this level's own
-        skip_chs = [out_ch] * (num_layers - 1) + [in_ch]  # the last skip is the encoder level below's output
-        self.resnets = nn.ModuleList([ResnetBlock(x + s, out_ch, temb_ch, cfg.norm_num_groups, cfg.norm_eps)
-                                      for x, s in zip(x_chs, skip_chs)])
-        n_attn = num_layers if has_attention else 0
-        self.attentions = nn.ModuleList([SpatialTransformer(out_ch, heads, depth, cfg) for _ in range(n_attn)])
-        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if add_upsample else None
-        self.gradient_checkpointing = False
+        x_chs = [prev_ch] + [out_ch] * (num_layers - 1)  # from the deeper level, then this level's
+        skip_chs = [out_ch] * (num_layers - 1) + [in_ch]  # the last: output of the level below
+        self.resnets = _resnets([x + s for x, s in zip(x_chs, skip_chs)], out_ch, temb_ch, cfg)
+        self.attentions = _transformers(num_layers * attn, out_ch, heads, depth, cfg)
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if up else None
 
     def forward(self, x, skips, temb, context):
         for i, resnet in enumerate(self.resnets):
             x = torch.cat([x, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
-            x = maybe_checkpoint(self.gradient_checkpointing, resnet, x, temb)
-            if self.attentions:
-                x = self.attentions[i](x, context)
+            x = maybe_checkpoint(resnet, x, temb)
+            x = self.attentions[i](x, context) if self.attentions else x
         if self.upsamplers is not None:
             # Upsample to the size of the next skip, which also covers odd latent sizes.
             x = self.upsamplers[0](x, size=skips[-1].shape[-2:])
@@ -175,10 +173,11 @@ class EmbeddingMLP(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t, text): predicts the noise in latent x_t (or v, as the checkpoint was trained).
+    """eps_theta(x_t, t, text): the noise in latent x_t (or v, as the checkpoint was trained).
 
-    forward(x (B, in_channels, H, W), t (int, float, 0-d or (B,) tensor), context (B, L, cross_attention_dim),
-            pooled (B, P), time_ids (B, 6): orig size, crop corner, target size; SDXL only)
+    forward(x (B, in_channels, H, W), t (int, float, 0-d or (B,) tensor),
+            context (B, L, cross_attention_dim), pooled (B, P),
+            time_ids (B, 6): orig size, crop corner, target size; pooled and time_ids SDXL only)
     returns (B, out_channels, H, W)."""
 
     def __init__(self, config: UNetConfig):
@@ -191,53 +190,57 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], kernel_size=3, padding=1)
         self.time_embedding = EmbeddingMLP(ch[0], temb_ch)
         text_time = cfg.addition_embed_type == "text_time"
-        self.add_embedding = EmbeddingMLP(cfg.projection_class_embeddings_input_dim, temb_ch) if text_time else None
+        add_dim = cfg.projection_class_embeddings_input_dim
+        self.add_embedding = EmbeddingMLP(add_dim, temb_ch) if text_time else None
 
         self.down_blocks = nn.ModuleList([
-            DownLevel(ch[max(i - 1, 0)], ch[i], temb_ch, layers[i], DOWN_TYPES[kind], heads[i], depths[i],
-                      add_downsample=i < n - 1, cfg=cfg) for i, kind in enumerate(cfg.down_block_types)])
+            DownLevel(ch[max(i - 1, 0)], ch[i], temb_ch, layers[i], DOWN_TYPES[kind], heads[i],
+                      depths[i], down=i < n - 1, cfg=cfg)
+            for i, kind in enumerate(cfg.down_block_types)])
         self.mid_block = MidBlock(ch[-1], temb_ch, heads[-1], depths[-1], cfg)
         self.up_blocks = nn.ModuleList([  # from the deepest level back to the first
-            UpLevel(ch[max(lv - 1, 0)], ch[min(lv + 1, n - 1)], ch[lv], temb_ch, layers[lv] + 1, UP_TYPES[kind],
-                    heads[lv], depths[lv], add_upsample=lv > 0, cfg=cfg)
+            UpLevel(ch[max(lv - 1, 0)], ch[min(lv + 1, n - 1)], ch[lv], temb_ch, layers[lv] + 1,
+                    UP_TYPES[kind], heads[lv], depths[lv], up=lv > 0, cfg=cfg)
             for lv, kind in zip(reversed(range(n)), cfg.up_block_types)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, kernel_size=3, padding=1)
-        self.gradient_checkpointing = False
 
     def enable_gradient_checkpointing(self, on=True):
-        """Recompute every resnet and transformer block's activations in backward instead of storing them."""
-        for module in self.modules():  # the UNet itself, its levels and their spatial transformers
-            if hasattr(module, "gradient_checkpointing"):
+        """Recompute each resnet and transformer block's activations in backward, not store them."""
+        for module in self.modules():
+            if isinstance(module, (ResnetBlock, TransformerBlock)):
                 module.gradient_checkpointing = on
 
+    def _sinusoid(self, t, dim):
+        return timestep_embedding(t, dim, self.config.flip_sin_to_cos, self.config.freq_shift)
+
     def _micro_conditioning(self, pooled, time_ids, batch, dtype):
-        """SDXL micro-conditioning (Podell et al. 2023 sec. 2.2): pooled text + a sinusoid per time id."""
-        cfg = self.config
+        """SDXL micro-conditioning (Podell et al. 2023 sec. 2.2): pooled text, a sinusoid per id."""
         if pooled is None or time_ids is None:
-            raise ValueError("UNet: this is an SDXL-style UNet (addition_embed_type='text_time'); pass pooled (B, P) "
-                             "text embeddings and time_ids (B, 6) = "
+            raise ValueError("UNet: an SDXL UNet needs pooled (B, P) and time_ids (B, 6) = "
                              "(orig_h, orig_w, crop_top, crop_left, target_h, target_w)")
-        width = pooled.shape[-1] + time_ids.shape[-1] * cfg.addition_time_embed_dim
-        dim = cfg.projection_class_embeddings_input_dim
+        id_dim = self.config.addition_time_embed_dim
+        width = pooled.shape[-1] + time_ids.shape[-1] * id_dim
+        dim = self.config.projection_class_embeddings_input_dim
         if pooled.shape[0] != batch or time_ids.shape[0] != batch or width != dim:
-            raise ValueError(f"UNet: pooled {tuple(pooled.shape)} and time_ids {tuple(time_ids.shape)} do not fit "
-                             f"batch {batch} and projection_class_embeddings_input_dim {dim}")
-        ids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
-        ids = ids.reshape(batch, -1)  # (B*6, D) -> (B, 6*D)
+            raise ValueError(f"UNet: pooled {[*pooled.shape]} and time_ids {[*time_ids.shape]} do "
+                             f"not fit batch {batch}, projection_class_embeddings_input_dim {dim}")
+        ids = self._sinusoid(time_ids.reshape(-1), id_dim).reshape(batch, -1)  # (B*6, D) -> (B, 6D)
         return torch.cat([pooled.to(dtype), ids.to(dtype)], dim=-1)  # (B, P + 6*D)
 
     def forward(self, x, t, context, pooled=None, time_ids=None):
-        cfg, B = self.config, x.shape[0]
+        B = x.shape[0]
         t = torch.as_tensor(t, device=x.device).reshape(-1)
         if t.numel() not in (1, B):
-            raise ValueError(f"UNet: got {t.numel()} timesteps for a batch of {B}; give one, or one per sample")
-        t_freq = timestep_embedding(t.expand(B), cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = self.time_embedding(t_freq.to(x.dtype))  # (B, temb_ch)
+            raise ValueError(f"UNet: got {t.numel()} timesteps for a batch of {B}; give one, or "
+                             "one per sample")
+        emb = self.time_embedding(self._sinusoid(t.expand(B), self.config.block_out_channels[0])
+                                  .to(x.dtype))  # (B, temb_ch)
         if self.add_embedding is not None:
             emb = emb + self.add_embedding(self._micro_conditioning(pooled, time_ids, B, emb.dtype))
         elif pooled is not None or time_ids is not None:
-            raise ValueError("UNet: pooled/time_ids given, but this UNet (SD 1.x/2.x style) takes no added embedding")
+            raise ValueError("UNet: pooled/time_ids given, but this UNet (SD 1.x/2.x style) takes "
+                             "no added embedding")
         temb = F.silu(emb)  # every resnet starts its time projection with SiLU: do it once here
 
         h = self.conv_in(x)

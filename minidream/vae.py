@@ -1,9 +1,9 @@
-"""The KL-regularised autoencoder of latent diffusion (AutoencoderKL, Rombach et al. 2022, sec. 3.1).
+"""The KL-regularised autoencoder of latent diffusion (AutoencoderKL, Rombach et al. 2022 sec. 3.1).
 
-The encoder maps an RGB image in [-1, 1] to a diagonal Gaussian over a 4-channel latent 8x smaller per
-side; the decoder maps a latent back. encode/decode do NOT apply the latent scale (z * scaling_factor has
-~unit variance, LDM sec. 4.3.2): the caller does, so the step stays visible. The SDXL VAE overflows fp16:
-see `vae_dtype`. Reads bottom-up; state-dict keys and shapes equal diffusers' AutoencoderKL's."""
+The encoder maps an RGB image in [-1, 1] to a diagonal Gaussian over a 4-channel latent 8x smaller
+per side; the decoder maps a latent back. encode/decode do NOT apply the latent scale (z *
+scaling_factor has ~unit variance, LDM sec. 4.3.2): the caller does, visibly. The SDXL VAE overflows
+fp16: see `vae_dtype`. Reads bottom-up; keys and shapes equal diffusers' AutoencoderKL's."""
 
 from dataclasses import dataclass
 
@@ -11,17 +11,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidream.layers import Attention, Downsample, ResnetBlock, Upsample, read_diffusers_config
+from minidream.diffusers_config import read_diffusers_config
+from minidream.layers import Attention, Downsample, ResnetBlock, Upsample
 
 
 def _resnets(in_ch, out_ch, num_layers, cfg):
-    """`num_layers` resnets without time embedding, the first one taking `in_ch` channels."""
-    return nn.ModuleList([ResnetBlock(in_ch if i == 0 else out_ch, out_ch, None, cfg.norm_num_groups, cfg.norm_eps)
-                          for i in range(num_layers)])
+    """`num_layers` resnets in sequence (no time embedding), the first taking `in_ch` channels."""
+    return nn.Sequential(*[ResnetBlock(out_ch if i else in_ch, out_ch, None, cfg.norm_num_groups,
+                                       cfg.norm_eps) for i in range(num_layers)])
 
 
 class VAEAttention(Attention):
-    """Single-head self-attention over the H*W positions, GroupNorm first, residual around (mid blocks only)."""
+    """Single-head self-attention over the H*W positions, GroupNorm first, residual around."""
 
     def __init__(self, channels, groups, eps):
         super().__init__(channels, heads=1, head_dim=channels, qkv_bias=True)
@@ -46,32 +47,24 @@ class VAEMidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-class EncoderLevel(nn.Module):
-    """`num_layers` resnets, then (except at the last level) a stride-2 conv."""
+class EncoderLevel(nn.Sequential):
+    """`num_layers` resnets, then (except at the last level) a stride-2 conv; run in sequence."""
 
-    def __init__(self, in_ch, out_ch, num_layers, add_downsample, cfg):
+    def __init__(self, in_ch, out_ch, num_layers, downsample, cfg):
         super().__init__()
         self.resnets = _resnets(in_ch, out_ch, num_layers, cfg)
-        self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=0)]) if add_downsample else None
-
-    def forward(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        return x if self.downsamplers is None else self.downsamplers[0](x)
+        if downsample:
+            self.downsamplers = nn.Sequential(Downsample(out_ch, padding=0))
 
 
-class DecoderLevel(nn.Module):
+class DecoderLevel(nn.Sequential):
     """`num_layers` resnets, then (except at the last level) nearest 2x upsampling and a conv."""
 
-    def __init__(self, in_ch, out_ch, num_layers, add_upsample, cfg):
+    def __init__(self, in_ch, out_ch, num_layers, upsample, cfg):
         super().__init__()
         self.resnets = _resnets(in_ch, out_ch, num_layers, cfg)
-        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if add_upsample else None
-
-    def forward(self, x):
-        for resnet in self.resnets:
-            x = resnet(x)
-        return x if self.upsamplers is None else self.upsamplers[0](x)
+        if upsample:
+            self.upsamplers = nn.Sequential(Upsample(out_ch))
 
 
 class Encoder(nn.Module):
@@ -81,17 +74,16 @@ class Encoder(nn.Module):
         super().__init__()
         ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], kernel_size=3, padding=1)
-        self.down_blocks = nn.ModuleList([EncoderLevel(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, i < n - 1, cfg)
-                                          for i in range(n)])
+        self.down_blocks = nn.Sequential(*[
+            EncoderLevel(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, i < n - 1, cfg)
+            for i in range(n)])
         self.mid_block = VAEMidBlock(ch[-1], cfg)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[-1], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)
 
     def forward(self, x):
-        h = self.conv_in(x)
-        for block in self.down_blocks:
-            h = block(h)
-        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(h))))
+        h = self.mid_block(self.down_blocks(self.conv_in(x)))
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -102,50 +94,37 @@ class Decoder(nn.Module):
         ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], kernel_size=3, padding=1)
         self.mid_block = VAEMidBlock(ch[-1], cfg)
-        self.up_blocks = nn.ModuleList([DecoderLevel(ch[min(n - i, n - 1)], ch[n - 1 - i], cfg.layers_per_block + 1,
-                                                     i < n - 1, cfg) for i in range(n)])  # deepest level first
+        self.up_blocks = nn.Sequential(*[  # deepest level first
+            DecoderLevel(ch[min(n - i, n - 1)], ch[n - 1 - i], cfg.layers_per_block + 1, i < n - 1,
+                         cfg) for i in range(n)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, kernel_size=3, padding=1)
 
     def forward(self, z):
-        h = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            h = block(h)
+        h = self.up_blocks(self.mid_block(self.conv_in(z)))
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
 def vae_dtype(config, wanted):
-    """The dtype to run the VAE in: fp32 instead of fp16 when config.force_upcast (the SDXL VAE overflows
-    fp16: NaN latents, black images). An fp16-fix VAE keeps fp16; bf16 (fp32's range) is kept, as in diffusers."""
+    """The VAE's dtype: fp32, not fp16, if config.force_upcast (the SDXL VAE overflows fp16: NaN
+    latents, black images). fp16-fix VAEs keep fp16; bf16 (fp32's range) stays, as in diffusers."""
     return torch.float32 if config.force_upcast and wanted == torch.float16 else wanted
-
-
-# diffusers vae/config.json keys for features minidream does not implement, with their "off" values.
-_VAE_FEATURE_OFF = {
-    "act_fn": ("silu",), "shift_factor": (None,), "latents_mean": (None,), "latents_std": (None,),
-    "use_quant_conv": (True,), "use_post_quant_conv": (True,), "mid_block_add_attention": (True,)}
-
-# diffusers' AutoencoderKL defaults, for keys a config.json omits (old SD 1.x files lack scaling_factor).
-_VAE_LIBRARY_DEFAULTS = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-    block_out_channels=(64,), layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=32,
-    scaling_factor=0.18215, force_upcast=True)
 
 
 @dataclass
 class VAEConfig:
-    """AutoencoderKL hyperparameters, named as in diffusers' vae/config.json. Defaults: SDXL base 1.0."""
+    """AutoencoderKL hyperparameters, named as in diffusers' vae/config.json; defaults: SDXL."""
 
     in_channels: int = 3  # image channels in
     out_channels: int = 3  # image channels out
-    down_block_types: tuple = ("DownEncoderBlock2D",) * 4  # only this type exists in SD autoencoders
+    down_block_types: tuple = ("DownEncoderBlock2D",) * 4  # the only type in SD autoencoders
     up_block_types: tuple = ("UpDecoderBlock2D",) * 4  # likewise
-    block_out_channels: tuple = (128, 256, 512, 512)  # channels per level; levels-1 halvings (f = 8)
+    block_out_channels: tuple = (128, 256, 512, 512)  # channels per level; levels-1 halvings, f=8
     layers_per_block: int = 2  # encoder resnets per level (decoder: one more)
     latent_channels: int = 4  # latent channels
     norm_num_groups: int = 32  # GroupNorm groups
     sample_size: int = 1024  # training image side; informational
-    scaling_factor: float = 0.13025  # latent * scaling_factor has ~unit variance (SD 1.x/2.x: 0.18215)
+    scaling_factor: float = 0.13025  # latent * it has ~unit variance (SD 1.x/2.x: 0.18215)
     force_upcast: bool = True  # True: overflows in fp16, run in fp32 (see vae_dtype)
     # Fixed by the architecture (not in config.json):
     norm_eps: float = 1e-6  # eps of every GroupNorm in the VAE
@@ -154,14 +133,15 @@ class VAEConfig:
 
     def __post_init__(self):
         n = len(self.block_out_channels)
-        if self.down_block_types != ("DownEncoderBlock2D",) * n or self.up_block_types != ("UpDecoderBlock2D",) * n:
-            raise ValueError("VAEConfig: only DownEncoderBlock2D / UpDecoderBlock2D levels are implemented, one per "
-                             f"entry of block_out_channels ({n}); got {self.down_block_types} / {self.up_block_types}")
+        types = (self.down_block_types, self.up_block_types)
+        if types != (("DownEncoderBlock2D",) * n, ("UpDecoderBlock2D",) * n):
+            raise ValueError("VAEConfig: only DownEncoderBlock2D / UpDecoderBlock2D levels are "
+                             f"implemented, one per entry of block_out_channels ({n}); got {types}")
 
     @classmethod
     def from_dict(cls, d):
         """Read a diffusers vae/config.json dict; ValueError for features minidream lacks."""
-        return read_diffusers_config(cls, d, _VAE_LIBRARY_DEFAULTS, _VAE_FEATURE_OFF, set(), "VAE")
+        return read_diffusers_config(cls, d, "VAE")
 
 
 class VAE(nn.Module):
@@ -172,12 +152,13 @@ class VAE(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, kernel_size=1)
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, kernel_size=1)
+        z_ch = config.latent_channels
+        self.quant_conv = nn.Conv2d(2 * z_ch, 2 * z_ch, kernel_size=1)
+        self.post_quant_conv = nn.Conv2d(z_ch, z_ch, kernel_size=1)
 
     def encode(self, x):
         """Image -> moments of the latent Gaussian: mean and log-variance, each (B, 4, H/8, W/8)."""
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)  # (B, latent_channels, h, w) each
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
         return mean, logvar.clamp(self.config.logvar_min, self.config.logvar_max)
 
     def decode(self, z):
