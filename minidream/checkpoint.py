@@ -273,22 +273,3 @@ def load_part(part: str, source, config: dict, weights: Weights, dtype=torch.flo
         raise CheckpointError(error + "; fix or re-download it") from None
     weights = fit_text_names(weights, model) if part.startswith("text_encoder") else weights
     return load_weights(model, weights, dtype, device, what=what)
-
-
-def load_unet(path, dtype=torch.float32, device="cpu", *, expect="sdxl", variant=None, config=None):
-    """The UNet of the folder `path`, streamed into `dtype` on `device`."""
-    found = unet_weights(path, expect=expect, variant=variant, config=config)
-    return load_part("unet", path, *found, dtype, device)
-
-
-def load_vae(path, dtype=torch.float32, device="cpu", *, expect="sdxl", variant=None, config=None):
-    """The VAE of a diffusers folder or a VAE folder."""
-    found = vae_weights(path, expect=expect, variant=variant, config=config)
-    return load_part("vae", path, *found, dtype, device)
-
-
-def load_text_encoder(path, part="text_encoder", dtype=torch.float32, device="cpu", *,
-                      expect="sdxl", variant=None):
-    """transformers' CLIP text encoder `part` ("text_encoder" or "text_encoder_2") of `path`."""
-    found = text_encoder_weights(path, part, expect=expect, variant=variant)
-    return load_part(part, path, *found, dtype, device)

@@ -1,8 +1,7 @@
-"""Strict, low-RAM loading of safetensors weights into a module. The fp32 SDXL UNet is 10 GB and
-Colab has 12.7 GB of RAM: a random-init model plus a full state dict would not fit. So the module is
-built on the `meta` device, all names and shapes are checked before a byte is read, and the tensors
-are read one at a time from the memory-mapped file, each converted straight to its dtype and
-device."""
+"""Strict, low-RAM loading of safetensors weights into a module. The fp32 SDXL UNet is 10 GB, Colab
+has 12.7 GB of RAM: a random-init model plus a full state dict would not fit. So the module is built
+on the `meta` device, all names and shapes are checked before a byte is read, and the tensors are
+read one at a time from the memory-mapped file, each converted straight to its dtype and device."""
 
 from __future__ import annotations
 
@@ -31,8 +30,7 @@ class TensorRef:
     file: Path  # the .safetensors file holding it
     key: str  # its name inside that file
     shape: tuple[int, ...]  # its shape after `op`
-    # "" as is | "squeeze" 1x1 conv -> linear | "transpose" | "q"/"k"/"v" third of fused qkv
-    op: str = ""
+    op: str = ""  # "" as is | "squeeze" (reshape) | "transpose" | "q"/"k"/"v" third of fused qkv
 
 
 Weights = Mapping[str, Union[TensorRef, torch.Tensor]]  # module tensor name -> where to get it
@@ -70,10 +68,10 @@ def read_header(path: Path) -> dict[str, tuple[int, ...]]:
 
 def read_json(path: Path, error: type = CheckpointError) -> dict:
     """A JSON object file (config.json, model_index.json, subject.json...), or `error` naming it."""
-    try:  # unreadable, not UTF-8, not JSON, nested too deep: an error saying so
+    try:
         too_big = path.stat().st_size >= 2**24
         value = "a file over 16 MB" if too_big else json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8 or JSON, too deep
         value = e
     if not isinstance(value, dict):
         raise error(f"{path} is not valid JSON holding an object {{...}} ({str(value)[:80]}); "
@@ -93,11 +91,7 @@ def _read(handle, ref: TensorRef) -> torch.Tensor:
         start = "qkv".index(ref.op) * ref.shape[0]
         return widen_float8(handle.get_slice(ref.key)[start : start + ref.shape[0]])
     tensor = widen_float8(handle.get_tensor(ref.key))
-    if ref.op == "squeeze":
-        return tensor.reshape(ref.shape)
-    if ref.op == "transpose":
-        return tensor.t().contiguous()
-    return tensor
+    return tensor.t().contiguous() if ref.op == "transpose" else tensor.reshape(ref.shape)
 
 
 # -------------------------------------------------------------------------------- filling a module
@@ -122,9 +116,8 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def _names(names, limit: int = 8) -> str:
-    names = sorted(names)
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+    return ", ".join(sorted(names)[:limit]) + more
 
 
 def check_weights(model: nn.Module, weights: Weights, what: str) -> None:
@@ -140,10 +133,9 @@ def check_weights(model: nn.Module, weights: Weights, what: str) -> None:
     if wrong:
         problems.append(f"{len(wrong)} shape mismatches: " + "; ".join(wrong[:8]))
     if problems:
-        listed = "\n  ".join(problems)
-        raise CheckpointError(f"{what}: the checkpoint does not fit the model built from its config."
-                              f"\n  {listed}\nCheck that the file is the model you meant (and its "
-                              "config.json matches it).")
+        raise CheckpointError(f"{what}: the checkpoint does not fit the model built from its config"
+                              ".\n  " + "\n  ".join(problems) + "\nCheck that the file is the "
+                              "model you meant (and its config.json matches it).")
 
 
 def read_tensors(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
@@ -162,9 +154,8 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
 
 def load_weights(model: nn.Module, weights: Weights, dtype: torch.dtype = torch.float32,
                  device: Union[str, torch.device] = "cpu", what: str = "model") -> nn.Module:
-    """Fill `model` (built under `parameters_on_meta`) with `weights`, one tensor at a time, in
-    place of its meta tensors; floating-point ones become `dtype`. Buffers no checkpoint holds
-    (non-persistent) move to `device` too."""
+    """Fill `model` (built under parameters_on_meta) with `weights`, one tensor at a time, floating-
+    point ones in `dtype`; buffers no checkpoint holds (non-persistent) move to `device` too."""
     check_weights(model, weights, what)
     modules = dict(model.named_modules())  # built once: faster than get_submodule per tensor
     for name, tensor in read_tensors(weights):

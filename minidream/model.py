@@ -1,6 +1,6 @@
-"""The model bundle (UNet + VAE + text encoders + noise schedule) read from a model folder, and where
-models are found: without --model, SDXL where the README says to put it, else the bundled tiny one.
-minidream.formats has load_model and model_image_size for any path (single files too)."""
+"""The model bundle (UNet + VAE + text encoders + noise schedule) read from a model folder, and
+where models are found: without --model, SDXL where the README says to put it, else the bundled tiny
+one. minidream.formats has load_model and model_image_size for any path (single files too)."""
 
 from __future__ import annotations
 
@@ -52,12 +52,12 @@ class Model:
 
 
 def default_model_path() -> tuple[Path, str]:
-    """(path, why): the real SDXL base model if downloaded to weights/, else the bundled tiny one."""
+    """(path, why): the SDXL base model if downloaded to weights/, else the bundled tiny one."""
     for location in SDXL_LOCATIONS:
         if (REPO / location).exists():
             return REPO / location, f"SDXL base found at {location}"
-    return REPO / BUNDLED_MODEL, ("the bundled tiny model, trained on the toy world; for real photos "
-                                  f"put SDXL at {SDXL_LOCATIONS[0]} (README: 'Real SDXL on a T4')")
+    why = f"for real photos put SDXL at {SDXL_LOCATIONS[0]} (README: 'Real SDXL on a T4')"
+    return REPO / BUNDLED_MODEL, f"the bundled tiny model, trained on the toy world; {why}"
 
 
 def _folder_json(path: Path, name: str) -> dict:
@@ -109,14 +109,18 @@ def load_text_encoders(path, dtype=torch.float32, device="cpu", *, tokenizer_dir
         weights = reader.text_encoder_weights(path, part, expect=expect, variant=variant)
         return load_part(part, path, *weights, dtype, device).eval().requires_grad_(False)
 
-    tokenizer = lambda part: CLIPTokenizer.from_pretrained(str(found / part))  # noqa: E731
-    return TextEncoders(tokenizer("tokenizer"), encoder("text_encoder"),
-                        *(tokenizer("tokenizer_2"), encoder("text_encoder_2")) if sdxl else ())
+    def tokenizer(part):
+        return CLIPTokenizer.from_pretrained(str(found / part))
+
+    return TextEncoders(tokenizer=tokenizer("tokenizer"), text_encoder=encoder("text_encoder"),
+                        tokenizer_2=tokenizer("tokenizer_2") if sdxl else None,
+                        text_encoder_2=encoder("text_encoder_2") if sdxl else None)
 
 
 def load_model(path, dtype=torch.float32, device="cpu", *, vae=None, tokenizer=None, variant=None):
     """Every part of the model folder `path` (a single file: minidream.formats.load_model). vae: a
-    separate VAE folder, e.g. an fp16-fix one; tokenizer: a folder with tokenizer/ (tokenizer_2/)."""
+    separate VAE folder, e.g. an fp16-fix one; tokenizer: a folder holding tokenizer/ (tokenizer_2/)
+    to use before the model's own."""
     return read_model(checkpoint, checkpoint, path, dtype, device, vae=vae, tokenizer=tokenizer,
                       variant=variant)
 
@@ -128,14 +132,16 @@ def read_model(reader, vae_reader, path, dtype, device, *, vae, tokenizer, varia
     vae_config, vae_weights = vae_reader.vae_weights(vae_path, expect=family, variant=variant)
     unet_weights = reader.unet_weights(path, expect=family, variant=variant)
     unet = load_part("unet", path, *unet_weights, dtype, device).eval().requires_grad_(False)
-    vae_dtype_ = vae_dtype(VAEConfig.from_dict(vae_config), dtype)
-    vae = load_part("vae", vae_path, vae_config, vae_weights, vae_dtype_, device)
+    runs_in = vae_dtype(VAEConfig.from_dict(vae_config), dtype)  # fp32 for fp16 unless fp16-safe
+    vae = load_part("vae", vae_path, vae_config, vae_weights, runs_in, device)
     text = load_text_encoders(path, dtype, device, tokenizer_dir=tokenizer, variant=variant,
                               expect=family, reader=reader)
     schedule = _folder_json(path, "scheduler/scheduler_config.json")
-    zeros = _folder_json(path, "model_index.json").get("force_zeros_for_empty_prompt", family == "sdxl")
-    return Model(unet, vae.eval().requires_grad_(False), text, ScheduleConfig.from_dict(schedule)
-                 if schedule else ScheduleConfig(), str(path), force_zeros_for_empty_prompt=zeros)
+    index = _folder_json(path, "model_index.json")
+    zeros = index.get("force_zeros_for_empty_prompt", family == "sdxl")  # SDXL base: True
+    return Model(unet=unet, vae=vae.eval().requires_grad_(False), text=text, name=str(path),
+                 schedule=ScheduleConfig.from_dict(schedule) if schedule else ScheduleConfig(),
+                 force_zeros_for_empty_prompt=zeros)
 
 
 def model_image_size(path) -> int:

@@ -86,7 +86,7 @@ def test_detect(tiny):
 
 
 def test_unet_single_file_equals_folder(tiny):
-    from_folder = checkpoint.load_unet(tiny["folder"])
+    from_folder = formats.load_unet(tiny["folder"])
     from_file = formats.load_unet(tiny["file"])
     assert_same_weights(from_folder, tiny["models"]["unet"])
     assert_same_weights(from_file, tiny["models"]["unet"])
@@ -104,7 +104,7 @@ def test_vae_single_file_equals_folder(tiny, tmp_path, linear_attention):
         state = {k: (v.flatten(1) if ".attn_1." in k and v.ndim == 4 else v) for k, v in tiny["single"].items()}
         assert any(".attn_1.q.weight" in k and v.ndim == 2 for k, v in state.items())
         save_file(state, str(file := tmp_path / "linear_attention.safetensors"))
-    assert_same_weights(checkpoint.load_vae(tiny["folder"]), tiny["models"]["vae"])
+    assert_same_weights(formats.load_vae(tiny["folder"]), tiny["models"]["vae"])
     assert_same_weights(formats.load_vae(file), tiny["models"]["vae"])
     inferred, _ = formats.vae_weights(file)
     stored = json.loads((tiny["folder"] / "vae" / "config.json").read_text())
@@ -144,7 +144,7 @@ def test_transformers5_text_layout_loads_too(tiny, tmp_path):
     shutil.rmtree(folder / "text_encoder")
     write_clip_folder(folder / "text_encoder", tiny["models"]["text_encoder"])
     assert not any(k.startswith("text_model.") for k in load_file(folder / "text_encoder" / "model.safetensors"))
-    assert_same_weights(checkpoint.load_text_encoder(folder, "text_encoder"), tiny["models"]["text_encoder"])
+    assert_same_weights(formats.load_text_encoder(folder, "text_encoder"), tiny["models"]["text_encoder"])
 
 
 def test_known_extra_tensors_are_skipped(tiny, tmp_path):
@@ -183,7 +183,7 @@ def test_the_core_refuses_a_single_file_with_one_clear_error(tiny):
     """minidream.checkpoint and minidream.model read folders; a file gets one CheckpointError that
     names the loader that reads it, whichever core entry point it was given to."""
     file = tiny["file"]
-    calls = [lambda: checkpoint.detect(file), lambda: checkpoint.load_unet(file),
+    calls = [lambda: checkpoint.detect(file), lambda: checkpoint.unet_weights(file),
              lambda: checkpoint.vae_weights(file), lambda: checkpoint.text_encoder_weights(file),
              lambda: model_module.load_model(file, tokenizer=tiny["folder"]),
              lambda: model_module.model_image_size(file),
@@ -207,12 +207,12 @@ def test_fp16_variant_rule(tiny, tmp_path):
     unet.save_pretrained(both)
     other.save_pretrained(both, variant="fp16")
     assert (both / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    assert_same_weights(checkpoint.load_unet(both, expect=None), unet)
-    assert_same_weights(checkpoint.load_unet(both, expect=None, variant="fp16"), other.float())
+    assert_same_weights(formats.load_unet(both, expect=None), unet)
+    assert_same_weights(formats.load_unet(both, expect=None, variant="fp16"), other.float())
     only_fp16 = tmp_path / "only_fp16"
     other.save_pretrained(only_fp16, variant="fp16")
-    assert_same_weights(checkpoint.load_unet(only_fp16, expect=None), other.float())
-    assert_same_weights(checkpoint.load_unet(only_fp16, expect=None, dtype=torch.float16), other, torch.float16)
+    assert_same_weights(formats.load_unet(only_fp16, expect=None), other.float())
+    assert_same_weights(formats.load_unet(only_fp16, expect=None, dtype=torch.float16), other, torch.float16)
 
 
 def test_sharded_index(tiny, tmp_path):
@@ -221,8 +221,8 @@ def test_sharded_index(tiny, tmp_path):
     randomize(UNet2DConditionModel(**TINY_UNET), 8).save_pretrained(tmp_path / "plain", max_shard_size="200KB", variant="fp16")
     assert len(list((tmp_path / "plain").glob("diffusion_pytorch_model-*-of-*.safetensors"))) > 3
     assert (tmp_path / "plain" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
-    assert_same_weights(checkpoint.load_unet(tmp_path / "plain", expect=None), unet)
-    fp16 = checkpoint.load_unet(tmp_path / "plain", expect=None, variant="fp16")
+    assert_same_weights(formats.load_unet(tmp_path / "plain", expect=None), unet)
+    fp16 = formats.load_unet(tmp_path / "plain", expect=None, variant="fp16")
     assert not torch.equal(fp16.conv_in.weight, unet.conv_in.weight)  # the other shard set was read
 
 
@@ -286,7 +286,7 @@ def test_loading_never_holds_a_second_copy(tmp_path, monkeypatch, file_dtype, dt
     del state
     model_bytes = 12 * (1024 * 1024 + 1024) * torch.finfo(dtype).bits // 8
     with _PeakRss() as rss:
-        model = checkpoint.load_unet(folder, dtype, expect=None)
+        model = formats.load_unet(folder, dtype, expect=None)
     assert all(p.dtype == dtype and p.device.type == "cpu" for p in model.parameters())
     assert torch.equal(model[3].weight, load_file(folder / "diffusion_pytorch_model.safetensors")["3.weight"].to(dtype))
     assert rss.peak < 1.25 * model_bytes, (rss.peak, model_bytes)
@@ -300,12 +300,12 @@ def test_loading_never_holds_a_second_copy(tmp_path, monkeypatch, file_dtype, dt
 def test_pickle_files_are_refused(tmp_path):
     (ckpt := tmp_path / "model.ckpt").write_bytes(b"\x80\x04not really")
     with pytest.raises(CheckpointError, match=r"(?s)pickle.*runs Python code.*safetensors.*save_file"):
-        checkpoint.load_unet(ckpt)
+        formats.load_unet(ckpt)
     (folder := tmp_path / "old" / "unet").mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(dict(TINY_UNET, _class_name="UNet2DConditionModel")))
     (folder / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model.bin is a pickle file"):
-        checkpoint.load_unet(folder, expect=None)
+        formats.load_unet(folder, expect=None)
 
 
 def test_lora_file_says_it_is_a_lora(tmp_path):
@@ -377,7 +377,7 @@ def test_shape_mismatch_names_key_and_both_shapes(tiny, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(config, in_channels=9)))
     with pytest.raises(CheckpointError, match=r"1 shape mismatches: conv_in.weight: checkpoint \(32, 4, 3, 3\) vs model \(32, 9, 3, 3\)"):
-        checkpoint.load_unet(folder)
+        formats.load_unet(folder)
 
 
 def test_missing_folder_parts(tiny, tmp_path):
@@ -387,22 +387,22 @@ def test_missing_folder_parts(tiny, tmp_path):
     (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     assert checkpoint.detect(folder).missing == ("text_encoder_2",)
     with pytest.raises(CheckpointError, match=r"has no text_encoder_2/ folder.*without text_encoder_2/"):
-        checkpoint.load_text_encoder(folder, "text_encoder_2")
+        formats.load_text_encoder(folder, "text_encoder_2")
     with pytest.raises(CheckpointError, match=r"vae holds no weights: expected diffusion_pytorch_model.safetensors"):
-        checkpoint.load_vae(folder)
+        formats.load_vae(folder)
     (folder / "unet" / "config.json").unlink()
     with pytest.raises(CheckpointError, match=r"unet has no config.json"):
-        checkpoint.load_unet(folder)
-    assert_same_weights(checkpoint.load_text_encoder(folder, "text_encoder"), tiny["models"]["text_encoder"])
+        formats.load_unet(folder)
+    assert_same_weights(formats.load_text_encoder(folder, "text_encoder"), tiny["models"]["text_encoder"])
 
 
 def test_not_a_model(tiny, tmp_path):
     with pytest.raises(CheckpointError, match=r"does not exist"):
-        checkpoint.load_unet(tmp_path / "nowhere")
+        formats.load_unet(tmp_path / "nowhere")
     (folder := tmp_path / "weights").mkdir()
     shutil.copy(tiny["file"], folder / "mine.safetensors")
     with pytest.raises(CheckpointError, match=r"not a model folder.*holds mine.safetensors: give that file"):
-        checkpoint.load_unet(folder)
+        formats.load_unet(folder)
     (bad := tmp_path / "truncated.safetensors").write_bytes(tiny["file"].read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"not a readable safetensors file"):
         formats.load_unet(bad)

@@ -70,16 +70,19 @@ def text_encoder_weights(path, part="text_encoder", *, expect="sdxl", variant=No
 
 
 def load_unet(path, dtype=torch.float32, device="cpu", *, expect="sdxl", variant=None, config=None):
+    """The UNet at `path`, streamed into `dtype` on `device` (checkpoint.load_part)."""
     found = unet_weights(path, expect=expect, variant=variant, config=config)
     return load_part("unet", path, *found, dtype, device)
 
 
 def load_vae(path, dtype=torch.float32, device="cpu", *, expect="sdxl", variant=None, config=None):
+    """The VAE of a model folder or file, of a VAE folder, or of a lone VAE file."""
     found = vae_weights(path, expect=expect, variant=variant, config=config)
     return load_part("vae", path, *found, dtype, device)
 
 
 def load_text_encoder(path, part="text_encoder", dtype=torch.float32, device="cpu", *,
                       expect="sdxl", variant=None):
+    """transformers' CLIP text encoder `part` ("text_encoder" or "text_encoder_2") of `path`."""
     found = text_encoder_weights(path, part, expect=expect, variant=variant)
     return load_part(part, path, *found, dtype, device)
