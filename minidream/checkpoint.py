@@ -1,4 +1,4 @@
-"""Checkpoints: what a model folder holds, and loading the UNet, VAE and text encoders from it.
+"""Checkpoints: what a model folder holds, and reading and loading its UNet, VAE, text encoders.
 
 A **diffusers folder** holds `model_index.json` and one folder per part (`unet/`, `vae/`,
 `text_encoder*/`, ...), each a `config.json` plus `*.safetensors` weights (or shards listed in
@@ -108,9 +108,8 @@ def detect(path) -> ModelInfo:
         present = tuple(k for k in listed if (path / k).is_dir())
         missing = tuple(k for k in listed if k not in present)
         family = _folder_family(path, index, listed)
-        text = f"{FAMILIES[family]} in diffusers layout"
-        if missing:
-            text += f", but without {', '.join(m + '/' for m in missing)} (an incomplete download?)"
+        gone = f", but without {', '.join(m + '/' for m in missing)} (an incomplete download?)"
+        text = f"{FAMILIES[family]} in diffusers layout{gone if missing else ''}"
         return ModelInfo(path, "diffusers", text, family, present, missing)
     if (path / "config.json").is_file():
         config = read_json(path / "config.json")
