@@ -1,8 +1,7 @@
-"""Strict, low-RAM loading of safetensors weights into a module.
-
-The fp32 SDXL UNet is 10 GB and Colab has 12.7 GB of RAM: a random-init model plus a full state dict would not
-fit. So the module is built on the `meta` device, all names and shapes are checked before a byte is read, and the
-tensors are read one at a time from the memory-mapped file, each converted straight to its dtype and device."""
+"""Strict, low-RAM loading of safetensors weights into a module. The fp32 SDXL UNet is 10 GB, Colab
+has 12.7 GB of RAM: a random-init model plus a full state dict would not fit. So the module is built
+on the `meta` device, all names and shapes are checked before a byte is read, and the tensors are
+read one at a time from the memory-mapped file, each converted straight to its dtype and device."""
 
 from __future__ import annotations
 
@@ -31,26 +30,26 @@ class TensorRef:
     file: Path  # the .safetensors file holding it
     key: str  # its name inside that file
     shape: tuple[int, ...]  # its shape after `op`
-    op: str = ""  # "" as is | "squeeze" 1x1 conv -> linear | "transpose" | "q"/"k"/"v" third of fused qkv
+    op: str = ""  # "" as is | "squeeze" (reshape) | "transpose" | "q"/"k"/"v" third of fused qkv
 
 
 Weights = Mapping[str, Union[TensorRef, torch.Tensor]]  # module tensor name -> where to get it
 
 
-# --------------------------------------------------------------------------------------------- reading files
+# ----------------------------------------------------------------------------------- reading files
 
 
 def refuse_pickle(path: Path) -> None:
     """Pickle checkpoints run code when loaded; say so and say how to get a safetensors file."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(
-            f"{path} is a pickle file ({path.suffix}). Loading a pickle runs Python code stored inside it, so a "
-            "malicious checkpoint could take over this machine; minidream reads only .safetensors. Download the "
-            ".safetensors version (most model pages offer one), or convert a file you trust once with:\n"
-            '  python -c "import torch; from safetensors.torch import save_file; '
-            f"sd = torch.load('{path}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); "
-            f"save_file({{k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}}, "
-            f"'{path.with_suffix('.safetensors')}')\"")
+            f"{path} is a pickle file ({path.suffix}). Loading a pickle runs Python code stored "
+            "inside it, so a malicious checkpoint could take over this machine; minidream reads "
+            "only .safetensors. Download the .safetensors version (most model pages offer one), "
+            "or convert a file you trust once with:\n  python -c \"import torch; from "
+            f"safetensors.torch import save_file; sd = torch.load('{path}', map_location='cpu', "
+            "weights_only=True); sd = sd.get('state_dict', sd); save_file({k: v.contiguous() for "
+            f"k, v in sd.items() if torch.is_tensor(v)}}, '{path.with_suffix('.safetensors')}')\"")
 
 
 def read_header(path: Path) -> dict[str, tuple[int, ...]]:
@@ -63,25 +62,26 @@ def read_header(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated "
-                              "(re-download it) or another format.") from e
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be "
+                              "truncated (re-download it) or another format.") from e
 
 
 def read_json(path: Path, error: type = CheckpointError) -> dict:
-    """A JSON object file (config.json, model_index.json, subject.json, ...), or `error` naming the file."""
+    """A JSON object file (config.json, model_index.json, subject.json...), or `error` naming it."""
     try:
-        value = json.loads(path.read_bytes()) if path.stat().st_size < 2**24 else "a file over 16 MB"
-    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON, nested too deep
+        too_big = path.stat().st_size >= 2**24
+        value = "a file over 16 MB" if too_big else json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8 or JSON, too deep
         value = e
     if not isinstance(value, dict):
-        raise error(f"{path} is not valid JSON holding an object {{...}} ({str(value)[:80]}); fix or replace it")
+        raise error(f"{path} is not valid JSON holding an object {{...}} ({str(value)[:80]}); "
+                    "fix or replace it")
     return value
 
 
 def widen_float8(tensor: torch.Tensor) -> torch.Tensor:
-    """An 8-bit float tensor (safetensors' F8_E4M3 / F8_E5M2: files shared at half size) as float32, which
-    holds each of its values exactly and supports every operation (isfinite has no float8 kernel); any
-    other tensor as it is."""
+    """An 8-bit float tensor (F8_E4M3 / F8_E5M2 files) as float32, which holds its values exactly
+    and has every kernel (isfinite has no float8 one); any other tensor as it is."""
     return tensor.float() if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
 
 
@@ -91,20 +91,16 @@ def _read(handle, ref: TensorRef) -> torch.Tensor:
         start = "qkv".index(ref.op) * ref.shape[0]
         return widen_float8(handle.get_slice(ref.key)[start : start + ref.shape[0]])
     tensor = widen_float8(handle.get_tensor(ref.key))
-    if ref.op == "squeeze":
-        return tensor.reshape(ref.shape)
-    if ref.op == "transpose":
-        return tensor.t().contiguous()
-    return tensor
+    return tensor.t().contiguous() if ref.op == "transpose" else tensor.reshape(ref.shape)
 
 
-# --------------------------------------------------------------------------------------------- filling a module
+# -------------------------------------------------------------------------------- filling a module
 
 
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Build modules whose parameters go to `meta` as they are registered (no memory; the random init that follows
-    costs nothing) but whose buffers are real: non-persistent ones (CLIP's `position_ids`) are in no checkpoint."""
+    """Build modules whose parameters go to `meta` as they are registered (no memory, no init cost)
+    but whose buffers are real: non-persistent ones (CLIP's `position_ids`) are in no checkpoint."""
     register = nn.Module.register_parameter
 
     def register_on_meta(module, name, param):
@@ -120,27 +116,26 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def _names(names, limit: int = 8) -> str:
-    names = sorted(names)
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+    return ", ".join(sorted(names)[:limit]) + more
 
 
 def check_weights(model: nn.Module, weights: Weights, what: str) -> None:
-    """Strict check before any reading: same names, same shapes, or one error saying what differs."""
+    """Strict check before any reading: same names and shapes, or one error saying what differs."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-    missing, unexpected, problems = expected.keys() - weights.keys(), weights.keys() - expected.keys(), []
-    if missing:
-        problems.append(f"{len(missing)} tensors of the model are missing from the checkpoint: {_names(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} checkpoint tensors match nothing in the model: {_names(unexpected)}")
-    wrong = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {expected[k]}"
-             for k in sorted(expected.keys() & weights.keys()) if tuple(weights[k].shape) != expected[k]]
+    missing, unexpected = expected.keys() - weights.keys(), weights.keys() - expected.keys()
+    problems = [f"{len(keys)} {text}: {_names(keys)}" for keys, text in (
+        (missing, "tensors of the model are missing from the checkpoint"),
+        (unexpected, "checkpoint tensors match nothing in the model")) if keys]
+    common = sorted(expected.keys() & weights.keys())
+    wrong = [f"{k}: checkpoint {tuple(weights[k].shape)} vs model {expected[k]}" for k in common
+             if tuple(weights[k].shape) != expected[k]]
     if wrong:
         problems.append(f"{len(wrong)} shape mismatches: " + "; ".join(wrong[:8]))
     if problems:
-        raise CheckpointError(f"{what}: the checkpoint does not fit the model built from its config.\n  "
-                              + "\n  ".join(problems)
-                              + "\nCheck that the file is the model you meant (and its config.json matches it).")
+        raise CheckpointError(f"{what}: the checkpoint does not fit the model built from its config"
+                              ".\n  " + "\n  ".join(problems) + "\nCheck that the file is the "
+                              "model you meant (and its config.json matches it).")
 
 
 def read_tensors(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
@@ -152,27 +147,33 @@ def read_tensors(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, _read(handles[ref.file], ref) if isinstance(ref, TensorRef) else ref
 
 
+def _cast(tensor: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
+    """`tensor` on `device`, in `dtype` if it is floating-point (integer buffers keep theirs)."""
+    return tensor.to(device, dtype if tensor.is_floating_point() else tensor.dtype)
+
+
 def load_weights(model: nn.Module, weights: Weights, dtype: torch.dtype = torch.float32,
                  device: Union[str, torch.device] = "cpu", what: str = "model") -> nn.Module:
-    """Fill `model` (built under `parameters_on_meta`) with `weights`, one tensor at a time, in place of its meta
-    tensors; floating-point ones become `dtype`. Buffers no checkpoint holds (non-persistent) move to `device` too."""
+    """Fill `model` (built under parameters_on_meta) with `weights`, one tensor at a time, floating-
+    point ones in `dtype`; buffers no checkpoint holds (non-persistent) move to `device` too."""
     check_weights(model, weights, what)
     modules = dict(model.named_modules())  # built once: faster than get_submodule per tensor
     for name, tensor in read_tensors(weights):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = modules[owner_name]
-        slot = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
-        if tensor.is_floating_point() != slot.is_floating_point():  # an int32 weight: a damaged file
-            raise CheckpointError(f"{getattr(weights[name], 'file', what)}: {name} is {tensor.dtype}, not {slot.dtype}")
-        tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-        if leaf in owner._parameters:
-            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=owner._parameters[leaf].requires_grad)
+        owner, _, leaf = name.rpartition(".")
+        params, buffers = modules[owner]._parameters, modules[owner]._buffers
+        old = params[leaf] if leaf in params else buffers[leaf]
+        if tensor.is_floating_point() != old.is_floating_point():  # an int32 weight: a damaged file
+            source = getattr(weights[name], "file", what)
+            raise CheckpointError(f"{source}: {name} is {tensor.dtype}, not {old.dtype}")
+        if leaf in params:
+            params[leaf] = nn.Parameter(_cast(tensor, dtype, device), old.requires_grad)
         else:
-            owner._buffers[leaf] = tensor
-    for owner in model.modules():
-        for leaf, buffer in owner._buffers.items():
+            buffers[leaf] = _cast(tensor, dtype, device)
+    for module in model.modules():
+        for leaf, buffer in module._buffers.items():
             if buffer is not None and buffer.device.type == "meta":
-                raise CheckpointError(f"{what}: buffer {leaf!r} of {type(owner).__name__} has no value")
+                owner = type(module).__name__
+                raise CheckpointError(f"{what}: buffer {leaf!r} of {owner} has no value")
             if buffer is not None:
-                owner._buffers[leaf] = buffer.to(device, dtype if buffer.is_floating_point() else buffer.dtype)
+                module._buffers[leaf] = _cast(buffer, dtype, device)
     return model

@@ -3,8 +3,6 @@
 import pytest
 import torch
 
-import minidream.formats  # noqa: F401  (plugs single-file checkpoints into minidream.checkpoint)
-
 
 @pytest.fixture(autouse=True, scope="session")
 def one_cpu_thread():

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from minidream.method import text_encoders
 from minidream.methods import build_method
 from minidream.methods.full_finetune import FullFinetune
+from minidream import formats
 from minidream.model import load_model
 from minidream.optim import make_optimizer
 from minidream.planner.memory import optimizer_state_bytes
@@ -130,7 +131,7 @@ def test_saving_from_a_single_file_base_writes_every_part(tmp_path):
     folder = write_tiny_sdxl(tmp_path / "tiny", seed=2, dtype=torch.float32)
     single = tmp_path / "tiny.safetensors"
     write_single_file(reference_models(folder), single)
-    model = load_model(single, tokenizer=folder)  # single files carry no tokenizer: --tokenizer FOLDER
+    model = formats.load_model(single, tokenizer=folder)  # single files carry no tokenizer: --tokenizer
     method = FullFinetune(model, TrainConfig(method="full", tokenizer=str(folder), gradient_checkpointing=False),
                           "rraj", "person")
     with torch.no_grad():

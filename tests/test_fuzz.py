@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 
 import sample as sample_script
 import train as train_script
-from minidream.checkpoint import detect, load_unet, load_vae
+from minidream.checkpoint import detect
+from minidream.formats import load_unet, load_vae
 from minidream.data import DataError, load_images, load_subject
 from minidream.errors import UserError
 from minidream.formats.archives import unpack_class_images

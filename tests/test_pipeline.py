@@ -18,6 +18,7 @@ from lora_models import write_random_lora
 from minidream import samplers
 from minidream.cli.sample_command import SAMPLERS
 from minidream.formats.lora_files import add_loras
+from minidream import formats
 from minidream.model import load_model
 from minidream.pipeline import check_size, decode, generate, sample_latents
 from minidream.toy.tiny import write_tiny_sdxl
@@ -116,7 +117,7 @@ def test_single_file_copy_gives_the_same_image(folder, ours, theirs, tmp_path):
               "text_encoder_2": theirs.text_encoder_2}
     file = tmp_path / "tiny_sdxl.safetensors"
     write_single_file(models, file)
-    single = load_model(file, tokenizer=folder)  # single files carry no tokenizer
+    single = formats.load_model(file, tokenizer=folder)  # single files carry no tokenizer
     options = dict(steps=6, seed=5, height=64, width=64, progress=False)
     for sampler in (samplers.ddim, samplers.pndm):
         a = sample_latents(single, "a photo of rraj person", "blurry", sampler=sampler, **options)

@@ -212,7 +212,7 @@ def test_family_from_the_text_encoders_a_file_carries(family, unet, text):
 def test_full_size_sdxl_single_file_fits_the_models_built_from_its_inferred_configs():
     """The whole single-file path at full size, headers only: split by prefix, skip the known
     extras, infer every config, rename, and pass the strict name + shape check of each model."""
-    from minidream.checkpoint import fit_text_model_prefix
+    from minidream.checkpoint import fit_text_names
     from minidream.loading import check_weights
 
     te1 = CLIPTextConfig.from_dict(sdxl_config("text_encoder"))
@@ -233,4 +233,4 @@ def test_full_size_sdxl_single_file_fits_the_models_built_from_its_inferred_conf
         config, weights = sf.text_encoder(part)
         with torch.device("meta"):
             model = cls(CLIPTextConfig.from_dict(config))
-        check_weights(model, fit_text_model_prefix(weights, model), part)
+        check_weights(model, fit_text_names(weights, model), part)

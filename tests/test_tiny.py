@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from minidream.toy import pretrain, tiny, toyworld
-from minidream.checkpoint import load_unet
+from minidream.formats import load_unet
 from minidream.model import default_model_path, load_model
 from minidream.toy.tiny import WORDS, write_tiny_sdxl
 

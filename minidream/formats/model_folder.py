@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from minidream.checkpoint import detect, text_encoder_parts, text_encoder_weights, unet_weights, vae_weights
+from minidream.formats import detect, text_encoder_parts, text_encoder_weights, unet_weights, vae_weights
 from minidream.files import atomic_write, write_json
 from minidream.loading import Weights, read_tensors
 from minidream.model import find_tokenizer_dir

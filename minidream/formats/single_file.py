@@ -13,8 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from minidream.formats import sgm_keys
-from minidream.checkpoint import FAMILIES, ModelInfo, check_config, family_from_context
+from minidream.checkpoint import (FAMILIES, ModelInfo, PartWeights, check_config, family_from_context,
+                                  require)
 from minidream.loading import CheckpointError, TensorRef, Weights, read_header
+
+LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", ".lora.", "lora_unet_", "lora_te", "hada_", "lokr_")
 
 # Which part each prefix holds. The SDXL refiner has only the OpenCLIP encoder, as embedder 0;
 # SD 2.x's OpenCLIP ViT-H is diffusers' (only) `text_encoder`.
@@ -146,8 +149,8 @@ class SingleFile:
 
 @contextmanager
 def shapes_of(path: Path):
-    """Read a file's architecture off its shapes; a file whose tensors are missing or misshapen (damaged, or
-    crafted) is a CheckpointError instead of a KeyError deep inside."""
+    """Read a file's architecture off its shapes; a file whose tensors are missing or misshapen
+    (damaged, or crafted) is a CheckpointError instead of a KeyError deep inside."""
     try:
         yield
     except (KeyError, IndexError, StopIteration, ValueError, TypeError, ZeroDivisionError) as e:
@@ -157,53 +160,75 @@ def shapes_of(path: Path):
                               f"architecture ({type(e).__name__}: {e}); re-download it") from None
 
 
-class SingleFileReader:
-    """What minidream.checkpoint asks of single files (registered by minidream.formats). Every config read off
-    shapes passes checkpoint.check_config, as a folder's config.json does."""
+# ---------------------------------------------------------------------------------------------
+# The functions minidream.checkpoint has for folders, for a file (minidream.formats picks by path).
+# Every config read off shapes passes checkpoint.check_config, as a folder's config.json does.
+# ---------------------------------------------------------------------------------------------
 
-    def describe(self, path: Path, header: dict[str, tuple]) -> ModelInfo:
-        """What a .safetensors file that is no LoRA holds: a whole model, a lone VAE, UNet, ..."""
-        with shapes_of(path):
-            return self._describe(path, header)
 
-    def _describe(self, path: Path, header: dict[str, tuple]) -> ModelInfo:
-        parts = split_parts(header)
-        if "unet" in parts:
-            name, names = family(parts), tuple(sorted(parts))
-            return ModelInfo(path, "single-file", f"{FAMILIES[name]} in one file ({', '.join(names)})", name, names)
-        vae_keys = ("encoder.down.0.block.0.conv1.weight", "encoder.down_blocks.0.resnets.0.conv1.weight")
-        if set(parts) == {"vae"} or any(k in header for k in vae_keys):
-            return ModelInfo(path, "vae-file", "a VAE alone, not a whole model (give it with --vae)", parts=("vae",))
-        if "conv_in.weight" in header and "time_embedding.linear_1.weight" in header:
-            text = "a UNet alone in diffusers names (a unet/ weight file); give the folder with model_index.json"
-            return ModelInfo(path, "unet-file", text, parts=("unet",))
-        if any("embeddings.token_embedding" in k for k in header):
-            return ModelInfo(path, "text-encoder-file", "a text encoder alone, not a whole model")
-        return ModelInfo(path, "unknown", f"no tensor names minidream knows (first: {', '.join(list(header)[:3])})")
+def detect(path) -> ModelInfo:
+    """What a .safetensors file holds, by its tensor names: a whole model, a LoRA, a lone VAE, ..."""
+    path = Path(path)
+    header = read_header(path)
+    if any(marker in k for k in header for marker in LORA_MARKERS):
+        text = f"a LoRA adapter ({len(header)} tensors), not a base model: apply it with --lora"
+        return ModelInfo(path, "lora", text)
+    with shapes_of(path):
+        return _describe(path, header)
 
-    def unet(self, info: ModelInfo, config: dict | None) -> tuple[dict, Weights]:
-        with shapes_of(info.path):
-            config, weights = SingleFile(info.path).unet(config)
-        return check_config(config, "unet", info.path), weights
 
-    def vae(self, info: ModelInfo, expect: str | None, config: dict | None) -> tuple[dict, Weights]:
-        with shapes_of(info.path):
-            if info.layout == "vae-file":
-                config, weights = vae_file(info.path, expect or "sdxl", config)
-            else:
-                single = SingleFile(info.path)
-                if "vae" not in single.parts:
-                    raise CheckpointError(f"{info.path} holds no VAE (first_stage_model.*); give one with --vae")
-                config, weights = single.vae(config)
-        return check_config(config, "vae", info.path), weights
+def _describe(path: Path, header: dict[str, tuple]) -> ModelInfo:
+    parts = split_parts(header)
+    if "unet" in parts:
+        name, names = family(parts), tuple(sorted(parts))
+        return ModelInfo(path, "single-file", f"{FAMILIES[name]} in one file ({', '.join(names)})", name, names)
+    vae_keys = ("encoder.down.0.block.0.conv1.weight", "encoder.down_blocks.0.resnets.0.conv1.weight")
+    if set(parts) == {"vae"} or any(k in header for k in vae_keys):
+        return ModelInfo(path, "vae-file", "a VAE alone, not a whole model (give it with --vae)", parts=("vae",))
+    if "conv_in.weight" in header and "time_embedding.linear_1.weight" in header:
+        text = "a UNet alone in diffusers names (a unet/ weight file); give the folder with model_index.json"
+        return ModelInfo(path, "unet-file", text, parts=("unet",))
+    if any("embeddings.token_embedding" in k for k in header):
+        return ModelInfo(path, "text-encoder-file", "a text encoder alone, not a whole model")
+    return ModelInfo(path, "unknown", f"no tensor names minidream knows (first: {', '.join(list(header)[:3])})")
 
-    def text_encoder(self, info: ModelInfo, part: str) -> tuple[dict, Weights]:
-        with shapes_of(info.path):
+
+def unet_weights(path, *, expect="sdxl", variant=None, config=None) -> PartWeights:
+    """(UNet config read off the shapes, or `config`; TensorRefs in minidream's names). A file has
+    no variants: `variant` is there for the folders' function of the same name."""
+    info = detect(path)
+    require(info, expect, "unet", ("single-file",))
+    with shapes_of(info.path):
+        config, weights = SingleFile(info.path).unet(config)
+    return check_config(config, "unet", info.path), weights
+
+
+def vae_weights(path, *, expect="sdxl", variant=None, config=None) -> PartWeights:
+    """(AutoencoderKL config, TensorRefs) of a single file's VAE, or of a lone VAE file, which gets
+    the scaling factor of `expect`."""
+    info = detect(path)
+    require(info, expect, "vae", ("single-file", "vae-file"))
+    with shapes_of(info.path):
+        if info.layout == "vae-file":
+            config, weights = vae_file(info.path, expect or "sdxl", config)
+        else:
             single = SingleFile(info.path)
-            if part not in single.parts:
-                raise CheckpointError(f"{info.path} holds no {part} ({info.description})")
-            config, weights = single.text_encoder(part)
-        return check_config(config, part, info.path), weights
+            if "vae" not in single.parts:
+                raise CheckpointError(f"{info.path} holds no VAE (first_stage_model.*); give one with --vae")
+            config, weights = single.vae(config)
+    return check_config(config, "vae", info.path), weights
+
+
+def text_encoder_weights(path, part="text_encoder", *, expect="sdxl", variant=None) -> PartWeights:
+    """(CLIPTextConfig dict, TensorRefs in transformers 4's `text_model.*` names) of `part`."""
+    info = detect(path)
+    require(info, expect, "text_encoder", ("single-file",))
+    with shapes_of(info.path):
+        single = SingleFile(info.path)
+        if part not in single.parts:
+            raise CheckpointError(f"{info.path} holds no {part} ({info.description})")
+        config, weights = single.text_encoder(part)
+    return check_config(config, part, info.path), weights
 
 
 def vae_file(path: Path, family_name: str, config: dict | None = None) -> tuple[dict, Weights]:
