@@ -140,7 +140,7 @@ def load_cache(path, fingerprint: str) -> LatentCache | None:
 # ----------------------------------------------------------------------------- batches
 
 class ShuffledOrder:
-    """Endless passes over n items, each a fresh permutation from `generator` (state checkpointed)."""
+    """Endless passes over n items, each a fresh permutation by `generator` (checkpointed)."""
 
     def __init__(self, n: int, generator: torch.Generator):
         self.n, self.generator = n, generator
