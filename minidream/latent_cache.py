@@ -164,11 +164,8 @@ class ShuffledOrder:
 
 def _pick_views(views: Views, images: list[int], generator: torch.Generator) -> torch.Tensor:
     """One random cached view (row index) of each image."""
-    rows = []
-    for img in images:
-        candidates = torch.nonzero(views.image == img).flatten()
-        rows.append(int(candidates[torch.randint(len(candidates), (1,), generator=generator)]))
-    return torch.tensor(rows, dtype=torch.int64)
+    candidates = [torch.nonzero(views.image == img).flatten() for img in images]  # its rows
+    return torch.stack([c[torch.randint(len(c), (1,), generator=generator)][0] for c in candidates])
 
 
 def draw_batch(cache: LatentCache, instance_order: ShuffledOrder, class_order: ShuffledOrder | None,

@@ -78,8 +78,7 @@ def _pndm_step(x, out, t, t_prev, ac, final, prediction_type):
 
 
 def _adams_bashforth(outs):
-    """Adams-Bashforth combination of the last 2-4 model outputs (newest last); orders 2-3 bridge
-    diffusers' PLMS start until four outputs exist."""
+    """Adams-Bashforth over the last 2-4 outputs (newest last); orders 2-3 bridge the start."""
     e = outs[::-1]  # e[0] newest
     if len(e) == 2:
         return (3 * e[0] - e[1]) / 2
@@ -125,10 +124,9 @@ def _clip_x0(x0, cfg: ScheduleConfig):
 
 
 def guidance(out_uncond, out_cond, scale: float, rescale: float = 0.0):
-    """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond), the paper's
-    (1 + w) cond - w uncond with w = scale - 1, on whatever the UNet outputs (eps or v). rescale > 0
-    (Lin et al. 2024, sec. 3.4): blend in the guided output rescaled to out_cond's per-sample std,
-    against over-exposure at high scales."""
+    """Classifier-free guidance (Ho & Salimans 2022) on eps or v: uncond + scale * (cond - uncond),
+    the paper's (1 + w) cond - w uncond, w = scale - 1. rescale > 0 (Lin et al. 2024, sec. 3.4):
+    blend in the guided output rescaled to out_cond's per-sample std (less over-exposure)."""
     guided = out_uncond + scale * (out_cond - out_uncond)
     if rescale > 0:
         dims = list(range(1, guided.ndim))

@@ -1,8 +1,7 @@
 """The noise schedule: how much of the clean image survives at each training timestep.
 
-A diffusion model is trained on x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t = 0..T-1
-(Ho et al. 2020, DDPM, eq. 4). Samplers and the training step need only the table alpha_bar =
-alphas_cumprod(cfg), computed in diffusers' float32 order so trajectories match to rounding."""
+Training sees x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, DDPM, eq. 4);
+the rest follows from alpha_bar = alphas_cumprod(cfg), in diffusers' float32 order (parity)."""
 
 import math
 from dataclasses import dataclass, fields
@@ -118,8 +117,7 @@ def add_noise(x0, noise, t, alphas_cumprod):
 
 
 def velocity(x0, noise, t, alphas_cumprod):
-    """The v-prediction target v = sqrt(alpha_bar) * eps - sqrt(1 - alpha_bar) * x0
-    (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models")."""
+    """The v-prediction target sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022)."""
     a = _per_sample(alphas_cumprod, t, x0)
     return a**0.5 * noise - (1 - a) ** 0.5 * x0
 
@@ -173,7 +171,6 @@ def inference_timesteps(cfg: ScheduleConfig, steps: int) -> list[int]:
         raise _unknown("timestep_spacing", cfg.timestep_spacing, TIMESTEP_SPACINGS)
     ts = [int(t) for t in ts]
     if ts[0] >= T:
-        raise ValueError(f"leading spacing with steps_offset={cfg.steps_offset} and steps={steps} "
-                         f"reaches timestep {ts[0]} >= num_train_timesteps={T}; "
-                         "use fewer steps or steps_offset=0")
+        raise ValueError(f"steps={steps} with steps_offset={cfg.steps_offset} reaches timestep "
+                         f"{ts[0]} >= num_train_timesteps={T}; use fewer steps or steps_offset=0")
     return ts
