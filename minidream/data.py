@@ -91,8 +91,7 @@ def open_rgb(path: Path) -> Image.Image:
         peak = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
         img = Image.fromarray((a / peak * 255.0).round().astype(np.uint8))
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, img.convert("RGBA"))
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
     return img.convert("RGB")
 
 
@@ -109,8 +108,7 @@ def iter_images(paths: list[Path], resolution: int, what: str = "instance"):
             small.append(f"{path.name} ({img.size[0]}x{img.size[1]})")
         yield path, img
     warn_all(unreadable, f"unreadable {what} image(s) skipped")
-    warn_all(small, f"{what} image(s) smaller than the training resolution {resolution} px, "
-                    "upscaled (so soft)")
+    warn_all(small, f"{what} image(s) smaller than the training resolution {resolution}, upscaled")
 
 
 def warn_all(problems: list[str], what: str, shown: int = 5) -> None:
@@ -157,10 +155,8 @@ def make_view(img: Image.Image, resolution: int, rng: random.Random, flip: bool,
     img = img.resize((width, height), Image.Resampling.BICUBIC)
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if center:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
-    else:
-        top, left = rng.randint(0, height - resolution), rng.randint(0, width - resolution)
+    offset = (lambda room: room // 2) if center else (lambda room: rng.randint(0, room))
+    top, left = offset(height - resolution), offset(width - resolution)
     img = img.crop((left, top, left + resolution, top + resolution))
     return View(to_tensor(img), original_size, (top, left), flip)
 
