@@ -108,7 +108,8 @@ def iter_images(paths: list[Path], resolution: int, what: str = "instance"):
             small.append(f"{path.name} ({img.size[0]}x{img.size[1]})")
         yield path, img
     warn_all(unreadable, f"unreadable {what} image(s) skipped")
-    warn_all(small, f"{what} image(s) smaller than the training resolution {resolution}, upscaled")
+    warn_all(small, f"{what} image(s) smaller than the training resolution {resolution} px, "
+                    "upscaled (so soft)")
 
 
 def warn_all(problems: list[str], what: str, shown: int = 5) -> None:
