@@ -11,6 +11,12 @@ from .schedule import (ScheduleConfig, alphas_cumprod, final_alpha_cumprod, infe
                        predicted_x0_eps)
 
 
+def _walk(cfg: ScheduleConfig, steps: int, device):
+    """(visited timesteps, stride T // steps, alpha_bar (T,), alpha_bar "after" t = 0)."""
+    ts, ac = inference_timesteps(cfg, steps), alphas_cumprod(cfg).to(device)
+    return ts, cfg.num_train_timesteps // steps, ac, final_alpha_cumprod(cfg, ac)
+
+
 def ddim(model, x, cfg: ScheduleConfig, steps: int, *, eta=0.0, generator=None, callback=None):
     """DDIM: Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12,
 
@@ -21,10 +27,7 @@ def ddim(model, x, cfg: ScheduleConfig, steps: int, *, eta=0.0, generator=None, 
     "previous" timestep is always t - T // steps, even where trailing or linspace visit another."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
-    ts = inference_timesteps(cfg, steps)
-    stride = cfg.num_train_timesteps // steps
-    ac = alphas_cumprod(cfg).to(x.device)
-    final = final_alpha_cumprod(cfg, ac)
+    ts, stride, ac, final = _walk(cfg, steps, x.device)
     for i, t in enumerate(ts):
         a_t = ac[t]
         a_prev = ac[t - stride] if t - stride >= 0 else final
@@ -49,15 +52,12 @@ def pndm(model, x, cfg: ScheduleConfig, steps: int, *, start=None, callback=None
     `_plms_start` by default (SD/SDXL's choice, diffusers' skip_prk_steps), or the paper's pseudo
     Runge-Kutta warm-up (minidream.more_samplers.prk_start, eq. 12). diffusers quirk kept: outputs
     are combined as the model gave them (v for v_prediction), made eps only in the transfer step."""
-    ac = alphas_cumprod(cfg).to(x.device)
-    final = final_alpha_cumprod(cfg, ac)
+    ts, stride, ac, final = _walk(cfg, steps, x.device)
     callback = callback or (lambda i, t, x: None)
 
     def step(x, out, t, t_prev):  # the transfer part with this schedule bound in
         return _pndm_step(x, out, t, t_prev, ac, final, cfg.prediction_type)
 
-    ts = inference_timesteps(cfg, steps)
-    stride = cfg.num_train_timesteps // steps
     x, outs, rest, i = (start or _plms_start)(model, x, ts, stride, step, callback)  # i: evaluated
     for t in rest:
         outs = outs[-3:] + [model(x, t)]  # keep the 4 most recent outputs

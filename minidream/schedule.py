@@ -47,8 +47,7 @@ class ScheduleConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ScheduleConfig":
         """Read a diffusers scheduler config dict; keys that change no number here are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
 
 def _unknown(name, value, choices) -> ValueError:
