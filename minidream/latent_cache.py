@@ -58,7 +58,7 @@ def encode_views(vae, images, resolution: int, views_per_image: int, rng: random
     """VAE-encode `views_per_image` augmented views of each (path, PIL image) of an iterable; fp32
     cache. With flip, odd views are flipped (a single view: at random), so flips are balanced."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    means, stds, ids, which = [], [], [], []
+    rows = []
     total = len(images) if total is None else total
     bar = tqdm(images, desc=desc, total=total, leave=False, disable=total < 8)
     for i, (_, img) in enumerate(bar):
@@ -66,12 +66,11 @@ def encode_views(vae, images, resolution: int, views_per_image: int, rng: random
             flipped = flip and (rng.random() < 0.5 if views_per_image == 1 else k % 2 == 1)
             view = make_view(img, resolution, rng, flipped, center=center_crop)
             mean, logvar = vae.encode(view.pixels[None].to(device, dtype))  # (1, 4, h, w) each
-            means.append(mean.float().cpu())
-            stds.append(torch.exp(0.5 * logvar.float()).cpu())
-            ids.append(sdxl_time_ids(view.original_size, view.crop_top_left, [resolution] * 2))
-            which.append(i)
-    if not means:
+            time_ids = sdxl_time_ids(view.original_size, view.crop_top_left, [resolution] * 2)
+            rows.append((mean.float().cpu(), torch.exp(0.5 * logvar.float()).cpu(), time_ids, i))
+    if not rows:
         raise DataError(f"no readable image to encode ({desc})")
+    means, stds, ids, which = zip(*rows)
     return Views(torch.cat(means), torch.cat(stds), torch.stack(ids), torch.tensor(which))
 
 
@@ -172,9 +171,9 @@ def draw_batch(cache: LatentCache, instance_order: ShuffledOrder, class_order: S
                batch_size: int, generator: torch.Generator, *, scaling_factor: float,
                num_timesteps: int, noise_offset=0.0, sdxl=True, device="cpu") -> Batch:
     """batch_size instance rows (+ as many class rows): latents drawn from the cached posteriors,
-    noise, uniform timesteps, all from the CPU `generator` (reproducible on any device, resumable).
-    noise_offset (Guttenberg 2023, "Diffusion with Offset Noise"): add offset * N(0, 1) per sample
-    and channel, so the model also learns to change an image's mean brightness."""
+    noise and uniform timesteps, all from the CPU `generator` (the same on any device, resumable).
+    noise_offset (Guttenberg 2023, "Diffusion with Offset Noise") adds offset * N(0, 1) per sample
+    and channel: the model also learns to change an image's mean brightness."""
     pairs = ((cache.instance, instance_order), (cache.classes, class_order))
     parts = [(v, _pick_views(v, order.take(batch_size), generator)) for v, order in pairs if order]
     mean = torch.cat([v.mean[rows] for v, rows in parts])  # (N, 4, h, w)

@@ -1,9 +1,7 @@
-"""Class images for prior preservation, made by the base model itself.
-
-DreamBooth's prior-preservation loss (Ruiz et al. 2022, sec. 3.3, eq. 2; step.py) trains on images
-of the subject's class that the *base* model generates, so the class does not drift towards the
-subject. Only missing images are generated, each written atomically as class-NNNNN.png with seed =
-class_seed + NNNNN: an interrupted generation resumes, and image NNNNN is the same whenever made."""
+"""Class images for prior preservation (Ruiz et al. 2022, sec. 3.3, eq. 2; step.py), made by the
+*base* model itself so the class does not drift towards the subject. Only missing images are made,
+each written atomically as class-NNNNN.png with seed = class_seed + NNNNN: an interrupted
+generation resumes, and image NNNNN is the same whenever it is made."""
 
 from __future__ import annotations
 

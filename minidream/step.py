@@ -69,11 +69,9 @@ def training_step(unet: torch.nn.Module, batch: Batch, embed_prompts, alphas_cum
                   *, prediction_type: str = "epsilon", prior_weight: float = 1.0,
                   snr_gamma: float | None = None, autocast_dtype: torch.dtype | None = None,
                   scaler: torch.amp.GradScaler | None = None, accumulation: int = 1) -> StepLosses:
-    """Forward and backward of one micro-batch; gradients accumulate in the parameters' .grad.
-
-    embed_prompts() returns the prompt table (context (P, L, D), pooled (P, Dp) or None): cached, or
-    the text encoders run now (under autocast) when they train. autocast_dtype None runs in the
-    weights' own dtype. The loss is divided by `accumulation`: summed gradients are the mean's."""
+    """Forward and backward of one micro-batch; gradients of loss / `accumulation` add up in .grad.
+    embed_prompts() gives (context (P, L, D), pooled (P, Dp) or None): cached, or encoded now under
+    autocast when the text encoders train. autocast_dtype None runs in the weights' own dtype."""
     x0, noise, t = batch.latents, batch.noise, batch.timesteps
     x_t = add_noise(x0, noise, t, alphas_cumprod)
     target = training_target(x0, noise, t, alphas_cumprod, prediction_type)
