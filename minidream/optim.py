@@ -73,11 +73,9 @@ def lr_at(step: int, lr: float, schedule="constant", warmup_steps=0, total_steps
     cosine                the same ramp, then half a cosine from lr down to 0 at total_steps
                           (Loshchilov & Hutter 2017, "SGDR", eq. 5 with one cycle and no restart)"""
     _check("lr schedule", schedule, LR_SCHEDULES)
-    if schedule == "constant":
-        return lr
-    if step < warmup_steps:
+    if schedule != "constant" and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
-    if schedule == "constant_with_warmup":
+    if schedule != "cosine":
         return lr
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
