@@ -1,8 +1,7 @@
-"""The one error type for input a user can fix. train.py and sample.py print it as one line,
-`script: error: ...`, and exit with code 2; any other exception is a bug or a machine failure and
-keeps its traceback."""
+"""The one error type for input a user can fix."""
 
 
 class UserError(ValueError):
     """A setting, file or folder given by the user is wrong; the message names the problem and the
-    fix. Subclasses name where it came from."""
+    fix. train.py and sample.py print it as one line (`script: error: ...`) and exit with code 2;
+    any other exception is a bug or a machine failure and keeps its traceback."""

@@ -101,8 +101,7 @@ def offload_encoders(model, keep_text: bool = False) -> None:
     for module in [model.vae, *text]:
         if module is not None:
             module.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # a no-op where CUDA was never used
 
 
 # ----------------------------------------------------------------------------- file
