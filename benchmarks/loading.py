@@ -161,7 +161,7 @@ def child(case: str, path: str) -> None:
     """One load in this fresh process. Each case imports only its own library, here: the imports
     are part of what is measured ("process" time, "RSS after imports")."""
     if case.startswith("minidream"):
-        from minidream.checkpoint import load_unet
+        from minidream.formats import load_unet
 
         def load():
             return load_unet(path, torch.float16)

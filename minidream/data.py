@@ -1,8 +1,8 @@
 """The subject folder, class (prior) images, and SDXL-style crops.
 
-DreamBooth (Ruiz et al. 2022) fine-tunes on a few photos of one subject, captioned "a photo of [V] [class
-noun]" with a rare token [V]. A subject folder holds the images (any size) and optionally subject.json:
-{"token": "rraj", "class_noun": "person"} (may also set instance_prompt, class_prompt, validation_prompts)."""
+DreamBooth (Ruiz et al. 2022) fine-tunes on a few photos of one subject, captioned "a photo of [V]
+[class noun]" with a rare token [V]. A subject folder holds them (any size) and maybe subject.json,
+{"token": "rraj", "class_noun": "person"} (+ instance_prompt, class_prompt, validation_prompts)."""
 
 from __future__ import annotations
 
@@ -37,23 +37,25 @@ class Subject:
     class_noun: str  # e.g. "person"
     instance_prompt: str  # "a photo of rraj person"
     class_prompt: str  # "a photo of person"
-    validation_prompts: list[str] | None = None  # subject.json may list prompts to watch during training
+    validation_prompts: list[str] | None = None  # prompts to watch during training (subject.json)
 
 
-def load_subject(folder, token=None, class_noun=None, instance_prompt=None, class_prompt=None) -> Subject:
+def load_subject(folder, token=None, class_noun=None, instance_prompt=None, class_prompt=None):
     """Read a subject folder; command-line values override `subject.json`."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"subject folder {folder} " + (f"is a file: pass its folder {folder.parent}" if folder.is_file()
-                        else "does not exist: create it and put 5-6 photos of the subject in it"))
-    settings_path = folder / SETTINGS_FILE
-    settings = read_json(settings_path, DataError) if settings_path.exists() else {}
+        problem = (f"is a file: pass its folder {folder.parent}" if folder.is_file()
+                   else "does not exist: create it and put 5-6 photos of the subject in it")
+        raise DataError(f"subject folder {folder} {problem}")
+    path = folder / SETTINGS_FILE
+    settings = read_json(path, DataError) if path.exists() else {}
     token, class_noun = token or settings.get("token"), class_noun or settings.get("class_noun")
     if not token or not class_noun:
-        raise DataError(f"no rare token / class noun for {folder}: pass --token and --class-noun, or write "
-                        f'{settings_path} with {{"token": "rraj", "class_noun": "person"}}')
+        raise DataError(f"no rare token / class noun for {folder}: pass --token and --class-noun, "
+                        f'or write {path} with {{"token": "rraj", "class_noun": "person"}}')
+    default = f"a photo of {token} {class_noun}"
     return Subject(folder, find_images(folder), token, class_noun,
-                   instance_prompt or settings.get("instance_prompt") or f"a photo of {token} {class_noun}",
+                   instance_prompt or settings.get("instance_prompt") or default,
                    class_prompt or settings.get("class_prompt") or f"a photo of {class_noun}",
                    settings.get("validation_prompts"))
 
@@ -62,9 +64,8 @@ def find_images(folder: Path) -> list[Path]:
     """Image files of a folder by suffix; other files are skipped with a warning."""
     images, skipped = [], []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.name == SETTINGS_FILE or path.is_dir():
-            continue
-        (images if path.suffix.lower() in IMAGE_SUFFIXES else skipped).append(path)
+        if not (path.name.startswith(".") or path.name == SETTINGS_FILE or path.is_dir()):
+            (images if path.suffix.lower() in IMAGE_SUFFIXES else skipped).append(path)
     warn_all([p.name for p in skipped], f"non-image file(s) in {folder} skipped")
     if not images:
         raise DataError(f"no images in {folder}: add 5-6 photos ({', '.join(IMAGE_SUFFIXES)})")
@@ -74,26 +75,28 @@ def find_images(folder: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- images
 
 def open_rgb(path: Path) -> Image.Image:
-    """Open an image as 8-bit RGB, honouring EXIF orientation (phones store portraits as rotated landscape
-    pixels). Transparent images are put on white; 16-bit values are scaled down, not clipped."""
+    """Open an image as 8-bit RGB, honouring EXIF orientation (phones store portraits as rotated
+    landscape pixels). Transparent images are put on white; 16-bit values scaled, not clipped."""
     try:
-        with warnings.catch_warnings():  # the pixel limit: over Image.MAX_IMAGE_PIXELS (89 MP) PIL warns; refused here
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # (a decompression bomb: 20000 x 20000 px)
+        # over Image.MAX_IMAGE_PIXELS (89 MP) PIL warns; refused here (a decompression bomb)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
             img.load()  # decode now, so a truncated file fails here and not mid-training
             img = ImageOps.exif_transpose(img)
     except Exception as e:  # noqa: BLE001  (decoders raise many types on damaged or crafted files)
-        raise DataError(f"{path} is not a readable image ({e}); re-export it or remove it") from None
+        raise DataError(f"{path} is not a readable image ({e}); re-export or remove it") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        peak = 65535.0 if img.mode.startswith("I;16") else max(float(np.asarray(img).max()), 1.0)
-        img = Image.fromarray((np.asarray(img, dtype=np.float64) / peak * 255.0).round().astype(np.uint8))
+        a = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        img = Image.fromarray((a / peak * 255.0).round().astype(np.uint8))
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))  # on white
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
     return img.convert("RGB")
 
 
 def iter_images(paths: list[Path], resolution: int, what: str = "instance"):
-    """(path, RGB image) for each readable file, one at a time: hundreds of class images are never all in memory."""
+    """(path, RGB image) per readable file, opened one at a time (not all in memory)."""
     unreadable, small = [], []
     for path in paths:
         try:
@@ -105,16 +108,18 @@ def iter_images(paths: list[Path], resolution: int, what: str = "instance"):
             small.append(f"{path.name} ({img.size[0]}x{img.size[1]})")
         yield path, img
     warn_all(unreadable, f"unreadable {what} image(s) skipped")
-    warn_all(small, f"{what} image(s) smaller than the training resolution {resolution} px, upscaled (so soft)")
+    warn_all(small, f"{what} image(s) smaller than the training resolution {resolution} px, "
+                    "upscaled (so soft)")
 
 
 def warn_all(problems: list[str], what: str, shown: int = 5) -> None:
     """One warning for many files (the count and the first few), not a line per file."""
     if problems:
-        warnings.warn(f"{len(problems)} {what}: " + "; ".join(problems[:shown]) + ("; ..." if problems[shown:] else ""))
+        more = "; ..." if problems[shown:] else ""
+        warnings.warn(f"{len(problems)} {what}: " + "; ".join(problems[:shown]) + more)
 
 
-def load_images(paths: list[Path], resolution: int, what: str = "instance") -> list[tuple[Path, Image.Image]]:
+def load_images(paths: list[Path], resolution: int, what: str = "instance") -> list[tuple]:
     """Open every image; unreadable ones are named and skipped, none left is an error."""
     good = list(iter_images(paths, resolution, what))
     if not good:
@@ -129,7 +134,7 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """Float tensor (B, 3, H, W) in [-1, 1] -> list of PIL RGB images (rounded as diffusers does)."""
+    """Float tensor (B, 3, H, W) in [-1, 1] -> list of PIL RGB images (rounded as in diffusers)."""
     array = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in array]
 
@@ -144,18 +149,15 @@ class View:
     flipped: bool
 
 
-def make_view(img: Image.Image, resolution: int, rng: random.Random, flip: bool, center: bool = False) -> View:
+def make_view(img: Image.Image, resolution: int, rng: random.Random, flip: bool, center=False):
     """Resize the short side to `resolution`, crop a square (random or centred), maybe flip."""
-    original_size = (img.height, img.width)
-    scale = resolution / min(img.size)
-    width, height = max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))
+    original_size, scale = (img.height, img.width), resolution / min(img.size)
+    width, height = (max(resolution, round(side * scale)) for side in img.size)
     img = img.resize((width, height), Image.Resampling.BICUBIC)
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if center:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
-    else:
-        top, left = rng.randint(0, height - resolution), rng.randint(0, width - resolution)
+    offset = (lambda room: room // 2) if center else (lambda room: rng.randint(0, room))
+    top, left = offset(height - resolution), offset(width - resolution)
     img = img.crop((left, top, left + resolution, top + resolution))
     return View(to_tensor(img), original_size, (top, left), flip)
 
@@ -163,15 +165,15 @@ def make_view(img: Image.Image, resolution: int, rng: random.Random, flip: bool,
 # ----------------------------------------------------------------------------- class images
 
 def class_image_folder(class_dir) -> Path:
-    """The folder of class images (made if missing: generation fills it). A .zip is unpacked before, by
-    train.py (minidream.formats.archives)."""
+    """The class-image folder, made if missing (generation fills it); train.py unpacks a .zip."""
     class_dir = Path(class_dir)
     if class_dir.suffix.lower() == ".zip":
-        raise DataError(f"--class-dir {class_dir}: a .zip is unpacked by train.py; give the unpacked folder here")
+        raise DataError(f"--class-dir {class_dir}: train.py unpacks a .zip; pass the folder here")
     class_dir.mkdir(parents=True, exist_ok=True)
     return class_dir
 
 
 def existing_class_images(folder: Path) -> list[Path]:
     """Class images already present (generation fills up to the requested count)."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))

@@ -1,5 +1,5 @@
-"""Writing files so that a crash, a Ctrl-C or a full disk never leaves a half-written one: each is written to a
-temporary name in the same folder, then renamed over the target (`os.replace` is atomic on POSIX and Windows)."""
+"""Atomic writes: a crash, a Ctrl-C or a full disk never leaves a half-written file. Each is written
+to a temporary name in its folder, then os.replace'd over the target (atomic on POSIX, Windows)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image, PngImagePlugin
 
 
 def atomic_write(path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_path)`, then rename tmp_path to `path`; on any error remove tmp_path, keeping the old file."""
+    """write(tmp), then rename tmp to `path`; on any error tmp is removed and the old file stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -21,11 +21,12 @@ def atomic_write(path, write: Callable[[Path], None]) -> Path:
         write(tmp)
         umask = os.umask(0o022)  # reading the umask means setting it: put it straight back
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the user's usual permissions, whatever mode the writer chose
+        os.chmod(tmp, 0o666 & ~umask)  # the user's usual permissions, whatever the writer chose
         os.replace(tmp, path)
     except BaseException as e:  # KeyboardInterrupt too: never leave the temporary file behind
         tmp.unlink(missing_ok=True)
-        if "No space left on device" in str(e) and not getattr(e, "filename", None):  # torch, safetensors, PIL
+        # torch, safetensors and PIL say "No space left" without errno or file name: add them
+        if "No space left on device" in str(e) and not getattr(e, "filename", None):
             raise OSError(errno.ENOSPC, "No space left on device", str(path)) from e
         raise
     return path
@@ -45,4 +46,3 @@ def save_png(path, image: Image.Image, metadata: dict | None = None) -> Path:
     for key, value in (metadata or {}).items():
         info.add_text(str(key), value if isinstance(value, str) else json.dumps(value))
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
-

@@ -1,10 +1,10 @@
 """Encode the training images and prompts once, then train on the cached tensors.
 
-The frozen VAE and text encoders give the same output at every step: encoding once and moving them off the GPU
-saves their memory and compute. A crop of a latent is not the latent of a crop (the VAE's receptive field crosses
-the border), so each augmented *view* (crop, flip, its SDXL time ids) is encoded on its own: 4 per subject photo,
-so the model does not learn one fixed framing along with the subject, and 1 per class image. The posterior (mean,
-std) is kept; each step draws a fresh latent from it (Kingma & Welling 2014 reparameterisation)."""
+The frozen VAE and text encoders give the same output at every step: encode once, then move them
+off the GPU. A crop of a latent is not the latent of a crop (the VAE's receptive field crosses the
+border), so each augmented *view* (crop, flip, SDXL time ids) is encoded on its own: 4 per subject
+photo (so no one framing is learned along with the subject), 1 per class image. Each step draws a
+fresh latent from the kept posterior (mean, std): Kingma & Welling 2014 reparameterisation."""
 
 from __future__ import annotations
 
@@ -32,15 +32,12 @@ class Views:
 
     mean: torch.Tensor  # (V, 4, h, w) posterior mean (unscaled VAE latent)
     std: torch.Tensor  # (V, 4, h, w) posterior standard deviation
-    time_ids: torch.Tensor  # (V, 6) float32: orig_h, orig_w, crop_top, crop_left, target_h, target_w
+    time_ids: torch.Tensor  # (V, 6) float32: original h, w, crop top, left, target h, w
     image: torch.Tensor  # (V,) int64: which image each view comes from
-
-    def __len__(self) -> int:
-        return self.mean.shape[0]
 
     @property
     def num_images(self) -> int:
-        return int(self.image.max()) + 1 if len(self) else 0
+        return int(self.image.max()) + 1 if self.image.numel() else 0
 
 
 @dataclass
@@ -49,77 +46,76 @@ class LatentCache:
 
     instance: Views
     classes: Views | None  # None without prior preservation
-    context: torch.Tensor | None  # (2, L, D): row 0 instance prompt, row 1 class prompt; None: text encoders train
-    pooled: torch.Tensor | None  # (2, Dp) SDXL pooled embeddings; None for SD 1.x / 2.x or when not cached
+    context: torch.Tensor | None  # (2, L, D): instance, class prompt; None: text encoders train
+    pooled: torch.Tensor | None  # (2, Dp) SDXL pooled; None for SD 1.x / 2.x or not cached
 
 
 # ----------------------------------------------------------------------------- encoding
 
 @torch.no_grad()
 def encode_views(vae, images, resolution: int, views_per_image: int, rng: random.Random, flip: bool,
-                 center_crop: bool = False, desc: str = "encoding", total: int | None = None) -> Views:
-    """VAE-encode `views_per_image` augmented views of each (path, PIL image) of an iterable; fp32 cache.
-    With flip, odd views are flipped (a single view: at random), so flipped and unflipped are balanced."""
+                 center_crop=False, desc="encoding", total: int | None = None) -> Views:
+    """VAE-encode `views_per_image` augmented views of each (path, PIL image) of an iterable; fp32
+    cache. With flip, odd views are flipped (a single view: at random), so flips are balanced."""
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    means, stds, ids, which = [], [], [], []
+    rows = []
     total = len(images) if total is None else total
-    for i, (_, img) in enumerate(tqdm(images, desc=desc, total=total, leave=False, disable=total < 8)):
+    bar = tqdm(images, desc=desc, total=total, leave=False, disable=total < 8)
+    for i, (_, img) in enumerate(bar):
         for k in range(views_per_image):
             flipped = flip and (rng.random() < 0.5 if views_per_image == 1 else k % 2 == 1)
             view = make_view(img, resolution, rng, flipped, center=center_crop)
             mean, logvar = vae.encode(view.pixels[None].to(device, dtype))  # (1, 4, h, w) each
-            means.append(mean.float().cpu())
-            stds.append(torch.exp(0.5 * logvar.float()).cpu())
-            ids.append(sdxl_time_ids(view.original_size, view.crop_top_left, (resolution, resolution)))
-            which.append(i)
-    if not means:
+            time_ids = sdxl_time_ids(view.original_size, view.crop_top_left, [resolution] * 2)
+            rows.append((mean.float().cpu(), torch.exp(0.5 * logvar.float()).cpu(), time_ids, i))
+    if not rows:
         raise DataError(f"no readable image to encode ({desc})")
-    return Views(torch.cat(means), torch.cat(stds), torch.stack(ids), torch.tensor(which, dtype=torch.int64))
+    means, stds, ids, which = zip(*rows)
+    return Views(torch.cat(means), torch.cat(stds), torch.stack(ids), torch.tensor(which))
 
 
-def build_cache(model, instance_images, class_paths, *, resolution: int, instance_prompt: str, class_prompt: str,
-                seed: int, flip: bool = True, center_crop: bool = False, cache_text: bool = True,
-                views_per_image: int = VIEWS_PER_INSTANCE_IMAGE) -> LatentCache:
-    """Encode the instance images ((path, PIL image) pairs), the class images (paths, opened one at a time)
-    and, if cache_text, the two prompts, into a CPU cache. Crops and flips come from random.Random(seed)."""
+def build_cache(model, instance_images, class_paths, *, resolution: int, instance_prompt: str,
+                class_prompt: str, seed: int, flip=True, center_crop=False, cache_text=True,
+                views_per_image=VIEWS_PER_INSTANCE_IMAGE) -> LatentCache:
+    """Encode the instance images ((path, PIL image) pairs), the class images (paths, opened one at
+    a time) and, if cache_text, the two prompts, into a CPU cache. Crops, flips: Random(seed)."""
     vae = model.vae.to(vae_dtype(model.vae.config, next(model.vae.parameters()).dtype))
     rng = random.Random(seed)
-    instance = encode_views(vae, instance_images, resolution, views_per_image, rng, flip, center_crop,
-                            "encoding subject images")
-    classes = encode_views(vae, iter_images(class_paths, resolution, "class"), resolution, VIEWS_PER_CLASS_IMAGE, rng,
-                           flip, center_crop, "encoding class images", total=len(class_paths)) if class_paths else None
+    instance = encode_views(vae, instance_images, resolution, views_per_image, rng, flip,
+                            center_crop, "encoding subject images")
+    classes = encode_views(vae, iter_images(class_paths, resolution, "class"), resolution,
+                           VIEWS_PER_CLASS_IMAGE, rng, flip, center_crop, "encoding class images",
+                           total=len(class_paths)) if class_paths else None
     context = pooled = None
     if cache_text:  # (2, L, D) and (2, Dp) or None: [instance prompt, class prompt], fp32
-        context, pooled, _, _ = encode_prompt(model.text, [instance_prompt, class_prompt], guidance=False,
-                                              force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt)
+        zeros = model.force_zeros_for_empty_prompt
+        context, pooled, _, _ = encode_prompt(model.text, [instance_prompt, class_prompt],
+                                              guidance=False, force_zeros_for_empty_prompt=zeros)
         context, pooled = context.float().cpu(), None if pooled is None else pooled.float().cpu()
     return LatentCache(instance, classes, context, pooled)
 
 
 def offload_encoders(model, keep_text: bool = False) -> None:
     """Move the VAE (and the text encoders unless they train) to the CPU and release GPU memory."""
-    model.vae.to("cpu")
-    if not keep_text:
-        for encoder in (model.text.text_encoder, model.text.text_encoder_2):
-            if encoder is not None:
-                encoder.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    text = [] if keep_text else [model.text.text_encoder, model.text.text_encoder_2]
+    for module in [model.vae, *text]:
+        if module is not None:
+            module.to("cpu")
+    torch.cuda.empty_cache()  # a no-op where CUDA was never used
 
 
 # ----------------------------------------------------------------------------- file
 
 def save_cache(path, cache: LatentCache, fingerprint: str) -> None:
-    """Write the cache (safetensors, atomically): a resumed run reads it back and trains on bit-identical
-    latents even where GPU convolutions are not deterministic."""
+    """Write the cache (safetensors, atomically): a resumed run reads it back and trains on
+    bit-identical latents even where GPU convolutions are not deterministic."""
     tensors = {}
     for part, views in (("instance", cache.instance), ("class", cache.classes)):
         if views is not None:
-            tensors.update({f"{part}.{f.name}": getattr(views, f.name).contiguous() for f in fields(Views)})
-    for name in ("context", "pooled"):
-        if getattr(cache, name) is not None:
-            tensors[name] = getattr(cache, name).contiguous()
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint}))
+            tensors.update({f"{part}.{f.name}": getattr(views, f.name) for f in fields(Views)})
+    tensors.update(context=cache.context, pooled=cache.pooled)
+    tensors = {k: v.contiguous() for k, v in tensors.items() if v is not None}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), {"fingerprint": fingerprint}))
 
 
 def load_cache(path, fingerprint: str) -> LatentCache | None:
@@ -128,20 +124,21 @@ def load_cache(path, fingerprint: str) -> LatentCache | None:
         with safe_open(str(path), "pt") as f:
             if (f.metadata() or {}).get("fingerprint") != fingerprint:
                 return None
-        tensors = load_file(str(path))
+        saved = load_file(str(path))
     except (OSError, SafetensorError):  # missing, truncated or not a safetensors file
         return None
 
     def views(part):  # None for a part the file does not hold (no class images)
-        return Views(*(tensors[f"{part}.{f.name}"] for f in fields(Views))) if f"{part}.mean" in tensors else None
+        names = [f"{part}.{f.name}" for f in fields(Views)]
+        return Views(*(saved[name] for name in names)) if names[0] in saved else None
 
-    return LatentCache(views("instance"), views("class"), tensors.get("context"), tensors.get("pooled"))
+    return LatentCache(views("instance"), views("class"), saved.get("context"), saved.get("pooled"))
 
 
 # ----------------------------------------------------------------------------- batches
 
 class ShuffledOrder:
-    """Endless passes over n items, each a fresh permutation from the training generator; its state is checkpointed."""
+    """Endless passes over n items, each a fresh permutation by `generator` (checkpointed)."""
 
     def __init__(self, n: int, generator: torch.Generator):
         self.n, self.generator = n, generator
@@ -165,32 +162,27 @@ class ShuffledOrder:
 
 def _pick_views(views: Views, images: list[int], generator: torch.Generator) -> torch.Tensor:
     """One random cached view (row index) of each image."""
-    rows = []
-    for img in images:
-        candidates = torch.nonzero(views.image == img).flatten()
-        rows.append(int(candidates[torch.randint(len(candidates), (1,), generator=generator)]))
-    return torch.tensor(rows, dtype=torch.int64)
+    candidates = [torch.nonzero(views.image == img).flatten() for img in images]  # its rows
+    return torch.stack([c[torch.randint(len(c), (1,), generator=generator)][0] for c in candidates])
 
 
 def draw_batch(cache: LatentCache, instance_order: ShuffledOrder, class_order: ShuffledOrder | None,
-               batch_size: int, generator: torch.Generator, *, scaling_factor: float, num_timesteps: int,
-               noise_offset: float = 0.0, sdxl: bool = True, device="cpu") -> Batch:
-    """batch_size instance rows (+ as many class rows): latents drawn from the cached posteriors, noise,
-    uniform timesteps, all from the CPU `generator` (reproducible on any device, resumable).
-
-    noise_offset (Guttenberg 2023, "Diffusion with Offset Noise"): add offset * N(0, 1) per sample and
-    channel, so the model also learns to change an image's mean brightness."""
-    parts = [(cache.instance, _pick_views(cache.instance, instance_order.take(batch_size), generator))]
-    if class_order is not None:
-        parts.append((cache.classes, _pick_views(cache.classes, class_order.take(batch_size), generator)))
+               batch_size: int, generator: torch.Generator, *, scaling_factor: float,
+               num_timesteps: int, noise_offset=0.0, sdxl=True, device="cpu") -> Batch:
+    """batch_size instance rows (+ as many class rows): latents drawn from the cached posteriors,
+    noise and uniform timesteps, all from the CPU `generator` (the same on any device, resumable).
+    noise_offset (Guttenberg 2023, "Diffusion with Offset Noise") adds offset * N(0, 1) per sample
+    and channel: the model also learns to change an image's mean brightness."""
+    pairs = ((cache.instance, instance_order), (cache.classes, class_order))
+    parts = [(v, _pick_views(v, order.take(batch_size), generator)) for v, order in pairs if order]
     mean = torch.cat([v.mean[rows] for v, rows in parts])  # (N, 4, h, w)
     std = torch.cat([v.std[rows] for v, rows in parts])
-    time_ids = torch.cat([v.time_ids[rows] for v, rows in parts])  # (N, 6)
     x0 = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling_factor
     noise = torch.randn(x0.shape, generator=generator)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(x0.shape[:2] + (1, 1), generator=generator)
     timesteps = torch.randint(0, num_timesteps, (x0.shape[0],), generator=generator)
     prompt_index = torch.tensor([0] * batch_size + [1] * (x0.shape[0] - batch_size))
-    return Batch(x0.to(device), noise.to(device), timesteps.to(device), time_ids.to(device) if sdxl else None,
+    time_ids = torch.cat([v.time_ids[rows] for v, rows in parts]).to(device) if sdxl else None
+    return Batch(x0.to(device), noise.to(device), timesteps.to(device), time_ids,
                  prompt_index.to(device), num_instance=batch_size)

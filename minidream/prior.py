@@ -1,9 +1,7 @@
-"""Class images for prior preservation, made by the base model itself.
-
-DreamBooth's prior-preservation loss (Ruiz et al. 2022, sec. 3.3, eq. 2; step.py) trains on images of
-the subject's class that the *base* model generates, so the class does not drift towards the subject.
-Only missing images are generated, each written atomically as class-NNNNN.png with seed = class_seed +
-NNNNN: an interrupted generation resumes, and image NNNNN is the same whenever it is made."""
+"""Class images for prior preservation (Ruiz et al. 2022, sec. 3.3, eq. 2; step.py), made by the
+*base* model itself so the class does not drift towards the subject. Only missing images are made,
+each written atomically as class-NNNNN.png with seed = class_seed + NNNNN: an interrupted
+generation resumes, and image NNNNN is the same whenever it is made."""
 
 from __future__ import annotations
 
@@ -38,40 +36,41 @@ class ClassImagePlan:
 
 
 def plan_class_images(class_dir, wanted: int, can_generate: bool) -> ClassImagePlan:
-    """Look at the class folder before any model is loaded: DataError now if it holds too few images and
-    none may be generated (no hour of training lost to a late failure)."""
+    """Look at the class folder before any model is loaded: DataError now if it holds too few
+    images and none may be generated (no hour of training lost to a late failure)."""
     if wanted < 1:
-        raise DataError(f"--num-class-images must be at least 1 (got {wanted}); use --no-prior to train without")
+        raise DataError(f"--num-class-images must be >= 1, not {wanted} (or train with --no-prior)")
     folder = class_image_folder(class_dir)
     plan = ClassImagePlan(folder, existing_class_images(folder), wanted)
+    few = f"{folder} holds {len(plan.existing)} class image(s) but {wanted} are needed, and"
     if plan.missing and not can_generate:
-        raise DataError(f"{folder} holds {len(plan.existing)} class image(s) but {wanted} are needed, and class-image "
-                        f"generation is off (--no-generate): add images, lower --num-class-images to "
-                        f"{len(plan.existing)}, drop --no-generate, or train with --no-prior")
+        raise DataError(f"{few} class-image generation is off (--no-generate): add images, lower "
+                        f"--num-class-images to {len(plan.existing)}, drop --no-generate, or "
+                        "train with --no-prior")
     if plan.missing and not os.access(folder, os.W_OK):
-        raise DataError(f"{folder} holds {len(plan.existing)} class image(s) but {wanted} are needed, and the folder "
-                        f"is not writable, so the missing {plan.missing} cannot be generated: pass a writable "
-                        "--class-dir, lower --num-class-images, or train with --no-prior")
+        raise DataError(f"{few} the folder is not writable, so the missing {plan.missing} cannot "
+                        "be generated: pass a writable --class-dir, lower --num-class-images, or "
+                        "train with --no-prior")
     return plan
 
 
 def fill_class_folder(plan: ClassImagePlan, model, prompt: str, *, resolution: int, seed: int = 0,
                       steps: int = 30, guidance_scale: float = 5.0, sampler=ddim,
-                      negative_prompt: str | None = None, progress: bool = True, dist=None) -> list[Path]:
-    """Generate the plan's missing images with `model` (the base model, before any LoRA) and return the
-    images training uses. With dist (torchrun), rank r makes the r-th, (r + N)-th, ... missing image."""
+                      negative_prompt: str | None = None, progress: bool = True, dist=None):
+    """Generate the plan's missing images with `model` (the base model, before any LoRA) and return
+    the images training uses. With dist (torchrun), rank r makes missing image r, r + N, ..."""
     if plan.missing:
         taken = {int(m.group(1)) for p in plan.folder.iterdir() if (m := NAME.match(p.name))}
-        indices = [i for i in range(len(taken) + plan.missing) if i not in taken][: plan.missing]  # smallest free
-        rank, world_size, barrier = (dist.rank, dist.world_size, dist.barrier) if dist else (0, 1, lambda: None)
+        free = [i for i in range(len(taken) + plan.missing) if i not in taken][: plan.missing]
+        rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
+        barrier = dist.barrier if dist else (lambda: None)
         barrier()  # every rank listed the folder before any rank writes to it
-        for index in tqdm(indices[rank::world_size], desc=f"class images for {prompt!r}", disable=not progress):
-            image = generate(model, prompt, negative_prompt, sampler=sampler, steps=steps,
-                             guidance_scale=guidance_scale, seed=seed + index, height=resolution,
-                             width=resolution, num_images=1, progress=False)[0]
-            save_png(plan.folder / f"class-{index:05d}.png", image,
-                     {"prompt": prompt, "seed": seed + index, "steps": steps, "sampler": sampler.__name__,
-                      "guidance_scale": guidance_scale, "model": getattr(model, "name", "")})
+        settings = {"steps": steps, "guidance_scale": guidance_scale}
+        for i in tqdm(free[rank::world], desc=f"class images for {prompt!r}", disable=not progress):
+            image = generate(model, prompt, negative_prompt, sampler=sampler, **settings, seed=seed + i,
+                             height=resolution, width=resolution, num_images=1, progress=False)[0]
+            save_png(plan.folder / f"class-{i:05d}.png", image, {"prompt": prompt, "seed": seed + i,
+                     "sampler": sampler.__name__, **settings, "model": getattr(model, "name", "")})
         barrier()  # every share is written
         plan = ClassImagePlan(plan.folder, existing_class_images(plan.folder), plan.wanted)
     return plan.used()

@@ -1,15 +1,20 @@
-"""Samplers: walk the noise schedule backwards, from x_T (noise) to x_0 (a latent image).
+"""Samplers: walk the noise schedule backwards, from x_T (unit Gaussian noise) to x_0 (a latent).
 
-Free functions with one signature, as in k-diffusion: x0 = sampler(model, x_T, cfg, steps, *, ..., callback=None).
-`model(x, t)` is a closure giving the UNet output (eps or v) at integer timestep t: prompts and guidance
-live in it (`with_guidance`), all state is local to one call. `callback(i, t, x)` runs after model
-evaluation i. x_T is unit Gaussian noise (DDIM and PNDM walk x_t itself, so it needs no scaling). Each
-sampler reproduces its diffusers scheduler (default settings) to float32 rounding; every quirk kept is
-named where it happens. minidream.more_samplers adds Euler and PNDM's Runge-Kutta warm-up."""
+One signature, as in k-diffusion: x0 = sampler(model, x_T, cfg, steps, *, ..., callback=None), with
+`model(x, t)` the UNet output (eps or v) at integer timestep t, prompts and guidance bound in
+(`with_guidance`), and `callback(i, t, x)` run after model evaluation i. Each sampler matches its
+diffusers scheduler (default settings) to float32 rounding; each quirk kept is named where it is."""
 
 import torch
 
-from .schedule import ScheduleConfig, alphas_cumprod, final_alpha_cumprod, inference_timesteps, predicted_x0_eps
+from .schedule import (ScheduleConfig, alphas_cumprod, final_alpha_cumprod, inference_timesteps,
+                       predicted_x0_eps)
+
+
+def _walk(cfg: ScheduleConfig, steps: int, device):
+    """(visited timesteps, stride T // steps, alpha_bar (T,), alpha_bar "after" t = 0)."""
+    ts, ac = inference_timesteps(cfg, steps), alphas_cumprod(cfg).to(device)
+    return ts, cfg.num_train_timesteps // steps, ac, final_alpha_cumprod(cfg, ac)
 
 
 def ddim(model, x, cfg: ScheduleConfig, steps: int, *, eta=0.0, generator=None, callback=None):
@@ -17,15 +22,12 @@ def ddim(model, x, cfg: ScheduleConfig, steps: int, *, eta=0.0, generator=None, 
 
         x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps_hat + sigma z,
 
-    with sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) (eq. 16), a = alpha_bar: eta = 0 is
-    deterministic DDIM, eta = 1 has DDPM's posterior variance. diffusers quirk kept: the "previous" timestep is
-    always t - T // steps, even where trailing or linspace spacing visits a different one next."""
+    with sigma = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev) (eq. 16), a = alpha_bar:
+    eta = 0 is deterministic DDIM, eta = 1 has DDPM's posterior variance. diffusers quirk kept: the
+    "previous" timestep is always t - T // steps, even where trailing or linspace visit another."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
-    ts = inference_timesteps(cfg, steps)
-    stride = cfg.num_train_timesteps // steps
-    ac = alphas_cumprod(cfg).to(x.device)
-    final = final_alpha_cumprod(cfg, ac)
+    ts, stride, ac, final = _walk(cfg, steps, x.device)
     for i, t in enumerate(ts):
         a_t = ac[t]
         a_prev = ac[t - stride] if t - stride >= 0 else final
@@ -34,7 +36,7 @@ def ddim(model, x, cfg: ScheduleConfig, steps: int, *, eta=0.0, generator=None, 
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         x = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps
         if eta > 0:
-            device = generator.device if generator is not None else x.device  # draw z where diffusers does
+            device = x.device if generator is None else generator.device  # as diffusers
             z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
             x = x + sigma * z.to(x.device)
         if callback is not None:
@@ -45,25 +47,22 @@ def ddim(model, x, cfg: ScheduleConfig, steps: int, *, eta=0.0, generator=None, 
 def pndm(model, x, cfg: ScheduleConfig, steps: int, *, start=None, callback=None):
     """PNDM: Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds".
 
-    Every step moves x from t to t - T // steps with the transfer part (eq. 9) driven by PLMS (eq. 13):
-    4th-order Adams-Bashforth over the last four model outputs. The history is started by `start`:
+    Every step moves x from t to t - T // steps with the transfer part (eq. 9) driven by PLMS
+    (eq. 13): 4th-order Adams-Bashforth over the last four model outputs. `start` opens the history:
     `_plms_start` by default (SD/SDXL's choice, diffusers' skip_prk_steps), or the paper's pseudo
-    Runge-Kutta warm-up (minidream.more_samplers.prk_start, eq. 12). diffusers quirk kept: outputs are
-    combined as the model gave them (v for v_prediction) and converted to eps only inside the transfer step."""
-    ac = alphas_cumprod(cfg).to(x.device)
-    final = final_alpha_cumprod(cfg, ac)
+    Runge-Kutta warm-up (minidream.more_samplers.prk_start, eq. 12). diffusers quirk kept: outputs
+    are combined as the model gave them (v for v_prediction), made eps only in the transfer step."""
+    ts, stride, ac, final = _walk(cfg, steps, x.device)
+    callback = callback or (lambda i, t, x: None)
 
     def step(x, out, t, t_prev):  # the transfer part with this schedule bound in
         return _pndm_step(x, out, t, t_prev, ac, final, cfg.prediction_type)
 
-    ts = inference_timesteps(cfg, steps)
-    stride = cfg.num_train_timesteps // steps
-    x, outs, rest, i = (start or _plms_start)(model, x, ts, stride, step, callback)  # i: model evaluations so far
+    x, outs, rest, i = (start or _plms_start)(model, x, ts, stride, step, callback)  # i: evaluated
     for t in rest:
         outs = outs[-3:] + [model(x, t)]  # keep the 4 most recent outputs
         x = step(x, _adams_bashforth(outs), t, t - stride)
-        if callback is not None:
-            callback(i, t, x)
+        callback(i, t, x)
         i += 1
     return x
 
@@ -79,8 +78,7 @@ def _pndm_step(x, out, t, t_prev, ac, final, prediction_type):
 
 
 def _adams_bashforth(outs):
-    """Adams-Bashforth combination of the last 2-4 model outputs (newest last); orders 2-3 bridge
-    diffusers' PLMS start until four outputs exist."""
+    """Adams-Bashforth over the last 2-4 outputs (newest last); orders 2-3 bridge the start."""
     e = outs[::-1]  # e[0] newest
     if len(e) == 2:
         return (3 * e[0] - e[1]) / 2
@@ -90,29 +88,27 @@ def _adams_bashforth(outs):
 
 
 def _plms_start(model, x, ts, stride, step, callback):
-    """diffusers' PLMS start: a pseudo improved-Euler (Heun) step as two evaluations (hence the repeated
-    second timestep in diffusers' list), the averaged step taken from the *old* x. Quirks: e1 is not kept
-    in the history (the PLMS loop evaluates t1 again), and the averaged step runs from t1 + stride, which
-    is t0 for leading spacing but not always for trailing."""
+    """diffusers' PLMS start: a pseudo improved-Euler (Heun) step as two evaluations (hence the
+    repeated second timestep in diffusers' list), the averaged step taken from the *old* x. Quirks:
+    e1 is not kept in the history (the PLMS loop evaluates t1 again), and the averaged step runs
+    from t1 + stride, which is t0 for leading spacing but not always for trailing."""
     t0 = ts[0]
     e0 = model(x, t0)
     x_start, x = x, step(x, e0, t0, t0 - stride)
-    if callback is not None:
-        callback(0, t0, x)
+    callback(0, t0, x)
     if len(ts) == 1:
         return x, [e0], [], 1
     t1 = ts[1]
     e1 = model(x, t1)
     x = step(x_start, (e1 + e0) / 2, t1 + stride, t1)
-    if callback is not None:
-        callback(1, t1, x)
+    callback(1, t1, x)
     return x, [e0], ts[1:], 2
 
 
 def _clip_x0(x0, cfg: ScheduleConfig):
-    """Optional clamping of the predicted x0, off by default (latents are not bounded to [-1, 1]). Dynamic
-    thresholding (Saharia et al. 2022, "Imagen"): x0 clamped to [-s, s] and divided by s, per sample, where
-    s = a quantile of |x0| kept within [1, sample_max_value]."""
+    """Optional clamping of the predicted x0, off by default (latents are not bounded to [-1, 1]).
+    Dynamic thresholding (Saharia et al. 2022, "Imagen"): per sample, x0 clamped to [-s, s] and
+    divided by s, s = a quantile of |x0| kept within [1, sample_max_value]."""
     if cfg.thresholding:
         wide = torch.promote_types(x0.dtype, torch.float32)  # quantile needs float32 or float64
         flat = x0.to(wide).reshape(x0.shape[0], -1)  # (B, C*H*W)
@@ -128,11 +124,9 @@ def _clip_x0(x0, cfg: ScheduleConfig):
 
 
 def guidance(out_uncond, out_cond, scale: float, rescale: float = 0.0):
-    """Classifier-free guidance (Ho & Salimans 2022): out_uncond + scale * (out_cond - out_uncond), the paper's
-    (1 + w) cond - w uncond with w = scale - 1, on whatever the UNet predicts (eps or v).
-
-    rescale > 0 (Lin et al. 2024, sec. 3.4): blend in the guided output rescaled to out_cond's per-sample
-    std, against over-exposure at high scales."""
+    """Classifier-free guidance (Ho & Salimans 2022) on eps or v: uncond + scale * (cond - uncond),
+    the paper's (1 + w) cond - w uncond, w = scale - 1. rescale > 0 (Lin et al. 2024, sec. 3.4):
+    blend in the guided output rescaled to out_cond's per-sample std (less over-exposure)."""
     guided = out_uncond + scale * (out_cond - out_uncond)
     if rescale > 0:
         dims = list(range(1, guided.ndim))
@@ -142,8 +136,8 @@ def guidance(out_uncond, out_cond, scale: float, rescale: float = 0.0):
 
 
 def with_guidance(model, scale: float, rescale: float = 0.0):
-    """Turn `model(x2, t)` on a doubled batch [uncond; cond] (diffusers' order) into a guided `model(x, t)`:
-    one UNet call per step serves both halves."""
+    """Turn `model(x2, t)` on a doubled batch [uncond; cond] (diffusers' order) into a guided
+    `model(x, t)`: one UNet call per step serves both halves."""
 
     def guided(x, t):
         out_uncond, out_cond = model(torch.cat([x, x]), t).chunk(2)

@@ -1,8 +1,7 @@
 """The noise schedule: how much of the clean image survives at each training timestep.
 
-A diffusion model is trained on x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps (Ho et al.
-2020, DDPM, eq. 4), t = 0 .. T-1; everything a sampler or the training step needs follows from the table
-alpha_bar = alphas_cumprod(cfg), computed in diffusers' float32 order so trajectories match to rounding."""
+Training sees x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps (Ho et al. 2020, DDPM, eq. 4);
+the rest follows from alpha_bar = alphas_cumprod(cfg), in diffusers' float32 order (parity)."""
 
 import math
 from dataclasses import dataclass, fields
@@ -17,7 +16,7 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 @dataclass
 class ScheduleConfig:
-    """A diffusers scheduler_config.json, reduced to the fields that change the numbers. Defaults: SDXL base 1.0."""
+    """diffusers' scheduler_config.json: the fields that change numbers. Defaults: SDXL base 1.0."""
 
     num_train_timesteps: int = 1000  # T: timesteps the model was trained on
     beta_start: float = 0.00085  # beta at t = 0
@@ -36,8 +35,8 @@ class ScheduleConfig:
     rescale_betas_zero_snr: bool = False  # make alpha_bar[T-1] = 0 (Lin et al. 2024, Alg. 1)
 
     def __post_init__(self):
-        for name, choices in (("beta_schedule", BETA_SCHEDULES), ("prediction_type", PREDICTION_TYPES),
-                              ("timestep_spacing", TIMESTEP_SPACINGS)):
+        for name, choices in zip(("beta_schedule", "prediction_type", "timestep_spacing"),
+                                 (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS)):
             if getattr(self, name) not in choices:
                 raise _unknown(name, getattr(self, name), choices)
         if self.num_train_timesteps < 1:
@@ -47,9 +46,8 @@ class ScheduleConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ScheduleConfig":
-        """Read a diffusers scheduler config dict; keys that change no DDIM/PNDM/Euler number are ignored."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """Read a diffusers scheduler config dict; keys that change no number here are ignored."""
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
 
 def _unknown(name, value, choices) -> ValueError:
@@ -72,30 +70,24 @@ def betas(cfg: ScheduleConfig) -> torch.Tensor:
         b = _cosine_betas(T)
     else:
         raise _unknown("beta_schedule", cfg.beta_schedule, BETA_SCHEDULES)
-    if cfg.rescale_betas_zero_snr:
-        b = _rescale_zero_terminal_snr(b)
-    return b
+    return _rescale_zero_terminal_snr(b) if cfg.rescale_betas_zero_snr else b
 
 
 def _cosine_betas(T: int, max_beta: float = 0.999) -> torch.Tensor:
-    """Cosine schedule (Nichol & Dhariwal 2021, "Improved DDPM", sec. 3.2): alpha_bar(s) = cos^2((s + 0.008)
-    / 1.008 * pi/2), s = t/T; beta = 1 - alpha_bar(s')/alpha_bar(s), capped so it never reaches 1."""
-
-    def alpha_bar(s):
-        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    b = [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)]
+    """Cosine schedule (Nichol & Dhariwal 2021, "Improved DDPM", sec. 3.2): alpha_bar(s) =
+    cos^2((s + 0.008) / 1.008 * pi/2), s = t/T; beta = 1 - alpha_bar(s')/alpha_bar(s), capped."""
+    ab = [math.cos((i / T + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(T + 1)]
+    b = [min(1 - ab[i + 1] / ab[i], max_beta) for i in range(T)]
     return torch.tensor(b, dtype=torch.float32)
 
 
 def _rescale_zero_terminal_snr(b: torch.Tensor) -> torch.Tensor:
-    """Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1: shift and
-    scale sqrt(alpha_bar) to end at exactly 0 (pure noise at t = T-1), keeping its value at t = 0."""
+    """Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1:
+    shift and scale sqrt(alpha_bar) to end at 0 (pure noise at t = T-1), keeping it at t = 0."""
     sqrt_ab = torch.cumprod(1.0 - b, dim=0).sqrt()
     first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
-    ab = sqrt_ab**2
-    return 1 - torch.cat([ab[0:1], ab[1:] / ab[:-1]])  # 1 - per-step alphas: undo the cumulative product
+    ab = ((sqrt_ab - last) * (first / (first - last))) ** 2
+    return 1 - torch.cat([ab[0:1], ab[1:] / ab[:-1]])  # 1 - per-step alphas: undo the cumprod
 
 
 def alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
@@ -104,7 +96,7 @@ def alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
 
 
 def final_alpha_cumprod(cfg: ScheduleConfig, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """alpha_bar "after" the last step (t_prev < 0): 1.0 (fully clean) or alpha_bar[0] (SDXL's choice)."""
+    """alpha_bar "after" the last step (t_prev < 0): 1.0 (clean) or alpha_bar[0] (SDXL's choice)."""
     return torch.tensor(1.0) if cfg.set_alpha_to_one else alphas_cumprod[0]
 
 
@@ -124,8 +116,7 @@ def add_noise(x0, noise, t, alphas_cumprod):
 
 
 def velocity(x0, noise, t, alphas_cumprod):
-    """The v-prediction target v = sqrt(alpha_bar) * eps - sqrt(1 - alpha_bar) * x0
-    (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models")."""
+    """The v-prediction target sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022)."""
     a = _per_sample(alphas_cumprod, t, x0)
     return a**0.5 * noise - (1 - a) ** 0.5 * x0
 
@@ -140,20 +131,19 @@ def training_target(x0, noise, t, alphas_cumprod, prediction_type: str):
 
 
 def predicted_x0_eps(model_output, x_t, alpha_bar, prediction_type: str):
-    """Split x_t into (predicted x0, predicted eps) given the model output at alpha_bar (broadcastable to x_t),
-    from x_t = sqrt(a) x0 + sqrt(1-a) eps and, for v, v = sqrt(a) eps - sqrt(1-a) x0."""
+    """(predicted x0, predicted eps) from the model output at alpha_bar (broadcastable to x_t), by
+    x_t = sqrt(a) x0 + sqrt(1-a) eps and, for v, v = sqrt(a) eps - sqrt(1-a) x0."""
     if prediction_type == "epsilon":
         return (x_t - (1 - alpha_bar) ** 0.5 * model_output) / alpha_bar**0.5, model_output
     if prediction_type == "v_prediction":
         x0 = alpha_bar**0.5 * x_t - (1 - alpha_bar) ** 0.5 * model_output
-        eps = alpha_bar**0.5 * model_output + (1 - alpha_bar) ** 0.5 * x_t
-        return x0, eps
+        return x0, alpha_bar**0.5 * model_output + (1 - alpha_bar) ** 0.5 * x_t
     raise _unknown("prediction_type", prediction_type, PREDICTION_TYPES)
 
 
 def snr(t, alphas_cumprod):
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps t (LongTensor), for min-SNR weighting;
-    computed as (sqrt(a) / sqrt(1-a))^2 like diffusers' compute_snr, so weights agree to the last bit."""
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps t (LongTensor), for min-SNR;
+    computed as (sqrt(a) / sqrt(1-a))^2 like diffusers' compute_snr, so weights agree to the bit."""
     ac = alphas_cumprod.to(t.device)
     return (ac[t] ** 0.5 / (1.0 - ac[t]) ** 0.5) ** 2
 
@@ -162,11 +152,9 @@ def snr(t, alphas_cumprod):
 
 
 def inference_timesteps(cfg: ScheduleConfig, steps: int) -> list[int]:
-    """The `steps` training timesteps a sampler visits, largest first, as diffusers' DDIMScheduler picks them.
-
-    Spacings (Lin et al. 2024, Table 2): leading, SD/SDXL's choice (50 steps: 951 ... 1), trailing and linspace.
-    Trailing uses numpy's float arange like diffusers, whose extra element -1 for some step counts (61, 103, ...)
-    is dropped."""
+    """The `steps` training timesteps a sampler visits, largest first, as diffusers' DDIMScheduler
+    picks them. Spacings (Lin et al. 2024, Table 2): leading (SD/SDXL: 951 ... 1 in 50), linspace,
+    trailing (numpy's float arange as diffusers; its extra -1 at 61, 103, ... steps is dropped)."""
     T = cfg.num_train_timesteps
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
         raise ValueError(f"steps must be an int, got {steps!r}")
@@ -182,6 +170,6 @@ def inference_timesteps(cfg: ScheduleConfig, steps: int) -> list[int]:
         raise _unknown("timestep_spacing", cfg.timestep_spacing, TIMESTEP_SPACINGS)
     ts = [int(t) for t in ts]
     if ts[0] >= T:
-        raise ValueError(f"leading spacing with steps_offset={cfg.steps_offset} and steps={steps} reaches "
-                         f"timestep {ts[0]} >= num_train_timesteps={T}; use fewer steps or steps_offset=0")
+        raise ValueError(f"steps={steps} with steps_offset={cfg.steps_offset} reaches timestep "
+                         f"{ts[0]} >= num_train_timesteps={T}; use fewer steps or steps_offset=0")
     return ts

@@ -14,9 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import minidream.formats  # noqa: F401  (single-file .safetensors checkpoints)
 from minidream import __version__
-from minidream.checkpoint import detect
 from minidream.cli.args import SampleRequest
 from minidream.cli.morph import write_morph
 from minidream.config import default_cpu_threads, slug
@@ -24,7 +22,8 @@ from minidream.errors import UserError
 from minidream.files import save_png
 from minidream.formats.lora_files import add_loras, read_lora
 from minidream.methods.textual_inversion import expand_prompt, load_embedding, read_embedding
-from minidream.model import Model, default_model_path, load_model, model_image_size
+from minidream.formats import default_model_path, detect, load_model, model_image_size
+from minidream.model import Model
 from minidream.optim import DTYPES
 from minidream.more_samplers import euler
 from minidream.pipeline import generate

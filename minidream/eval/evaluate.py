@@ -46,7 +46,7 @@ from minidream.formats.lora_files import load_lora
 from minidream.formats.lora_merge import remove_adapter
 from minidream.methods import method_class
 from minidream.lora import adapter_names
-from minidream.model import default_model_path, load_model
+from minidream.formats import default_model_path, load_model
 from minidream.drawing import labelled_grid
 
 ADAPTER = "evaluated"  # the adapter name the LoRA is loaded under while it is evaluated

@@ -5,7 +5,7 @@ accept a single .safetensors checkpoint too (sd_xl_base_1.0.safetensors; a lone 
 call the functions here instead: each takes the arguments of the core's function of the same name
 and chooses by what the path holds, a file -> single_file.py, a folder -> minidream.checkpoint.
 
-    load_model, model_image_size                    a whole model: train.py and sample.py use these
+    load_model, model_image_size, default_model_path   a whole model (train.py, sample.py)
     detect                                          what a path holds (a LoRA, a lone VAE, ...)
     load_unet, load_vae, load_text_encoder          one part, streamed into a dtype and device
     unet_weights, vae_weights, text_encoder_weights (config dict, TensorRefs); headers only
@@ -42,6 +42,12 @@ def load_model(path, dtype=torch.float32, device="cpu", *, vae=None, tokenizer=N
     """minidream.model.load_model for a folder or a single file; `vae` too may be either."""
     return model.read_model(reader_for(path), reader_for(vae or path), path, dtype, device, vae=vae,
                             tokenizer=tokenizer, variant=variant)
+
+
+def default_model_path() -> tuple[Path, str]:
+    """minidream.model.default_model_path: SDXL in weights/ (a folder or the single file), else the
+    bundled tiny model."""
+    return model.default_model_path()
 
 
 def model_image_size(path) -> int:

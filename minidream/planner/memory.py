@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from minidream.checkpoint import (CheckpointError, build_text_encoder, build_unet, build_vae, detect,
-                                  text_encoder_parts, text_encoder_weights, unet_weights, vae_weights)
+from minidream.checkpoint import CheckpointError, build_text_encoder, build_unet, build_vae
+from minidream.formats import detect, text_encoder_parts, text_encoder_weights, unet_weights, vae_weights
 from minidream.config import OPTIMIZERS, TrainingError, check_config, fill_defaults
 from minidream.loading import parameters_on_meta
 from minidream.methods import build_method

@@ -25,7 +25,8 @@ from minidream.data import SETTINGS_FILE, load_subject
 from minidream.files import write_json
 from minidream.formats.lora_files import add_loras
 from minidream.methods.textual_inversion import load_embedding, name_the_word
-from minidream.model import REPO, load_model, model_image_size
+from minidream.formats import load_model, model_image_size
+from minidream.model import REPO
 from minidream.toy import toy_eval as te
 from minidream.toy import toyworld as tw
 from minidream.toy.judge import DEFAULT_PATH, Judge
