@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import minidream.training as training
 from minidream.toy.tiny import write_tiny_sdxl
 from minidream.data import DataError
-from minidream.lora import lora_layers
+from minidream.formats.lora_stack import stack_layers
 from minidream.formats.lora_files import load_lora
 from minidream.model import load_model
 from minidream.optim import make_optimizer
@@ -88,7 +88,7 @@ def test_a_run_writes_its_folder(world, tmp_path, capsys):
     assert all(k.startswith("unet.") for k in load_file(lora))
     model = load_model(world["model"])
     load_lora(lora, unet=model.unet)
-    trained = [layer.lora_B[n] for _, layer in lora_layers(model.unet) for n in layer.lora_B]
+    trained = [layer.lora_B[n].weight for _, layer in stack_layers(model.unet) for n in layer.lora_B]
     assert trained and any(b.abs().max() > 0 for b in trained)
 
 
@@ -230,7 +230,7 @@ def test_lora_targets_choose_the_unet_layers_and_the_file_loads_back(world, tmp_
     assert not any(".proj_in.lora_" in k for k in keys)  # proj was not asked for
     model = load_model(world["model"])
     load_lora(run / LORA_FILE, unet=model.unet)  # conv and feed-forward adapters load back into a fresh UNet
-    assert any(name.endswith("conv1") for name, _ in lora_layers(model.unet))
+    assert any(name.endswith("conv1") for name, _ in stack_layers(model.unet))
 
 
 def test_unknown_lora_target_group_is_a_clear_error(world, tmp_path):
