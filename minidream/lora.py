@@ -1,16 +1,13 @@
-"""LoRA: a low-rank adapter on a frozen Linear or Conv2d layer.
-
-Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. (3): h = W0 x + B A x,
-W0 frozen, only A (r x in, "down") and B (out x r, "up") trained, B A x scaled by alpha / r (sec.
-4.1). As in loralib the layers subclass nn.Linear / nn.Conv2d, so the base keys (weight, bias) stay;
-the adapter adds `<module>.lora_A.weight` and `.lora_B.weight`, the keys of diffusers' files.
-Several named adapters at once (sample.py's LoRA files): minidream/formats/lora_stack.py."""
+"""LoRA: a low-rank adapter on a frozen Linear or Conv2d layer. Hu et al. 2021, "LoRA: Low-Rank
+Adaptation of Large Language Models", eq. (3): h = W0 x + B A x, W0 frozen, only A (r x in, "down")
+and B (out x r, "up") trained, B A x scaled by alpha / r (sec. 4.1). As in loralib, the layers
+subclass nn.Linear / nn.Conv2d: the base keys (weight, bias) stay, the adapter adds diffusers' file
+keys `<module>.lora_A.weight`, `.lora_B.weight`. Several named adapters: formats/lora_stack.py."""
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import skip_init
 
 # Module-name targets. A target matches a module whose dotted name equals it or ends with
 # "." + target: the same rule as a list of peft `target_modules`, so parameter counts agree.
@@ -42,8 +39,7 @@ class LoRAWeights:
     up: torch.Tensor  # B: (out, r) for Linear, (out, r, 1, 1) for Conv2d
     alpha: float
 
-    @property
-    def rank(self) -> int: return self.down.shape[0]
+    rank = property(lambda self: self.down.shape[0])
 
 
 def down_up(base: nn.Module, rank: int, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
@@ -51,13 +47,13 @@ def down_up(base: nn.Module, rank: int, dtype: torch.dtype) -> tuple[nn.Module, 
     kw = dict(bias=False, device=base.weight.device, dtype=dtype)
     if isinstance(base, nn.Linear):  # A (r, in), B (out, r); skip_init: B takes no random draw
         down = nn.Linear(base.in_features, rank, **kw)
-        up = skip_init(nn.Linear, rank, base.out_features, **kw)
+        up = nn.utils.skip_init(nn.Linear, rank, base.out_features, **kw)
     elif isinstance(base, nn.Conv2d) and base.groups == 1 and base.padding_mode == "zeros":
         # A: a conv like the base's, (r, in, kh, kw); B: a 1x1 conv, (out, r, 1, 1) (kohya's conv
         # LoRA). Together one conv whose kernel is B @ A over the flattened kernel.
         down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
                          base.dilation, **kw)
-        up = skip_init(nn.Conv2d, rank, base.out_channels, 1, **kw)
+        up = nn.utils.skip_init(nn.Conv2d, rank, base.out_channels, 1, **kw)
     else:
         raise TypeError(f"LoRA supports nn.Linear and nn.Conv2d (groups=1, zero padding): {base}")
     nn.init.zeros_(up.weight)  # B A = 0: the adapted model starts as the base model
@@ -86,8 +82,7 @@ class LoRAConv2d(LoRALayer, nn.Conv2d):
     """nn.Conv2d + LoRA: A a conv like the base's, B a 1x1 conv."""
 
 
-def lora_layer(base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
-               dtype: torch.dtype = torch.float32) -> LoRALayer:
+def lora_layer(base, rank: int, alpha: float, dropout=0.0, dtype=torch.float32) -> LoRALayer:
     """Turn `base` into its LoRA subclass in place, with a fresh adapter (A, B in `dtype`)."""
     base.lora_A, base.lora_B = down_up(base, rank, dtype)
     # The same object keeps its own weight/bias Parameters (no copy) and so its state-dict keys.
@@ -100,8 +95,7 @@ def lora_layer(base: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
 # Injection: find target modules by name and make them LoRA layers in place
 
 
-def matches(module_name: str, targets) -> bool:
-    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+def matches(name, targets) -> bool: return any(name == t or name.endswith("." + t) for t in targets)
 
 
 def find_targets(model: nn.Module, targets) -> list[str]:
@@ -129,7 +123,7 @@ def inject_lora(model: nn.Module, targets=UNET_ATTENTION, *, rank: int = 4,
     return names
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:  # (module name, layer) pairs
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
 
 
@@ -141,14 +135,11 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, m in lora_layers(model) for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{"<module>.lora_A.weight": A, "<module>.lora_B.weight": B, ...}: a checkpoint's part."""
-    keys = (".lora_A.weight", ".lora_B.weight")
-    return {k: v for k, v in model.state_dict().items() if k.endswith(keys)}
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:  # what a checkpoint keeps
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}  # <module>.lora_A.weight
 
 
-def mark_only_lora_trainable(model: nn.Module) -> None:
-    """requires_grad on the LoRA parameters and off everywhere else."""
+def mark_only_lora_trainable(model: nn.Module) -> None:  # requires_grad on LoRA's only
     model.requires_grad_(False)
     for p in lora_parameters(model):
         p.requires_grad_(True)

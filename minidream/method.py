@@ -4,8 +4,6 @@ is written and how prompts name the subject. LoRA (Hu et al. 2021) is here; full
 textual inversion are in minidream/methods/. Building a method reads no tensor value, so the
 memory planner builds it on a meta-device model."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import torch
@@ -28,24 +26,19 @@ class Method:
     def __init__(self, model, cfg, token: str, class_noun: str):
         self.model, self.cfg, self.token, self.class_noun = model, cfg, token, class_noun
 
+    # Do gradients reach the text encoders? Then prompts are encoded every step, not cached.
     @staticmethod
-    def trains_text(cfg) -> bool:
-        """Do gradients reach the text encoders? Then prompts are encoded every step, not cached."""
-        return bool(cfg.train_text_encoder)
+    def trains_text(cfg) -> bool: return bool(cfg.train_text_encoder)
 
-    def trained_modules(self) -> dict[str, nn.Module]:
-        """{name: module} of the modules holding trained parameters (DDP wraps them)."""
-        raise NotImplementedError
-
-    def param_groups(self) -> list[dict]:
-        raise NotImplementedError
+    # {name: module} of the modules holding trained parameters (DDP wraps them)
+    def trained_modules(self) -> dict[str, nn.Module]: raise NotImplementedError
+    def param_groups(self) -> list[dict]: raise NotImplementedError  # optimizer groups
+    # {module name: {tensor name: tensor}}: what a checkpoint must store to resume
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]: raise NotImplementedError
+    def save(self, path, step: int) -> Path: raise NotImplementedError  # write the result
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for g in self.param_groups() for p in g["params"]]
-
-    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
-        """{module name: {tensor name: tensor}}: what a checkpoint must store to resume."""
-        raise NotImplementedError
 
     def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
         """Put a checkpoint's trained tensors back; the key sets must be exactly this run's."""
@@ -57,25 +50,19 @@ class Method:
         for name, module in self.trained_modules().items():
             module.load_state_dict(state[name], strict=False)
 
-    def save(self, path, step: int) -> Path:
-        raise NotImplementedError
-
-    def prompt(self, text: str) -> str:
-        """`text` as this method's result is prompted (textual inversion names the subject apart)."""
-        return text
+    # `text` as this method's result is prompted (textual inversion names the subject differently)
+    def prompt(self, text: str) -> str: return text
 
     @staticmethod
-    def check_subject(cfg, subject) -> None:
-        """Raise TrainingError if this method cannot learn from the subject's prompts."""
+    def check_subject(cfg, subject) -> None: pass  # raise TrainingError where it cannot learn
 
     def summary(self) -> str:
         return f"{sum(p.numel() for p in self.parameters()):,} {self.name} parameters"
 
 
-def text_encoders(text) -> dict[str, nn.Module]:
-    """{"text_encoder": ..., "text_encoder_2": ...} of a TextEncoders (SD 1.x / 2.x: the first)."""
+def text_encoders(text) -> dict[str, nn.Module]:  # {"text_encoder": ..., "text_encoder_2": ...}
     both = {"text_encoder": text.text_encoder, "text_encoder_2": text.text_encoder_2}
-    return {k: m for k, m in both.items() if m is not None}
+    return {k: m for k, m in both.items() if m is not None}  # SD 1.x / 2.x: the first only
 
 
 def train_mode(module: nn.Module, gradient_checkpointing: bool) -> None:
@@ -111,16 +98,14 @@ class LoRA(Method):
             mark_only_lora_trainable(module)
             train_mode(module, cfg.gradient_checkpointing)
 
-    def trained_modules(self):
-        return self.modules
+    def trained_modules(self): return self.modules
 
     def param_groups(self):
         cfg = self.cfg
         return [{"params": lora_parameters(m), "lr": cfg.lr if n == "unet" else cfg.text_encoder_lr}
                 for n, m in self.modules.items()]
 
-    def state_dict(self):
-        return {name: lora_state_dict(m) for name, m in self.modules.items()}
+    def state_dict(self): return {name: lora_state_dict(m) for name, m in self.modules.items()}
 
     def save(self, path, step):
         return save_lora(path, **self.modules, token=self.token, class_noun=self.class_noun,
