@@ -27,7 +27,7 @@ class LoRAStack:
                     scale: float = 1.0, dtype: torch.dtype = torch.float32) -> None:
         """Add adapter `name`: A = down (r, in[, kh, kw]), B = up (out, r[, 1, 1]), in `dtype`."""
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise ValueError(f"adapter name {name!r} must be a Python identifier (letters, digits, _)")
+            raise ValueError(f"adapter name {name!r} must be an identifier (letters, digits, _)")
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer; remove it first")
         self.check_unmerged("add an adapter")
@@ -60,7 +60,7 @@ class LoRAStack:
 
     def check_unmerged(self, action: str) -> None:
         if self.merged:
-            raise RuntimeError(f"cannot {action} while adapters are merged; call unmerge_lora() first")
+            raise RuntimeError(f"cannot {action} while adapters are merged: unmerge_lora() first")
 
 
 class StackLinear(LoRAStack, nn.Linear):
@@ -119,7 +119,7 @@ def merge_layer(layer: LoRAStack) -> None:
 
 @torch.no_grad()
 def unmerge_layer(layer: LoRAStack) -> None:
-    """Subtract what merge_layer() added. Exact up to rounding in the weight's dtype (fp32: ~1e-7)."""
+    """Subtract what merge_layer() added: exact up to rounding in the weight's dtype."""
     for name, s in layer.merged.items():
         layer.weight -= (layer.delta_weight(name) * s).to(layer.weight.dtype)
     layer.merged = {}
@@ -132,6 +132,6 @@ def merge_lora(model: nn.Module) -> None:
 
 
 def unmerge_lora(model: nn.Module) -> None:
-    """Undo merge_lora: each layer of `model` gets its base weight back and runs its adapters again."""
+    """Undo merge_lora: each layer gets its base weight back and runs its adapters again."""
     for _, layer in stack_layers(model):
         unmerge_layer(layer)

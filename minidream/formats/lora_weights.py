@@ -53,7 +53,7 @@ def check_adapter_weights(model: nn.Module, name: str, weights: dict[str, LoRAWe
     known = dict(model.named_modules())
     trained = [k for k in weights if isinstance(known.get(k), LoRALayer)]
     if trained:
-        raise ValueError(f"{trained[0]} carries a LoRA being trained; load LoRA files onto a fresh model")
+        raise ValueError(f"{trained[0]} carries a LoRA being trained; load files onto a fresh model")
     unmatched = [k for k in weights if not isinstance(known.get(k), (nn.Linear, nn.Conv2d))]
     if unmatched:
         raise mismatch_error(unmatched, type(model).__name__)
