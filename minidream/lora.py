@@ -4,8 +4,6 @@ and B (out x r, "up") trained, B A x scaled by alpha / r (sec. 4.1). As in loral
 subclass nn.Linear / nn.Conv2d: the base keys (weight, bias) stay, the adapter adds diffusers' file
 keys `<module>.lora_A.weight`, `.lora_B.weight`. Several named adapters: formats/lora_stack.py."""
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 
@@ -29,17 +27,6 @@ def unet_targets(groups: str) -> tuple[str, ...]:
         raise ValueError(f"unknown group(s) {unknown}; use a comma-separated list of "
                          f"{', '.join(UNET_TARGET_GROUPS)} (e.g. attn,ff)")
     return tuple(t for g in names for t in TARGET_GROUPS[g])
-
-
-@dataclass
-class LoRAWeights:
-    """One module's adapter, the unit files hold: delta W = up @ down * alpha / rank."""
-
-    down: torch.Tensor  # A: (r, in) for Linear, (r, in, kh, kw) for Conv2d
-    up: torch.Tensor  # B: (out, r) for Linear, (out, r, 1, 1) for Conv2d
-    alpha: float
-
-    rank = property(lambda self: self.down.shape[0])
 
 
 def down_up(base: nn.Module, rank: int, dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:

@@ -9,15 +9,28 @@ Alpha is no tensor: diffusers rebuilds each component's peft LoraConfig from the
 import json
 import re
 from collections import Counter
+from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
 from minidream import __version__
 from minidream.files import atomic_write
-from minidream.lora import LoRAWeights, lora_layers
+from minidream.lora import lora_layers
 
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # the entry diffusers' load_lora_weights reads
+
+
+@dataclass
+class LoRAWeights:
+    """One module's adapter, the unit files hold: delta W = up @ down * alpha / rank."""
+
+    down: torch.Tensor  # A: (r, in) for Linear, (r, in, kh, kw) for Conv2d
+    up: torch.Tensor  # B: (out, r) for Linear, (out, r, 1, 1) for Conv2d
+    alpha: float
+
+    rank = property(lambda self: self.down.shape[0])
 
 
 # {module name: its adapter} of each LoRA layer of `model`, detached (and cast to `dtype`)
@@ -57,9 +70,8 @@ def diffusers_tensors(adapters: dict[str, dict[str, LoRAWeights]]) -> tuple[dict
 
 
 def save_lora(path, *, unet: nn.Module | None = None, text_encoder: nn.Module | None = None,
-              text_encoder_2: nn.Module | None = None, base_model: str = "", token: str = "",
-              class_noun: str = "", steps: int | None = None, dtype=None,
-              to_tensors=diffusers_tensors):
+              text_encoder_2: nn.Module | None = None, base_model="", token="", class_noun="",
+              steps: int | None = None, dtype=None, to_tensors=diffusers_tensors):
     """Write the adapters of the given models to `path`, with rank, alpha, base model, token, class
     noun, steps and minidream version in the metadata. to_tensors: the layout (formats/: kohya)."""
     models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}

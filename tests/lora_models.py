@@ -11,7 +11,8 @@ from diffusers import UNet2DConditionModel
 from minidream.toy.tiny import TEXT_WIDTHS, UNET, configs
 from minidream.formats.lora_stack import require_adapter, stack_layers
 from minidream.formats.lora_weights import load_adapter_weights
-from minidream.lora import LoRAWeights, find_targets
+from minidream.lora import find_targets
+from minidream.lora_file import LoRAWeights
 from minidream.unet import UNet, UNetConfig
 from tests._model_factory import rel_err  # noqa: F401 (re-exported for the LoRA tests)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection

@@ -36,7 +36,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from minidream.loading import widen_float8
-from minidream.lora import LoRAWeights
+from minidream.lora_file import LoRAWeights
 from minidream.formats.lora_stack import merge_lora
 from minidream.formats.lora_weights import LoRAFileError, check_adapter_weights, load_adapter_weights, mismatch_error
 from minidream.lora_file import DIFFUSERS_METADATA_KEY, diffusers_tensors, file_module_name

@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from minidream.errors import UserError
 from minidream.formats.lora_stack import adapter_names, stack_layer
-from minidream.lora import LoRALayer, LoRAWeights
+from minidream.lora import LoRALayer
+from minidream.lora_file import LoRAWeights
 
 
 class LoRAFileError(UserError):
