@@ -67,8 +67,8 @@ def fill_class_folder(plan: ClassImagePlan, model, prompt: str, *, resolution: i
         barrier()  # every rank listed the folder before any rank writes to it
         settings = {"steps": steps, "guidance_scale": guidance_scale}
         for i in tqdm(free[rank::world], desc=f"class images for {prompt!r}", disable=not progress):
-            image = generate(model, prompt, negative_prompt, sampler=sampler, **settings, seed=seed + i,
-                             height=resolution, width=resolution, num_images=1, progress=False)[0]
+            image = generate(model, prompt, negative_prompt, sampler=sampler, **settings,
+                             seed=seed + i, height=resolution, width=resolution, progress=False)[0]
             save_png(plan.folder / f"class-{i:05d}.png", image, {"prompt": prompt, "seed": seed + i,
                      "sampler": sampler.__name__, **settings, "model": getattr(model, "name", "")})
         barrier()  # every share is written

@@ -364,12 +364,17 @@ def validate(model, prompts, cfg: TrainConfig, run: Path, device, dist, step: in
         text = model.text
         parts = [p for p in (model.vae, text.text_encoder, text.text_encoder_2) if p is not None]
         homes = [next(p.parameters()).device for p in parts]
+        modes = {m: m.training for m in (model.unet, *parts)}
         for p in parts:  # the VAE and text encoders come back to the GPU only for this
             p.to(device)
+        for m in modes:  # eval mode: no LoRA dropout in the pictures
+            m.eval()
         images = [generate(model, prompt, sampler=ddim, steps=cfg.validation_steps, seed=seed,
                            guidance_scale=cfg.guidance_scale, height=cfg.resolution,
                            width=cfg.resolution, progress=False)[0]
                   for prompt in prompts for seed in cfg.validation_seeds]
+        for m, was_training in modes.items():
+            m.train(was_training)
         for p, home in zip(parts, homes):
             p.to(home)
         grid = labelled_grid(images, prompts, [f"seed {seed}" for seed in cfg.validation_seeds])

@@ -74,7 +74,7 @@ TINY_SDXL = REPO / BUNDLED_MODEL
 def write_lora(path: Path, model_folder: Path, seed: int, token="rraj", class_noun="dog") -> Path:
     """A random rank-2 LoRA on the UNet's attention (B non-zero, so it changes the images)."""
     unet = load_model(model_folder).unet
-    inject_lora(unet, UNET_ATTENTION, name="default", rank=2)
+    inject_lora(unet, UNET_ATTENTION, rank=2)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in lora_parameters(unet):

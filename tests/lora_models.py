@@ -9,7 +9,10 @@ import torch
 from torch import nn
 from diffusers import UNet2DConditionModel
 from minidream.toy.tiny import TEXT_WIDTHS, UNET, configs
-from minidream.lora import lora_layers, require_adapter
+from minidream.formats.lora_stack import require_adapter, stack_layers
+from minidream.formats.lora_weights import load_adapter_weights
+from minidream.lora import find_targets
+from minidream.lora_file import LoRAWeights
 from minidream.unet import UNet, UNetConfig
 from tests._model_factory import rel_err  # noqa: F401 (re-exported for the LoRA tests)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -90,24 +93,38 @@ def write_random_lora(path, unet, text_encoder=None, text_encoder_2=None, seed: 
     return save_lora(path, unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
 
 
-# Adapter bookkeeping the tests use to compare with peft's multi-adapter API.
+# Several named adapters (minidream.formats.lora_stack), as the tests compare them with peft's multi-adapter API.
+
+def stack_random_adapter(model: nn.Module, targets, name: str, rank: int, alpha: float,
+                         scale: float = 1.0, seed: int = 0) -> None:
+    """Add adapter `name` with random A and B to every module matched by `targets` (through
+    load_adapter_weights, the way LoRA files are applied)."""
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for path in find_targets(model, targets):
+        w = model.get_submodule(path).weight
+        ones = [1] * (w.dim() - 2)  # Conv2d: B is (out, r, 1, 1)
+        weights[path] = LoRAWeights(torch.randn(rank, *w.shape[1:], generator=g) * 0.1,
+                                    torch.randn(w.shape[0], rank, *ones, generator=g) * 0.1, alpha)
+    load_adapter_weights(model, name, weights, scale)
+
 
 def set_adapter_scale(model: nn.Module, name: str, scale: float) -> None:
     """Set the user strength of adapter `name` everywhere (e.g. 0.8 for a style LoRA)."""
     require_adapter(model, name)
-    for _, layer in lora_layers(model):
+    for _, layer in stack_layers(model):
         if name in layer.lora_A:
             layer.check_unmerged("change a scale")
-            layer.lora_scale[name] = float(scale)
+            layer.scale[name] = float(scale)
 
 
 def set_active_adapters(model: nn.Module, names: list[str]) -> None:
     """Only `names` contribute to the forward (and to merge()); the others stay loaded but idle."""
     for name in names:
         require_adapter(model, name)
-    for _, layer in lora_layers(model):
+    for _, layer in stack_layers(model):
         layer.check_unmerged("change the active adapters")
-        layer.active_adapters = [n for n in names if n in layer.lora_A]
+        layer.active = [n for n in names if n in layer.lora_A]
 
 
 def count_trainable_parameters(model: nn.Module) -> int:

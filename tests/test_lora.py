@@ -1,8 +1,11 @@
-"""minidream.lora: layers, injection, several adapters, merge/unmerge, against peft (fp32, CPU)."""
+"""minidream.lora: layers, injection, dropout; formats.lora_stack: several adapters, merge/unmerge;
+against peft (fp32, CPU)."""
 
 import json
 import math
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,25 +15,28 @@ from diffusers import UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
 
 from lora_models import (count_trainable_parameters, randomize_lora, reference_unet, rel_err, run_reference,
-                         run_under_test, set_active_adapters, set_adapter_scale, text_encoders, token_ids,
-                         unet_inputs, unet_under_test)
+                         run_under_test, set_active_adapters, set_adapter_scale, stack_random_adapter,
+                         text_encoders, token_ids, unet_inputs, unet_under_test)
+from minidream.cli.args import config_from_args, train_parser
 from minidream.lora import (TEXT_ATTENTION, UNET_ATTENTION, UNET_CONV, UNET_FEEDFORWARD, UNET_PROJ,
-                            LoRAConv2d, LoRALinear, adapter_names, inject_lora, lora_parameters, lora_state_dict,
-                            mark_only_lora_trainable, wrap_module)
-from minidream.formats.lora_merge import merge_layer, merge_lora, remove_adapter, unmerge_layer, unmerge_lora
+                            LoRAConv2d, LoRALinear, inject_lora, lora_layer, lora_layers, lora_parameters,
+                            lora_state_dict, mark_only_lora_trainable)
+from minidream.formats.lora_stack import (adapter_names, merge_layer, merge_lora, remove_adapter, stack_layer,
+                                          unmerge_layer, unmerge_lora)
 from minidream.lora_file import get_adapter_weights
+from minidream.method import LoRA
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def copy_peft_into_ours(peft_model: nn.Module, ours: nn.Module, adapter: str = "default") -> int:
-    """Copy peft's lora_A/lora_B (named <module>.lora_A.<adapter>.weight) into minidream's layers."""
+def copy_peft_into_ours(peft_model: nn.Module, ours: nn.Module) -> int:
+    """Copy peft's lora_A/lora_B (<module>.lora_A.default.weight) into minidream's (<module>.lora_A.weight)."""
     peft_params = dict(peft_model.named_parameters())
     copied = 0
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:
-                p.copy_(peft_params[name + ".weight"])
+                p.copy_(peft_params[re.sub(r"\.lora_([AB])\.weight$", r".lora_\1.default.weight", name)])
                 copied += 1
     return copied
 
@@ -89,11 +95,11 @@ def test_fresh_adapter_matches_peft_init_and_changes_nothing():
                                          nn.Sequential(nn.Linear(256, 96), nn.Conv2d(8, 16, 3, padding=1)))
     inject_lora(ours, ("0", "1"), rank=64)
     for i, fan_in in ((0, 256), (1, 8 * 9)):
-        a, peft_a = ours[i].lora_A["default"], peft_model[i].lora_A["default"].weight
-        assert a.shape == peft_a.shape and ours[i].lora_B["default"].shape == peft_model[i].lora_B["default"].weight.shape
+        a, peft_a = ours[i].lora_A.weight, peft_model[i].lora_A["default"].weight
+        assert a.shape == peft_a.shape and ours[i].lora_B.weight.shape == peft_model[i].lora_B["default"].weight.shape
         assert a.abs().max() <= 1 / math.sqrt(fan_in) and peft_a.abs().max() <= 1 / math.sqrt(fan_in)
         assert a.std().item() == pytest.approx(peft_a.std().item(), rel=0.05)  # same distribution
-        assert torch.count_nonzero(ours[i].lora_B["default"]) == 0
+        assert torch.count_nonzero(ours[i].lora_B.weight) == 0
     x = torch.randn(2, 256)
     assert torch.equal(ours[0](x), base[0](x))
 
@@ -126,7 +132,7 @@ def test_base_state_dict_keys_unchanged_and_only_lora_trainable():
     base_keys = [k for k in after if ".lora_" not in k]
     assert base_keys == list(before)  # same keys, same order
     assert all(after[k] is before[k] or torch.equal(after[k], before[k]) for k in before)
-    assert set(lora_state_dict(ours)) == {f"{n}.lora_{ab}.default" for n in names for ab in "AB"}
+    assert set(lora_state_dict(ours)) == {f"{n}.lora_{ab}.weight" for n in names for ab in "AB"}
     mark_only_lora_trainable(ours)
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert trainable == set(lora_state_dict(ours))
@@ -134,12 +140,11 @@ def test_base_state_dict_keys_unchanged_and_only_lora_trainable():
 
 def test_linear_forward_is_eq3_with_dropout_before_A():
     torch.manual_seed(0)
-    layer = LoRALinear.wrap(nn.Linear(6, 5))
-    layer.add_adapter("a", rank=3, alpha=6, dropout=0.5)
+    layer = lora_layer(nn.Linear(6, 5), rank=3, alpha=6, dropout=0.5)
     randomize_lora(nn.ModuleDict({"l": layer}))
-    A, B, W, b = layer.lora_A["a"], layer.lora_B["a"], layer.weight, layer.bias
+    A, B, W, b = layer.lora_A.weight, layer.lora_B.weight, layer.weight, layer.bias
     x = torch.randn(4, 6)
-    layer.eval()
+    layer.eval()  # dropout is the identity
     assert torch.allclose(layer(x), x @ W.T + b + 2.0 * x @ A.T @ B.T, atol=1e-6)
     layer.train()  # dropout acts on the adapter's input only
     torch.manual_seed(5)
@@ -147,28 +152,64 @@ def test_linear_forward_is_eq3_with_dropout_before_A():
     torch.manual_seed(5)
     want = x @ W.T + b + 2.0 * F.dropout(x, 0.5, True) @ A.T @ B.T
     assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, layer.eval()(x), atol=1e-3)  # the dropout really acted
+
+
+def test_lora_dropout_setting_reaches_the_layers_and_equals_peft():
+    """train.py --lora-dropout 0.25: every adapter drops its input while training (as peft's
+    lora_dropout, the same numbers from the same seed), and is exact eq. 3 in eval mode."""
+    cfg = config_from_args(train_parser("train").parse_args(["--lora-dropout", "0.25", "--lora-targets", "attn"]))
+    ref = reference_unet()
+    ours = unet_under_test(ref)
+    LoRA(SimpleNamespace(unet=ours, text=None), cfg, "rraj", "person")
+    layers = lora_layers(ours)
+    assert layers and all(layer.lora_dropout.p == 0.25 and layer.training for _, layer in layers)
+    ref.add_adapter(LoraConfig(r=4, lora_alpha=4, lora_dropout=0.25, target_modules=list(UNET_ATTENTION)))
+    randomize_lora(ref)
+    copy_peft_into_ours(ref, ours)
+    ref.train()
+    inp = unet_inputs()
+    with torch.no_grad():
+        torch.manual_seed(7)
+        want = run_reference(ref, inp)
+        torch.manual_seed(7)
+        got = run_under_test(ours, inp)
+        torch.manual_seed(8)
+        other = run_under_test(ours, inp)
+        ours.eval(), ref.eval()
+        eval_got, eval_want = run_under_test(ours, inp), run_reference(ref, inp)
+    print(f"train mode with dropout vs peft rel err {rel_err(got, want):.2e}")
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(other, got) > 1e-4  # another seed, another dropout mask
+    assert rel_err(eval_got, eval_want) <= 1e-5 and rel_err(eval_got, got) > 1e-4
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [(1, 1, 0), (3, 1, 1), (3, 2, 1)])
 def test_conv_lora_equals_conv_with_delta_weight(kernel, stride, padding):
     torch.manual_seed(0)
-    layer = LoRAConv2d.wrap(nn.Conv2d(4, 6, kernel, stride, padding))
-    layer.add_adapter("a", rank=2, alpha=3)
+    layer = lora_layer(nn.Conv2d(4, 6, kernel, stride, padding), rank=2, alpha=3)
     randomize_lora(nn.ModuleDict({"l": layer}))
     x = torch.randn(2, 4, 9, 9)
-    weight = layer.weight + 1.5 * layer.delta_weight("a")
+    delta = (layer.lora_B.weight.flatten(1) @ layer.lora_A.weight.flatten(1)).view(layer.weight.shape)
+    weight = layer.weight + 1.5 * delta
     assert torch.allclose(layer(x), F.conv2d(x, weight, layer.bias, stride, padding), atol=1e-5)
+    stacked = stack_layer(nn.Conv2d(4, 6, kernel, stride, padding))  # the same with formats.lora_stack
+    stacked.load_state_dict(layer.state_dict(), strict=False)
+    stacked.add_adapter("a", layer.lora_A.weight, layer.lora_B.weight, alpha=3)
+    assert torch.equal(stacked.delta_weight("a"), delta)
+    assert torch.allclose(stacked(x), layer(x), atol=1e-6)
 
 
 def test_two_adapters_sum_of_scaled_deltas_and_merge():
     torch.manual_seed(0)
-    layer = LoRALinear.wrap(nn.Linear(8, 7))
-    layer.add_adapter("subject", rank=4, alpha=8, scale=1.0)
-    layer.add_adapter("style", rank=2, alpha=1, scale=0.8)
-    randomize_lora(nn.ModuleDict({"l": layer}))
+    layer = stack_layer(nn.Linear(8, 7))
+    layer.add_adapter("subject", torch.randn(4, 8) * 0.1, torch.randn(7, 4) * 0.1, alpha=8, scale=1.0)
+    layer.add_adapter("style", torch.randn(2, 8) * 0.1, torch.randn(7, 2) * 0.1, alpha=1, scale=0.8)
+    assert {n for n, _ in layer.named_parameters()} == {"weight", "bias"} | {
+        f"lora_{ab}.{name}.weight" for ab in "AB" for name in ("subject", "style")}  # peft's names
     w0 = layer.weight.detach().clone()
-    delta = 1.0 * (8 / 4) * layer.lora_B["subject"] @ layer.lora_A["subject"] \
-        + 0.8 * (1 / 2) * layer.lora_B["style"] @ layer.lora_A["style"]
+    A, B = {n: m.weight for n, m in layer.lora_A.items()}, {n: m.weight for n, m in layer.lora_B.items()}
+    delta = 1.0 * (8 / 4) * B["subject"] @ A["subject"] + 0.8 * (1 / 2) * B["style"] @ A["style"]
     x = torch.randn(3, 8)
     unfused = layer(x)
     assert torch.allclose(unfused, F.linear(x, w0 + delta, layer.bias), atol=1e-5)
@@ -182,8 +223,8 @@ def test_two_adapters_sum_of_scaled_deltas_and_merge():
 def test_unet_fused_equals_unfused_and_unmerge_restores():
     ref = reference_unet()
     ours = unet_under_test(ref)
-    inject_lora(ours, UNET_ATTENTION + UNET_CONV, name="subject", rank=4, alpha=2)
-    inject_lora(ours, UNET_ATTENTION, name="style", rank=2, alpha=4, scale=0.8)
+    stack_random_adapter(ours, UNET_ATTENTION + UNET_CONV, "subject", rank=4, alpha=2)
+    stack_random_adapter(ours, UNET_ATTENTION, "style", rank=2, alpha=4, scale=0.8)
     randomize_lora(ours)
     base = {k: v.clone() for k, v in ours.state_dict().items() if ".lora_" not in k}
     inp = unet_inputs()
@@ -205,11 +246,33 @@ def test_unet_fused_equals_unfused_and_unmerge_restores():
     assert rel_err(unfused, plain) > 1e-3  # the adapters really change the output
 
 
+def test_stacked_adapters_equal_peft_multi_adapter():
+    """Two named adapters with their own alphas and strengths (0.8) against peft's set_adapters."""
+    ref = reference_unet()
+    ours = unet_under_test(ref)
+    ref.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(UNET_ATTENTION)), adapter_name="a")
+    ref.add_adapter(LoraConfig(r=2, lora_alpha=1, target_modules=list(UNET_ATTENTION)), adapter_name="b")
+    ref.set_adapters(["a", "b"], [1.0, 0.8])
+    randomize_lora(ref)
+    params = dict(ref.named_parameters())
+    for name, rank, alpha, scale in (("a", 4, 8, 1.0), ("b", 2, 1, 0.8)):
+        stack_random_adapter(ours, UNET_ATTENTION, name, rank=rank, alpha=alpha, scale=scale)
+    with torch.no_grad():
+        for key, p in ours.named_parameters():
+            if ".lora_" in key:
+                p.copy_(params[key])  # the same names as peft's: <module>.lora_A.<adapter>.weight
+    inp = unet_inputs()
+    with torch.no_grad():
+        err = rel_err(run_under_test(ours, inp), run_reference(ref, inp))
+    print(f"two stacked adapters vs peft rel err {err:.2e}")
+    assert err <= 1e-5
+
+
 def test_scale_and_active_adapters():
     ref = reference_unet()
     ours = unet_under_test(ref)
-    inject_lora(ours, name="a", rank=2)
-    inject_lora(ours, name="b", rank=2)
+    stack_random_adapter(ours, UNET_ATTENTION, "a", rank=2, alpha=2)
+    stack_random_adapter(ours, UNET_ATTENTION, "b", rank=2, alpha=2)
     randomize_lora(ours)
     inp = unet_inputs()
     with torch.no_grad():
@@ -227,19 +290,18 @@ def test_scale_and_active_adapters():
 
 def test_low_precision_base_with_fp32_lora():
     torch.manual_seed(0)
-    layer = LoRALinear.wrap(nn.Linear(8, 4).to(torch.bfloat16))
-    layer.add_adapter("a", rank=2, alpha=2)
-    assert layer.lora_A["a"].dtype == torch.float32
+    layer = lora_layer(nn.Linear(8, 4).to(torch.bfloat16), rank=2, alpha=2)
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
     out = layer(torch.randn(3, 8, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
-    assert layer.lora_B["a"].grad is not None and layer.lora_B["a"].grad.dtype == torch.float32
+    assert layer.lora_B.weight.grad is not None and layer.lora_B.weight.grad.dtype == torch.float32
 
 
 def test_get_adapter_weights_round_trip():
     ours = unet_under_test(reference_unet())
     inject_lora(ours, rank=3, alpha=5)
-    weights = get_adapter_weights(ours, "default")
+    weights = get_adapter_weights(ours)
     assert {w.rank for w in weights.values()} == {3} and {w.alpha for w in weights.values()} == {5.0}
 
 
@@ -252,16 +314,25 @@ def test_errors():
     with pytest.raises(ValueError, match=r"to_qq.*match no Linear/Conv2d"):
         inject_lora(ours, ("to_qq",))
     with pytest.raises(TypeError, match="nn.Linear and nn.Conv2d"):
-        wrap_module(ours, "conv_norm_out")  # a GroupNorm
+        lora_layer(ours.get_submodule("conv_norm_out"), rank=2, alpha=2)  # a GroupNorm
+    with pytest.raises(TypeError, match="groups=1"):
+        lora_layer(nn.Conv2d(4, 4, 3, groups=2), rank=2, alpha=2)
     inject_lora(ours, rank=2)
-    with pytest.raises(ValueError, match="already exists"):
+    with pytest.raises(ValueError, match="already has a LoRA adapter"):
         inject_lora(ours, rank=2)
+
+    stacked = unet_under_test(reference_unet())
+    stack_random_adapter(stacked, UNET_ATTENTION, "default", rank=2, alpha=2)
+    with pytest.raises(ValueError, match="already loaded"):
+        stack_random_adapter(stacked, UNET_ATTENTION, "default", rank=2, alpha=2)
     with pytest.raises(ValueError, match="identifier"):
-        inject_lora(ours, name="my.lora")
+        stack_random_adapter(stacked, UNET_ATTENTION, "my.lora", rank=2, alpha=2)
     with pytest.raises(KeyError, match="no adapter named 'nope'"):
-        set_adapter_scale(ours, "nope", 1.0)
-    merge_lora(ours)
+        set_adapter_scale(stacked, "nope", 1.0)
+    with pytest.raises(ValueError, match="carries a LoRA being trained"):
+        stack_random_adapter(ours, UNET_ATTENTION, "file", rank=2, alpha=2)
+    merge_lora(stacked)
     with pytest.raises(RuntimeError, match="unmerge"):
-        merge_lora(ours)
+        merge_lora(stacked)
     with pytest.raises(RuntimeError, match="unmerge"):
-        set_adapter_scale(ours, "default", 0.5)
+        set_adapter_scale(stacked, "default", 0.5)

@@ -15,6 +15,7 @@ from lora_models import (randomize_lora, reference_unet, rel_err, run_reference,
                          text_encoders, token_ids, unet_inputs, unet_under_test)
 from minidream import __version__
 from minidream.formats.lora_weights import LoRAFileError, LoRAMismatchError
+from minidream.formats.lora_stack import LoRAStack
 from minidream.lora import LoRALayer, inject_lora
 from minidream.lora_file import get_adapter_weights
 from minidream.formats.lora_files import detect_layout, load_lora, read_lora, save_lora
@@ -40,7 +41,7 @@ def trained_models(own_alpha: bool = True):
     inject_lora(unet, ATTN1 + ATTN2, rank=4, alpha=8)
     inject_lora(unet, ("attn2.to_k",), rank=2, alpha=8)
     if own_alpha:
-        unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q").lora_alpha["default"] = 3.0
+        unet.get_submodule("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q").alpha = 3.0
     inject_lora(te1, "text", rank=2, alpha=3)
     inject_lora(te2, "text", rank=2, alpha=1)
     for seed, model in enumerate((unet, te1, te2)):
@@ -140,7 +141,7 @@ def test_kohya_file_built_by_hand_equals_diffusers_layout(tmp_path):
     models = trained_models()
     tensors = {}
     for prefix, model in zip(("lora_unet_", "lora_te1_text_model_", "lora_te2_"), models):
-        for path, w in get_adapter_weights(model, "default").items():
+        for path, w in get_adapter_weights(model).items():
             stem = prefix + path.replace(".", "_")
             tensors.update({f"{stem}.lora_down.weight": w.down, f"{stem}.lora_up.weight": w.up,
                             f"{stem}.alpha": torch.tensor(w.alpha, dtype=torch.float16)})
@@ -158,7 +159,7 @@ def test_old_diffusers_layout_built_by_hand(tmp_path):
     so the test folds alpha / rank into `up`."""
     models = trained_models()
     tensors = {}
-    for i, (path, w) in enumerate(get_adapter_weights(models[0], "default").items()):
+    for i, (path, w) in enumerate(get_adapter_weights(models[0]).items()):
         up = w.up * (w.alpha / w.rank)
         if i % 2:
             stem = f"unet.{path}.lora"
@@ -167,7 +168,7 @@ def test_old_diffusers_layout_built_by_hand(tmp_path):
             stem = f"unet.{parent}.processor.{proj.removesuffix('.0')}_lora"
         tensors.update({f"{stem}.down.weight": w.down, f"{stem}.up.weight": up})
     for component, model in zip(("text_encoder", "text_encoder_2"), models[1:]):
-        for path, w in get_adapter_weights(model, "default").items():
+        for path, w in get_adapter_weights(model).items():
             stem = f"{component}.text_model.{path.removeprefix('text_model.')}.lora_linear_layer"
             tensors.update({f"{stem}.down.weight": w.down, f"{stem}.up.weight": w.up * (w.alpha / w.rank)})
     save_file(tensors, tmp_path / "old.safetensors")
@@ -270,7 +271,7 @@ def test_bad_lora_is_an_error_and_changes_nothing(tmp_path, case):
     unet, te1 = unet_under_test(reference_unet()), text_encoders()[0]
     with pytest.raises(error, match=message):
         load_lora(tmp_path / "bad.safetensors", unet=unet, text_encoder=te1)
-    assert not any(isinstance(m, LoRALayer) for model in (unet, te1) for m in model.modules())
+    assert not any(isinstance(m, (LoRALayer, LoRAStack)) for model in (unet, te1) for m in model.modules())
 
 
 def test_corrupt_missing_and_pickled_files(tmp_path):
@@ -302,7 +303,7 @@ def test_two_files_as_two_adapters_with_scales(tmp_path):
     assert load_lora(tmp_path / "subject.safetensors", unet=unet) == "subject"
     assert load_lora(tmp_path / "style.safetensors", unet=unet, scale=0.8) == "style"
     layer = unet.get_submodule(Q)
-    w_subject, w_style = get_adapter_weights(subject, "default")[Q], get_adapter_weights(style, "default")[Q]
+    w_subject, w_style = get_adapter_weights(subject)[Q], get_adapter_weights(style)[Q]
     x = torch.randn(3, 64)
     want = torch.nn.functional.linear(x, layer.weight, layer.bias) \
         + x @ (w_subject.alpha / w_subject.rank * w_subject.up @ w_subject.down).T \

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 import minidream.training as training
 from minidream.toy.tiny import write_tiny_sdxl
 from minidream.data import DataError
-from minidream.lora import lora_layers
+from minidream.formats.lora_stack import stack_layers
 from minidream.formats.lora_files import load_lora
 from minidream.model import load_model
 from minidream.optim import make_optimizer
@@ -90,7 +90,7 @@ def test_a_run_writes_its_folder(world, tmp_path, capsys):
     assert all(k.startswith("unet.") for k in load_file(lora))
     model = load_model(world["model"])
     load_lora(lora, unet=model.unet)
-    trained = [layer.lora_B[n] for _, layer in lora_layers(model.unet) for n in layer.lora_B]
+    trained = [layer.lora_B[n].weight for _, layer in stack_layers(model.unet) for n in layer.lora_B]
     assert trained and any(b.abs().max() > 0 for b in trained)
 
 
@@ -173,6 +173,29 @@ def test_resume_through_a_broken_or_looping_link_is_one_line_naming_the_runs(wor
     assert err == f"train.py: error: --resume {link} is not a run folder ({why}); run folders there: {real}\n"
 
 
+def test_validation_samples_in_eval_mode_and_training_goes_on_in_train_mode(world, tmp_path, monkeypatch):
+    """With --lora-dropout the validation pictures must not be drawn with dropout on."""
+    seen = []
+    real_generate = training.generate
+
+    def generate_and_record(model, *args, **kwargs):
+        seen.append(model.unet.training)
+        return real_generate(model, *args, **kwargs)
+
+    modes = []
+    real_step = training.training_step
+
+    def step_and_record(unet, *args, **kwargs):
+        modes.append(unet.training)
+        return real_step(unet, *args, **kwargs)
+
+    monkeypatch.setattr(training, "generate", generate_and_record)
+    monkeypatch.setattr(training, "training_step", step_and_record)
+    train(config(world, tmp_path, steps=2, validate_every=1, lora_dropout=0.5, prior=False))
+    assert seen and not any(seen)  # every validation image from the model in eval mode
+    assert modes == [True, True]  # and training resumed in train mode after each grid
+
+
 def test_a_base_model_with_nan_weights_stops_the_run_and_writes_nothing_non_finite(world, tmp_path):
     broken = tmp_path / "nan-model"
     shutil.copytree(world["model"], broken)
@@ -232,7 +255,7 @@ def test_lora_targets_choose_the_unet_layers_and_the_file_loads_back(world, tmp_
     assert not any(".proj_in.lora_" in k for k in keys)  # proj was not asked for
     model = load_model(world["model"])
     load_lora(run / LORA_FILE, unet=model.unet)  # conv and feed-forward adapters load back into a fresh UNet
-    assert any(name.endswith("conv1") for name, _ in lora_layers(model.unet))
+    assert any(name.endswith("conv1") for name, _ in stack_layers(model.unet))
 
 
 def test_unknown_lora_target_group_is_a_clear_error(world, tmp_path):

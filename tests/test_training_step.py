@@ -102,11 +102,12 @@ def test_one_step_equals_diffusers_peft_adamw(prediction_type, snr_gamma):
     ref.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(UNET_ATTENTION)))
     inject_lora(ours, UNET_ATTENTION, rank=4)
     randomize_lora(ref)  # B = 0 would leave A without gradient: give both random values
+    peft_name = lambda n: n.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")  # noqa: E731
     with torch.no_grad():
         ref_params = dict(ref.named_parameters())
         for name, p in ours.named_parameters():
             if ".lora_" in name:
-                p.copy_(ref_params[name + ".weight"])
+                p.copy_(ref_params[peft_name(name)])
     mark_only_lora_trainable(ours)
     before = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
     batch, prompts = make_batch()
@@ -124,10 +125,10 @@ def test_one_step_equals_diffusers_peft_adamw(prediction_type, snr_gamma):
 
     loss_err = abs(losses.loss.item() - ref_loss.item()) / abs(ref_loss.item())
     ref_params = dict(ref.named_parameters())
-    grad_err = max(rel_err(grads[n] * max_norm / (norm + 1e-6), ref_grads[n + ".weight"]) for n in grads)  # clipped
-    weight_err = max(rel_err(p.detach(), ref_params[n + ".weight"].detach()) for n, p in ours.named_parameters()
+    grad_err = max(rel_err(grads[n] * max_norm / (norm + 1e-6), ref_grads[peft_name(n)]) for n in grads)  # clipped
+    weight_err = max(rel_err(p.detach(), ref_params[peft_name(n)].detach()) for n, p in ours.named_parameters()
                      if p.requires_grad)
-    step_err = max(rel_err(p.detach() - before[n], ref_params[n + ".weight"].detach() - before[n])
+    step_err = max(rel_err(p.detach() - before[n], ref_params[peft_name(n)].detach() - before[n])
                    for n, p in ours.named_parameters() if p.requires_grad)
     print(f"{prediction_type} gamma={snr_gamma}: loss rel {loss_err:.1e}, grad rel {grad_err:.1e}, "
           f"updated weights rel {weight_err:.1e}, weight change rel {step_err:.1e}")

@@ -43,9 +43,8 @@ from minidream.eval.eval_prompts import subject_kind
 from minidream.eval.eval_targets import EvalError, Settings, Target, prompt_set, target, target_from_lora
 from minidream.files import save_png, write_json, write_text
 from minidream.formats.lora_files import load_lora
-from minidream.formats.lora_merge import remove_adapter
+from minidream.formats.lora_stack import adapter_names, remove_adapter
 from minidream.methods import method_class
-from minidream.lora import adapter_names
 from minidream.formats import default_model_path, load_model
 from minidream.drawing import labelled_grid
 

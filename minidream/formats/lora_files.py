@@ -36,8 +36,8 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
 from minidream.loading import widen_float8
-from minidream.lora import LoRAWeights
-from minidream.formats.lora_merge import merge_lora
+from minidream.lora_file import LoRAWeights
+from minidream.formats.lora_stack import merge_lora
 from minidream.formats.lora_weights import LoRAFileError, check_adapter_weights, load_adapter_weights, mismatch_error
 from minidream.lora_file import DIFFUSERS_METADATA_KEY, diffusers_tensors, file_module_name
 from minidream.lora_file import save_lora as save_diffusers_layout
@@ -385,8 +385,8 @@ def add_loras(model, loras, fuse: bool = True) -> list[str]:
 
     Each file may hold UNet and text-encoder adapters (diffusers or kohya layout); every key must
     fit, or nothing of that file is loaded. fuse=True folds all of them into the base weights
-    (W += scale * B A * alpha / r, lora_merge.merge_lora), so sampling runs plain matmuls at the
-    base model's speed; lora_merge.unmerge_lora undoes it.
+    (W += scale * B A * alpha / r, lora_stack.merge_lora), so sampling runs plain matmuls at the
+    base model's speed; lora_stack.unmerge_lora undoes it.
     """
     text = model.text
     names = []

@@ -1,6 +1,6 @@
 """Adapters as plain data: {module name: LoRAWeights} taken from, checked against and put into a model.
 
-This is the bridge between the LoRA layers (lora.py) and adapter files (lora_files.py): a file's
+The bridge between the LoRA layers (lora_stack.py) and adapter files (lora_files.py): a file's
 keys are turned into module names and LoRAWeights there, and here they are validated against the
 model (names, ranks, shapes) before anything is changed, so a LoRA made for another base model
 fails with a clear message and leaves the model untouched.
@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 
 from minidream.errors import UserError
-from minidream.lora import LoRAWeights, adapter_names, wrap_module
-
+from minidream.formats.lora_stack import adapter_names, stack_layer
+from minidream.lora import LoRALayer
+from minidream.lora_file import LoRAWeights
 
 
 class LoRAFileError(UserError):
@@ -51,6 +52,9 @@ def check_adapter_weights(model: nn.Module, name: str, weights: dict[str, LoRAWe
         raise ValueError(f"adapter {name!r} is already loaded in {type(model).__name__}; "
                          "pick another name or remove_adapter() it first")
     known = dict(model.named_modules())
+    trained = [k for k in weights if isinstance(known.get(k), LoRALayer)]
+    if trained:
+        raise ValueError(f"{trained[0]} carries a LoRA being trained; load files onto a fresh model")
     unmatched = [k for k in weights if not isinstance(known.get(k), (nn.Linear, nn.Conv2d))]
     if unmatched:
         raise mismatch_error(unmatched, type(model).__name__)
@@ -82,8 +86,4 @@ def load_adapter_weights(model: nn.Module, name: str, weights: dict[str, LoRAWei
     """Add adapter `name` holding `weights` to `model`. Everything is checked first
     (check_adapter_weights), so a bad LoRA leaves the model untouched."""
     for key, (down, up, alpha) in check_adapter_weights(model, name, weights).items():
-        layer = wrap_module(model, key)
-        layer.add_adapter(name, down.shape[0], alpha, scale=scale, dtype=dtype)
-        with torch.no_grad():
-            layer.lora_A[name].copy_(down)
-            layer.lora_B[name].copy_(up)
+        stack_layer(model.get_submodule(key)).add_adapter(name, down, up, alpha, scale, dtype)

@@ -1,0 +1,137 @@
+"""Several named LoRA adapters on one layer, each with its own strength: sample.py's LoRA files.
+
+A run trains one adapter per layer (minidream/lora.py). Applying LoRA files stacks them instead:
+a layer holds adapters by name, in peft's layout (`<module>.lora_A.<name>.weight`), and computes
+
+    h = W0 x + sum_k scale_k * (alpha_k / r_k) * B_k A_k x
+
+Merging folds the sum into W = W0 + sum_k ... B_k A_k (Hu et al. 2021, sec. 4.1: no inference
+latency); the layer records each folded scaling in `merged`, so unmerging subtracts exactly what
+was added. Adapters come from files through lora_weights.load_adapter_weights.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+
+from minidream.lora import down_up
+
+
+class LoRAStack:
+    """Named adapters on the nn.Linear / nn.Conv2d after this class in StackLinear / StackConv2d."""
+
+    def add_adapter(self, name: str, down: torch.Tensor, up: torch.Tensor, alpha: float,
+                    scale: float = 1.0, dtype: torch.dtype = torch.float32) -> None:
+        """Add adapter `name`: A = down (r, in[, kh, kw]), B = up (out, r[, 1, 1]), in `dtype`."""
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"adapter name {name!r} must be an identifier (letters, digits, _)")
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer; remove it first")
+        self.check_unmerged("add an adapter")
+        self.lora_A[name], self.lora_B[name] = down_up(self, down.shape[0], dtype)
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(down)
+            self.lora_B[name].weight.copy_(up)
+        self.alpha[name], self.scale[name] = float(alpha), float(scale)
+        self.active.append(name)
+
+    def scaling(self, name: str) -> float:
+        """scale * alpha / r: the user's strength times the factor in front of B A."""
+        return self.scale[name] * self.alpha[name] / self.lora_A[name].weight.shape[0]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The adapter's unscaled B A, shaped like `weight` (computed in the adapter's dtype)."""
+        down, up = self.lora_A[name].weight, self.lora_B[name].weight
+        # A conv followed by a 1x1 conv is one conv whose kernel is B @ A over the flattened kernel.
+        return (up.flatten(1) @ down.flatten(1)).view(self.weight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)  # W0 x (+ bias): nn.Linear / nn.Conv2d
+        if self.merged:
+            return out  # the active adapters are already inside self.weight
+        for name in self.active:
+            down = self.lora_A[name]
+            h = x if torch.is_autocast_enabled(x.device.type) else x.to(down.weight.dtype)
+            out = out + (self.lora_B[name](down(h)) * self.scaling(name)).to(out.dtype)
+        return out
+
+    def check_unmerged(self, action: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"cannot {action} while adapters are merged: unmerge_lora() first")
+
+
+class StackLinear(LoRAStack, nn.Linear):
+    pass
+
+
+class StackConv2d(LoRAStack, nn.Conv2d):
+    pass
+
+
+def stack_layer(module: nn.Module) -> LoRAStack:
+    """`module` (an nn.Linear / nn.Conv2d) made a LoRAStack in place (its weight, bias and keys
+    stay), with no adapter yet; a LoRAStack is returned as it is."""
+    if not isinstance(module, LoRAStack):
+        module.__class__ = StackConv2d if isinstance(module, nn.Conv2d) else StackLinear
+        module.lora_A, module.lora_B = nn.ModuleDict(), nn.ModuleDict()  # name -> A, name -> B
+        module.alpha, module.scale = {}, {}  # name -> alpha; name -> user strength (0.8: weaker)
+        module.active, module.merged = [], {}  # names that run; name -> scaling folded into weight
+    return module
+
+
+def stack_layers(model: nn.Module) -> list[tuple[str, LoRAStack]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAStack)]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(dict.fromkeys(a for _, layer in stack_layers(model) for a in layer.lora_A))
+
+
+def require_adapter(model: nn.Module, name: str) -> None:
+    if name not in adapter_names(model):
+        raise KeyError(f"no adapter named {name!r}; loaded adapters: {adapter_names(model)}")
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` from every layer of `model` (they stay LoRAStack layers)."""
+    require_adapter(model, name)
+    for _, layer in stack_layers(model):
+        if name in layer.lora_A:
+            layer.check_unmerged("remove an adapter")
+            for table in (layer.lora_A, layer.lora_B, layer.alpha, layer.scale):
+                del table[name]
+            if name in layer.active:
+                layer.active.remove(name)
+
+
+@torch.no_grad()
+def merge_layer(layer: LoRAStack) -> None:
+    """Fold every active adapter into `weight` (W0 + sum scaling * B A); forward then skips them."""
+    layer.check_unmerged("merge again")
+    for name in layer.active:
+        s = layer.scaling(name)
+        layer.weight += (layer.delta_weight(name) * s).to(layer.weight.dtype)
+        layer.merged[name] = s
+
+
+@torch.no_grad()
+def unmerge_layer(layer: LoRAStack) -> None:
+    """Subtract what merge_layer() added: exact up to rounding in the weight's dtype."""
+    for name, s in layer.merged.items():
+        layer.weight -= (layer.delta_weight(name) * s).to(layer.weight.dtype)
+    layer.merged = {}
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold all active adapters into the base weights (fast sampling: plain matmuls only)."""
+    for _, layer in stack_layers(model):
+        merge_layer(layer)
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo merge_lora: each layer gets its base weight back and runs its adapters again."""
+    for _, layer in stack_layers(model):
+        unmerge_layer(layer)
