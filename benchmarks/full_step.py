@@ -58,7 +58,7 @@ def build(side: str):
     diffusers child must not carry (each child reports its peak RSS)."""
     config = json.loads(UNET_CONFIG.read_text())
     if side == "minidream":
-        from minidream.checkpoint import build_unet
+        from minidream.formats.checkpoint import build_unet
         from minidream.lora import inject_lora, lora_parameters, mark_only_lora_trainable
 
         with torch.device("meta"):

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from benchmarks.full_step import fill  # noqa: E402
 from benchmarks.training_step import diffusers_step, make_inputs, minidream_step  # noqa: E402
 from minidream import pipeline, samplers  # noqa: E402
-from minidream.checkpoint import build_unet, build_vae  # noqa: E402
+from minidream.formats.checkpoint import build_unet, build_vae  # noqa: E402
 from minidream.config import TrainConfig  # noqa: E402
 from minidream.lora import inject_lora, lora_parameters, mark_only_lora_trainable, unet_targets  # noqa: E402
 from minidream.optim import BNB_MIN_8BIT_SIZE, make_optimizer  # noqa: E402

@@ -40,7 +40,7 @@ harness.passive_waiting()  # before torch is imported
 import torch  # noqa: E402
 
 from benchmarks.harness import MID_TEXT, MID_UNET  # noqa: E402
-from minidream.checkpoint import build_unet  # noqa: E402
+from minidream.formats.checkpoint import build_unet  # noqa: E402
 from minidream.config import TrainConfig  # noqa: E402
 from minidream.methods import build_method  # noqa: E402
 from minidream.optim import make_grad_scaler, make_optimizer, resolve_precision  # noqa: E402

@@ -31,7 +31,7 @@ harness.passive_waiting()  # before torch is imported
 import torch  # noqa: E402
 
 from minidream.formats.model_folder import WEIGHT_FILES, write_model_index, write_part  # noqa: E402
-from minidream.model import load_model  # noqa: E402
+from minidream.formats.models import load_model  # noqa: E402
 from minidream import samplers  # noqa: E402
 from minidream.pipeline import sample_latents  # noqa: E402
 from minidream.toy import tiny  # noqa: E402

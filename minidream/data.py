@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from minidream.errors import UserError
-from minidream.loading import read_json
+from minidream.files import read_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SETTINGS_FILE = "subject.json"

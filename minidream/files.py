@@ -46,3 +46,16 @@ def save_png(path, image: Image.Image, metadata: dict | None = None) -> Path:
     for key, value in (metadata or {}).items():
         info.add_text(str(key), value if isinstance(value, str) else json.dumps(value))
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def read_json(path: Path, error: type) -> dict:
+    """A JSON object file (config.json, subject.json, ...), or `error` naming it and the fix."""
+    try:
+        too_big = path.stat().st_size >= 2**24
+        value = "a file over 16 MB" if too_big else json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8 or JSON, too deep
+        value = e
+    if not isinstance(value, dict):
+        raise error(f"{path} is not valid JSON holding an object {{...}} ({str(value)[:80]}); "
+                    "fix or replace it")
+    return value

@@ -5,7 +5,7 @@
     loop:    lr -> micro-batches: draw_batch (latent_cache.py), training_step (step.py)
              -> apply_gradients (step.py) -> log, validate, checkpoint
 
-Other methods (minidream/methods/), single-file checkpoints (minidream/formats/) and several GPUs
+Other methods (minidream/methods/), reading models from disk (minidream/formats/) and several GPUs
 (minidream/parallel/) come in through train()'s arguments; train.py chooses them.
 """
 
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-import minidream.model as folder_models
 from minidream.config import (VALIDATION_TEMPLATES, TrainConfig, TrainingError, check_config,
                               fill_defaults, slug)
 from minidream.data import load_images, load_subject
@@ -101,16 +100,14 @@ class PromptTable:
 
 # ----------------------------------------------------------------------------- train
 
-def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None,
-          models=folder_models) -> Path:
+def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, models) -> Path:
     """Run a DreamBooth training, or continue one (cfg from cli.args.resumed_config); returns the
     run folder.
 
     method_class: what trains (LoRA; minidream.methods: full fine-tuning, textual inversion).
     dist: OneProcess(), or minidream.parallel.distributed.setup() under torchrun.
-    models: what reads model paths: minidream.model (diffusers folders) or minidream.formats
-    (single .safetensors files too).
-    """
+    models: what reads model paths (load_model, model_image_size, default_model_path):
+    minidream.formats, for diffusers folders and single .safetensors files."""
     dist = dist or OneProcess()
     cfg, subject, device, precision = settings(cfg, method_class, dist, models)  # cheap checks
     instance_images = load_images(subject.images, cfg.resolution)  # unreadable photos fail here

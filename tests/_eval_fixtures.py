@@ -18,7 +18,7 @@ from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
 from minidream.formats.lora_files import save_lora
 from minidream.lora import UNET_ATTENTION, inject_lora, lora_parameters
-from minidream.model import BUNDLED_MODEL, REPO, load_model
+from minidream.formats.models import BUNDLED_MODEL, REPO, load_model
 from minidream.toy.vocab import vocab_size, write_clip_tokenizer
 
 WORDS = tuple("a an the of on in at with photo dog cat person backpack rraj sks red purple shiny wet cube shaped "

@@ -28,9 +28,10 @@ from checkpoint_fixtures import (
     OPENCLIP, UNET, VAE, hf_v4_names, randomize, reference_models, sgm_unet_shapes, write_clip_folder,
     write_single_file,
 )  # fmt: skip
-from minidream import checkpoint, formats
-from minidream import model as model_module
-from minidream.checkpoint import CheckpointError
+from minidream import formats
+from minidream.formats import checkpoint
+from minidream.formats import models as model_module
+from minidream.formats.checkpoint import CheckpointError
 from minidream.formats.model_folder import text_encoder_state_dicts
 from minidream.toy.tiny import UNET as TINY_UNET
 from minidream.toy.tiny import configs as tiny_configs
@@ -179,8 +180,8 @@ def test_formats_load_model_on_a_single_file_equals_the_folder_model(tiny, tmp_p
     assert_same_weights(formats.load_model(folder, vae=vae_file).vae, ours.vae)
 
 
-def test_the_core_refuses_a_single_file_with_one_clear_error(tiny):
-    """minidream.checkpoint and minidream.model read folders; a file gets one CheckpointError that
+def test_the_folder_reader_refuses_a_single_file_with_one_clear_error(tiny):
+    """formats/checkpoint.py and formats/models.py read folders; a file gets one CheckpointError that
     names the loader that reads it, whichever core entry point it was given to."""
     file = tiny["file"]
     calls = [lambda: checkpoint.detect(file), lambda: checkpoint.unet_weights(file),

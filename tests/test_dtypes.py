@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from lora_models import write_random_lora
 from minidream.formats.lora_files import add_loras, read_lora
 from minidream.formats.lora_weights import LoRAFileError
-from minidream.loading import CheckpointError
+from minidream.formats.loading import CheckpointError
 from minidream.methods.textual_inversion import EmbeddingFileError, load_embedding, read_embedding
-from minidream.model import BUNDLED_MODEL, load_model
+from minidream.formats.models import BUNDLED_MODEL, load_model
 from minidream.pipeline import generate
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ from minidream.samplers import ddim
 from minidream.eval import evaluate, metrics
 from minidream.eval.eval_prompts import LIVE_PROMPTS, OBJECT_PROMPTS, custom_prompts, dreambooth_prompts, subject_kind
 from minidream.eval.eval_targets import EvalError
-from minidream.model import load_model
+from minidream.formats.models import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ from minidream.method import text_encoders
 from minidream.methods import build_method
 from minidream.methods.full_finetune import FullFinetune
 from minidream import formats
-from minidream.model import load_model
+from minidream.formats.models import load_model
 from minidream.optim import make_optimizer
 from minidream.planner.memory import optimizer_state_bytes
 from minidream.schedule import alphas_cumprod
@@ -176,7 +176,7 @@ def parameter_plan(model, cfg, token: str = "sks", class_noun: str = "person") -
 
 def test_parameter_plan_for_the_memory_planner():
     config = json.loads((ROOT / "configs/sdxl-base-1.0/unet/config.json").read_text())
-    from minidream.checkpoint import build_unet
+    from minidream.formats.checkpoint import build_unet
 
     with torch.device("meta"):  # the real SDXL UNet, shapes only
         unet = build_unet(config)

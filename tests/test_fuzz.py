@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 import sample as sample_script
 import train as train_script
-from minidream.checkpoint import detect
+from minidream.formats.checkpoint import detect
 from minidream.formats import load_unet, load_vae
 from minidream.data import DataError, load_images, load_subject
 from minidream.errors import UserError
@@ -37,8 +37,8 @@ from minidream.formats.archives import unpack_class_images
 from minidream.formats.lora_files import load_lora
 from minidream.lora import inject_lora
 from minidream.lora_file import save_lora
-from minidream.loading import TensorRef, read_header, read_tensors
-from minidream.model import BUNDLED_MODEL, REPO, model_image_size
+from minidream.formats.loading import TensorRef, read_header, read_tensors
+from minidream.formats.models import BUNDLED_MODEL, REPO, model_image_size
 
 TINY = REPO / BUNDLED_MODEL
 SEED = int(os.environ.get("FUZZ_SEED", random.SystemRandom().randrange(2**31)))

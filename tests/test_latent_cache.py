@@ -9,7 +9,7 @@ from PIL import Image
 from minidream.toy.tiny import write_tiny_sdxl
 from minidream.data import make_view
 from minidream.latent_cache import (LatentCache, ShuffledOrder, draw_batch, encode_views, load_cache, save_cache)
-from minidream.model import load_model
+from minidream.formats.models import load_model
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import train
 from minidream.config import TrainConfig, TrainingError, fill_defaults
 from minidream.layers import Attention
 from minidream.methods import build_method
-from minidream.model import BUNDLED_MODEL, REPO
+from minidream.formats.models import BUNDLED_MODEL, REPO
 from minidream.planner.memory import optimizer_state_bytes
 from minidream.planner import memory
 from minidream.planner.fake_run import FLOP_FORMULAS, ByteCounter, cuda_autocast_policy, fake_tensors

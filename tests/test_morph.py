@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minidream.model import BUNDLED_MODEL, load_model
+from minidream.formats.models import BUNDLED_MODEL, load_model
 from minidream.cli.morph import lerp, loop_positions, morph_latents, render_morph, save_animation, slerp
 from minidream.pipeline import generate
 from minidream.samplers import ddim

@@ -19,7 +19,7 @@ from minidream import samplers
 from minidream.cli.sample_command import SAMPLERS
 from minidream.formats.lora_files import add_loras
 from minidream import formats
-from minidream.model import load_model
+from minidream.formats.models import load_model
 from minidream.pipeline import check_size, decode, generate, sample_latents
 from minidream.toy.tiny import write_tiny_sdxl
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from minidream.toy import tiny, toy_eval, toyworld
 from minidream.toy.judge import Judge
-from minidream.model import load_model
+from minidream.formats.models import load_model
 from minidream.toy.pretrain import RECORD, PretrainConfig, encode_pictures, normalise_latents, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent

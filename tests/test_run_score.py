@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from minidream.config import EMBEDDING_FILE
-from minidream.model import BUNDLED_MODEL, load_model
+from minidream.formats.models import BUNDLED_MODEL, load_model
 from minidream.toy import run_score
 from minidream.toy import toyworld as tw
 from minidream.toy.judge import Judge

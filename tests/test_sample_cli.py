@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from lora_models import write_random_lora
 from minidream.formats.lora_files import add_loras
-from minidream.model import BUNDLED_MODEL, default_model_path, load_model
+from minidream.formats.models import BUNDLED_MODEL, default_model_path, load_model
 from minidream.pipeline import generate
 
 ROOT = Path(__file__).resolve().parent.parent

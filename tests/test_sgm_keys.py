@@ -212,8 +212,8 @@ def test_family_from_the_text_encoders_a_file_carries(family, unet, text):
 def test_full_size_sdxl_single_file_fits_the_models_built_from_its_inferred_configs():
     """The whole single-file path at full size, headers only: split by prefix, skip the known
     extras, infer every config, rename, and pass the strict name + shape check of each model."""
-    from minidream.checkpoint import fit_text_names
-    from minidream.loading import check_weights
+    from minidream.formats.checkpoint import fit_text_names
+    from minidream.formats.loading import check_weights
 
     te1 = CLIPTextConfig.from_dict(sdxl_config("text_encoder"))
     header = {UNET_PREFIX + k: s for k, s in sgm_unet_shapes(sdxl_config("unet")).items()}

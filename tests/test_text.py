@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from minidream.model import SDXL_REPO, TokenizerNotFoundError, load_text_encoders
+from minidream.formats.models import SDXL_REPO, TokenizerNotFoundError, load_text_encoders
 from minidream.text import encode_prompt, sdxl_time_ids
 from minidream.toy.tiny import WORDS, write_model_index, write_tiny_sdxl
 from minidream.toy.vocab import write_clip_tokenizer

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from minidream.model import load_model
+from minidream.formats.models import load_model
 from minidream.optim import make_optimizer
 from minidream.pipeline import sample_latents
 from minidream.schedule import alphas_cumprod

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from minidream.toy import pretrain, tiny, toyworld
 from minidream.formats import load_unet
-from minidream.model import default_model_path, load_model
+from minidream.formats.models import default_model_path, load_model
 from minidream.toy.tiny import WORDS, write_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,22 +15,28 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import minidream.training as training
+from minidream import formats
 from minidream.toy.tiny import write_tiny_sdxl
 from minidream.data import DataError
 from minidream.formats.lora_stack import stack_layers
 from minidream.formats.lora_files import load_lora
-from minidream.model import load_model
+from minidream.formats.models import load_model
 from minidream.optim import make_optimizer
 from minidream.pipeline import NonFiniteError, generate
 from minidream.prior import fill_class_folder, plan_class_images
 from minidream.drawing import MIN_TILE, labelled_grid
 from minidream.runs import Stopped
 from minidream.config import LORA_FILE, PRESETS, TrainConfig, TrainingError, fill_defaults
-from minidream.model import model_image_size
+from minidream.formats.models import model_image_size
 from minidream.cli.args import resumed_config
-from minidream.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def train(cfg):
+    """training.train reading models as train.py has it read them (minidream.formats)."""
+    return training.train(cfg, models=formats)
+
 sys.path.insert(0, str(ROOT))
 import train as train_cli  # noqa: E402  (the CLI script at the repo root)
 

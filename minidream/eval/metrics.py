@@ -43,7 +43,7 @@ from transformers import AutoImageProcessor, CLIPModel, CLIPTokenizer, ViTModel
 
 from minidream.data import to_tensor
 from minidream.errors import UserError
-from minidream.model import REPO
+from minidream.formats.models import REPO
 
 CLIP_MODEL = "openai/clip-vit-base-patch32"  # CLIP-I, CLIP-T (the paper's CLIP)
 DINO_MODEL = "facebook/dino-vits16"  # DINO, PRES, DIV (the paper's ViT-S/16 DINO)

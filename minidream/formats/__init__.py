@@ -1,9 +1,9 @@
-"""File layouts beyond the model folders the core reads, and model loading for ANY model path.
+"""Everything read from or written to disk in a model's layouts, and model loading for ANY path.
 
-minidream.checkpoint and minidream.model read diffusers folders (and one part's folder) only. To
+checkpoint.py and models.py read diffusers folders (and one part's folder) only. To
 accept a single .safetensors checkpoint too (sd_xl_base_1.0.safetensors; a lone VAE file as --vae),
 call the functions here instead: each takes the arguments of the core's function of the same name
-and chooses by what the path holds, a file -> single_file.py, a folder -> minidream.checkpoint.
+and chooses by what the path holds, a file -> single_file.py, a folder -> checkpoint.py.
 
     load_model, model_image_size, default_model_path   a whole model (train.py, sample.py)
     detect                                          what a path holds (a LoRA, a lone VAE, ...)
@@ -13,9 +13,12 @@ and chooses by what the path holds, a file -> single_file.py, a folder -> minidr
 
 The modules:
 
+    checkpoint.py    diffusers model folders: what a folder holds, each part's config and weights
+    loading.py       strict, low-RAM safetensors loading into a module built on `meta`; no pickles
+    models.py        the whole model bundle from a folder, tokenizers, the default model
     single_file.py   sd_xl_base_1.0.safetensors-style files: parts, architecture from shapes
     sgm_keys.py      their tensor names (Stability's sgm / CompVis' ldm) -> minidream's names
-    lora_files.py    LoRA files in diffusers, older diffusers and kohya/ComfyUI layouts; loading, fusing them in
+    lora_files.py    LoRA files in diffusers, older diffusers, kohya/ComfyUI layouts; loading, fusing
     lora_stack.py    several named adapters on a layer (LoRA files): merged, unmerged, removed
     lora_weights.py  moving adapter weights between files and a model's LoRA layers
     model_folder.py  writing a fully fine-tuned model as a diffusers folder
@@ -28,31 +31,30 @@ from pathlib import Path
 
 import torch
 
-from minidream import checkpoint, model
-from minidream.checkpoint import ModelInfo, PartWeights, load_part
-from minidream.formats import single_file
+from minidream.formats import checkpoint, models, single_file
+from minidream.formats.checkpoint import ModelInfo, PartWeights, load_part
 
 
 def reader_for(path):
-    """The module that reads `path`: single_file.py for a file, minidream.checkpoint otherwise."""
+    """The module that reads `path`: single_file.py for a file, checkpoint.py otherwise."""
     return single_file if Path(path).is_file() else checkpoint
 
 
 def load_model(path, dtype=torch.float32, device="cpu", *, vae=None, tokenizer=None, variant=None):
-    """minidream.model.load_model for a folder or a single file; `vae` too may be either."""
-    return model.read_model(reader_for(path), reader_for(vae or path), path, dtype, device, vae=vae,
+    """models.load_model for a folder or a single file; `vae` too may be either."""
+    return models.read_model(reader_for(path), reader_for(vae or path), path, dtype, device, vae=vae,
                             tokenizer=tokenizer, variant=variant)
 
 
 def default_model_path() -> tuple[Path, str]:
-    """minidream.model.default_model_path: SDXL in weights/ (a folder or the single file), else the
-    bundled tiny model."""
-    return model.default_model_path()
+    """models.default_model_path: SDXL in weights/ (a folder or the single file), else the bundled
+    tiny model."""
+    return models.default_model_path()
 
 
 def model_image_size(path) -> int:
     """The native image side in px of the model at `path`, from configs or headers only."""
-    return model.image_size(reader_for(path), path)
+    return models.image_size(reader_for(path), path)
 
 
 def detect(path) -> ModelInfo:

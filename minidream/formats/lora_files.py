@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 
-from minidream.loading import widen_float8
+from minidream.formats.loading import widen_float8
 from minidream.lora_file import LoRAWeights
 from minidream.formats.lora_stack import merge_lora
 from minidream.formats.lora_weights import LoRAFileError, check_adapter_weights, load_adapter_weights, mismatch_error

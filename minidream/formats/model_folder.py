@@ -36,8 +36,8 @@ from torch import nn
 
 from minidream.formats import detect, text_encoder_parts, text_encoder_weights, unet_weights, vae_weights
 from minidream.files import atomic_write, write_json
-from minidream.loading import Weights, read_tensors
-from minidream.model import find_tokenizer_dir
+from minidream.formats.loading import Weights, read_tensors
+from minidream.formats.models import find_tokenizer_dir
 
 # ----------------------------------------------------------------------------- a diffusers folder's layout
 

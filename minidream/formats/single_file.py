@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from minidream.formats import sgm_keys
-from minidream.checkpoint import (FAMILIES, ModelInfo, PartWeights, check_config, family_from_context,
+from minidream.formats.checkpoint import (FAMILIES, ModelInfo, PartWeights, check_config, family_from_context,
                                   require)
-from minidream.loading import CheckpointError, TensorRef, Weights, read_header
+from minidream.formats.loading import CheckpointError, TensorRef, Weights, read_header
 
 LORA_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", ".lora.", "lora_unet_", "lora_te", "hada_", "lokr_")
 
@@ -161,7 +161,7 @@ def shapes_of(path: Path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The functions minidream.checkpoint has for folders, for a file (minidream.formats picks by path).
+# The functions checkpoint.py has for folders, for a file (the package picks by path).
 # Every config read off shapes passes checkpoint.check_config, as a folder's config.json does.
 # ---------------------------------------------------------------------------------------------
 

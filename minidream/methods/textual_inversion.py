@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from minidream.files import atomic_write
-from minidream.loading import widen_float8
+from minidream.formats.loading import widen_float8
 from minidream.method import Method, text_encoders, train_mode
 from minidream.config import EMBEDDING_FILE, TrainingError
 from minidream.errors import UserError

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from minidream.checkpoint import CheckpointError, build_text_encoder, build_unet, build_vae
+from minidream.formats.checkpoint import CheckpointError, build_text_encoder, build_unet, build_vae
 from minidream.formats import detect, text_encoder_parts, text_encoder_weights, unet_weights, vae_weights
 from minidream.config import OPTIMIZERS, TrainingError, check_config, fill_defaults
-from minidream.loading import parameters_on_meta
+from minidream.formats.loading import parameters_on_meta
 from minidream.methods import build_method
-from minidream.model import REPO, SDXL_LOCATIONS, Model
+from minidream.model import Model
+from minidream.formats.models import REPO, SDXL_LOCATIONS
 from minidream.optim import BNB_MIN_8BIT_SIZE, DTYPES, Precision
 from minidream.pipeline import unet_closure
 from minidream.planner.fake_run import (ByteCounter, ShapeTokenizer, count_gradients, cuda_autocast_policy,

@@ -46,7 +46,7 @@ import torch
 
 from minidream.toy import tiny, toyworld
 from minidream.files import write_json
-from minidream.model import load_model
+from minidream.formats.models import load_model
 from minidream.optim import lr_at
 from minidream.schedule import ScheduleConfig, alphas_cumprod as alphas_cumprod_of
 from minidream.step import Batch, apply_gradients, training_step

@@ -26,7 +26,7 @@ from minidream.files import write_json
 from minidream.formats.lora_files import add_loras
 from minidream.methods.textual_inversion import load_embedding, name_the_word
 from minidream.formats import load_model, model_image_size
-from minidream.model import REPO
+from minidream.formats.models import REPO
 from minidream.toy import toy_eval as te
 from minidream.toy import toyworld as tw
 from minidream.toy.judge import DEFAULT_PATH, Judge

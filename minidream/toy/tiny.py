@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from minidream.checkpoint import build_text_encoder, build_unet, build_vae
+from minidream.formats.checkpoint import build_text_encoder, build_unet, build_vae
 from minidream.files import write_json
 from minidream.formats.model_folder import (LIBRARY_CLASSES, WEIGHT_FILES, transformers4_names, write_model_index,
                                             write_part)

@@ -39,7 +39,7 @@ from minidream.data import load_subject
 from minidream.formats.lora_files import add_loras
 from minidream.methods import method_class
 from minidream.methods.textual_inversion import load_embedding, name_the_word
-from minidream.model import BUNDLED_MODEL, REPO, load_model
+from minidream.formats.models import BUNDLED_MODEL, REPO, load_model
 from minidream.drawing import labelled_grid
 from minidream.config import LORA_FILE
 from minidream.samplers import ddim, pndm

@@ -5,7 +5,6 @@ read one at a time from the memory-mapped file, each converted straight to its d
 
 from __future__ import annotations
 
-import json
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Iterator, Mapping, Union
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from minidream import files
 from minidream.errors import UserError
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
@@ -66,17 +67,9 @@ def read_header(path: Path) -> dict[str, tuple[int, ...]]:
                               "truncated (re-download it) or another format.") from e
 
 
-def read_json(path: Path, error: type = CheckpointError) -> dict:
-    """A JSON object file (config.json, model_index.json, subject.json...), or `error` naming it."""
-    try:
-        too_big = path.stat().st_size >= 2**24
-        value = "a file over 16 MB" if too_big else json.loads(path.read_bytes())
-    except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8 or JSON, too deep
-        value = e
-    if not isinstance(value, dict):
-        raise error(f"{path} is not valid JSON holding an object {{...}} ({str(value)[:80]}); "
-                    "fix or replace it")
-    return value
+def read_json(path: Path) -> dict:
+    """A model's JSON file (config.json, model_index.json, ...); a damaged one is a CheckpointError."""
+    return files.read_json(path, CheckpointError)
 
 
 def widen_float8(tensor: torch.Tensor) -> torch.Tensor:

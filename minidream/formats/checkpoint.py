@@ -4,8 +4,8 @@ A **diffusers folder** holds `model_index.json` and one folder per part (`unet/`
 `text_encoder*/`, ...), each a `config.json` plus `*.safetensors` weights (or shards listed in
 `*.safetensors.index.json`); one part's folder alone works too. An fp16 copy (`*.fp16.safetensors`)
 is read only when `variant="fp16"` is asked for, or when it is all there is. **Single files**
-(`sd_xl_base_1.0.safetensors`) are read by minidream.formats, whose functions of the same names take
-any path. Every load is strict and low-RAM (loading.py)."""
+(`sd_xl_base_1.0.safetensors`) are read by single_file.py; the package's functions of the same names
+take any path. Every load is strict and low-RAM (loading.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from minidream.unet import UNet, UNetConfig
 from minidream.vae import VAE, VAEConfig
-from minidream.loading import (CheckpointError, TensorRef, Weights, load_weights,
+from minidream.formats.loading import (CheckpointError, TensorRef, Weights, load_weights,
                                parameters_on_meta, read_header, read_json, refuse_pickle)
 
 PartWeights = tuple[dict, Weights]  # (config dict, where each of the part's tensors is on disk)
@@ -96,8 +96,8 @@ def detect(path) -> ModelInfo:
     if not path.is_dir():
         refuse_pickle(path)
         raise CheckpointError(
-            f"{path} is a file: minidream.checkpoint and minidream.model read model folders; "
-            "single-file checkpoints are read by minidream.formats.load_model (and formats.detect, "
+            f"{path} is a file: minidream.formats.checkpoint reads model folders; single-file "
+            "checkpoints are read by minidream.formats.load_model (and formats.detect, "
             "load_unet, ...)" if path.exists() else
             f"{path} does not exist; give a diffusers folder or a .safetensors file")
     if (path / "model_index.json").is_file():
