@@ -111,8 +111,8 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
     dist = dist or OneProcess()
     cfg, subject, device, precision = settings(cfg, method_class, dist, models)  # cheap checks
     instance_images = load_images(subject.images, cfg.resolution)  # unreadable photos fail here
-    plan = plan_class_images(cfg.class_dir, cfg.num_class_images, cfg.generate_class_images) \
-        if cfg.prior else None
+    plan = (plan_class_images(cfg.class_dir, cfg.num_class_images, cfg.generate_class_images)
+            if cfg.prior else None)
     run = open_run_folder(cfg, subject.folder.name, dist)
 
     # -- model, class images, cached latents and prompts; then the VAE and text encoders leave
