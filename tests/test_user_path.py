@@ -88,3 +88,21 @@ def test_a_signal_exits_128_plus_it_with_a_checkpoint_to_resume(tmp_path, signum
     assert resumed.returncode == 0, resumed.stderr
     assert (run / "pytorch_lora_weights.safetensors").is_file()
     assert (cwd / "runs" / "raj-latest").resolve() == run.resolve()
+
+
+def test_resume_through_the_latest_link_then_sample_from_it(tmp_path):
+    """The steps of a user who trains, then trains the newest run longer through runs/raj-latest and
+    samples from it: the link still points at the run folder afterwards (never at itself)."""
+    cwd = user_folder(tmp_path)
+    first = script("train.py", "--subject", "data/raj", *SHORT, "--steps", "3", "--no-prior",
+                   "--save-every", "3", "--no-score", cwd=cwd)
+    assert first.returncode == 0, first.stderr
+    latest = cwd / "runs" / "raj-latest"
+    run = latest.resolve()
+    resumed = script("train.py", "--resume", "runs/raj-latest", "--steps", "5", cwd=cwd)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout and "Traceback" not in resumed.stderr
+    assert latest.is_symlink() and latest.readlink() == Path(run.name)
+    sampled = script("sample.py", "--lora", "runs/raj-latest", "--prompt", "a photo of rraj person",
+                     "--steps", "2", "--no-progress", cwd=cwd)
+    assert sampled.returncode == 0, sampled.stderr
