@@ -16,9 +16,9 @@ from minidream.layers import Attention, Downsample, ResnetBlock, Upsample
 
 
 def _resnets(in_ch, out_ch, num_layers, cfg):
-    """`num_layers` resnets in sequence (no time embedding), the first taking `in_ch` channels."""
-    return nn.Sequential(*[ResnetBlock(out_ch if i else in_ch, out_ch, None, cfg.norm_num_groups,
-                                       cfg.norm_eps) for i in range(num_layers)])
+    """`num_layers` resnets (no time embedding), the first taking `in_ch` channels."""
+    return nn.ModuleList([ResnetBlock(out_ch if i else in_ch, out_ch, None, cfg.norm_num_groups,
+                                      cfg.norm_eps) for i in range(num_layers)])
 
 
 class VAEAttention(Attention):
@@ -47,24 +47,32 @@ class VAEMidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-class EncoderLevel(nn.Sequential):
-    """`num_layers` resnets, then (except at the last level) a stride-2 conv; run in sequence."""
+class EncoderLevel(nn.Module):
+    """`num_layers` resnets, then (except at the last level) a stride-2 conv."""
 
     def __init__(self, in_ch, out_ch, num_layers, downsample, cfg):
         super().__init__()
         self.resnets = _resnets(in_ch, out_ch, num_layers, cfg)
-        if downsample:
-            self.downsamplers = nn.Sequential(Downsample(out_ch, padding=0))
+        self.downsamplers = nn.ModuleList([Downsample(out_ch, padding=0)] if downsample else [])
+
+    def forward(self, x):  # each input is freed once its output exists (a loop, not nn.Sequential)
+        for layer in [*self.resnets, *self.downsamplers]:
+            x = layer(x)
+        return x
 
 
-class DecoderLevel(nn.Sequential):
+class DecoderLevel(nn.Module):
     """`num_layers` resnets, then (except at the last level) nearest 2x upsampling and a conv."""
 
     def __init__(self, in_ch, out_ch, num_layers, upsample, cfg):
         super().__init__()
         self.resnets = _resnets(in_ch, out_ch, num_layers, cfg)
-        if upsample:
-            self.upsamplers = nn.Sequential(Upsample(out_ch))
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)] if upsample else [])
+
+    def forward(self, x):
+        for layer in [*self.resnets, *self.upsamplers]:
+            x = layer(x)
+        return x
 
 
 class Encoder(nn.Module):
@@ -74,7 +82,7 @@ class Encoder(nn.Module):
         super().__init__()
         ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], kernel_size=3, padding=1)
-        self.down_blocks = nn.Sequential(*[
+        self.down_blocks = nn.ModuleList([
             EncoderLevel(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, i < n - 1, cfg)
             for i in range(n)])
         self.mid_block = VAEMidBlock(ch[-1], cfg)
@@ -82,8 +90,10 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, kernel_size=3, padding=1)
 
     def forward(self, x):
-        h = self.mid_block(self.down_blocks(self.conv_in(x)))
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        h = self.conv_in(x)
+        for level in self.down_blocks:
+            h = level(h)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(h))))
 
 
 class Decoder(nn.Module):
@@ -94,14 +104,16 @@ class Decoder(nn.Module):
         ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], kernel_size=3, padding=1)
         self.mid_block = VAEMidBlock(ch[-1], cfg)
-        self.up_blocks = nn.Sequential(*[  # deepest level first
+        self.up_blocks = nn.ModuleList([  # deepest level first
             DecoderLevel(ch[min(n - i, n - 1)], ch[n - 1 - i], cfg.layers_per_block + 1, i < n - 1,
                          cfg) for i in range(n)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, kernel_size=3, padding=1)
 
     def forward(self, z):
-        h = self.up_blocks(self.mid_block(self.conv_in(z)))
+        h = self.mid_block(self.conv_in(z))
+        for level in self.up_blocks:
+            h = level(h)
         return self.conv_out(F.silu(self.conv_norm_out(h)))
 
 
