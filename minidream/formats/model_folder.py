@@ -6,7 +6,7 @@
         text_encoder*/config.json + model.safetensors              written when trained, else as the source
         vae/, tokenizer*/, scheduler/                              as the source
 
-A complete folder, so that both `minidream.model.load_model(folder)` and diffusers'
+A complete folder, so that both `minidream.formats.load_model(folder)` and diffusers'
 `StableDiffusionXLPipeline.from_pretrained(folder)` (or StableDiffusionPipeline for SD 1.x / 2.x)
 load it, and it stays usable when the base model is moved or deleted. The parts that did not train
 are *hard links* to the source folder's files where the file system allows it (no extra disk space:
