@@ -15,7 +15,7 @@ import contextlib
 import json
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,22 +25,19 @@ from minidream.config import (VALIDATION_TEMPLATES, TrainConfig, TrainingError, 
 from minidream.data import load_images, load_subject
 from minidream.drawing import draw_loss_curve, labelled_grid
 from minidream.files import save_png, write_json
-from minidream.latent_cache import (ShuffledOrder, build_cache, draw_batch, load_cache,
-                                    offload_encoders, save_cache)
+from minidream.latent_cache import build_cache, draw_batch, load_cache, offload_encoders, save_cache
 from minidream.lora import unet_targets
 from minidream.method import LoRA, Method
 from minidream.optim import make_grad_scaler, make_optimizer, resolve_precision, set_lr
 from minidream.pipeline import generate
 from minidream.prior import fill_class_folder, plan_class_images
+from minidream.progress import Progress, log_line, new_progress, record
 from minidream.runs import (StopRequest, Stopped, load_latest_checkpoint, new_run_folder,
-                            rng_states, save_checkpoint, set_rng_states, write_loss_csv)
+                            save_checkpoint, write_loss_csv)
 from minidream.samplers import ddim
 from minidream.schedule import alphas_cumprod
 from minidream.step import apply_gradients, training_step
 from minidream.text import encode_text
-
-MAX_SKIPPED_IN_A_ROW = 25  # inf/NaN gradients in a row stop a run (fp16 loss scaling starts: ~16)
-
 
 class OneProcess:
     """Training in this one process: every collective operation is the identity.
@@ -55,32 +52,6 @@ class OneProcess:
     def shard(self, batch): return batch
     def wrap(self, unet, text_modules, find_unused): return unet
     def accumulating(self, model, last_micro_step): return contextlib.nullcontext()
-
-
-@dataclass
-class Progress:
-    """Where the run is: with the trained tensors, optimizer and scaler, all a checkpoint must hold
-    for a resumed run to continue bit for bit."""
-
-    generator: torch.Generator  # every random draw of the loop (data order, noise, timesteps)
-    instance_order: ShuffledOrder
-    class_order: ShuffledOrder | None
-    step: int = 0
-    skipped: int = 0  # steps whose gradient was inf/NaN (fp16 loss scaling skips them)
-    history: list = field(default_factory=list)  # one row of losses etc. per step (loss.csv)
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "skipped": self.skipped, "history": self.history,
-                "rng": rng_states(self.generator),
-                "instance_order": self.instance_order.state_dict(),
-                "class_order": self.class_order.state_dict() if self.class_order else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.skipped, self.history = state["step"], state["skipped"], state["history"]
-        set_rng_states(state["rng"], self.generator)
-        self.instance_order.load_state_dict(state["instance_order"])
-        if self.class_order is not None:
-            self.class_order.load_state_dict(state["class_order"])
 
 
 @dataclass
@@ -264,13 +235,6 @@ def prepare_cache(model, cfg, subject, instance_images, plan, run: Path, dist, c
     return cache
 
 
-def new_progress(seed: int, cache) -> Progress:
-    """Step 0: one generator draws every batch, the same on every rank (one global batch)."""
-    generator = torch.Generator().manual_seed(seed)
-    classes = ShuffledOrder(cache.classes.num_images, generator) if cache.classes else None
-    return Progress(generator, ShuffledOrder(cache.instance.num_images, generator), classes)
-
-
 def cached_prompts(cache, device) -> tuple:
     """The cached (context (2, L, D), pooled (2, Dp) or None), on the training device."""
     if cache.context is None:  # the text encoders train: nothing cached
@@ -304,49 +268,6 @@ def start_line(cfg: TrainConfig, method: Method, device, precision, optimizer_na
 
 
 # ----------------------------------------------------------------------------- in the loop
-
-def record(progress: Progress, losses: list, lr: float, grad_norm: float, applied: bool,
-           start: float, dist, device) -> int:
-    """Count the step and add its row (the global batch's losses, averaged over micro-batches and
-    ranks)."""
-    progress.step += 1
-    progress.skipped += not applied
-    per_micro = torch.tensor([[p.loss.item(), p.instance.item(), p.prior.item()] for p in losses],
-                             dtype=torch.float64, device=device)
-    loss, instance_loss, prior_loss = dist.mean(per_micro.mean(dim=0)).tolist()
-    progress.history.append({
-        "step": progress.step, "lr": lr, "grad_norm": grad_norm, "skipped": int(not applied),
-        "loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss,
-        "seconds": time.perf_counter() - start})
-    if not applied:
-        print(f"step {progress.step}: inf/NaN gradient, update skipped ({progress.skipped} so far)")
-    recent = progress.history[-MAX_SKIPPED_IN_A_ROW:]
-    if len(recent) == MAX_SKIPPED_IN_A_ROW and all(r["skipped"] for r in recent):
-        raise TrainingError(
-            f"stopped at step {progress.step}: the last {MAX_SKIPPED_IN_A_ROW} steps had inf/NaN "
-            "gradients, so nothing trains (a learning rate too high, or inf/NaN values in the base "
-            "model); the run folder keeps its last good checkpoint")
-    return progress.step
-
-
-def log_line(history: list[dict], total: int, skipped: int) -> str:
-    """The newest step's numbers, time so far and left (steps to go x the last 20 steps' mean)."""
-    row, recent = history[-1], [r["seconds"] for r in history[-20:]]
-    elapsed = sum(r["seconds"] for r in history)
-    left = (total - row["step"]) * sum(recent) / len(recent)
-    prior = f", prior {row['prior_loss']:.4f}" if row["prior_loss"] else ""
-    return (f"step {row['step']:>5}/{total} | loss {row['loss']:.4f} (subject "
-            f"{row['instance_loss']:.4f}{prior}) | lr {row['lr']:.2e} | grad norm "
-            f"{row['grad_norm']:.3f} | {row['seconds']:.2f} s/step | {clock(elapsed)} elapsed, "
-            f"ETA {clock(left)}" + (f" | {skipped} skipped (inf/NaN)" if skipped else ""))
-
-
-def clock(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    if minutes >= 60:
-        return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
-    return f"{minutes}:{seconds:02d}"
-
 
 def write_logs(run: Path, history: list[dict], dist) -> None:
     if dist.is_main:

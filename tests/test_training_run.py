@@ -25,6 +25,7 @@ from minidream.optim import make_optimizer
 from minidream.pipeline import NonFiniteError, generate
 from minidream.prior import fill_class_folder, plan_class_images
 from minidream.drawing import MIN_TILE, labelled_grid
+from minidream.progress import MAX_SKIPPED_IN_A_ROW
 from minidream.runs import Stopped
 from minidream.config import LORA_FILE, PRESETS, TrainConfig, TrainingError, fill_defaults
 from minidream.formats.models import model_image_size
@@ -211,7 +212,7 @@ def test_a_base_model_with_nan_weights_stops_the_run_and_writes_nothing_non_fini
     save_file(tensors, str(weights))
     with pytest.raises(NonFiniteError, match="latents hold inf/NaN"):  # sampling: an error, not black images
         generate(load_model(broken), "a photo", steps=2, progress=False)
-    with pytest.raises(TrainingError, match=f"the last {training.MAX_SKIPPED_IN_A_ROW} steps had inf/NaN gradients"):
+    with pytest.raises(TrainingError, match=f"the last {MAX_SKIPPED_IN_A_ROW} steps had inf/NaN gradients"):
         train(config(world, tmp_path / "runs", model=str(broken), prior=False, steps=40, save_every=10))
     (run,) = (tmp_path / "runs").iterdir()
     assert not (run / LORA_FILE).exists()
