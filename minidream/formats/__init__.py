@@ -62,6 +62,7 @@ def detect(path) -> ModelInfo:
 
 
 def text_encoder_parts(path) -> tuple[str, ...]:
+    """Which of "text_encoder", "text_encoder_2" the model at `path` has (SDXL: both)."""
     return tuple(p for p in ("text_encoder", "text_encoder_2") if p in detect(path).parts)
 
 

@@ -235,11 +235,6 @@ def text_encoder_weights(path, part="text_encoder", *, expect="sdxl", variant=No
     return part_weights(path, part, expect=expect, variant=variant)  # names: see fit_text_names
 
 
-def text_encoder_parts(path) -> tuple[str, ...]:
-    """Which of "text_encoder", "text_encoder_2" the model at `path` has (SDXL: both)."""
-    return tuple(p for p in ("text_encoder", "text_encoder_2") if p in detect(path).parts)
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading: config -> module on meta -> its tensors streamed in
 # ---------------------------------------------------------------------------------------------
