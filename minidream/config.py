@@ -120,6 +120,10 @@ class TrainConfig:
     noise_offset: float = setting(0.0, "offset noise, helps very dark/bright images (try 0.05)")
     flip: bool = setting(True, "random horizontal flips (--no-flip: asymmetric subjects, text)")
     center_crop: bool = setting(False, "centre crops instead of random crops")
+    buckets: bool = setting(True, "each photo trains at the aspect ratio nearest its own, at about "
+                            "the resolution's pixel count (--no-buckets: square crops)")
+    caption_dropout: float = setting(0.0, "share of subject rows trained with the empty prompt")
+    unmasked_weight: float = setting(0.1, "loss weight outside a photo's mask (NN-masklabel.png)")
     views_per_image: int = setting(4, "augmented crops/flips cached per subject photo")
     train_text_encoder: bool = setting(False, "train both text encoders too: LoRA on them, or with "
                                        "--method full all their weights (more memory; prompts are "
@@ -216,7 +220,11 @@ def check_config(cfg: TrainConfig) -> None:
         need(getattr(cfg, name) in allowed,
              f"{flag(name)} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
     need(cfg.snr_gamma is None or cfg.snr_gamma > 0, "--snr-gamma must be positive")
-    need(0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {cfg.lora_dropout})")
+    for name in ("lora_dropout", "caption_dropout"):  # a share of inputs or rows dropped
+        value = getattr(cfg, name)
+        need(0 <= value < 1, f"{flag(name)} must be in [0, 1) (got {value})")
+    need(0 <= cfg.unmasked_weight <= 1,
+         f"--unmasked-weight must be in [0, 1] (got {cfg.unmasked_weight})")
     need(cfg.resolution % 8 == 0, f"--resolution must be a multiple of 8 (got {cfg.resolution})")
     need(not (cfg.method == "textual-inversion" and cfg.train_text_encoder),
          "--train-text-encoder does not go with --method textual-inversion, which trains only the "

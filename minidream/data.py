@@ -2,13 +2,16 @@
 
 DreamBooth (Ruiz et al. 2022) fine-tunes on a few photos of one subject, captioned "a photo of [V]
 [class noun]" with a rare token [V]. A subject folder holds them (any size) and maybe subject.json,
-{"token": "rraj", "class_noun": "person"} (+ instance_prompt, class_prompt, validation_prompts)."""
+{"token": "rraj", "class_noun": "person"} (+ instance_prompt, class_prompt, validation_prompts).
+Beside a photo NN.jpg may lie NN.txt, its own caption, and NN-masklabel.png, its mask (white =
+subject; the conventions of kohya sd-scripts and OneTrainer)."""
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from minidream.files import read_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SETTINGS_FILE = "subject.json"
+CAPTION_SUFFIX, MASK_SUFFIX = ".txt", "-masklabel.png"  # NN.txt, NN-masklabel.png beside NN.jpg
 
 
 class DataError(UserError):
@@ -38,6 +42,8 @@ class Subject:
     instance_prompt: str  # "a photo of rraj person"
     class_prompt: str  # "a photo of person"
     validation_prompts: list[str] | None = None  # prompts to watch during training (subject.json)
+    captions: dict[Path, str] = field(default_factory=dict)  # photo -> its caption (NN.txt)
+    masks: dict[Path, Path] = field(default_factory=dict)  # photo -> its mask file
 
 
 def load_subject(folder, token=None, class_noun=None, instance_prompt=None, class_prompt=None):
@@ -54,19 +60,36 @@ def load_subject(folder, token=None, class_noun=None, instance_prompt=None, clas
         raise DataError(f"no rare token / class noun for {folder}: pass --token and --class-noun, "
                         f'or write {path} with {{"token": "rraj", "class_noun": "person"}}')
     default = f"a photo of {token} {class_noun}"
-    return Subject(folder, find_images(folder), token, class_noun,
+    images = find_images(folder)
+    masks = {p: p.with_name(p.stem + MASK_SUFFIX) for p in images}
+    return Subject(folder, images, token, class_noun,
                    instance_prompt or settings.get("instance_prompt") or default,
                    class_prompt or settings.get("class_prompt") or f"a photo of {class_noun}",
-                   settings.get("validation_prompts"))
+                   settings.get("validation_prompts"), read_captions(images, token),
+                   {p: mask for p, mask in masks.items() if mask.exists()})
+
+
+def read_captions(images: list[Path], token: str) -> dict[Path, str]:
+    """Each photo's NN.txt, if there is one, on one line. A caption is used instead of the instance
+    prompt, so one without the token would not teach the subject's name: a warning names it."""
+    captions = {p: " ".join(p.with_suffix(CAPTION_SUFFIX).read_text(errors="replace").split())
+                for p in images if p.with_suffix(CAPTION_SUFFIX).is_file()}
+    warn_all([p.with_suffix(CAPTION_SUFFIX).name for p, c in captions.items()
+              if token not in c.split()], f"caption(s) without the token {token!r}")
+    return captions
 
 
 def find_images(folder: Path) -> list[Path]:
-    """Image files of a folder by suffix; other files are skipped with a warning."""
-    images, skipped = [], []
+    """Image files of a folder by suffix, not masks; files other than their captions and masks are
+    skipped with a warning."""
+    images, others = [], []
     for path in sorted(folder.iterdir()):
         if not (path.name.startswith(".") or path.name == SETTINGS_FILE or path.is_dir()):
-            (images if path.suffix.lower() in IMAGE_SUFFIXES else skipped).append(path)
-    warn_all([p.name for p in skipped], f"non-image file(s) in {folder} skipped")
+            image = path.suffix.lower() in IMAGE_SUFFIXES and not path.name.endswith(MASK_SUFFIX)
+            (images if image else others).append(path)
+    beside = {p.stem + end for p in images for end in (CAPTION_SUFFIX, MASK_SUFFIX)}
+    warn_all([p.name for p in others if p.name not in beside], f"non-image file(s) in {folder} "
+             "skipped")
     if not images:
         raise DataError(f"no images in {folder}: add 5-6 photos ({', '.join(IMAGE_SUFFIXES)})")
     return images
@@ -104,12 +127,12 @@ def iter_images(paths: list[Path], resolution: int, what: str = "instance"):
         except DataError as e:
             unreadable.append(str(e))
             continue
-        if min(img.size) < resolution:
+        if img.width * img.height < 0.9 * resolution**2:  # below the smallest bucket's pixels
             small.append(f"{path.name} ({img.size[0]}x{img.size[1]})")
         yield path, img
     warn_all(unreadable, f"unreadable {what} image(s) skipped")
-    warn_all(small, f"{what} image(s) smaller than the training resolution {resolution} px, "
-                    "upscaled (so soft)")
+    warn_all(small, f"{what} image(s) smaller than the training resolution {resolution} px "
+                    f"({resolution}x{resolution} pixels), upscaled (so soft)")
 
 
 def warn_all(problems: list[str], what: str, shown: int = 5) -> None:
@@ -139,27 +162,76 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in array]
 
 
+def load_masks(instance_images: list[tuple], masks: dict[Path, Path]) -> list:
+    """Each photo's mask as a grey PIL image (white = subject) or None. A mask must be the photo's
+    size as shown (after its EXIF rotation) and not all black (nothing would be learned)."""
+    out = []
+    for path, img in instance_images:
+        if path not in masks:
+            out.append(None)
+            continue
+        try:
+            mask = Image.open(masks[path]).convert("L")
+        except Exception as e:  # noqa: BLE001  (decoders raise many types)
+            raise DataError(f"{masks[path]} is not a readable mask ({e}): re-export it") from None
+        if mask.size != img.size:
+            raise DataError(f"{masks[path]} is {mask.width}x{mask.height} but {path.name} is "
+                            f"{img.width}x{img.height} as shown: make the mask the photo's size")
+        if mask.getextrema()[1] == 0:
+            raise DataError(f"{masks[path]} is all black (no subject): paint the subject white, "
+                            "or delete the mask to train on the whole photo")
+        out.append(mask)
+    return out
+
+
+# ----------------------------------------------------------------------------- aspect buckets
+
+def bucket_sizes(resolution: int, multiple: int) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets (Podell et al. 2023, "SDXL", sec. 2.3 and app. I): every (height, width)
+    in steps of resolution/16 px (64 at 1024; at least `multiple`, what the VAE and UNet halvings
+    need) with 0.9..1 times resolution**2 pixels and sides from resolution/2 to 2 * resolution.
+    At 1024 px this is SDXL's own table: (512, 2048), (576, 1792), ..., (1024, 1024), ..."""
+    step = max(resolution // 16 // multiple * multiple, multiple)
+    sides = range(step * -(-resolution // 2 // step), 2 * resolution + 1, step)
+    area = resolution * resolution
+    return [(h, w) for h in sides for w in sides if 0.9 * area <= h * w <= area]
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest a (height, width), in log ratio (so 2:1 and 1:2 are
+    as far from 1:1)."""
+    return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - math.log(size[1] / size[0])))
+
+
 @dataclass
 class View:
     """One training view of an image: pixels plus the SDXL micro-conditioning numbers."""
 
-    pixels: torch.Tensor  # (3, res, res) in [-1, 1]
+    pixels: torch.Tensor  # (3, h, w) in [-1, 1]: the bucket's size
     original_size: tuple[int, int]  # (height, width) of the file's image
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
     flipped: bool
+    mask: torch.Tensor | None = None  # (1, h, w) in [0, 1], cropped and flipped with the pixels
 
 
-def make_view(img: Image.Image, resolution: int, rng: random.Random, flip: bool, center=False):
-    """Resize the short side to `resolution`, crop a square (random or centred), maybe flip."""
-    original_size, scale = (img.height, img.width), resolution / min(img.size)
-    width, height = (max(resolution, round(side * scale)) for side in img.size)
-    img = img.resize((width, height), Image.Resampling.BICUBIC)
+def make_view(img: Image.Image, size: tuple[int, int], rng: random.Random, flip: bool,
+              center=False, mask: Image.Image | None = None) -> View:
+    """Resize to cover size = (height, width), crop it (random or centred), maybe flip; a mask
+    follows the same resize, flip and crop."""
+    original_size, scale = (img.height, img.width), max(size[0] / img.height, size[1] / img.width)
+    width, height = max(size[1], round(img.width * scale)), max(size[0], round(img.height * scale))
+    pictures = [img.resize((width, height), Image.Resampling.BICUBIC)]
+    if mask is not None:
+        pictures.append(mask.resize((width, height), Image.Resampling.BILINEAR))
     if flip:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pictures = [p.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in pictures]
     offset = (lambda room: room // 2) if center else (lambda room: rng.randint(0, room))
-    top, left = offset(height - resolution), offset(width - resolution)
-    img = img.crop((left, top, left + resolution, top + resolution))
-    return View(to_tensor(img), original_size, (top, left), flip)
+    top, left = offset(height - size[0]), offset(width - size[1])
+    pictures = [p.crop((left, top, left + size[1], top + size[0])) for p in pictures]
+    mask_tensor = None
+    if mask is not None:  # (1, h, w) in [0, 1]
+        mask_tensor = torch.from_numpy(np.asarray(pictures[1], dtype=np.float32) / 255.0)[None]
+    return View(to_tensor(pictures[0]), original_size, (top, left), flip, mask_tensor)
 
 
 # ----------------------------------------------------------------------------- class images

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from minidream.config import TrainingError
-from minidream.latent_cache import ShuffledOrder
+from minidream.latent_cache import ShuffledOrder, new_orders
 from minidream.runs import rng_states, set_rng_states
 
 MAX_SKIPPED_IN_A_ROW = 25  # inf/NaN gradients in a row stop a run (fp16 loss scaling starts: ~16)
@@ -21,8 +21,8 @@ class Progress:
     for a resumed run to continue bit for bit."""
 
     generator: torch.Generator  # every random draw of the loop (data order, noise, timesteps)
-    instance_order: ShuffledOrder
-    class_order: ShuffledOrder | None
+    instance_orders: list[ShuffledOrder]  # one per aspect bucket
+    class_orders: list[ShuffledOrder] | None
     step: int = 0
     skipped: int = 0  # steps whose gradient was inf/NaN (fp16 loss scaling skips them)
     history: list = field(default_factory=list)  # one row of losses etc. per step (loss.csv)
@@ -30,22 +30,22 @@ class Progress:
     def state_dict(self) -> dict:
         return {"step": self.step, "skipped": self.skipped, "history": self.history,
                 "rng": rng_states(self.generator),
-                "instance_order": self.instance_order.state_dict(),
-                "class_order": self.class_order.state_dict() if self.class_order else None}
+                "instance_orders": [o.state_dict() for o in self.instance_orders],
+                "class_orders": [o.state_dict() for o in self.class_orders or []]}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.skipped, self.history = state["step"], state["skipped"], state["history"]
         set_rng_states(state["rng"], self.generator)
-        self.instance_order.load_state_dict(state["instance_order"])
-        if self.class_order is not None:
-            self.class_order.load_state_dict(state["class_order"])
+        for order, saved in zip(self.instance_orders + (self.class_orders or []),
+                                state["instance_orders"] + state["class_orders"]):
+            order.load_state_dict(saved)
 
 
 def new_progress(seed: int, cache) -> Progress:
     """Step 0: one generator draws every batch, the same on every rank (one global batch)."""
     generator = torch.Generator().manual_seed(seed)
-    classes = ShuffledOrder(cache.classes.num_images, generator) if cache.classes else None
-    return Progress(generator, ShuffledOrder(cache.instance.num_images, generator), classes)
+    return Progress(generator, new_orders(cache.instance, generator),
+                    new_orders(cache.classes, generator))
 
 
 def record(progress: Progress, losses: list, lr: float, grad_norm: float, applied: bool,

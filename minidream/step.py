@@ -26,8 +26,9 @@ class Batch:
     noise: torch.Tensor  # (N, 4, h, w) eps (with the noise offset, if any, already added)
     timesteps: torch.Tensor  # (N,) int64 in [0, T)
     time_ids: torch.Tensor | None  # (N, 6) SDXL size/crop conditioning; None for SD 1.x / 2.x
-    prompt_index: torch.Tensor  # (N,) int64: row i's prompt (0 instance, 1 class)
+    prompt_index: torch.Tensor  # (N,) int64: row i's prompt (0 instance, 1 class, then captions)
     num_instance: int  # how many rows are instance rows
+    pixel_weights: torch.Tensor | None = None  # (num_instance, 1, h, w) from masks; None: all 1
 
 
 @dataclass
@@ -50,12 +51,22 @@ def min_snr_weights(timesteps, alphas_cumprod, gamma: float, prediction_type: st
     return weight + 1 if prediction_type == "v_prediction" else weight
 
 
-def dreambooth_loss(pred, target, num_instance: int, prior_weight=1.0, instance_weights=None):
+def dreambooth_loss(pred, target, num_instance: int, prior_weight=1.0, instance_weights=None,
+                    pixel_weights=None):
     """(loss, instance_loss, prior_loss); the batch's first `num_instance` rows are instance rows.
     Ruiz et al. 2022 ("DreamBooth"), eq. 2: the denoising MSE on the subject's images plus lambda =
     prior_weight times the MSE on class images the base model generated itself (prior preservation:
-    no "language drift"). instance_weights (min-SNR) weight instance rows only, as in diffusers."""
-    per_row = ((pred.float() - target.float()) ** 2).mean(dim=tuple(range(1, pred.dim())))  # (N,)
+    no "language drift"). instance_weights (min-SNR) weight instance rows only, as in diffusers.
+    pixel_weights (n, 1, h, w), from the photos' masks, make an instance row's MSE a weighted mean
+    over latent pixels, sum(w * err) / sum(w): the loss stays on the subject, and a photo in which
+    it is small counts as much as one it fills (kohya's masked loss divides by h * w instead)."""
+    squared = (pred.float() - target.float()) ** 2  # (N, C, h, w)
+    per_row = squared.mean(dim=tuple(range(1, pred.dim())))  # (N,)
+    if pixel_weights is not None:
+        w = pixel_weights.float()  # (n, 1, h, w)
+        weighted_sum = (squared[:num_instance] * w).sum(dim=(1, 2, 3))
+        masked = weighted_sum / (w.sum(dim=(1, 2, 3)) * pred.shape[1])  # (n,) the channel mean too
+        per_row = torch.cat([masked, per_row[num_instance:]])
     weights = 1.0 if instance_weights is None else instance_weights
     instance = (per_row[:num_instance] * weights).mean()
     has_prior = per_row.shape[0] > num_instance
@@ -83,7 +94,7 @@ def training_step(unet: torch.nn.Module, batch: Batch, embed_prompts, alphas_cum
         pred = unet(x_t, t, context, pooled, batch.time_ids)
     n = batch.num_instance
     w = min_snr_weights(t[:n], alphas_cumprod, snr_gamma, prediction_type) if snr_gamma else None
-    loss, instance, prior = dreambooth_loss(pred, target, n, prior_weight, w)
+    loss, instance, prior = dreambooth_loss(pred, target, n, prior_weight, w, batch.pixel_weights)
     (loss / accumulation if scaler is None else scaler.scale(loss / accumulation)).backward()
     return StepLosses(loss.detach(), instance.detach(), prior.detach())
 

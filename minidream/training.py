@@ -22,7 +22,7 @@ import torch
 
 from minidream.config import (VALIDATION_TEMPLATES, TrainConfig, TrainingError, check_config,
                               fill_defaults, slug)
-from minidream.data import load_images, load_subject
+from minidream.data import load_images, load_masks, load_subject
 from minidream.drawing import draw_loss_curve, labelled_grid
 from minidream.files import save_png, write_json
 from minidream.latent_cache import build_cache, draw_batch, load_cache, offload_encoders, save_cache
@@ -56,14 +56,15 @@ class OneProcess:
 
 @dataclass
 class PromptTable:
-    """The two prompts a step reads (row 0 the instance prompt, row 1 the class prompt), called by
-    training_step inside its autocast: the cached embeddings, or, when gradients must reach the text
-    encoders (text-encoder LoRA, full text-encoder training, textual inversion), encoded anew."""
+    """The prompts a step reads (the cache's table: instance, class, then the photos' captions),
+    called by training_step inside its autocast: the cached embeddings, or, when gradients must
+    reach the text encoders (text-encoder LoRA or full training, textual inversion), encoded
+    anew."""
 
     prompts: list[str]
     text: object | None  # the TextEncoders when they train, else None
-    context: torch.Tensor | None  # (2, L, D) cached
-    pooled: torch.Tensor | None  # (2, Dp) cached; None for SD 1.x / 2.x
+    context: torch.Tensor | None  # (P, L, D) cached
+    pooled: torch.Tensor | None  # (P, Dp) cached; None for SD 1.x / 2.x
 
     def __call__(self):
         return encode_text(self.text, self.prompts) if self.text else (self.context, self.pooled)
@@ -82,6 +83,7 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
     dist = dist or OneProcess()
     cfg, subject, device, precision = settings(cfg, method_class, dist, models)  # cheap checks
     instance_images = load_images(subject.images, cfg.resolution)  # unreadable photos fail here
+    masks = load_masks(instance_images, subject.masks)  # a bad mask fails here
     plan = (plan_class_images(cfg.class_dir, cfg.num_class_images, cfg.generate_class_images)
             if cfg.prior else None)
     run = open_run_folder(cfg, subject.folder.name, dist)
@@ -90,7 +92,8 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
     model = models.load_model(cfg.model, precision.weight_dtype, device, vae=cfg.vae,
                               tokenizer=cfg.tokenizer)
     trains_text = method_class.trains_text(cfg)
-    cache = prepare_cache(model, cfg, subject, instance_images, plan, run, dist, not trains_text)
+    cache = prepare_cache(model, cfg, subject, instance_images, masks, plan, run, dist,
+                          not trains_text)
     offload_encoders(model, keep_text=trains_text)
 
     # -- what trains (LoRA adapters), the optimizer, the fp16 loss scaler, the loop's random state
@@ -102,7 +105,7 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
     progress = new_progress(cfg.seed, cache)
     if cfg.resume:
         resume(run, method, optimizer, scaler, progress)
-    prompts = PromptTable([method.prompt(subject.instance_prompt), subject.class_prompt],
+    prompts = PromptTable([method.prompt(p) for p in cache.prompts],
                           model.text if trains_text else None, *cached_prompts(cache, device))
     text_modules = {k: m for k, m in method.trained_modules().items() if k != "unet"}
     denoiser = dist.wrap(model.unet, text_modules, find_unused=cfg.train_text_encoder)
@@ -123,10 +126,11 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
             losses = []
             for micro in range(cfg.grad_accum):
                 batch = draw_batch(  # every rank draws the global batch, then keeps its rows
-                    cache, progress.instance_order, progress.class_order,
+                    cache, progress.instance_orders, progress.class_orders,
                     cfg.batch_size * dist.world_size, progress.generator, device=device,
                     scaling_factor=model.vae.config.scaling_factor, sdxl=model.is_sdxl,
-                    num_timesteps=model.schedule.num_train_timesteps, noise_offset=cfg.noise_offset)
+                    num_timesteps=model.schedule.num_train_timesteps, noise_offset=cfg.noise_offset,
+                    caption_dropout=cfg.caption_dropout, unmasked_weight=cfg.unmasked_weight)
                 with dist.accumulating(denoiser, last_micro_step=micro == cfg.grad_accum - 1):
                     losses.append(training_step(
                         denoiser, dist.shard(batch), prompts, alpha_bar, prediction_type=prediction,
@@ -204,7 +208,8 @@ def open_run_folder(cfg: TrainConfig, subject_name: str, dist) -> Path:
     return run
 
 
-def prepare_cache(model, cfg, subject, instance_images, plan, run: Path, dist, cache_text: bool):
+def prepare_cache(model, cfg, subject, instance_images, masks, plan, run: Path, dist,
+                  cache_text: bool):
     """Fill the class folder (each rank its share), then encode images and prompts once (rank 0;
     the other ranks read rank 0's file, so every rank trains on the same latents). A resumed run
     reads its cache back when it was made from the same inputs."""
@@ -213,18 +218,21 @@ def prepare_cache(model, cfg, subject, instance_images, plan, run: Path, dist, c
         class_paths = fill_class_folder(plan, model, subject.class_prompt, seed=cfg.seed,
                                         resolution=cfg.resolution, steps=cfg.class_steps,
                                         guidance_scale=cfg.guidance_scale, dist=dist)
-    files = [(p.name, p.stat().st_size) for p in [*(p for p, _ in instance_images), *class_paths]]
+    photos = [p for p, _ in instance_images]
+    files = [(p.name, p.stat().st_size) for p in [*photos, *subject.masks.values(), *class_paths]]
     fingerprint = json.dumps([cfg.model, cfg.resolution, cfg.seed, cfg.flip, cfg.center_crop,
                               cfg.views_per_image, subject.instance_prompt, subject.class_prompt,
-                              cache_text, files])
+                              cache_text, files, cfg.buckets, cfg.caption_dropout > 0,
+                              [subject.captions.get(p) for p in photos]])
     path = run / "cache.safetensors"
     cache = load_cache(path, fingerprint) if cfg.resume else None
     if cache is None and dist.is_main:
         cache = build_cache(model, instance_images, class_paths, resolution=cfg.resolution,
                             instance_prompt=subject.instance_prompt, seed=cfg.seed,
                             class_prompt=subject.class_prompt, flip=cfg.flip,
-                            center_crop=cfg.center_crop, cache_text=cache_text,
-                            views_per_image=cfg.views_per_image)
+                            captions=subject.captions, masks=masks, buckets=cfg.buckets,
+                            empty_prompt=cfg.caption_dropout > 0, center_crop=cfg.center_crop,
+                            cache_text=cache_text, views_per_image=cfg.views_per_image)
         save_cache(path, cache, fingerprint)
     dist.barrier()  # rank 0's cache file is complete
     if cache is None:

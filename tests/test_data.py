@@ -153,13 +153,13 @@ def test_exif_orientation_is_honoured(tmp_path):
 
 def test_view_crop_and_size_conditioning():
     img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (60, 90, 3), dtype=np.uint8))
-    view = make_view(img, 30, random.Random(0), flip=False)
+    view = make_view(img, (30, 30), random.Random(0), flip=False)
     assert view.pixels.shape == (3, 30, 30) and view.original_size == (60, 90)
     top, left = view.crop_top_left
     assert top == 0 and 0 <= left <= 15  # resized to 30x45: only horizontal room
     expected = to_tensor(img.resize((45, 30), Image.Resampling.BICUBIC).crop((left, 0, left + 30, 30)))
     assert torch.equal(view.pixels, expected)
-    centred = make_view(img, 30, random.Random(0), flip=True, center=True)
+    centred = make_view(img, (30, 30), random.Random(0), flip=True, center=True)
     assert centred.crop_top_left == (0, 7) and centred.flipped
 
 

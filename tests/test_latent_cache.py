@@ -23,9 +23,14 @@ def image(size, color):
     return img
 
 
+def square(images, side=32, prompt=0):
+    """encode_views' items: every image in the one square bucket, with one prompt, no mask."""
+    return [(img, (side, side), prompt, None) for _, img in images]
+
+
 def test_views_are_encoded_crops_with_their_time_ids(vae):
     images = [("a.png", image((40, 36), (10, 20, 30))), ("b.png", image((32, 48), (200, 0, 0)))]
-    views = encode_views(vae, images, 32, 4, random.Random(0), flip=True)
+    [views] = encode_views(vae, square(images), [(32, 32)], 4, random.Random(0), flip=True)
     side = 32 // 2 ** (len(vae.config.block_out_channels) - 1)  # latent side at 32 px
     assert views.mean.shape == views.std.shape == (8, 4, side, side) and (views.std > 0).all()
     assert views.image.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
@@ -35,7 +40,7 @@ def test_views_are_encoded_crops_with_their_time_ids(vae):
     # replay the same random crops: view k of image 0 is VAE.encode(make_view(...)), odd k flipped
     rng = random.Random(0)
     for k in range(4):
-        view = make_view(images[0][1], 32, rng, flip=k % 2 == 1)
+        view = make_view(images[0][1], (32, 32), rng, flip=k % 2 == 1)
         with torch.no_grad():
             mean, logvar = vae.encode(view.pixels[None])
         assert torch.equal(views.mean[k], mean[0]) and torch.allclose(views.std[k], torch.exp(0.5 * logvar[0]))
@@ -44,15 +49,15 @@ def test_views_are_encoded_crops_with_their_time_ids(vae):
 
 
 def test_batches_are_drawn_from_the_generator_only(vae):
-    inst = encode_views(vae, [("a", image((40, 36), (0, 0, 0))), ("b", image((36, 36), (9, 9, 9)))], 32, 2,
-                        random.Random(0), flip=True)
-    cls = encode_views(vae, [(str(i), image((32, 32), (20 * i, 0, 0))) for i in range(3)], 32, 1,
-                       random.Random(1), flip=True)
-    cache = LatentCache(inst, cls, torch.zeros(2, 77, 128), torch.zeros(2, 64))
+    [inst] = encode_views(vae, square([("a", image((40, 36), (0, 0, 0))), ("b", image((36, 36), (9, 9, 9)))]),
+                          [(32, 32)], 2, random.Random(0), flip=True)
+    [cls] = encode_views(vae, square([(str(i), image((32, 32), (20 * i, 0, 0))) for i in range(3)], prompt=1),
+                         [(32, 32)], 1, random.Random(1), flip=True)
+    cache = LatentCache([inst], [cls], ["a", "b"], torch.zeros(2, 77, 128), torch.zeros(2, 64))
 
     def draw(seed):
         g = torch.Generator().manual_seed(seed)
-        return draw_batch(cache, ShuffledOrder(2, g), ShuffledOrder(3, g), 2, g, scaling_factor=0.5,
+        return draw_batch(cache, [ShuffledOrder(2, g)], [ShuffledOrder(3, g)], 2, g, scaling_factor=0.5,
                           num_timesteps=1000, noise_offset=0.1)
 
     a, b, c = draw(0), draw(0), draw(1)
@@ -84,11 +89,12 @@ def test_shuffled_order_visits_every_item_once_per_pass():
 
 
 def test_cache_file_round_trip_and_fingerprint(vae, tmp_path):
-    views = encode_views(vae, [("a", image((40, 36), (0, 0, 0)))], 32, 2, random.Random(0), flip=True)
-    cache = LatentCache(views, None, torch.randn(2, 77, 128), None)
+    views = encode_views(vae, square([("a", image((40, 36), (0, 0, 0)))]), [(32, 32)], 2, random.Random(0), flip=True)
+    cache = LatentCache(views, None, ["a photo of rraj person", ""], torch.randn(2, 77, 128), None)
     save_cache(tmp_path / "cache.safetensors", cache, "fp-1")
     back = load_cache(tmp_path / "cache.safetensors", "fp-1")
-    assert torch.equal(back.instance.mean, views.mean) and torch.equal(back.context, cache.context)
+    assert torch.equal(back.instance[0].mean, views[0].mean) and torch.equal(back.context, cache.context)
+    assert back.prompts == cache.prompts and back.instance[0].mask is None
     assert back.classes is None and back.pooled is None
     assert load_cache(tmp_path / "cache.safetensors", "fp-2") is None  # other inputs: re-encode
     (tmp_path / "cache.safetensors").write_bytes(b"truncated")

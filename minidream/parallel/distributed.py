@@ -101,8 +101,10 @@ class Dist:
         def take(x):
             return None if x is None else x[rows]
 
+        weights = None if batch.pixel_weights is None else batch.pixel_weights[rows[:b]]  # instance rows
         return replace(batch, latents=take(batch.latents), noise=take(batch.noise), timesteps=take(batch.timesteps),
-                       time_ids=take(batch.time_ids), prompt_index=take(batch.prompt_index), num_instance=b)
+                       time_ids=take(batch.time_ids), prompt_index=take(batch.prompt_index), num_instance=b,
+                       pixel_weights=weights)
 
     def wrap(self, unet: nn.Module, text_modules: dict[str, nn.Module], find_unused: bool):
         """The model training_step calls: the UNet, or on several ranks DDP over every trained module.
