@@ -10,7 +10,7 @@ from PIL import Image
 
 from minidream.toy import toyworld as tw
 from minidream.toy.toy_experiments import FIGURES, Settings, command, readme_figures
-from minidream.toy.toydraw import PALETTE, SIZE, render
+from minidream.toy.toydraw import PALETTE, SIZE, background, render, render_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,6 +151,58 @@ def test_bundled_subject_is_what_the_script_draws(tmp_path):
     settings = json.loads((ROOT / "data" / "raj" / "subject.json").read_text())
     assert settings == json.loads((tmp_path / "subject.json").read_text())
     assert settings["token"] == "rraj" and settings["class_noun"] == "person"
+
+
+def test_mask_covers_exactly_the_drawn_thing():
+    """Off the mask the photo is the pure background; on it, the drawing covers the background."""
+    rng = np.random.default_rng(13)
+    others = [tw.sample_attributes(rng, kind=k, style="photo") for k in tw.KINDS]
+    for a in [*tw.subject_attributes(), *tw.context_subject_attributes(), *others]:
+        mask = render_mask(a)
+        assert mask.mode == "L" and mask.size == (SIZE, SIZE)
+        on = np.asarray(mask)
+        assert set(np.unique(on)) == {0, 255} and (on == 255).mean() > 0.05, a
+        img, bg = np.asarray(render(a)), background(a.context, np.random.default_rng(a.seed))
+        assert np.array_equal(img[on == 0], bg[on == 0]), a
+        changed = (img[on == 255] != bg[on == 255]).any(-1).mean()
+        assert changed > 0.9, f"{a.kind}: only {changed:.2f} of the masked pixels differ from the background"
+
+
+def test_context_subject_shares_one_background_with_captions_and_masks(tmp_path):
+    tw.main(["context-subject", str(tmp_path / "all"), "--captions", "--masks"])
+    attrs = tw.context_subject_attributes()
+    assert len(attrs) == 6
+    assert {a.context for a in attrs} == {"city"} and len({a.seed for a in attrs}) == 1
+    assert len({(a.dx, a.dy, a.scale) for a in attrs}) == 6 and len({a.color for a in attrs}) > 1
+    assert all(is_reserved(a) for a in attrs)
+    names = sorted(p.name for p in (tmp_path / "all").iterdir())
+    assert names == sorted(["subject.json"] + [f"rraj_{i}{end}" for i in range(6)
+                                               for end in (".png", ".txt", "-masklabel.png")])
+    for i, a in enumerate(attrs):
+        text = (tmp_path / "all" / f"rraj_{i}.txt").read_text()
+        assert text == "a photo of rraj person in the city"
+        assert tw.parse_caption(text) == {"style": "photo", "token": "rraj", "kind": "person", "context": "city"}
+        mask = Image.open(tmp_path / "all" / f"rraj_{i}-masklabel.png")
+        assert mask.mode == "L" and np.array_equal(np.asarray(mask), np.asarray(render_mask(a)))
+        photo = np.asarray(Image.open(tmp_path / "all" / f"rraj_{i}.png"))
+        assert np.array_equal(photo, np.asarray(render(a)))
+    settings = json.loads((tmp_path / "all" / "subject.json").read_text())
+    assert settings["made_by"].endswith("context-subject FOLDER --captions --masks")
+    # The bundled data/raj-city is the plain folder: photos and subject.json, as the script draws them.
+    tw.main(["context-subject", str(tmp_path / "plain")])
+    bundled = ROOT / "data" / "raj-city"
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == sorted(p.name for p in bundled.iterdir())
+    photos = [np.asarray(Image.open(bundled / f"rraj_{i}.png")) for i in range(6)]
+    off = [np.asarray(render_mask(a)) == 0 for a in attrs]
+    for i in range(6):
+        assert np.array_equal(photos[i], np.asarray(Image.open(tmp_path / "plain" / f"rraj_{i}.png")))
+        both = off[0] & off[i]  # background in both photos: the very same pixels
+        assert both.mean() > 0.3 and np.array_equal(photos[i][both], photos[0][both])
+    raj = json.loads((ROOT / "data" / "raj" / "subject.json").read_text())
+    city = json.loads((bundled / "subject.json").read_text())
+    assert city == json.loads((tmp_path / "plain" / "subject.json").read_text())
+    assert city.pop("made_by") == "python -m minidream.toy.toyworld context-subject FOLDER"
+    assert city == {k: v for k, v in raj.items() if k != "made_by"}
 
 
 def test_toy_experiments_command_and_readme_figures(tmp_path):

@@ -1,22 +1,23 @@
 """Measured DreamBooth on a CPU: the toy world's answers to DreamBooth's questions, in one command.
 
-    python -m minidream.toy.toy_experiments   # 5 LoRAs, a full fine-tune, 2 textual inversions -> benchmarks/TOY_WORLD.md
+    python -m minidream.toy.toy_experiments   # 11 LoRAs, a full fine-tune, 2 textual inversions -> benchmarks/TOY_WORLD.md
+    python -m minidream.toy.toy_experiments --only 8   # one section: only its text in the file changes
 
 Every LoRA is trained by the code behind `python train.py --subject data/raj` (training.train with
 the bundled tiny model's demo settings), and every number is a share of samples in which the toy
 world's judge sees what it should (toy_eval.py). The sections:
 
   1. the pretrained base model follows prompts; it does not know the subject;
-  2. the demo run: the subject's look for "a photo of rraj person", and for prompts that put it in
-     a new place, style, hair colour or shirt (the paper's recontextualisation, art renditions and
-     property modification);
-  3. prior preservation on / off: does "a photo of person" drift towards the subject (the paper's
-     PRES idea), does it stay diverse (DIV idea)?
+  2. the demo run: the subject's look for "a photo of rraj person", and for prompts that put it in a new
+     place, style, hair colour or shirt (the paper's recontextualisation, art renditions, property modification);
+  3. prior preservation on / off: does "a photo of person" drift towards the subject (the paper's PRES idea),
+     does it stay diverse (DIV idea)?
   4. how many instance images: 1, 3 or 6;
   5. the sampler: DDIM vs PNDM at 50 and 80 steps (the demo samples with DDIM, 20 steps);
   6. merging the subject LoRA with a "pixel art" style LoRA trained on toy pixel-art pictures;
-  7. the other methods (--method full, --method textual-inversion with the word before or after the
-     noun) on the same subject.
+  7. the other methods (--method full, --method textual-inversion, the word before or after the noun);
+  8. context leak (context_experiment.py): six photos in front of one background; do captions naming
+     it, masks of the subject, or both keep the background out of "rraj"?
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field, fields
@@ -34,16 +36,16 @@ import torch
 from PIL import Image
 
 from minidream import formats, training
-from minidream.config import PRESETS, TrainConfig
+from minidream.config import LORA_FILE, PRESETS, TrainConfig
 from minidream.data import load_subject
 from minidream.formats.lora_files import add_loras
 from minidream.methods import method_class
 from minidream.methods.textual_inversion import load_embedding, name_the_word
 from minidream.formats.models import BUNDLED_MODEL, REPO, load_model
 from minidream.drawing import labelled_grid
-from minidream.config import LORA_FILE
 from minidream.samplers import ddim, pndm
 from minidream.toy import toy_eval as te
+from minidream.toy.context_experiment import context_leak, pct
 from minidream.toy import toyworld as tw
 from minidream.toy.judge import Judge
 from minidream.toy.pretrain import RECORD
@@ -66,8 +68,7 @@ def after_the_noun(prompt: str) -> str:
     return prompt.replace("rraj person", "person rraj")
 
 
-# Textual inversion's word where the toy captions put a person's description, after the noun, as 3 vectors:
-# "a photo of person <rraj> <rraj>_1 <rraj>_2 on the beach" (docs/methods.md).
+# Textual inversion's word after the noun, where toy captions describe a person, as 3 vectors (docs/methods.md)
 AFTER_THE_NOUN = dict(instance_prompt=after_the_noun(INSTANCE), num_vectors=3)
 
 
@@ -84,18 +85,16 @@ class Settings:
     seed: int = setting(1000, "seed of the first sample batch (training runs use seed 0, as train.py does)")
     threads: int = setting(1, "torch CPU threads for sampling")
     steps: int | None = setting(None, "training steps (None: the demo's), for quick checks")
+    only: str = setting("", "run only these sections (8, or 1,2,5) and replace just their text in the results file")
 
 
 class Experiments:
     """Holds the judge, the output folder and the timings; one method per section."""
 
     def __init__(self, s: Settings):
-        self.s, self.out = s, Path(s.out)
+        self.s, self.out, self.model_path = s, Path(s.out), REPO / BUNDLED_MODEL
         self.judge = Judge.load(REPO / "weights" / "toy-judge.safetensors")
-        self.model_path = REPO / BUNDLED_MODEL
         self.notes: list[str] = []
-
-    # -- helpers
 
     def model(self, loras=(), path=None):
         model = load_model(path or self.model_path)
@@ -111,8 +110,7 @@ class Experiments:
         return images
 
     def train(self, name: str, subject: Path, **overrides) -> Path:
-        if self.s.steps:
-            overrides.setdefault("steps", self.s.steps)
+        overrides = {"steps": self.s.steps, **overrides} if self.s.steps else overrides
         start = time.perf_counter()
         cfg = TrainConfig(subject=str(subject), out=str(self.out / "runs"), score=False, **overrides)
         run = training.train(cfg, method_class(cfg.method), models=formats)
@@ -128,10 +126,6 @@ class Experiments:
             shutil.copy(p, folder / p.name)
         shutil.copy(REPO / "data" / "raj" / "subject.json", folder / "subject.json")
         return folder
-
-    def pixel_art_folder(self) -> Path:
-        """8 toy pixel-art pictures of random persons, for a style LoRA trained as "a photo of person"."""
-        return tw.write_style(self.out / "subjects" / "pixel-art")
 
     def subject_rows(self, model, name_the_subject=str) -> dict[str, float]:
         """Subject fidelity for the instance prompt; subject + edit for every EDITS prompt. The model is
@@ -174,11 +168,10 @@ class Experiments:
         self.tag = "prior"
         self.lora = self.train("demo (prior on)", REPO / "data" / "raj")
         self.demo_seconds = self.seconds
-        with_prior = self.subject_rows(model := self.model([(self.lora, 1.0)])) | self.drift(model)
+        self.demo = with_prior = self.subject_rows(model := self.model([(self.lora, 1.0)])) | self.drift(model)
         self.tag = "no-prior"
         lora = self.train("no prior", REPO / "data" / "raj", prior=False)
         without = self.subject_rows(model := self.model([(lora, 1.0)])) | self.drift(model)
-        self.demo = with_prior
         head = ["| prompt | prior on | prior off |", "| --- | --- | --- |",
                 f"| \"{INSTANCE}\": the subject's look | {pct(with_prior['instance'])} | {pct(without['instance'])} |"]
         for mark, share in with_prior["marks"].items():
@@ -218,7 +211,8 @@ class Experiments:
         return "\n".join(rows)
 
     def merging(self) -> str:
-        style = self.train("pixel-art style LoRA", self.pixel_art_folder(), prior=False)
+        # 8 toy pixel-art pictures of random persons, for a style LoRA trained as "a photo of person"
+        style = self.train("pixel-art style LoRA", tw.write_style(self.out / "subjects" / "pixel-art"), prior=False)
         rows = ["| adapters (scale) | prompt | subject's look | pixel art | both |", "| --- | --- | --- | --- | --- |"]
         cases = ((((self.lora, 1.0),), "pixel art of rraj person"), (((self.lora, 1.0),), INSTANCE),
                  (((style, 1.0),), CLASS), (((self.lora, 1.0), (style, 1.0)), INSTANCE),
@@ -301,10 +295,21 @@ def pretraining_compute(model_path: Path) -> str:
 LOG_MARKER = "<!-- what was tried: the text below is kept when this file is regenerated -->"
 
 
-def kept_log(path: Path) -> str:
-    """The hand-written log at the end of the results file (after LOG_MARKER), or ''."""
-    text = path.read_text() if path.is_file() else ""
-    return text[text.index(LOG_MARKER):] if LOG_MARKER in text else ""
+def section_key(title: str) -> str:
+    """'### 2-3. The demo run, ...' -> '2-3'; '8. Context leak: ...' -> '8'; '### Targets' -> 'Targets'."""
+    return title.removeprefix("### ").split()[0].rstrip(".")
+
+
+def results_text(head: str, sections: dict[str, str], old: str = "", only: bool = False) -> str:
+    """The results file: head, sections (key -> text, from its '### ' heading on) in their numbered order
+    (Targets first), then the log kept from the old file's text (LOG_MARKER on). With `only` (--only),
+    the old file's head and sections stay, and `sections` replace those with the same key."""
+    log = old[old.index(LOG_MARKER):] if LOG_MARKER in old else ""
+    old_head, *old_parts = re.split(r"^(?=### )", old[:len(old) - len(log)], flags=re.M)
+    if only and old_head.strip():
+        head, sections = old_head, {section_key(p): p.rstrip("\n") + "\n" for p in old_parts} | sections
+    order = sorted(sections, key=lambda k: int(k.split("-")[0]) if k[0].isdigit() else 0)
+    return head + "\n".join(sections[k] for k in order) + (f"\n{log}" if log else "")
 
 
 FIGURES = {  # sample grid -> its row label in the overview picture the README shows
@@ -325,25 +330,19 @@ def first_samples(grid: Image.Image, n: int = 8, side: int = 64, pad: int = 2) -
 
 
 def readme_figures(grids: Path, dest: Path = FIGURES_DIR) -> None:
-    """The first 8 samples of some sample grids: one labelled overview picture, and one row per grid enlarged
-    2x (nearest)."""
+    """The first 8 samples of some grids: one labelled overview picture, one row per grid enlarged 2x (nearest)."""
     dest.mkdir(parents=True, exist_ok=True)
     rows = {name: first_samples(Image.open(grids / f"{name}.png").convert("RGB")) for name in FIGURES}
     for name, samples in rows.items():
         row = tw.grid(samples, cols=len(samples))
         row.resize((2 * row.width, 2 * row.height), Image.NEAREST).save(dest / f"{name}.png", optimize=True)
-    overview = labelled_grid([im for samples in rows.values() for im in samples], list(FIGURES.values()))
-    overview.save(dest / "overview.png", optimize=True)
+    labelled_grid([im for row in rows.values() for im in row], list(FIGURES.values())).save(dest / "overview.png", optimize=True)
 
 
 def command(s: Settings) -> str:
     """The command line that reproduces a run with settings `s`."""
     flags = [f"--{k.replace('_', '-')} {v}" for k, v in vars(s).items() if v != getattr(Settings(), k)]
     return " ".join(["python -m minidream.toy.toy_experiments", *flags])
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
 
 
 def run(s: Settings) -> Path:
@@ -354,37 +353,44 @@ def run(s: Settings) -> Path:
     sections = [("1. The pretrained base model", e.base), ("2-3. The demo run, with and without prior preservation",
                 e.demo_and_prior), ("4. How many instance images", e.instance_images),
                 ("5. Sampler and steps (the demo LoRA)", e.samplers), ("6. Merging with a style LoRA", e.merging),
-                ("7. LoRA, full fine-tuning or textual inversion", e.methods)]
+                ("7. LoRA, full fine-tuning or textual inversion", e.methods),
+                ("8. Context leak: one shared background, captions and masks",
+                 lambda: context_leak(e, TrainConfig.unmasked_weight))]
+    wanted = set(s.only.replace(" ", "").split(","))  # '2' or '3' names '2-3'
+    todo = [(t, f) for t, f in sections if not s.only or {section_key(t), *section_key(t).split("-")} & wanted]
+    keys = {section_key(t) for t, _ in todo}
+    if not todo or (keys - {"1", "8"} and not {"1", "2-3"} <= keys):  # 2-7 use what 1 and 2-3 measured
+        raise SystemExit(f"--only {s.only}: the sections are 1, 2-3, 4, ..., 8; 2-7 need 1 and 2 (--only 1,2,5)")
     path = Path(s.results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    parts, log = [], kept_log(path)
-    for title, section in sections:  # the file is rewritten after every section: a crash keeps what was measured
-        t = time.perf_counter()
+    old, parts = path.read_text() if path.is_file() else "", {}
+    for title, section in todo:  # the file is rewritten after every section: a crash keeps what was measured
+        t, notes = time.perf_counter(), len(e.notes)
         table = section()
-        parts.append(f"### {title}\n\n{table}\n\n({time.perf_counter() - t:.0f} s)\n")
-        print(parts[-1], flush=True)
-        minutes = (time.perf_counter() - start) / 60
+        made_by = f"; `{command(s)}`" if s.only else ""  # a section measured on its own says how
+        parts[section_key(title)] = (f"### {title}\n\n{table}\n\n({time.perf_counter() - t:.0f} s{made_by})\n"
+                                     + "".join(f"- {n}\n" for n in e.notes[notes:]))
+        print(parts[section_key(title)], flush=True)
         done = "" if len(parts) == len(sections) else f" (sections done so far: {len(parts)} of {len(sections)})"
-        summary = f"### Targets\n\n{e.targets()}\n\n" if not done else ""
-        path.write_text(
-            f"## DreamBooth in the toy world (measured on CPU)\n\n"
-            f"`{command(s)}`: {minutes:.1f} min{done}; sampling on {s.threads} thread(s), training on the demo "
-            f"recipe's {PRESETS['tiny', 'lora']['cpu_threads']}; load average {load0:.1f} -> {os.getloadavg()[0]:.1f}. "
-            f"{s.samples} samples per prompt (seeds {s.seed}...), "
-            f"DDIM 20 steps and guidance 5 unless said; shares are of samples in which the toy judge "
-            f"(weights/toy-judge.safetensors) sees the named fields. Sample grids: {s.out}/grids/.\n\n"
-            f"{pretraining_compute(e.model_path)}\n\n{summary}"
-            + "\n".join(parts) + "\n" + "\n".join(f"- {n}" for n in e.notes) + "\n" + (f"\n{log}" if log else ""))
-    readme_figures(e.out / "grids")
-    print(f"wrote {path} and {FIGURES_DIR}")
+        if not done:
+            parts["Targets"] = f"### Targets\n\n{e.targets()}\n"
+        head = (f"## DreamBooth in the toy world (measured on CPU)\n\n`{command(s)}`: "
+                f"{(time.perf_counter() - start) / 60:.1f} min{done}; sampling on {s.threads} thread(s), training on "
+                f"the demo recipe's {PRESETS['tiny', 'lora']['cpu_threads']}; load average {load0:.1f} -> "
+                f"{os.getloadavg()[0]:.1f}. {s.samples} samples per prompt (seeds {s.seed}...), DDIM 20 steps and "
+                f"guidance 5 unless said; shares are of samples in which the toy judge (weights/toy-judge.safetensors) "
+                f"sees the named fields. Sample grids: {s.out}/grids/.\n\n{pretraining_compute(e.model_path)}\n\n")
+        path.write_text(results_text(head, parts, old, bool(s.only)))
+    if not s.only:  # the figures show sections 1 and 2-3
+        readme_figures(e.out / "grids")
+    print(f"wrote {path}" + ("" if s.only else f" and {FIGURES_DIR}"))
     return path
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m minidream.toy.toy_experiments", description=__doc__.split("\n\n")[0])
     for f in fields(Settings):
-        kind = type(f.default) if f.default is not None else int
-        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if f.default is not None else int, default=f.default,
                         help=f"{f.metadata['help']} [%(default)s]")
     run(Settings(**vars(ap.parse_args(argv))))
 

@@ -15,6 +15,7 @@ glasses, hat) varies at random, except for one reserved combination that never o
 look of the DreamBooth subject `rraj` (data/raj), the "specific person" the model has never seen.
 
     python -m minidream.toy.toyworld subject data/raj   # draw the bundled subject's 6 pictures
+    python -m minidream.toy.toyworld context-subject data/raj-city   # the same subject, one background
     python -m minidream.toy.toyworld grid out.png       # look at 64 random pictures and captions
     python -m minidream.toy.toyworld style data/pixel-art   # 8 pixel-art persons, for a style LoRA
 """
@@ -22,13 +23,13 @@ look of the DreamBooth subject `rraj` (data/raj), the "specific person" the mode
 import argparse
 import json
 import re
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from minidream.toy.toydraw import render
+from minidream.toy.toydraw import render, render_mask
 
 # ----------------------------------------------------------------------------- the vocabulary
 
@@ -293,15 +294,49 @@ def subject_attributes():
             for ctx, dx, dy, s, shirt in SUBJECT_SHOTS]
 
 
-def write_subject(folder):
-    """Draw data/raj: 6 PNGs plus subject.json with the token, class noun and look."""
+def _subject_folder(folder, made_by):
+    """Create `folder` with a subject.json for the subject (token, class noun, look, prompts)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    settings = {"token": TOKEN, "class_noun": CLASS_NOUN, "attributes": SUBJECT,
+                "validation_prompts": list(SUBJECT_PROMPTS), "made_by": made_by}
+    (folder / "subject.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return folder
+
+
+def write_subject(folder):
+    """Draw data/raj: 6 PNGs plus subject.json with the token, class noun and look."""
+    folder = _subject_folder(folder, "python -m minidream.toy.toyworld subject FOLDER")
     for i, a in enumerate(subject_attributes()):
         render(a).save(folder / f"{TOKEN}_{i}.png", optimize=False)
-    settings = {"token": TOKEN, "class_noun": CLASS_NOUN, "attributes": SUBJECT,
-                "validation_prompts": list(SUBJECT_PROMPTS), "made_by": "python -m minidream.toy.toyworld subject FOLDER"}
-    (folder / "subject.json").write_text(json.dumps(settings, indent=2) + "\n")
+    return folder
+
+
+# The second bundled subject (data/raj-city): data/raj's six layouts and shirts, all in front of ONE
+# background (one context, one seed: identical pixels, like a sofa every photo shares). Its place is
+# not one the edit prompts ask for, and the judge reads it: a model that learns the background as
+# part of "rraj" shows it in the samples ("context leak").
+SHARED_CONTEXT = "city"
+
+
+def context_subject_attributes():
+    """The six Attributes of data/raj-city: subject_attributes() with one context and one seed."""
+    seed = int(np.random.default_rng(SUBJECT_SEED + 1).integers(2**31))
+    return [replace(a, context=SHARED_CONTEXT, seed=seed) for a in subject_attributes()]
+
+
+def write_context_subject(folder, captions: bool = False, masks: bool = False):
+    """Draw data/raj-city's 6 PNGs and subject.json; with `captions` a caption naming the background
+    beside each photo (rraj_0.txt: "a photo of rraj person in the city"), with `masks` the mask of
+    the subject (rraj_0-masklabel.png: white = subject, 0 = background)."""
+    flags = " --captions" * captions + " --masks" * masks
+    folder = _subject_folder(folder, f"python -m minidream.toy.toyworld context-subject FOLDER{flags}")
+    for i, a in enumerate(context_subject_attributes()):
+        render(a).save(folder / f"{TOKEN}_{i}.png", optimize=False)
+        if captions:
+            (folder / f"{TOKEN}_{i}.txt").write_text(caption(a, ("context",), token=TOKEN))
+        if masks:
+            render_mask(a).save(folder / f"{TOKEN}_{i}-masklabel.png", optimize=False)
     return folder
 
 
@@ -334,6 +369,10 @@ def main(argv=None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("subject", help="draw the bundled subject's pictures into a folder")
     s.add_argument("folder", nargs="?", default="data/raj")
+    c = sub.add_parser("context-subject", help="draw the subject in front of one shared background")
+    c.add_argument("folder", nargs="?", default="data/raj-city")
+    c.add_argument("--captions", action="store_true", help="write NN.txt captions naming the background")
+    c.add_argument("--masks", action="store_true", help="write NN-masklabel.png masks of the subject")
     st = sub.add_parser("style", help="draw 8 pictures of persons in one style, for a style LoRA")
     st.add_argument("folder")
     st.add_argument("--style", choices=list(STYLES), default="pixelart")
@@ -344,6 +383,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.cmd == "subject":
         print(f"wrote {write_subject(args.folder)}")
+    elif args.cmd == "context-subject":
+        print(f"wrote {write_context_subject(args.folder, args.captions, args.masks)}")
     elif args.cmd == "style":
         print(f"wrote {write_style(args.folder, style=args.style)}")
     elif args.cmd == "grid":
