@@ -120,6 +120,9 @@ def build_cache(model, instance_images, class_paths, *, resolution: int, instanc
     photo_buckets = [nearest_bucket((img.height, img.width), sizes) for _, img in instance_images]
     used, captions = sorted(set(photo_buckets)), captions or {}
     masks = masks or [None] * len(instance_images)
+    shapes = ", ".join(f"{photo_buckets.count(b)} at {b[1]}x{b[0]}" for b in used)
+    print(f"photos: {shapes} px (w x h); {len(captions)} with a caption, "
+          f"{sum(m is not None for m in masks)} with a mask")
     if any(m is not None for m in masks):  # a photo without a mask is all subject
         masks = [m or Image.new("L", img.size, 255) for m, (_, img) in zip(masks, instance_images)]
     prompts = prompt_table(instance_prompt, class_prompt, sorted(set(captions.values())),
