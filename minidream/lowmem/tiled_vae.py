@@ -9,8 +9,8 @@ so pipeline.decode and the latent cache call it unchanged; `use_tiled_vae(model)
     tiling:  an image larger than a tile goes through in overlapping tiles (activations of one
              tile, whatever the image size), stitched with linear blends across the overlaps:
 
-    tile t (pixels for encode, latents for decode), a new tile every 3t/4; the output side of a
-    tile is T (t/8 or 8t); tiles are handled in raster order, each in place:
+    tile side t (pixels for encode, latents for decode), a new tile every 3t/4; a tile's output
+    side is T (t/8 or 8t: f = 8 px per latent); tiles are handled in raster order, each in place:
       top    T/4 rows  <- lerp(the above tile's last T/4 rows, its own), weight of its own 0 -> 1
       left   T/4 cols  <- lerp(the left tile's last T/4 cols, its own)  (both neighbours blended)
       kept:  its first 3T/4 rows and cols (a row's or column's last tile: all it has)
@@ -40,7 +40,7 @@ OVERLAP = 4  # tiles overlap by 1/OVERLAP of their side (diffusers' tile_overlap
 
 def fade_in(prev: torch.Tensor, tile: torch.Tensor, width: int, dim: int) -> None:
     """Blend, in place, the first `width` rows (dim=2) or columns (dim=3) of `tile` from `prev`'s
-    last ones (which cover the same pixels) into tile's own: tile_k <- prev_k (1 - k/n) + tile_k k/n.
+    last ones (which cover the same pixels) into its own: tile_k <- prev_k (1 - k/n) + tile_k k/n.
     (diffusers blend_v / blend_h; weights from float64, as Python's floats there.)"""
     n = min(prev.shape[dim], tile.shape[dim], width)  # a row's last tile can be narrower
     ramp = torch.arange(n, dtype=torch.float64, device=tile.device) / n  # (n,) 0 .. (n-1)/n
@@ -116,3 +116,18 @@ def use_tiled_vae(model, tile: int = DEFAULT_TILE, slicing: bool = True):
     vae = model.vae.vae if isinstance(model.vae, TiledVAE) else model.vae
     model.vae = TiledVAE(vae, tile, slicing)
     return model
+
+
+class WithTiledVAE:
+    """train()'s `models` (minidream.formats) with the VAE tiled: load_model's model gets a
+    TiledVAE (use_tiled_vae); everything else is the wrapped models' own. (The core imports no
+    subpackage, so train.py chooses this, as it chooses formats: see minidream/training.py.)"""
+
+    def __init__(self, models, tile: int = DEFAULT_TILE):
+        self.models, self.tile = models, tile
+
+    def __getattr__(self, name):
+        return getattr(self.models, name)
+
+    def load_model(self, *args, **kwargs):
+        return use_tiled_vae(self.models.load_model(*args, **kwargs), self.tile)
