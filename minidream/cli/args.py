@@ -22,6 +22,7 @@ from minidream.config import (EMBEDDING_FILE, HELP_SECTIONS, LORA_FILE, METHODS,
 from minidream.errors import UserError
 
 ARGPARSE_TYPES = {"int": int, "float": float, "str": str, "list": str}  # a list's items are str unless "type" says
+VAE_TILE = 512  # px: sample.py --vae-tiling alone (minidream.lowmem.tiled_vae.DEFAULT_TILE; no torch here)
 EXTRA_FLAGS = {"generate_class_images": ("--generate",)}  # older spellings that keep working: --no-generate
 
 
@@ -184,6 +185,9 @@ def sample_parser(description: str) -> Parser:
                             "else the file name], e.g. '<rraj>'; repeatable")
     model.add_argument("--device", help="cpu, cuda, cuda:1, mps ... [cuda if available, else cpu]")
     model.add_argument("--dtype", choices=PRECISIONS, help="weights dtype [fp16 on cuda, fp32 elsewhere]")
+    model.add_argument("--vae-tiling", type=int, nargs="?", const=VAE_TILE, metavar="PX",
+                       help=f"decode in overlapping PX-pixel tiles, one image at a time: the VAE's GPU memory of a "
+                            f"tile, not of the image (faint seams possible; 256 for 6 GB cards) [off; {VAE_TILE}]")
     model.add_argument("--cpu-threads", type=int, metavar="N",
                        help="torch CPU threads [1 for the tiny model (fastest), torch's default for SDXL]")
 
@@ -259,6 +263,9 @@ def check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not 1 <= value <= most:
             raise UserError(f"--{name.replace('_', '-')} must be between 1 and {most:,}, got {value}")
+    if args.vae_tiling is not None and (args.vae_tiling <= 0 or args.vae_tiling % 32):
+        raise UserError(f"--vae-tiling {args.vae_tiling} is not a positive multiple of 32 (4 x the VAE's factor "
+                        f"8: tiles overlap by a quarter); use e.g. --vae-tiling {VAE_TILE}")
     if not 0 <= args.seed < 2**63:
         raise UserError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if not 0 <= args.eta <= 1:

@@ -23,6 +23,7 @@ from minidream.files import save_png
 from minidream.formats.lora_files import add_loras, read_lora
 from minidream.methods.textual_inversion import expand_prompt, load_embedding, read_embedding
 from minidream.formats import default_model_path, detect, load_model, model_image_size
+from minidream.lowmem.tiled_vae import use_tiled_vae
 from minidream.model import Model
 from minidream.optim import DTYPES
 from minidream.more_samplers import euler
@@ -126,6 +127,8 @@ def load(args: argparse.Namespace, request: SampleRequest, path: Path, dtype: st
     """The model with its LoRAs fused in and its embeddings' words added, and the prompts with each
     multi-vector word spelled out as the tokenizer now knows it (see expand_prompt)."""
     model = load_model(path, DTYPES[dtype], device, vae=args.vae, tokenizer=args.tokenizer, variant=args.variant)
+    if args.vae_tiling:
+        use_tiled_vae(model, args.vae_tiling)
     add_loras(model, request.loras)
     prompts = request.prompts
     for file, token in request.embeddings:
@@ -148,7 +151,7 @@ def settings_metadata(args: argparse.Namespace, request: SampleRequest, model: M
         "negative_prompt": args.negative_prompt or "", "sampler": args.sampler, "steps": str(args.steps),
         "guidance": str(args.guidance), "eta": str(args.eta), "size": f"{width}x{height}",
         "model": model.name, "vae": args.vae or "", "tokenizer": args.tokenizer or "", "variant": args.variant or "",
-        "dtype": dtype, "device": args.device or "", "loras": ", ".join(f"{p}:{scale:g}" for p, scale in request.loras),
+        "vae_tiling": str(args.vae_tiling or ""), "dtype": dtype, "device": args.device or "", "loras": ", ".join(f"{p}:{scale:g}" for p, scale in request.loras),
         "embeddings": ", ".join(f"{p}:{token}" if token else str(p) for p, token in request.embeddings),
         "minidream": __version__,
     }

@@ -1,0 +1,1 @@
+"""Running big models on small GPUs: the VAE in tiles and slices (tiled_vae.py)."""
