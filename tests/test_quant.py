@@ -11,6 +11,8 @@ from PIL import Image
 
 import minidream.training as training
 from minidream import formats
+from minidream.cli.args import check_sample_args, sample_parser
+from minidream.cli.sample_command import load
 from minidream.config import LORA_FILE, TrainConfig, TrainingError, check_config, fill_defaults
 from minidream.formats.lora_files import add_loras
 from minidream.formats.lora_stack import merge_layer, stack_layers
@@ -183,10 +185,11 @@ def test_lora_trained_on_nf4_base_samples_on_the_full_base(tiny, tmp_path):
     add_loras(model, [(lora, 1.0)])
     assert generate(model, ["a photo of rraj person"], steps=2, height=64, width=64,
                     progress=False)[0].size == (64, 64)
-    quant = formats.load_model(tiny, base_weights="nf4")  # and on the nf4 base, unmerged
-    add_loras(quant, [(lora, 1.0)])
+    args = sample_parser("sample.py").parse_args(["--prompt", "a photo of rraj person", "--lora",
+                                                   str(lora), "--base-weights", "nf4"])
+    quant, _ = load(args, check_sample_args(args), tiny, "fp32", "cpu")  # sample.py's loading
     layers = dict(stack_layers(quant.unet))
-    assert layers and all(not layer.merged for layer in layers.values())
+    assert quantised_layers(quant.unet) and layers and not any(m.merged for m in layers.values())
     with pytest.raises(ValueError, match="quantised"):
         merge_layer(next(layer for layer in layers.values() if isinstance(layer, QuantLinear)))
     assert generate(quant, ["a photo of rraj person"], steps=2, height=64, width=64,
