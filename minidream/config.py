@@ -20,6 +20,7 @@ METHODS = ("lora", "full", "textual-inversion")
 OPTIMIZERS = ("adamw8bit", "adamw")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine")
 PRECISIONS = ("fp16", "bf16", "fp32")
+BASE_WEIGHTS = ("fp16", "int8", "nf4")  # the frozen UNet's Linear weights (minidream/quant)
 LORA_FILE = "pytorch_lora_weights.safetensors"  # a LoRA run's result (the name diffusers looks for)
 EMBEDDING_FILE = "learned_embeds.safetensors"  # what textual inversion writes (diffusers' name)
 TINY_MAX_SIZE = 128  # px: a model whose native images are this small gets the "tiny" preset
@@ -87,6 +88,8 @@ class TrainConfig:
                                 "else the tiny model]")
     vae: str | None = setting(None, "a separate VAE folder/file, e.g. an fp16-fix VAE")
     tokenizer: str | None = setting(None, "folder with tokenizer/ and tokenizer_2/ (single files)")
+    base_weights: str = setting("fp16", "the frozen UNet's Linear weights: fp16 = --precision's "
+                                "weight dtype, or int8/nf4 quantised (QLoRA)", choices=BASE_WEIGHTS)
     out: str = setting("runs", "where run folders are made")
     resume: str | None = setting(None, _resume_help(), metavar="RUN")
     device: str | None = setting(None, "cuda, cuda:1, cpu, ... [cuda if available]")
@@ -215,7 +218,7 @@ def check_config(cfg: TrainConfig) -> None:
     need(1 <= len(cfg.validation_seeds) <= 16, "--validation-seeds: give 1 to 16 seeds (one grid "
          "column each)")
     choices = dict(optimizer=OPTIMIZERS, lr_schedule=LR_SCHEDULES, precision=PRECISIONS,
-                   method=METHODS)
+                   method=METHODS, base_weights=BASE_WEIGHTS)
     for name, allowed in choices.items():
         need(getattr(cfg, name) in allowed,
              f"{flag(name)} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
@@ -226,6 +229,8 @@ def check_config(cfg: TrainConfig) -> None:
     need(0 <= cfg.unmasked_weight <= 1,
          f"--unmasked-weight must be in [0, 1] (got {cfg.unmasked_weight})")
     need(cfg.resolution % 8 == 0, f"--resolution must be a multiple of 8 (got {cfg.resolution})")
+    need(cfg.base_weights == "fp16" or cfg.method != "full", f"--base-weights {cfg.base_weights} "
+         "freezes the UNet; --method full trains it: use --base-weights fp16")
     need(not (cfg.method == "textual-inversion" and cfg.train_text_encoder),
          "--train-text-encoder does not go with --method textual-inversion, which trains only the "
          "new word's embedding: drop one of them")

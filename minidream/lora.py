@@ -73,7 +73,9 @@ def lora_layer(base, rank: int, alpha: float, dropout=0.0, dtype=torch.float32) 
     """Turn `base` into its LoRA subclass in place, with a fresh adapter (A, B in `dtype`)."""
     base.lora_A, base.lora_B = down_up(base, rank, dtype)
     # The same object keeps its own weight/bias Parameters (no copy) and so its state-dict keys.
-    base.__class__ = LoRAConv2d if isinstance(base, nn.Conv2d) else LoRALinear
+    # A layer whose W0 x is its own (minidream/quant: a dequantised W0) names its LoRA subclass.
+    lora_class = LoRAConv2d if isinstance(base, nn.Conv2d) else LoRALinear
+    base.__class__ = getattr(base, "lora_class", lora_class)
     base.alpha, base.lora_dropout = float(alpha), nn.Dropout(dropout)
     return base
 

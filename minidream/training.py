@@ -90,7 +90,7 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
 
     # -- model, class images, cached latents and prompts; then the VAE and text encoders leave
     model = models.load_model(cfg.model, precision.weight_dtype, device, vae=cfg.vae,
-                              tokenizer=cfg.tokenizer)
+                              tokenizer=cfg.tokenizer, base_weights=cfg.base_weights)
     trains_text = method_class.trains_text(cfg)
     cache = prepare_cache(model, cfg, subject, instance_images, masks, plan, run, dist,
                           not trains_text)

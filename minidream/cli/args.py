@@ -17,7 +17,7 @@ import math
 from dataclasses import MISSING, Field, dataclass, fields
 from pathlib import Path
 
-from minidream.config import (EMBEDDING_FILE, HELP_SECTIONS, LORA_FILE, METHODS, PRECISIONS, PRESETS,
+from minidream.config import (BASE_WEIGHTS, EMBEDDING_FILE, HELP_SECTIONS, LORA_FILE, METHODS, PRECISIONS, PRESETS,
                               RESUME_OVERRIDES, TrainConfig, TrainingError)
 from minidream.errors import UserError
 
@@ -184,6 +184,8 @@ def sample_parser(description: str) -> Parser:
                             "learned_embeds.safetensors); prompts name it by TOKEN [the token stored in the file, "
                             "else the file name], e.g. '<rraj>'; repeatable")
     model.add_argument("--device", help="cpu, cuda, cuda:1, mps ... [cuda if available, else cpu]")
+    model.add_argument("--base-weights", choices=BASE_WEIGHTS, default="fp16",
+                       help="the UNet's Linear weights: fp16 = --dtype, or int8/nf4 quantised [%(default)s]")
     model.add_argument("--dtype", choices=PRECISIONS, help="weights dtype [fp16 on cuda, fp32 elsewhere]")
     model.add_argument("--vae-tiling", type=int, nargs="?", const=VAE_TILE, metavar="PX",
                        help=f"decode in overlapping PX-pixel tiles, one image at a time: the VAE's GPU memory of a "

@@ -50,7 +50,8 @@ def sample_images(args: argparse.Namespace, request: SampleRequest) -> None:
     start = time.time()
     model, prompts = load(args, request, model_path, dtype, device)
     print(f"loaded in {time.time() - start:.1f} s"
-          + (f" with {len(request.loras)} LoRA(s) fused" if request.loras else ""))
+          + (f" with {len(request.loras)} LoRA(s) {'fused' if args.base_weights == 'fp16' else 'unmerged'}"
+             if request.loras else ""))
     start = time.time()
     metadata = settings_metadata(args, request, model, dtype)
     if args.morph:
@@ -126,7 +127,8 @@ def load(args: argparse.Namespace, request: SampleRequest, path: Path, dtype: st
          ) -> tuple[Model, list[str]]:
     """The model with its LoRAs fused in and its embeddings' words added, and the prompts with each
     multi-vector word spelled out as the tokenizer now knows it (see expand_prompt)."""
-    model = load_model(path, DTYPES[dtype], device, vae=args.vae, tokenizer=args.tokenizer, variant=args.variant)
+    model = load_model(path, DTYPES[dtype], device, vae=args.vae, tokenizer=args.tokenizer, variant=args.variant,
+                       base_weights=args.base_weights)
     if args.vae_tiling:
         use_tiled_vae(model, args.vae_tiling)
     add_loras(model, request.loras)
@@ -151,7 +153,8 @@ def settings_metadata(args: argparse.Namespace, request: SampleRequest, model: M
         "negative_prompt": args.negative_prompt or "", "sampler": args.sampler, "steps": str(args.steps),
         "guidance": str(args.guidance), "eta": str(args.eta), "size": f"{width}x{height}",
         "model": model.name, "vae": args.vae or "", "tokenizer": args.tokenizer or "", "variant": args.variant or "",
-        "vae_tiling": str(args.vae_tiling or ""), "dtype": dtype, "device": args.device or "", "loras": ", ".join(f"{p}:{scale:g}" for p, scale in request.loras),
+        "vae_tiling": str(args.vae_tiling or ""), "dtype": dtype, "base_weights": args.base_weights,
+        "device": args.device or "", "loras": ", ".join(f"{p}:{scale:g}" for p, scale in request.loras),
         "embeddings": ", ".join(f"{p}:{token}" if token else str(p) for p, token in request.embeddings),
         "minidream": __version__,
     }

@@ -33,6 +33,7 @@ import torch
 
 from minidream.formats import checkpoint, models, single_file
 from minidream.formats.checkpoint import ModelInfo, PartWeights, load_part
+from minidream.quant.linear import quantiser
 
 
 def reader_for(path):
@@ -40,10 +41,12 @@ def reader_for(path):
     return single_file if Path(path).is_file() else checkpoint
 
 
-def load_model(path, dtype=torch.float32, device="cpu", *, vae=None, tokenizer=None, variant=None):
-    """models.load_model for a folder or a single file; `vae` too may be either."""
+def load_model(path, dtype=torch.float32, device="cpu", *, vae=None, tokenizer=None, variant=None,
+               base_weights="fp16"):
+    """models.load_model for a folder or a single file; `vae` too may be either. base_weights:
+    "fp16" (the UNet in `dtype`), "int8" or "nf4" (quantised while read, minidream/quant)."""
     return models.read_model(reader_for(path), reader_for(vae or path), path, dtype, device, vae=vae,
-                            tokenizer=tokenizer, variant=variant)
+                            tokenizer=tokenizer, variant=variant, base_weights=base_weights)
 
 
 def default_model_path() -> tuple[Path, str]:
@@ -78,10 +81,12 @@ def text_encoder_weights(path, part="text_encoder", *, expect="sdxl", variant=No
     return reader_for(path).text_encoder_weights(path, part, expect=expect, variant=variant)
 
 
-def load_unet(path, dtype=torch.float32, device="cpu", *, expect="sdxl", variant=None, config=None):
-    """The UNet at `path`, streamed into `dtype` on `device` (checkpoint.load_part)."""
+def load_unet(path, dtype=torch.float32, device="cpu", *, expect="sdxl", variant=None, config=None,
+              base_weights="fp16"):
+    """The UNet at `path`, streamed into `dtype` on `device` (checkpoint.load_part); base_weights
+    "int8" / "nf4": its Linear weights quantised as they are read (minidream/quant)."""
     found = unet_weights(path, expect=expect, variant=variant, config=config)
-    return load_part("unet", path, *found, dtype, device)
+    return load_part("unet", path, *found, dtype, device, quantiser(base_weights))
 
 
 def load_vae(path, dtype=torch.float32, device="cpu", *, expect="sdxl", variant=None, config=None):

@@ -254,9 +254,11 @@ def fit_text_names(weights: Weights, model: nn.Module) -> Weights:
     return {k: v for k, v in weights.items() if k in state or not k.endswith("position_ids")}
 
 
-def load_part(part: str, source, config: dict, weights: Weights, dtype=torch.float32, device="cpu"):
+def load_part(part: str, source, config: dict, weights: Weights, dtype=torch.float32, device="cpu",
+              quantise=None):
     """Module `part` ("unet", "vae", "text_encoder" or "text_encoder_2") of `source`, built from
-    `config` on meta (parameters_on_meta), then filled with `weights` in `dtype` on `device`."""
+    `config` on meta (parameters_on_meta), then filled with `weights` in `dtype` on `device`,
+    its Linear weights passed to `quantise` if given (loading.load_weights)."""
     what = f"{ {'unet': 'UNet', 'vae': 'VAE'}.get(part, part)} from {source}"
     build = {"unet": build_unet, "vae": build_vae}.get(part, build_text_encoder)
     try:
@@ -266,4 +268,4 @@ def load_part(part: str, source, config: dict, weights: Weights, dtype=torch.flo
         error = f"{what}: its config.json builds no model ({e!r})"
         raise CheckpointError(error + "; fix or re-download it") from None
     weights = fit_text_names(weights, model) if part.startswith("text_encoder") else weights
-    return load_weights(model, weights, dtype, device, what=what)
+    return load_weights(model, weights, dtype, device, what=what, quantise=quantise)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Union
+from typing import Callable, Iterator, Mapping, Union
 
 import torch
 from safetensors import safe_open
@@ -146,13 +146,19 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def load_weights(model: nn.Module, weights: Weights, dtype: torch.dtype = torch.float32,
-                 device: Union[str, torch.device] = "cpu", what: str = "model") -> nn.Module:
+                 device: Union[str, torch.device] = "cpu", what: str = "model",
+                 quantise: Callable[[nn.Linear, torch.Tensor], object] | None = None) -> nn.Module:
     """Fill `model` (built under parameters_on_meta) with `weights`, one tensor at a time, floating-
-    point ones in `dtype`; buffers no checkpoint holds (non-persistent) move to `device` too."""
+    point ones in `dtype`; buffers no checkpoint holds (non-persistent) move to `device` too.
+    quantise(layer, weight) (minidream.quant.linear.quantiser) takes each nn.Linear's weight as it
+    is read and stores it quantised: the whole model never exists in `dtype`."""
     check_weights(model, weights, what)
     modules = dict(model.named_modules())  # built once: faster than get_submodule per tensor
     for name, tensor in read_tensors(weights):
         owner, _, leaf = name.rpartition(".")
+        if quantise and leaf == "weight" and isinstance(modules[owner], nn.Linear):
+            quantise(modules[owner], _cast(tensor, dtype, device))
+            continue
         params, buffers = modules[owner]._parameters, modules[owner]._buffers
         old = params[leaf] if leaf in params else buffers[leaf]
         if tensor.is_floating_point() != old.is_floating_point():  # an int32 weight: a damaged file

@@ -38,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from minidream.formats.loading import widen_float8
 from minidream.lora_file import LoRAWeights
 from minidream.formats.lora_stack import merge_lora
+from minidream.quant.linear import quantised_layers
 from minidream.formats.lora_weights import LoRAFileError, check_adapter_weights, load_adapter_weights, mismatch_error
 from minidream.lora_file import DIFFUSERS_METADATA_KEY, diffusers_tensors, file_module_name
 from minidream.lora_file import save_lora as save_diffusers_layout
@@ -386,7 +387,8 @@ def add_loras(model, loras, fuse: bool = True) -> list[str]:
     Each file may hold UNet and text-encoder adapters (diffusers or kohya layout); every key must
     fit, or nothing of that file is loaded. fuse=True folds all of them into the base weights
     (W += scale * B A * alpha / r, lora_stack.merge_lora), so sampling runs plain matmuls at the
-    base model's speed; lora_stack.unmerge_lora undoes it.
+    base model's speed; lora_stack.unmerge_lora undoes it. A quantised UNet (int8/nf4 base weights)
+    keeps its adapters unmerged whatever `fuse` says.
     """
     text = model.text
     names = []
@@ -394,7 +396,8 @@ def add_loras(model, loras, fuse: bool = True) -> list[str]:
         names.append(load_lora(path, unet=model.unet, text_encoder=text.text_encoder,
                                text_encoder_2=text.text_encoder_2, name=f"lora{i}", scale=scale))
     if fuse:
-        for module in (model.unet, text.text_encoder, text.text_encoder_2):
+        unet = None if quantised_layers(model.unet) else model.unet
+        for module in (unet, text.text_encoder, text.text_encoder_2):
             if module is not None:
                 merge_lora(module)
     return names

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from minidream.lora import down_up
+from minidream.quant.linear import QuantLinear
 
 
 class LoRAStack:
@@ -71,11 +72,16 @@ class StackConv2d(LoRAStack, nn.Conv2d):
     pass
 
 
+class StackQuantLinear(LoRAStack, QuantLinear):
+    """Adapters on a quantised frozen Linear (minidream/quant): they run unmerged, W0 stays 4/8-bit."""
+
+
 def stack_layer(module: nn.Module) -> LoRAStack:
     """`module` (an nn.Linear / nn.Conv2d) made a LoRAStack in place (its weight, bias and keys
     stay), with no adapter yet; a LoRAStack is returned as it is."""
     if not isinstance(module, LoRAStack):
-        module.__class__ = StackConv2d if isinstance(module, nn.Conv2d) else StackLinear
+        linear = StackQuantLinear if isinstance(module, QuantLinear) else StackLinear
+        module.__class__ = StackConv2d if isinstance(module, nn.Conv2d) else linear
         module.lora_A, module.lora_B = nn.ModuleDict(), nn.ModuleDict()  # name -> A, name -> B
         module.alpha, module.scale = {}, {}  # name -> alpha; name -> user strength (0.8: weaker)
         module.active, module.merged = [], {}  # names that run; name -> scaling folded into weight
@@ -111,6 +117,8 @@ def remove_adapter(model: nn.Module, name: str) -> None:
 def merge_layer(layer: LoRAStack) -> None:
     """Fold every active adapter into `weight` (W0 + sum scaling * B A); forward then skips them."""
     layer.check_unmerged("merge again")
+    if isinstance(layer, QuantLinear):
+        raise ValueError("cannot merge adapters into a quantised weight (int8/nf4): keep them unmerged")
     for name in layer.active:
         s = layer.scaling(name)
         layer.weight += (layer.delta_weight(name) * s).to(layer.weight.dtype)

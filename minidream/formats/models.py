@@ -14,6 +14,7 @@ from minidream.formats.checkpoint import load_part
 from minidream.errors import UserError
 from minidream.formats.loading import CheckpointError, read_json
 from minidream.model import Model
+from minidream.quant.linear import quantiser
 from minidream.schedule import ScheduleConfig
 from minidream.text import TextEncoders
 from minidream.unet_config import UNetConfig
@@ -91,21 +92,26 @@ def load_text_encoders(path, dtype=torch.float32, device="cpu", *, tokenizer_dir
                         text_encoder_2=encoder("text_encoder_2") if sdxl else None)
 
 
-def load_model(path, dtype=torch.float32, device="cpu", *, vae=None, tokenizer=None, variant=None):
+def load_model(path, dtype=torch.float32, device="cpu", *, vae=None, tokenizer=None, variant=None,
+               base_weights="fp16"):
     """Every part of the model folder `path` (a single file: minidream.formats.load_model). vae: a
     separate VAE folder, e.g. an fp16-fix one; tokenizer: a folder holding tokenizer/ (tokenizer_2/)
-    to use before the model's own."""
+    to use before the model's own; base_weights: "fp16" (the UNet in `dtype`), "int8" or "nf4" (its
+    Linear weights quantised as they are read, minidream/quant)."""
     return read_model(checkpoint, checkpoint, path, dtype, device, vae=vae, tokenizer=tokenizer,
-                      variant=variant)
+                      variant=variant, base_weights=base_weights)
 
 
-def read_model(reader, vae_reader, path, dtype, device, *, vae, tokenizer, variant) -> Model:
+def read_model(reader, vae_reader, path, dtype, device, *, vae, tokenizer, variant,
+               base_weights="fp16") -> Model:
     """load_model with `reader` reading `path` and `vae_reader` reading `vae` (or `path`)."""
     path, vae_path = Path(path), Path(vae or path)
     family = reader.detect(path).family or None
     vae_config, vae_weights = vae_reader.vae_weights(vae_path, expect=family, variant=variant)
     unet_weights = reader.unet_weights(path, expect=family, variant=variant)
-    unet = load_part("unet", path, *unet_weights, dtype, device).eval().requires_grad_(False)
+    quantise = quantiser(base_weights)  # None for fp16
+    unet = load_part("unet", path, *unet_weights, dtype, device, quantise)
+    unet.eval().requires_grad_(False)
     runs_in = vae_dtype(VAEConfig.from_dict(vae_config), dtype)  # fp32 for fp16 unless fp16-safe
     vae = load_part("vae", vae_path, vae_config, vae_weights, runs_in, device)
     text = load_text_encoders(path, dtype, device, tokenizer_dir=tokenizer, variant=variant,
