@@ -126,7 +126,8 @@ class TrainConfig:
     buckets: bool = setting(True, "each photo trains at the aspect ratio nearest its own, at about "
                             "the resolution's pixel count (--no-buckets: square crops)")
     caption_dropout: float = setting(0.0, "share of subject rows trained with the empty prompt")
-    unmasked_weight: float = setting(0.1, "loss weight outside a photo's mask (NN-masklabel.png)")
+    unmasked_weight: float = setting(0.0, "loss weight outside a photo's mask (NN-masklabel.png); "
+                                     "0 leaked the least background in the toy world")
     views_per_image: int = setting(4, "augmented crops/flips cached per subject photo")
     train_text_encoder: bool = setting(False, "train both text encoders too: LoRA on them, or with "
                                        "--method full all their weights (more memory; prompts are "
