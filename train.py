@@ -25,6 +25,7 @@ from minidream import formats, training
 from minidream.cli.args import config_from_args, resumed_config, train_parser
 from minidream.cli.script import run_script
 from minidream.formats.archives import unpack_class_images
+from minidream.lowmem.tiled_vae import WithTiledVAE
 from minidream.methods import method_class
 from minidream.parallel import distributed
 from minidream.planner.memory import default_plan_model, format_plan, plan_training
@@ -60,7 +61,8 @@ def train(argv: list[str] | None) -> None:
         sys.stdout = open(os.devnull, "w")
     dist = distributed.setup(cfg.device)  # one process, or this rank among torchrun's
     try:
-        run = training.train(cfg, method_class(cfg.method), dist, models=formats)
+        models = WithTiledVAE(formats, cfg.vae_tiling) if cfg.vae_tiling else formats
+        run = training.train(cfg, method_class(cfg.method), dist, models=models)
     finally:
         distributed.shutdown()
     if dist.is_main:

@@ -123,6 +123,8 @@ class TrainConfig:
     noise_offset: float = setting(0.0, "offset noise, helps very dark/bright images (try 0.05)")
     flip: bool = setting(True, "random horizontal flips (--no-flip: asymmetric subjects, text)")
     center_crop: bool = setting(False, "centre crops instead of random crops")
+    vae_tiling: int = setting(0, "VAE encode/decode in overlapping tiles of this many px, one "
+                              "image at a time (512 or 256 on 8 / 6 GB cards); 0 = whole images")
     buckets: bool = setting(True, "each photo trains at the aspect ratio nearest its own, at about "
                             "the resolution's pixel count (--no-buckets: square crops)")
     caption_dropout: float = setting(0.0, "share of subject rows trained with the empty prompt")
@@ -229,6 +231,8 @@ def check_config(cfg: TrainConfig) -> None:
         need(0 <= value < 1, f"{flag(name)} must be in [0, 1) (got {value})")
     need(0 <= cfg.unmasked_weight <= 1,
          f"--unmasked-weight must be in [0, 1] (got {cfg.unmasked_weight})")
+    need(cfg.vae_tiling % 32 == 0 and cfg.vae_tiling >= 0,
+         f"--vae-tiling must be 0 (off) or a multiple of 32 px (got {cfg.vae_tiling})")
     need(cfg.resolution % 8 == 0, f"--resolution must be a multiple of 8 (got {cfg.resolution})")
     need(cfg.base_weights == "fp16" or cfg.method != "full", f"--base-weights {cfg.base_weights} "
          "freezes the UNet; --method full trains it: use --base-weights fp16")
