@@ -120,11 +120,14 @@ def test_chunked_quantisation_gives_the_whole_tensor_codes_bit_for_bit(chunk, dt
     monkeypatch.setattr(nf4, "CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     for shape in [(3, 4), (5, 30), (640, 320), (2**14 + 7, 3), (7, 2**14 + 1), (1, 2**15 + 197)]:
-        w = (torch.randn(shape, generator=g) * 0.02).to(dtype)
-        w[0, :2], w.view(-1)[-1] = torch.tensor([0.0, -0.0]), 0.0  # zeros and signed zeros
-        w[-1] = 0  # an all-zero row
+        w32 = torch.randn(shape, generator=g) * 0.02
+        w32[0, :2], w32.view(-1)[-1] = torch.tensor([0.0, -0.0]), 0.0  # zeros and signed zeros
+        w32[-1] = 0  # an all-zero row
+        w = w32.to(dtype)  # as load_weights passes a weight to cast: each chunk cast alone
         for ours, whole in ((quantise_int8(w), whole_tensor_int8(w)),
-                            (quantise_nf4(w), whole_tensor_nf4(w))):
+                            (quantise_int8(w32, dtype), whole_tensor_int8(w)),
+                            (quantise_nf4(w), whole_tensor_nf4(w)),
+                            (quantise_nf4(w32, dtype), whole_tensor_nf4(w))):
             for a, b in zip(ours, whole):  # the same bytes: dtype, shape and every bit
                 assert a.dtype == b.dtype and a.shape == b.shape, (shape, a.dtype, b.dtype)
                 assert torch.equal(a.reshape(-1).view(torch.uint8),

@@ -196,19 +196,19 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
 
 def load_weights(model: nn.Module, weights: Weights, dtype: torch.dtype = torch.float32,
                  device: Union[str, torch.device] = "cpu", what: str = "model",
-                 quantise: Callable[[nn.Linear, torch.Tensor], object] | None = None) -> nn.Module:
+                 quantise: Callable | None = None) -> nn.Module:
     """Fill `model` (built under parameters_on_meta) with `weights`, one tensor at a time, floating-
     point ones in `dtype`; buffers no checkpoint holds (non-persistent) move to `device` too.
-    quantise(layer, weight) (minidream.quant.linear.quantiser) takes each nn.Linear's weight as it
-    is read and stores it quantised: the whole model never exists in `dtype`. Each tensor is then
-    mapped alone, so that only the codes, the other weights and one Linear weight are resident."""
+    quantise(layer, weight, dtype) (minidream.quant.linear.quantiser) takes each nn.Linear's weight
+    as read and stores it quantised, cast to `dtype` chunk by chunk: the whole model never exists in
+    `dtype`. Each tensor is then mapped alone (TensorMaps), so that only the codes, the other
+    weights and one Linear weight are ever resident."""
     check_weights(model, weights, what)
     modules = dict(model.named_modules())  # built once: faster than get_submodule per tensor
     for name, tensor in read_tensors(weights, mapped=quantise is None):
         owner, _, leaf = name.rpartition(".")
         if quantise and leaf == "weight" and isinstance(modules[owner], nn.Linear):
-            tensor = _cast(tensor, dtype, device)  # the tensor as read (if cast) is freed here
-            quantise(modules[owner], tensor)
+            quantise(modules[owner], tensor.to(device), dtype)  # cast chunk by chunk
             del tensor  # before the next one is read
             continue
         params, buffers = modules[owner]._parameters, modules[owner]._buffers

@@ -11,19 +11,20 @@ import torch
 CHUNK = 2**14  # weights quantised at a time: fp32 temporaries of 64 KB
 
 
-def quantise_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (out, in) -> codes (out, in) int8, scales (out, 1) in w's dtype. Rows go in chunks of
-    about CHUNK weights, each made fp32 alone: W never exists whole in fp32, and the temporaries
+def quantise_int8(w: torch.Tensor, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) -> codes (out, in) int8, scales (out, 1) in `dtype` (default w's), w cast to it
+    first. Rows go in chunks of about CHUNK weights, each cast alone: W never exists whole in
+    `dtype` (when cast) or in fp32, and the temporaries
     stay under glibc's 128 KiB mmap threshold. Freeing larger ones raises that threshold, and the
     heap then kept GBs of freed holes between the codes (benchmarks/quantised_base.py)."""
     codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scales = torch.empty(w.shape[0], 1, device=w.device)  # fp32
     step = max(1, CHUNK // max(1, w.shape[1]))
     for rows in (slice(r, r + step) for r in range(0, w.shape[0], step)):
-        chunk = w[rows].float()
+        chunk = w[rows].to(dtype or w.dtype).float()
         scales[rows] = chunk.abs().amax(dim=1, keepdim=True) / 127  # (rows, 1)
         codes[rows] = torch.round(chunk / scales[rows].clamp_min(1e-30)).clamp(-127, 127)
-    return codes, scales.to(w.dtype)
+    return codes, scales.to(dtype or w.dtype)
 
 
 def dequantise_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

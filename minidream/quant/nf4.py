@@ -48,18 +48,18 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed >> 4, packed & 15), dim=-1).flatten()
 
 
-def quantise_nf4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (any shape) -> packed codes (n_blocks * 32,) uint8, absmax (n_blocks,) in w's dtype; the
-    last block is padded with zeros (SDXL's Linear weights fill whole blocks). The weights go in
-    chunks of CHUNK, each made fp32 alone: W never exists whole in fp32 (see quantise_int8)."""
+def quantise_nf4(w: torch.Tensor, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (any shape) -> packed codes (n_blocks * 32,) uint8, absmax (n_blocks,) in `dtype` (default
+    w's), w cast to it first; the last block is padded with zeros (SDXL's Linear weights fill whole
+    blocks). The weights go in chunks of CHUNK, each cast alone, as in quantise_int8."""
     flat = w.reshape(-1)  # a view of a contiguous w
     n_blocks = -(-flat.numel() // BLOCK)
     packed = torch.empty(n_blocks * BLOCK // 2, dtype=torch.uint8, device=w.device)
-    absmax = torch.empty(n_blocks, dtype=w.dtype, device=w.device)
+    absmax = torch.empty(n_blocks, dtype=dtype or w.dtype, device=w.device)
     levels = LEVELS.to(w.device)
     midpoints = (levels[1:] + levels[:-1]) / 2
     for start in range(0, flat.numel(), CHUNK):
-        chunk = flat[start : start + CHUNK].float()
+        chunk = flat[start : start + CHUNK].to(absmax.dtype).float()
         blocks = F.pad(chunk, (0, -chunk.numel() % BLOCK)).view(-1, BLOCK)  # (blocks, 64)
         block_absmax = blocks.abs().amax(dim=1, keepdim=True)  # (blocks, 1)
         normed = blocks / block_absmax.clamp_min(1e-30)  # in [-1, 1]; an all-zero block stays 0
