@@ -20,8 +20,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from minidream.quant.int8 import chunk_size
+
 BLOCK = 64  # weights per absmax block (QLoRA's)
-CHUNK = 2**14  # weights quantised at a time, whole blocks: 64 KB temporaries (see int8.py)
 DELTA = 0.5 * (1 - 1 / (2 * 15) + 1 - 1 / (2 * 16))  # = 0.9677083: the outermost quantile's p
 
 
@@ -51,15 +52,16 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 def quantise_nf4(w: torch.Tensor, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     """w (any shape) -> packed codes (n_blocks * 32,) uint8, absmax (n_blocks,) in `dtype` (default
     w's), w cast to it first; the last block is padded with zeros (SDXL's Linear weights fill whole
-    blocks). The weights go in chunks of CHUNK, each cast alone, as in quantise_int8."""
+    blocks). The weights go in chunks, each cast alone, as in quantise_int8."""
     flat = w.reshape(-1)  # a view of a contiguous w
     n_blocks = -(-flat.numel() // BLOCK)
     packed = torch.empty(n_blocks * BLOCK // 2, dtype=torch.uint8, device=w.device)
     absmax = torch.empty(n_blocks, dtype=dtype or w.dtype, device=w.device)
     levels = LEVELS.to(w.device)
     midpoints = (levels[1:] + levels[:-1]) / 2
-    for start in range(0, flat.numel(), CHUNK):
-        chunk = flat[start : start + CHUNK].to(absmax.dtype).float()
+    step = -(-chunk_size(w) // BLOCK) * BLOCK  # whole blocks
+    for start in range(0, flat.numel(), step):
+        chunk = flat[start : start + step].to(absmax.dtype).float()
         blocks = F.pad(chunk, (0, -chunk.numel() % BLOCK)).view(-1, BLOCK)  # (blocks, 64)
         block_absmax = blocks.abs().amax(dim=1, keepdim=True)  # (blocks, 1)
         normed = blocks / block_absmax.clamp_min(1e-30)  # in [-1, 1]; an all-zero block stays 0
