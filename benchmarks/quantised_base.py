@@ -17,7 +17,8 @@ loading it from a file, each format in a fresh Python process.
 
 Memory is read right after loading and touching every weight, before any forward: RssAnon (the
 process's own memory: quantised codes and scales), RssFile (mapped file pages: an fp16 base's
-weights are views of the mmapped file) and VmHWM (peak, imports included).
+weights, and a quantised base's convs and norms, are views of the file) and VmHWM (peak, imports
+included).
 """
 
 from __future__ import annotations
@@ -157,24 +158,27 @@ inside forward layer by layer; scales in the load dtype. Error: relative L2 erro
 output vs the reference row on the same inputs (tiny: the bundled trained model vs fp32, 16x16
 latent; SDXL: the real config with random N(0, 0.02^2) fp16 weights vs the fp16 base, a
 {args.latent}x{args.latent} latent, batch 1, fp16 on CPU). The tiny model's int8/nf4 rows load in fp32
-(scales fp32, compute fp32), as `--base-weights` does with `--precision fp32`. Load and peak RSS: `load_unet(folder, dtype, base_weights=...)` in a
-fresh process, warm page cache, then one value per 4 KiB page of every tensor read (fp16
-tensors are mmapped views of the file until touched). Held: RssAnon + RssFile after that (an fp16
-base keeps the file's pages mapped; a quantised one has closed the file and holds its codes).
-Peak RSS: VmHWM then, imports included; it counts every mmapped file page touched while reading,
-so a quantised load's peak includes the file's pages read (clean page cache the kernel may drop),
-not a full fp16 copy in the process's own memory.
+(scales fp32, compute fp32), as `--base-weights` does with `--precision fp32`. Load and peak
+RSS: `load_unet(folder, dtype, base_weights=...)` in a fresh process, warm page cache, then one
+value per 4 KiB page of every tensor read (tensors that are views of the file are read only when
+touched). Held: RssAnon (the process's own memory) + RssFile (mapped file pages) after that. Peak
+RSS: VmHWM then, imports included (0.34 GiB): the mapped file pages touched count in it too.
+An fp16 load keeps every weight as a view of safetensors' one map of the whole file. A quantised
+load maps each tensor alone (formats/loading.py TensorMaps): a Linear weight's pages leave the RSS
+once it is quantised, the convs and norms stay fp16 views of the file (RssFile), and the codes
+are the RssAnon; it quantises 16K weights at a time (minidream/quant), never a whole fp32 copy.
 SDXL's Linear layers hold {linear / 1e9:.2f} B of its 2.567 B weights; the 3x3 convs stay fp16.
 
 {harness.markdown_table(["model", "base weights", "load dtype", "weights GiB", "quantised Linears",
                          "output rel. error", "load s", "held GiB: anon + file", "peak RSS GiB",
                          "forward s", "finite"], rows)}
-Reading the memory columns: the quantised loads' RssAnon (5.24 / 3.58 GiB) is well above their
-codes and scales (2.23 / 1.18 GiB of quantised Linears, plus convs and norms still fp16 views of
-the file, which stays mapped: RssFile 4.87). The likely cause, not verified: freed fp32 temporaries
-of quantising each weight (up to 52 MB each) kept by glibc's heap instead of returned to the OS.
-Lowering that (quantising in chunks, or malloc_trim) is open; as measured, a quantised load's peak
-RSS is higher than an fp16 load's, whose weights stay page-cache views until moved to a GPU.
+Before this fix (same machine, same file): peak RSS int8 10.12 GiB, nf4 8.46 GiB, above the
+fp16 load's 5.13, for two causes. (1) safetensors maps the whole file once and the unquantised
+weights stay views of it, so every page read while quantising stayed resident: RssFile 4.87 GiB.
+(2) Freed temporaries of several MB (a whole fp32 copy of each weight) raise glibc's mmap
+threshold, after which its heap kept GBs of freed holes between the codes: RssAnon 5.24 / 3.58
+GiB for 2.08 / 1.11 GiB of codes (diagnosed with malloc_trim, which minidream does not call:
+in trial runs it returned 1.2-1.8 GiB of freed heap).
 """
     harness.write_section("quantised_base", body)
     print(body)

@@ -7,7 +7,10 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import minidream.training as training
 from minidream import formats
@@ -18,6 +21,8 @@ from minidream.formats.lora_files import add_loras
 from minidream.formats.lora_stack import merge_layer, stack_layers
 from minidream.lora import LoRALinear, inject_lora
 from minidream.pipeline import generate
+from minidream.formats.loading import TensorMaps
+from minidream.quant import int8
 from minidream.quant.int8 import dequantise_int8, quantise_int8
 from minidream.quant.linear import LoRAQuantLinear, QuantLinear, quantise_linear, quantised_layers
 from minidream.quant.nf4 import LEVELS, dequantise_nf4, nf4_levels, pack, quantise_nf4, unpack
@@ -92,6 +97,59 @@ def test_nf4_pads_a_last_partial_block_and_bounds_the_error():
     gap = (torch.tensor(NF4_TABLE).diff().max() / 2).item()  # the widest half-gap between levels
     per_weight = absmax[torch.arange(150) // 64].view(5, 30)  # each weight's block absmax
     assert ((back - w).abs() <= gap * per_weight + 1e-6).all()
+
+
+def whole_tensor_int8(w):  # quantise_int8 before chunking: the whole W in fp32 at once
+    scales = w.float().abs().amax(dim=1, keepdim=True) / 127
+    codes = torch.round(w.float() / scales.clamp_min(1e-30)).clamp(-127, 127).to(torch.int8)
+    return codes, scales.to(w.dtype)
+
+
+def whole_tensor_nf4(w):  # quantise_nf4 before chunking
+    flat = w.float().flatten()
+    blocks = F.pad(flat, (0, -flat.numel() % 64)).view(-1, 64)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    codes = torch.bucketize(blocks / absmax.clamp_min(1e-30), (LEVELS[1:] + LEVELS[:-1]) / 2)
+    return pack(codes.flatten()), absmax.flatten().to(w.dtype)
+
+
+@pytest.mark.parametrize("chunk", [64, 2**14, 2**40])  # 2**40: one chunk, the whole tensor
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_chunked_quantisation_gives_the_whole_tensor_codes_bit_for_bit(chunk, dtype, monkeypatch):
+    monkeypatch.setattr(int8, "CHUNK", chunk)  # nf4 reads it too
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 4), (5, 30), (640, 320), (2**14 + 7, 3), (7, 2**14 + 1), (1, 2**15 + 197)]:
+        w32 = torch.randn(shape, generator=g) * 0.02
+        w32[0, :2], w32.view(-1)[-1] = torch.tensor([0.0, -0.0]), 0.0  # zeros and signed zeros
+        w32[-1] = 0  # an all-zero row
+        w = w32.to(dtype)  # as load_weights passes a weight to cast: each chunk cast alone
+        for ours, whole in ((quantise_int8(w), whole_tensor_int8(w)),
+                            (quantise_int8(w32, dtype), whole_tensor_int8(w)),
+                            (quantise_nf4(w), whole_tensor_nf4(w)),
+                            (quantise_nf4(w32, dtype), whole_tensor_nf4(w))):
+            for a, b in zip(ours, whole):  # the same bytes: dtype, shape and every bit
+                assert a.dtype == b.dtype and a.shape == b.shape, (shape, a.dtype, b.dtype)
+                assert torch.equal(a.reshape(-1).view(torch.uint8),
+                                   b.reshape(-1).view(torch.uint8)), shape
+
+
+def test_tensor_maps_read_what_safe_open_reads(tmp_path):
+    """TensorMaps (a quantised load's reader, one map per tensor) against safetensors' safe_open:
+    the same bytes, dtype and shape for every dtype, and rows slices too."""
+    tensors = {"a": torch.randn(6, 5).half(), "b": torch.randn(3).bfloat16(), "c": torch.arange(7),
+               "d": torch.randn(4, 4).to(torch.float8_e4m3fn), "e": torch.tensor([True, False]),
+               "f": torch.randn(9, 2, 2), "empty": torch.zeros(0, 3)}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    with open(path, "rb") as file, safe_open(str(path), framework="pt") as mapped:
+        maps = TensorMaps(file)
+        read = [(maps.get_tensor(k), mapped.get_tensor(k), tensors[k]) for k in tensors]
+        read.append((maps.get_slice("f")[3:6], mapped.get_slice("f")[3:6], tensors["f"][3:6]))
+        for ours, theirs, want in read:
+            assert ours.dtype == theirs.dtype == want.dtype and ours.shape == want.shape
+            assert torch.equal(ours.reshape(-1).view(torch.uint8),
+                               theirs.reshape(-1).view(torch.uint8))
+            assert torch.equal(ours.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
 
 
 @pytest.mark.parametrize("fmt", ["int8", "nf4"])

@@ -1,10 +1,13 @@
 """Strict, low-RAM loading of safetensors weights into a module. The fp32 SDXL UNet is 10 GB, Colab
 has 12.7 GB of RAM: a random-init model plus a full state dict would not fit. So the module is built
 on the `meta` device, all names and shapes are checked before a byte is read, and the tensors are
-read one at a time from the memory-mapped file, each converted straight to its dtype and device."""
+read one at a time from the memory-mapped file, each converted straight to its dtype and device.
+A quantised load maps each tensor alone instead (TensorMaps): see there why."""
 
 from __future__ import annotations
 
+import json
+import mmap
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +81,50 @@ def widen_float8(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
 
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+          "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}  # safetensors' dtype names
+
+
+class TensorMaps:
+    """safe_open's get_tensor and get_slice(key)[rows], each tensor a memory map of its own bytes.
+    safe_open maps the whole file once and returns views of it: every page read then counts in the
+    RSS for as long as any view lives (the unquantised weights do), 4.9 GB for SDXL's UNet on top
+    of a quantised load's codes. Mapped one by one, a weight's pages leave with the weight."""
+
+    def __init__(self, file):  # `file` opened "rb"; already checked by read_header
+        self.file, size = file, int.from_bytes(file.read(8), "little")
+        self.header, self.data_start = json.loads(file.read(size)), 8 + size
+
+    def get_tensor(self, key: str, rows: slice | None = None) -> torch.Tensor:
+        entry = self.header[key]
+        dtype, shape, (begin, end) = DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+        if rows is not None:  # rows start:stop along dim 0 only
+            row_bytes = (end - begin) // shape[0]
+            begin, end = begin + rows.start * row_bytes, begin + rows.stop * row_bytes
+            shape = [rows.stop - rows.start, *shape[1:]]
+        if begin == end:
+            return torch.empty(shape, dtype=dtype)
+        start = self.data_start + begin
+        skip = start % mmap.ALLOCATIONGRANULARITY  # a map starts on a page
+        view = mmap.mmap(self.file.fileno(), skip + end - begin, offset=start - skip,
+                         access=mmap.ACCESS_COPY)  # private, as safe_open's: writes stay ours
+        return torch.frombuffer(view, dtype=torch.uint8, offset=skip).view(dtype).view(shape)
+
+    def get_slice(self, key: str):
+        """What `[start:stop]` reads rows of, as safe_open's slices do."""
+        return Rows(lambda rows: self.get_tensor(key, rows))
+
+
+@dataclass(frozen=True)
+class Rows:
+    read: Callable[[slice], torch.Tensor]
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.read(rows)
+
+
 def _read(handle, ref: TensorRef) -> torch.Tensor:
     """Read one tensor and apply its op; q/k/v read only their third of the rows."""
     if ref.op in ("q", "k", "v"):
@@ -131,11 +178,13 @@ def check_weights(model: nn.Module, weights: Weights, what: str) -> None:
                               "model you meant (and its config.json matches it).")
 
 
-def read_tensors(weights: Weights) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every entry of `weights`, read one at a time from the open files."""
+def read_tensors(weights: Weights, mapped: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every entry of `weights`, read one at a time from the open files: as views
+    of the memory-mapped files, or if not `mapped` each in a map of its own (TensorMaps)."""
     files = sorted({ref.file for ref in weights.values() if isinstance(ref, TensorRef)})
     with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in files}
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) if mapped
+                   else TensorMaps(stack.enter_context(open(f, "rb"))) for f in files}
         for name, ref in weights.items():
             yield name, _read(handles[ref.file], ref) if isinstance(ref, TensorRef) else ref
 
@@ -147,17 +196,20 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
 
 def load_weights(model: nn.Module, weights: Weights, dtype: torch.dtype = torch.float32,
                  device: Union[str, torch.device] = "cpu", what: str = "model",
-                 quantise: Callable[[nn.Linear, torch.Tensor], object] | None = None) -> nn.Module:
+                 quantise: Callable | None = None) -> nn.Module:
     """Fill `model` (built under parameters_on_meta) with `weights`, one tensor at a time, floating-
     point ones in `dtype`; buffers no checkpoint holds (non-persistent) move to `device` too.
-    quantise(layer, weight) (minidream.quant.linear.quantiser) takes each nn.Linear's weight as it
-    is read and stores it quantised: the whole model never exists in `dtype`."""
+    quantise(layer, weight, dtype) (minidream.quant.linear.quantiser) takes each nn.Linear's weight
+    as read and stores it quantised, cast to `dtype` chunk by chunk: the whole model never exists in
+    `dtype`. Each tensor is then mapped alone (TensorMaps), so that only the codes, the other
+    weights and one Linear weight are ever resident."""
     check_weights(model, weights, what)
     modules = dict(model.named_modules())  # built once: faster than get_submodule per tensor
-    for name, tensor in read_tensors(weights):
+    for name, tensor in read_tensors(weights, mapped=quantise is None):
         owner, _, leaf = name.rpartition(".")
         if quantise and leaf == "weight" and isinstance(modules[owner], nn.Linear):
-            quantise(modules[owner], _cast(tensor, dtype, device))
+            quantise(modules[owner], tensor.to(device), dtype)  # cast chunk by chunk
+            del tensor  # before the next one is read
             continue
         params, buffers = modules[owner]._parameters, modules[owner]._buffers
         old = params[leaf] if leaf in params else buffers[leaf]

@@ -57,10 +57,11 @@ class LoRAQuantLinear(LoRALayer, QuantLinear):
 QuantLinear.lora_class = LoRAQuantLinear
 
 
-def quantise_linear(layer: nn.Linear, weight: torch.Tensor, fmt: str) -> QuantLinear:
-    """Make `layer` a QuantLinear in place, holding `weight` (out, in) in format `fmt` (int8 or
-    nf4); its scales take weight's dtype and device. Any old `weight` Parameter is dropped."""
-    codes, scales = QUANTISE[fmt](weight.detach())
+def quantise_linear(layer: nn.Linear, weight: torch.Tensor, fmt: str, dtype=None) -> QuantLinear:
+    """Make `layer` a QuantLinear in place, holding `weight` (out, in) cast to `dtype` (default its
+    own) in format `fmt` (int8 or nf4); scales in that dtype, on weight's device. Any old `weight`
+    Parameter is dropped."""
+    codes, scales = QUANTISE[fmt](weight.detach(), dtype)
     layer._parameters.pop("weight", None)
     layer.__class__ = QuantLinear
     layer.weight_shape = tuple(weight.shape)
@@ -70,13 +71,13 @@ def quantise_linear(layer: nn.Linear, weight: torch.Tensor, fmt: str) -> QuantLi
 
 
 def quantiser(fmt: str):
-    """What load_weights calls with each Linear and its weight as read: None for "fp16" (the
-    model's own weight dtype, nothing quantised), else a function quantising to `fmt`."""
+    """What load_weights calls with each Linear, its weight as read and the load dtype: None for
+    "fp16" (the model's own weight dtype, nothing quantised), else a function quantising to `fmt`."""
     if fmt == "fp16":
         return None
     if fmt not in QUANTISE:
         raise ValueError(f"unknown base weights {fmt!r}: use fp16, int8 or nf4")
-    return lambda layer, weight: quantise_linear(layer, weight, fmt)
+    return lambda layer, weight, dtype: quantise_linear(layer, weight, fmt, dtype)
 
 
 def quantised_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:

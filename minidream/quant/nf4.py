@@ -20,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from minidream.quant.int8 import chunk_size
+
 BLOCK = 64  # weights per absmax block (QLoRA's)
 DELTA = 0.5 * (1 - 1 / (2 * 15) + 1 - 1 / (2 * 16))  # = 0.9677083: the outermost quantile's p
 
@@ -47,16 +49,26 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed >> 4, packed & 15), dim=-1).flatten()
 
 
-def quantise_nf4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (any shape) -> packed codes (n_blocks * 32,) uint8, absmax (n_blocks,) in w's dtype; the
-    last block is padded with zeros (SDXL's Linear weights fill whole blocks)."""
-    flat = w.float().flatten()
-    blocks = F.pad(flat, (0, -flat.numel() % BLOCK)).view(-1, BLOCK)  # (n_blocks, 64)
-    absmax = blocks.abs().amax(dim=1, keepdim=True)  # (n_blocks, 1)
-    normed = blocks / absmax.clamp_min(1e-30)  # in [-1, 1]; an all-zero block stays 0
+def quantise_nf4(w: torch.Tensor, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (any shape) -> packed codes (n_blocks * 32,) uint8, absmax (n_blocks,) in `dtype` (default
+    w's), w cast to it first; the last block is padded with zeros (SDXL's Linear weights fill whole
+    blocks). The weights go in chunks, each cast alone, as in quantise_int8."""
+    flat = w.reshape(-1)  # a view of a contiguous w
+    n_blocks = -(-flat.numel() // BLOCK)
+    packed = torch.empty(n_blocks * BLOCK // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(n_blocks, dtype=dtype or w.dtype, device=w.device)
     levels = LEVELS.to(w.device)
-    codes = torch.bucketize(normed, (levels[1:] + levels[:-1]) / 2)  # the nearest level's index
-    return pack(codes.flatten()), absmax.flatten().to(w.dtype)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    step = -(-chunk_size(w) // BLOCK) * BLOCK  # whole blocks
+    for start in range(0, flat.numel(), step):
+        chunk = flat[start : start + step].to(absmax.dtype).float()
+        blocks = F.pad(chunk, (0, -chunk.numel() % BLOCK)).view(-1, BLOCK)  # (blocks, 64)
+        block_absmax = blocks.abs().amax(dim=1, keepdim=True)  # (blocks, 1)
+        normed = blocks / block_absmax.clamp_min(1e-30)  # in [-1, 1]; an all-zero block stays 0
+        codes = torch.bucketize(normed, midpoints, out_int32=True)  # the nearest level's index
+        packed[start // 2 : start // 2 + blocks.numel() // 2] = pack(codes.flatten())
+        absmax[start // BLOCK : start // BLOCK + len(blocks)] = block_absmax.flatten()
+    return packed, absmax
 
 
 def dequantise_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape) -> torch.Tensor:
