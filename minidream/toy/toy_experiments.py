@@ -17,7 +17,7 @@ world's judge sees what it should (toy_eval.py). The sections:
   6. merging the subject LoRA with a "pixel art" style LoRA trained on toy pixel-art pictures;
   7. the other methods (--method full, --method textual-inversion, the word before or after the noun);
   8. context leak (context_experiment.py): six photos in front of one background; do captions naming
-     it, masks of the subject, or both keep the background out of "rraj"?
+     it, masks of the subject, or both keep the background out of "rraj"?  9. the same with an int8 / nf4 base.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from minidream.formats.models import BUNDLED_MODEL, REPO, load_model
 from minidream.drawing import labelled_grid
 from minidream.samplers import ddim, pndm
 from minidream.toy import toy_eval as te
+from minidream.toy.base_weights_experiment import quantised_base
 from minidream.toy.context_experiment import context_leak, pct
 from minidream.toy import toyworld as tw
 from minidream.toy.judge import Judge
@@ -355,12 +356,13 @@ def run(s: Settings) -> Path:
                 ("5. Sampler and steps (the demo LoRA)", e.samplers), ("6. Merging with a style LoRA", e.merging),
                 ("7. LoRA, full fine-tuning or textual inversion", e.methods),
                 ("8. Context leak: one shared background, captions and masks",
-                 lambda: context_leak(e, TrainConfig.unmasked_weight))]
+                 lambda: context_leak(e, TrainConfig.unmasked_weight)),
+                ("9. A quantised frozen base (--base-weights int8 / nf4)", lambda: quantised_base(e))]
     wanted = set(s.only.replace(" ", "").split(","))  # '2' or '3' names '2-3'
     todo = [(t, f) for t, f in sections if not s.only or {section_key(t), *section_key(t).split("-")} & wanted]
     keys = {section_key(t) for t, _ in todo}
-    if not todo or (keys - {"1", "8"} and not {"1", "2-3"} <= keys):  # 2-7 use what 1 and 2-3 measured
-        raise SystemExit(f"--only {s.only}: the sections are 1, 2-3, 4, ..., 8; 2-7 need 1 and 2 (--only 1,2,5)")
+    if not todo or (keys - {"1", "8", "9"} and not {"1", "2-3"} <= keys):  # 2-7 use what 1 and 2-3 measured
+        raise SystemExit(f"--only {s.only}: the sections are 1, 2-3, 4, ..., 9; 2-7 need 1 and 2 (--only 1,2,5)")
     path = Path(s.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     old, parts = path.read_text() if path.is_file() else "", {}
