@@ -43,17 +43,21 @@ from benchmarks.harness import MID_TEXT, MID_UNET  # noqa: E402
 from minidream.formats.checkpoint import build_unet  # noqa: E402
 from minidream.config import TrainConfig  # noqa: E402
 from minidream.methods import build_method  # noqa: E402
+from minidream.quant.linear import quantiser  # noqa: E402
 from minidream.optim import make_grad_scaler, make_optimizer, resolve_precision  # noqa: E402
 from minidream.planner import memory  # noqa: E402
 from minidream.schedule import alphas_cumprod as alphas_cumprod_of  # noqa: E402
 from minidream.step import apply_gradients, training_step  # noqa: E402
 from minidream.toy.tiny import clip_text_config  # noqa: E402
 
-CASES = {  # name -> (method, precision, gradient checkpointing)
-    "lora-bf16-ckpt": ("lora", "bf16", True),
-    "lora-bf16": ("lora", "bf16", False),
-    "lora-fp32": ("lora", "fp32", False),
-    "full-bf16-ckpt": ("full", "bf16", True),
+CASES = {  # name -> (method, precision, gradient checkpointing, base weights)
+    "lora-bf16-ckpt": ("lora", "bf16", True, "fp16"),
+    "lora-bf16": ("lora", "bf16", False, "fp16"),
+    "lora-fp32": ("lora", "fp32", False, "fp16"),
+    "full-bf16-ckpt": ("full", "bf16", True, "fp16"),
+    "lora-bf16-ckpt-int8": ("lora", "bf16", True, "int8"),
+    "lora-bf16-int8": ("lora", "bf16", False, "int8"),
+    "lora-bf16-ckpt-nf4": ("lora", "bf16", True, "nf4"),
 }
 ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # see the docstring
 REPO = Path(__file__).resolve().parent.parent
@@ -82,9 +86,10 @@ def mid_configs() -> dict:
 
 
 def train_config(case: str, latent: int) -> TrainConfig:
-    method, precision, ckpt = CASES[case]
+    method, precision, ckpt, base = CASES[case]
     return TrainConfig(method=method, precision=precision, gradient_checkpointing=ckpt, resolution=8 * latent,
-                       optimizer="adamw", rank=4, batch_size=1, prior=True, steps=2, lr=1e-4)
+                       optimizer="adamw", rank=4, batch_size=1, prior=True, steps=2, lr=1e-4, base_weights=base,
+                       lora_targets="attn", prior_weight=1.0)
 
 
 def rss_kib(field: str) -> int:
@@ -100,7 +105,7 @@ def child(case: str, side: str, latent: int, threads: int) -> dict:
     cfg = train_config(case, latent)
     precision = resolve_precision(cfg.precision, "cpu")
     configs = mid_configs()
-    model = memory.meta_model(configs, precision.weight_dtype, precision.weight_dtype)
+    model = memory.meta_model(configs, precision.weight_dtype, precision.weight_dtype, cfg.base_weights)
     if side == "predicted":
         method = build_method(model, cfg, "sks", "person")
         step = memory.plan_step(model, method, cfg, precision, memory.fake_tensors(), block=1, cuda=False)
@@ -111,6 +116,9 @@ def child(case: str, side: str, latent: int, threads: int) -> dict:
                 "states_mib": step.optimizer_states / 2**20, "activations_mib": step.activations / 2**20}
     torch.manual_seed(0)
     model.unet = build_unet(configs["unet"]).to(precision.weight_dtype).requires_grad_(False)  # real weights
+    quantise = quantiser(cfg.base_weights)  # as load_weights(quantise=...) does while reading
+    for layer in [m for m in model.unet.modules() if isinstance(m, torch.nn.Linear)] if quantise else []:
+        quantise(layer, layer.weight)
     method = build_method(model, cfg, "sks", "person")
     optimizer, _ = make_optimizer(method.param_groups(), cfg.optimizer, lr=cfg.lr)
     scaler = make_grad_scaler(precision)
