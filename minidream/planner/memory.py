@@ -14,6 +14,11 @@ The other phases of a run that put weights on the GPU are planned the same way: 
 latent cache (everything loaded, VAE encode), generating class images and validation grids (UNet
 with guidance, batch 2, then a VAE decode). The time per step is estimated from the step's FLOPs
 (torch.utils.flop_counter) at an assumed fraction of the T4's fp16 tensor-core peak.
+
+The model is planned as train.py would load it: the UNet's Linears quantised as --base-weights says
+(QuantLinear codes + scales; the per-layer dequantised weights are temporaries the fake run
+counts), the VAE tiled as --vae-tiling says. recipes.py searches those settings and gradient
+checkpointing for a card of N GB (--gpu-memory N).
 """
 
 from __future__ import annotations
