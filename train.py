@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from minidream import formats, training
@@ -29,6 +30,7 @@ from minidream.lowmem.tiled_vae import WithTiledVAE
 from minidream.methods import method_class
 from minidream.parallel import distributed
 from minidream.planner.memory import default_plan_model, format_plan, plan_training
+from minidream.planner.recipes import choose_recipe, format_search, search
 from minidream.runs import link_latest
 from minidream.toy.run_score import score_run
 
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = train_parser(description=__doc__)
     parser.add_argument("--plan", action="store_true", default=False,
                         help="print the predicted peak GPU memory of this run on a 16 GB T4 and exit: one training "
-                             "step runs on fake tensors, so a model folder with only its config.json files is enough")
+                             "step runs on fake tensors, so a model folder with only its config.json files is enough; "
+                             "with --gpu-memory GB: every recipe's prediction for that card, and the fastest that fits")
     return parser
 
 
@@ -49,12 +52,19 @@ def train(argv: list[str] | None) -> None:
     """Parse, then train (on every process torchrun started), or print the memory plan with --plan."""
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
+    explicit = set(vars(args))  # the flags given (argparse leaves the others out)
     if args.plan:
         cfg.model = cfg.model or default_plan_model()
-        print(format_plan(plan_training(cfg)))
+        print(format_search(search(cfg, cfg.gpu_memory, explicit)) if cfg.gpu_memory else format_plan(plan_training(cfg)))
         return
     if cfg.resume:  # the run's own settings, with the few a resumed run may change
         cfg = resumed_config(cfg)
+    elif cfg.gpu_memory:  # the planner's recipe for the card, every change printed
+        print(f"--gpu-memory {cfg.gpu_memory:g}: planning the recipes on fake tensors (a few minutes on a CPU)")
+        model = cfg.model or str(formats.default_model_path()[0])
+        changes, lines = choose_recipe(replace(cfg, model=model), explicit)
+        print("\n".join(lines))
+        cfg = replace(cfg, **changes)
     if cfg.class_dir and Path(cfg.class_dir).suffix.lower() == ".zip":  # the core reads folders
         cfg.class_dir = str(unpack_class_images(cfg.class_dir))
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 prints (errors still do)

@@ -43,17 +43,21 @@ from benchmarks.harness import MID_TEXT, MID_UNET  # noqa: E402
 from minidream.formats.checkpoint import build_unet  # noqa: E402
 from minidream.config import TrainConfig  # noqa: E402
 from minidream.methods import build_method  # noqa: E402
+from minidream.quant.linear import quantiser  # noqa: E402
 from minidream.optim import make_grad_scaler, make_optimizer, resolve_precision  # noqa: E402
-from minidream.planner import memory  # noqa: E402
+from minidream.planner import memory, recipes  # noqa: E402
 from minidream.schedule import alphas_cumprod as alphas_cumprod_of  # noqa: E402
 from minidream.step import apply_gradients, training_step  # noqa: E402
 from minidream.toy.tiny import clip_text_config  # noqa: E402
 
-CASES = {  # name -> (method, precision, gradient checkpointing)
-    "lora-bf16-ckpt": ("lora", "bf16", True),
-    "lora-bf16": ("lora", "bf16", False),
-    "lora-fp32": ("lora", "fp32", False),
-    "full-bf16-ckpt": ("full", "bf16", True),
+CASES = {  # name -> (method, precision, gradient checkpointing, base weights)
+    "lora-bf16-ckpt": ("lora", "bf16", True, "fp16"),
+    "lora-bf16": ("lora", "bf16", False, "fp16"),
+    "lora-fp32": ("lora", "fp32", False, "fp16"),
+    "full-bf16-ckpt": ("full", "bf16", True, "fp16"),
+    "lora-bf16-ckpt-int8": ("lora", "bf16", True, "int8"),
+    "lora-bf16-int8": ("lora", "bf16", False, "int8"),
+    "lora-bf16-ckpt-nf4": ("lora", "bf16", True, "nf4"),
 }
 ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # see the docstring
 REPO = Path(__file__).resolve().parent.parent
@@ -82,9 +86,10 @@ def mid_configs() -> dict:
 
 
 def train_config(case: str, latent: int) -> TrainConfig:
-    method, precision, ckpt = CASES[case]
+    method, precision, ckpt, base = CASES[case]
     return TrainConfig(method=method, precision=precision, gradient_checkpointing=ckpt, resolution=8 * latent,
-                       optimizer="adamw", rank=4, batch_size=1, prior=True, steps=2, lr=1e-4)
+                       optimizer="adamw", rank=4, batch_size=1, prior=True, steps=2, lr=1e-4, base_weights=base,
+                       lora_targets="attn", prior_weight=1.0)
 
 
 def rss_kib(field: str) -> int:
@@ -100,7 +105,7 @@ def child(case: str, side: str, latent: int, threads: int) -> dict:
     cfg = train_config(case, latent)
     precision = resolve_precision(cfg.precision, "cpu")
     configs = mid_configs()
-    model = memory.meta_model(configs, precision.weight_dtype, precision.weight_dtype)
+    model = memory.meta_model(configs, precision.weight_dtype, precision.weight_dtype, cfg.base_weights)
     if side == "predicted":
         method = build_method(model, cfg, "sks", "person")
         step = memory.plan_step(model, method, cfg, precision, memory.fake_tensors(), block=1, cuda=False)
@@ -111,6 +116,9 @@ def child(case: str, side: str, latent: int, threads: int) -> dict:
                 "states_mib": step.optimizer_states / 2**20, "activations_mib": step.activations / 2**20}
     torch.manual_seed(0)
     model.unet = build_unet(configs["unet"]).to(precision.weight_dtype).requires_grad_(False)  # real weights
+    quantise = quantiser(cfg.base_weights)  # as load_weights(quantise=...) does while reading
+    for layer in [m for m in model.unet.modules() if isinstance(m, torch.nn.Linear)] if quantise else []:
+        quantise(layer, layer.weight)
     method = build_method(model, cfg, "sks", "person")
     optimizer, _ = make_optimizer(method.param_groups(), cfg.optimizer, lr=cfg.lr)
     scaler = make_grad_scaler(precision)
@@ -201,6 +209,44 @@ def plans_summary(plans: dict) -> str:
             f"Full fine-tuning: {', '.join(full)}.")
 
 
+CARDS = (6, 8, 10, 12, 16, 24)  # GB
+
+
+def cards_section(info: dict) -> str:
+    """`train.py --plan --gpu-memory N` for CARDS (the default SDXL recipe otherwise), as a section."""
+    cfg, runs, rows = TrainConfig(model=str(REPO / SDXL)), {}, []
+    for gb in CARDS:
+        found = recipes.search(cfg, gb, runs=runs)
+        plan = found.chosen or found.closest()
+        name, _ = plan.worst()
+        timing = recipes.estimate_time(plan) if plan.phases else None
+        rows.append([f"{gb} GB ({recipes.usable_gib(gb):.2f} GiB usable)",
+                     f"`{recipes.recipe_flags(plan.cfg)}`" + ("" if found.chosen else " (closest; does not fit)"),
+                     name, f"{plan.predicted / memory.GiB:.2f}", f"{recipes.step_gib(plan):.2f}",
+                     f"{timing.step_s:.2f}" if timing else "-", f"{timing.run_s / 3600:.1f}" if timing else "-"])
+        print(rows[-1])
+    table = harness.markdown_table(["card", "chosen recipe", "largest phase", "whole run predicted GiB",
+                                    "step predicted GiB", "est. s/step", "est. whole run h"], rows)
+    return f"""## Recipes per GPU size (`train.py --plan --gpu-memory N`)
+
+Command: `{harness.command_line()}` (each row is also `python train.py --plan --gpu-memory N`)
+
+{harness.machine_lines(info)}
+
+Predicted, never measured on a GPU. SDXL base 1.0 (configs/), the default recipe otherwise: LoRA rank
+4 on the attention, 1024 px, 1 subject + 1 class image per step, fp16 autocast, 8-bit AdamW, 200 class
+images generated, validation every 250 of 1000 steps. For each card, minidream/planner/recipes.py
+plans all 18 recipes (gradient checkpointing on/off x --base-weights fp16/int8/nf4 x --vae-tiling
+0/512/256) on fake tensors and picks the fastest whose whole run (largest phase + the planner's
+margin: 0.6 GiB + 10%) fits the card's usable memory, N x 15/16 GiB (a 16 GB T4 offers 15.0 GiB).
+Time: estimates at assumed T4 rates (30% of 65 TFLOP/s fp16, 8.1 TFLOP/s fp32 for the fp32 VAE,
+dequantisation as bytes moved at 320 GB/s); the whole run adds the 200 class images, the latent
+cache's encodes (10 photos assumed) and 5 validation grids of 12 images to 1000 steps.
+
+{table}
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latent", type=int, default=96, help="latent side (image side / 8) [%(default)s]")
@@ -208,6 +254,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--skip-validation", action="store_true")
     parser.add_argument("--skip-plans", action="store_true")
+    parser.add_argument("--skip-cards", action="store_true")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "SIDE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,6 +272,11 @@ def main() -> None:
         print(body)
         if not args.no_write:
             harness.write_section("t4-plans", body)
+    if not args.skip_cards:
+        body = cards_section(info)
+        print(body)
+        if not args.no_write:
+            harness.write_section("gpu-recipes", body)
     if not args.no_write:
         print(f"wrote {harness.RESULTS}")
 
@@ -257,7 +309,10 @@ Command: `{harness.command_line()}`
 Model: the mid-size SDXL-shaped UNet of benchmark a (channels {MID_UNET['block_out_channels']},
 transformer depth (0, 2, 4), 64-wide heads, context {MID_UNET['cross_attention_dim']}, text_time conditioning),
 random weights, LoRA rank 4 on to_q/to_k/to_v/to_out.0 or every weight (full), {args.latent} x {args.latent}
-latents, 1 instance + 1 class row, cached text, torch AdamW. Each side runs in a fresh process:
+latents, 1 instance + 1 class row, cached text, torch AdamW. Cases ending in -int8 / -nf4: the UNet's
+Linear weights quantised as `--base-weights` quantises them (QuantLinear codes + scales, dequantised
+layer by layer in forward and again in backward): predicted on memory.meta_model's quantised meta
+UNet, measured on the real quantised one. Each side runs in a fresh process:
 "predicted" is `memory.plan_step` on fake CPU tensors (what `train.py --plan` runs, with the CPU's
 autocast policy and no 512-byte rounding); "measured" is the real step (training_step +
 apply_gradients, after one warm-up step): VmHWM after the step - VmRSS before it, VmHWM reset just

@@ -125,6 +125,8 @@ class TrainConfig:
     center_crop: bool = setting(False, "centre crops instead of random crops")
     vae_tiling: int = setting(0, "VAE encode/decode in overlapping tiles of this many px, one "
                               "image at a time (512 or 256 on 8 / 6 GB cards); 0 = whole images")
+    gpu_memory: float | None = setting(None, "GB of the GPU: use the planner's fastest recipe "
+                                       "predicted to fit (flags you pass win)", metavar="GB")
     buckets: bool = setting(True, "each photo trains at the aspect ratio nearest its own, at about "
                             "the resolution's pixel count (--no-buckets: square crops)")
     caption_dropout: float = setting(0.0, "share of subject rows trained with the empty prompt")

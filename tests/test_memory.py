@@ -15,7 +15,8 @@ from minidream.layers import Attention
 from minidream.methods import build_method
 from minidream.formats.models import BUNDLED_MODEL, REPO
 from minidream.planner.memory import optimizer_state_bytes
-from minidream.planner import memory
+from minidream.planner import memory, recipes
+from minidream.quant.linear import QuantLinear, quantised_layers
 from minidream.planner.fake_run import FLOP_FORMULAS, ByteCounter, cuda_autocast_policy, fake_tensors
 
 TINY = REPO / BUNDLED_MODEL
@@ -81,8 +82,26 @@ def step_plan(cfg: TrainConfig) -> memory.StepMemory:
     """Only the training step of plan_training (no sampling phases): cheaper for the tests."""
     fill_defaults(cfg, 64)
     precision, _ = memory.t4_precision(cfg.precision)
-    model = memory.meta_model(memory.read_configs(cfg.model), precision.weight_dtype, precision.weight_dtype)
+    model = memory.meta_model(memory.read_configs(cfg.model), precision.weight_dtype, precision.weight_dtype,
+                              cfg.base_weights)
     return memory.plan_step(model, build_method(model, cfg, "sks", "person"), cfg, precision, fake_tensors())
+
+
+@pytest.mark.parametrize("base", ["int8", "nf4"])
+def test_quantised_step_counts_codes_and_scales(config_only, base):
+    """The planned UNet holds QuantLinear buffers of load_weights' dtypes and shapes: the step's
+    frozen bytes are those buffers plus the layers left unquantised, less than an fp16 base's."""
+    cfg = dict(model=str(config_only), resolution=64, gradient_checkpointing=True)
+    plain, quantised = step_plan(TrainConfig(**cfg)), step_plan(TrainConfig(**cfg, base_weights=base))
+    model = memory.meta_model(memory.read_configs(config_only), torch.float16, torch.float16, base)
+    layers = [layer for _, layer in quantised_layers(model.unet)]
+    codes = {layer.weight_codes.dtype for layer in layers}
+    assert layers and codes == {torch.int8 if base == "int8" else torch.uint8}
+    buffers = sum(memory.tensor_bytes([layer]) for layer in layers)  # codes + scales (+ biases)
+    rest = [t for n, t in (*model.unet.named_parameters(), *model.unet.named_buffers())
+            if not isinstance(model.unet.get_submodule(n.rpartition(".")[0]), QuantLinear)]
+    assert quantised.frozen == buffers + memory.tensor_bytes(None, rest) < plain.frozen
+    assert quantised.trained == plain.trained  # the same adapters train on top
 
 
 def test_text_encoder_lora_and_full_fine_tuning_cost_more(config_only):
@@ -116,3 +135,42 @@ def test_flop_count_equals_torch_flop_counter():
         attn(x, ctx).sum().backward()
     # forward: q, k, v, out projections + attention; backward: about twice that
     assert counter.flops == reference.get_total_flops() > 3 * 2 * 2 * 16 * 64 * 64
+
+
+def test_search_drops_checkpointing_where_the_step_fits(config_only):
+    """The tiny model fits a 16 GB card every way: the fastest recipe wins, without checkpointing
+    (though the config had it on), without quantising, untiled; the output says predicted."""
+    cfg = TrainConfig(model=str(config_only), resolution=64, gradient_checkpointing=True)
+    found = recipes.search(cfg, 16)
+    assert len(found.plans) == 18 and all(p.fits for p in found.plans)
+    assert recipes.recipe_flags(found.chosen.cfg) == "--no-gradient-checkpointing --base-weights fp16 --vae-tiling 0"
+    assert found.changes() == {"gradient_checkpointing": False}
+    text = recipes.format_search(found)
+    assert "predicted" in text and "chosen, the fastest that fits" in text and "15.00 GiB usable" in text
+
+
+def test_explicit_flags_win(config_only, capsys):
+    cfg = TrainConfig(model=str(config_only), resolution=64, base_weights="nf4", vae_tiling=256, gpu_memory=8)
+    changes, lines = recipes.choose_recipe(cfg, explicit={"base_weights", "vae_tiling"})
+    assert changes == {}  # no checkpointing: the tiny model's preset already
+    assert "kept as you passed them: --base-weights nf4, --vae-tiling 256" in lines[-1]
+    assert recipes.usable_gib(16) == memory.T4_USABLE_GIB and recipes.usable_gib(8) == 7.5
+    assert train.main(["--model", str(config_only), "--plan", "--gpu-memory", "6", "--no-prior",
+                       "--validate-every", "0", "--base-weights", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "--gpu-memory 6: 5.62 GiB usable" in out and "predicted" in out and "base weights int8" in out
+    with pytest.raises(TrainingError, match="--gpu-memory"):
+        recipes.search(cfg, 0)
+
+
+@pytest.mark.slow
+def test_sdxl_recipes_for_8_and_6_gb():
+    """SDXL at 1024 px, rank 4, prior batch, checkpointing on (passed): the whole run is predicted
+    to fit 8 GB with an int8 base and 6 GB with nf4 (both with a tiled VAE); fp16 fits neither."""
+    cfg, runs = TrainConfig(model=str(REPO / "configs" / "sdxl-base-1.0"), gradient_checkpointing=True), {}
+    eight = recipes.search(cfg, 8, {"gradient_checkpointing"}, runs)
+    six = recipes.search(cfg, 6, {"gradient_checkpointing"}, runs)
+    assert eight.chosen.cfg.base_weights == "int8" and eight.chosen.predicted <= 7.5 * memory.GiB
+    assert six.chosen.cfg.base_weights == "nf4" and six.chosen.predicted <= recipes.usable_gib(6) * memory.GiB
+    assert eight.chosen.cfg.vae_tiling and six.chosen.cfg.vae_tiling
+    assert not any(p.fits for p in eight.plans if p.cfg.base_weights == "fp16")

@@ -14,6 +14,11 @@ The other phases of a run that put weights on the GPU are planned the same way: 
 latent cache (everything loaded, VAE encode), generating class images and validation grids (UNet
 with guidance, batch 2, then a VAE decode). The time per step is estimated from the step's FLOPs
 (torch.utils.flop_counter) at an assumed fraction of the T4's fp16 tensor-core peak.
+
+The model is planned as train.py would load it: the UNet's Linears quantised as --base-weights says
+(QuantLinear codes + scales; the per-layer dequantised weights are temporaries the fake run
+counts), the VAE tiled as --vae-tiling says. recipes.py searches those settings and gradient
+checkpointing for a card of N GB (--gpu-memory N).
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ from minidream.formats.loading import parameters_on_meta
 from minidream.methods import build_method
 from minidream.model import Model
 from minidream.formats.models import REPO, SDXL_LOCATIONS
+from minidream.lowmem.tiled_vae import use_tiled_vae
 from minidream.optim import BNB_MIN_8BIT_SIZE, DTYPES, Precision
 from minidream.pipeline import unet_closure
+from minidream.quant.linear import quantised_layers, quantiser
 from minidream.planner.fake_run import (ByteCounter, ShapeTokenizer, count_gradients, cuda_autocast_policy,
                                         fake_tensors, materialize)
 from minidream.schedule import ScheduleConfig, alphas_cumprod as alphas_cumprod_of
@@ -53,6 +60,10 @@ ATTENTION_NOTE = ("a T4 (Turing, sm_75) has no FlashAttention-2: torch's SDPA ru
                   "which keeps the output and one logsumexp per query for backward and never materialises the "
                   "(B, heads, L, L) scores")
 BNB_BLOCK = 256  # bitsandbytes AdamW8bit: one fp32 scale per block of 256 values
+# bytes read + written per weight by one dequantisation (minidream/quant): int8: codes -> fp16 (1 + 2),
+# x scales (2 + 2); nf4: two nibble ops (0.5 + 0.5 each), stack (1 + 1), int32 index (1 + 4),
+# level lookup (4 + 2), x absmax (2 + 2). The matmul reads W as an fp16 base's would: not counted.
+DEQUANT_BYTES = {"fp16": 0, "int8": 7, "nf4": 19}
 
 
 def optimizer_state_bytes(params, name: str = "adamw8bit") -> int:
@@ -102,8 +113,11 @@ def read_vae_config(path) -> dict:
     return vae_weights(path, expect=None)[0]
 
 
-def meta_model(configs: dict, weight_dtype: torch.dtype, vae_dtype_wanted: torch.dtype):
-    """A minidream Model whose parameters live on `meta` in the dtypes load_model would give them."""
+def meta_model(configs: dict, weight_dtype: torch.dtype, vae_dtype_wanted: torch.dtype,
+               base_weights: str = "fp16", vae_tiling: int = 0):
+    """A minidream Model whose parameters live on `meta` in the dtypes load_model would give them:
+    the UNet's Linears quantised as `base_weights` says (QuantLinear codes + scales, as
+    load_weights(quantise=...) leaves them), the VAE tiled as train.py --vae-tiling wraps it."""
     with parameters_on_meta():
         unet, vae = build_unet(configs["unet"]), build_vae(configs["vae"])
         encoders = [build_text_encoder(configs[p]) if p in configs else None
@@ -113,10 +127,14 @@ def meta_model(configs: dict, weight_dtype: torch.dtype, vae_dtype_wanted: torch
     for enc in encoders:
         if enc is not None:
             enc.to(weight_dtype).eval().requires_grad_(False)
+    quantise = quantiser(base_weights)  # None for fp16
+    for layer in [m for m in unet.modules() if isinstance(m, torch.nn.Linear)] if quantise else []:
+        quantise(layer, layer.weight)  # meta in, meta out: shapes and dtypes of the codes and scales
     text = TextEncoders(ShapeTokenizer(), encoders[0], ShapeTokenizer() if encoders[1] is not None else None,
                         encoders[1])
     schedule = {k: v for k, v in configs["scheduler"].items() if k in ScheduleConfig.__dataclass_fields__}
-    return Model(unet, vae, text, ScheduleConfig(**schedule))
+    model = Model(unet, vae, text, ScheduleConfig(**schedule))
+    return use_tiled_vae(model, vae_tiling) if vae_tiling else model
 
 
 def t4_precision(requested: str) -> tuple[Precision, str]:
@@ -229,13 +247,15 @@ def plan_step(model, method, cfg, precision: Precision, fake, block: int = 512, 
     )
 
 
-def plan_sampling(model, resolution: int, fake, block: int = 512, extra: int = 0) -> dict[str, int]:
+def plan_sampling(model, resolution: int, fake, block: int = 512, extra: int = 0,
+                  flops: dict | None = None) -> dict[str, int]:
     """Peaks (bytes) of the phases with every part of the model on the GPU: VAE encode (latent cache),
     one UNet call with guidance (batch 2: class images, validation grids), VAE decode (one image).
-    `extra`: bytes held besides the model (validation: the optimizer states)."""
+    `extra`: bytes held besides the model (validation: the optimizer states). `flops`: a dict that
+    gets each phase's FLOPs (for the time estimates of minidream/planner/recipes.py)."""
     side = resolution // model.vae_scale
     vae_weights_dtype = next(model.vae.parameters()).dtype
-    counter, peaks = ByteCounter(block), {}
+    counter, peaks, flops = ByteCounter(block), {}, {} if flops is None else flops
     with fake, counter, torch.no_grad():
         for module in modules_of(model, vae=True):
             if next(module.parameters()).device.type == "meta":
@@ -243,20 +263,21 @@ def plan_sampling(model, resolution: int, fake, block: int = 512, extra: int = 0
             else:  # already fake (the training step's): count what it holds
                 for t in (*module.parameters(), *module.buffers()):
                     counter.add(t)
-        counter.reset_peak()
-        model.vae.encode(torch.empty(1, 3, resolution, resolution, dtype=vae_weights_dtype))
-        peaks["vae_encode"] = counter.peak + extra
+
+        def phase(name, run):
+            counter.reset_peak()
+            counter.flops = 0
+            run()
+            peaks[name], flops[name] = counter.peak + extra, counter.flops
+
+        phase("vae_encode", lambda: model.vae.encode(torch.empty(1, 3, resolution, resolution,
+                                                                 dtype=vae_weights_dtype)))
         context = torch.empty(2, 77, model.unet.config.cross_attention_dim)
         pooled = torch.empty(2, model.text.text_encoder_2.config.projection_dim) if model.is_sdxl else None
         time_ids = torch.empty(2, 6) if model.is_sdxl else None
-        counter.reset_peak()
         denoiser = unet_closure(model, context, pooled, time_ids)
-        output = denoiser(torch.empty(2, 4, side, side), 500)  # eps or v, as the model predicts
-        peaks["unet_guidance"] = counter.peak + extra
-        del output
-        counter.reset_peak()
-        model.vae.decode(torch.empty(1, 4, side, side, dtype=vae_weights_dtype))
-        peaks["vae_decode"] = counter.peak + extra
+        phase("unet_guidance", lambda: denoiser(torch.empty(2, 4, side, side), 500))  # eps or v
+        phase("vae_decode", lambda: model.vae.decode(torch.empty(1, 4, side, side, dtype=vae_weights_dtype)))
     return peaks
 
 
@@ -269,12 +290,18 @@ def margin(peak: int) -> int:
 
 @dataclass
 class MemoryPlan:
-    """The planner's answer for one TrainConfig on a T4."""
+    """The planner's answer for one TrainConfig on a GPU of `usable_gib` (a T4 unless said)."""
 
     title: str  # what was planned, in one line
     step: StepMemory
     phases: dict[str, int]  # other phases of the run: name -> peak allocated bytes
     notes: list[str] = field(default_factory=list)
+    cfg: object = None  # the TrainConfig planned, presets filled
+    flops: dict = field(default_factory=dict)  # FLOPs of one vae_encode, unet_guidance, vae_decode
+    quantised_weights: int = 0  # weights of the UNet's QuantLinears (each dequantised per call)
+    vae_fp32: bool = True  # the VAE runs in fp32 (SDXL's own; an fp16-fix VAE runs in fp16)
+    usable_gib: float = T4_USABLE_GIB
+    card: str = "T4"  # what the verdict names: "T4", "8 GB GPU"
 
     def worst(self) -> tuple[str, int]:
         """(phase name, peak allocated bytes) of the phase with the largest peak."""
@@ -288,11 +315,22 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.predicted <= T4_USABLE_GIB * GiB
+        return self.predicted <= self.usable_gib * GiB
 
 
-def plan_training(cfg) -> MemoryPlan:
-    """Plan `cfg` (a TrainConfig; unset settings get the recipe's values) on a T4."""
+def memoised(runs: dict | None, key: tuple, run):
+    """run(), or its earlier result kept in `runs` under `key` (a recipe search repeats fake runs)."""
+    if runs is None:
+        return run()
+    if key not in runs:
+        runs[key] = run()
+    return runs[key]
+
+
+def plan_training(cfg, runs: dict | None = None, with_phases: bool = True) -> MemoryPlan:
+    """Plan `cfg` (a TrainConfig; unset settings get the recipe's values) on a T4. `runs`: a dict
+    keeping the fake runs for the next call (recipes.py plans many recipes of one run);
+    with_phases=False: the training step only."""
     if cfg.method not in ("lora", "full"):
         raise TrainingError(f"--plan covers --method lora and full, not {cfg.method!r} (textual inversion trains a "
                             "few KB; its memory is that of LoRA with --train-text-encoder)")
@@ -305,36 +343,65 @@ def plan_training(cfg) -> MemoryPlan:
     check_config(cfg)
     precision, note = t4_precision(cfg.precision)
     notes += [note] if note else []
+    base, tiles, text = cfg.base_weights, cfg.vae_tiling, cfg.train_text_encoder
 
-    fresh = meta_model(configs, precision.weight_dtype, precision.weight_dtype)
-    phases = {}
-    before = plan_sampling(fresh, cfg.resolution, fake_tensors())  # load_model puts everything on the GPU
-    phases["latent cache: VAE encode"] = before["vae_encode"]
-    if cfg.prior:
-        phases["class images: UNet with guidance"] = before["unet_guidance"]
-        phases["class images: VAE decode"] = before["vae_decode"]
-    model = meta_model(configs, precision.weight_dtype, precision.weight_dtype)
-    method = build_method(model, cfg, "sks", "person")
-    fake = fake_tensors()
-    step = plan_step(model, method, cfg, precision, fake)
-    if cfg.validate_every:
-        after = plan_sampling(model, cfg.resolution, fake, extra=step.optimizer_states)
+    def model_as_loaded():  # as train.py's load_model leaves it: quantised UNet, tiled VAE
+        return meta_model(configs, precision.weight_dtype, precision.weight_dtype, base, tiles)
+
+    def trained_model():
+        model = model_as_loaded()
+        return model, build_method(model, cfg, "sks", "person")
+
+    def sampling(model, extra: int = 0):
+        flops = {}
+        return plan_sampling(model, cfg.resolution, fake_tensors(), extra=extra, flops=flops), flops
+
+    def facts(model):  # what the title and the time estimates need to know of the model
+        quantised = sum(math.prod(layer.weight_shape) for _, layer in quantised_layers(model.unet))
+        return quantised, model.is_sdxl, model.unet.config.cross_attention_dim, \
+            next(model.vae.parameters()).dtype == torch.float32
+
+    step = memoised(runs, ("step", text, base, cfg.gradient_checkpointing),
+                    lambda: plan_step(*trained_model(), cfg, precision, fake_tensors()))
+    phases, flops = {}, {}
+    if with_phases:  # load_model puts everything on the GPU: class images, then the latent cache
+        before, flops = memoised(runs, ("before", text, base, tiles), lambda: sampling(model_as_loaded()))
+        phases["latent cache: VAE encode"] = before["vae_encode"]
+        if cfg.prior:
+            phases["class images: UNet with guidance"] = before["unet_guidance"]
+            phases["class images: VAE decode"] = before["vae_decode"]
+    if with_phases and cfg.validate_every:  # the trained model and the optimizer states
+        after, _ = memoised(runs, ("after", text, base, tiles),
+                            lambda: sampling(trained_model()[0], step.optimizer_states))
         phases["validation: UNet with guidance"] = after["unet_guidance"]
         phases["validation: VAE decode"] = after["vae_decode"]
-    family = "SDXL" if model.is_sdxl else f"SD ({model.unet.config.cross_attention_dim}-wide context)"
+    quantised, sdxl, context, vae_fp32 = memoised(runs, ("facts", base), lambda: facts(model_as_loaded()))
+    family = "SDXL" if sdxl else f"SD ({context}-wide context)"
     what = f"LoRA rank {cfg.rank}" if cfg.method == "lora" else "full fine-tuning (fp32 master weights)"
-    text = ("text encoders trained" + (" (LoRA)" if cfg.method == "lora" else "")) if cfg.train_text_encoder \
-        else "text cached"
+    text = ("text encoders trained" + (" (LoRA)" if cfg.method == "lora" else "")) if text else "text cached"
     classes = f" + {cfg.batch_size} class" if cfg.prior else ""
     title = (f"{family} from {cfg.model}: {what}, {cfg.resolution} px, batch {cfg.batch_size}{classes}, "
-             f"{precision.name}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
+             f"{precision.name}, base weights {base}, VAE {f'in {tiles} px tiles' if tiles else 'untiled'}, "
+             f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
              f"{cfg.optimizer}, {text}, grad accumulation {cfg.grad_accum}")
-    return MemoryPlan(title, step, phases, notes)
+    return MemoryPlan(title, step, phases, notes, cfg, flops, quantised, vae_fp32)
 
 
 def seconds_per_step(flops: int) -> list[float]:
     """Seconds per optimizer step at each assumed T4 efficiency (low, mid, high)."""
     return [flops / (T4_FP16_TFLOPS * 1e12 * e) for e in T4_EFFICIENCY]
+
+
+def dequant_seconds(plan: MemoryPlan) -> float:
+    """Seconds of one dequantisation of every quantised UNet layer: bytes moved at a T4's bandwidth
+    (assumed: elementwise kernels are memory-bound; a lower bound, launch overheads left out)."""
+    return plan.quantised_weights * DEQUANT_BYTES[plan.cfg.base_weights] / T4_BANDWIDTH
+
+
+def dequant_passes(cfg) -> int:
+    """Dequantisations of each layer per optimizer step: forward, backward (QuantMatmul), and the
+    forward again that gradient checkpointing recomputes."""
+    return (3 if cfg.gradient_checkpointing else 2) * cfg.grad_accum
 
 
 def format_plan(plan: MemoryPlan) -> str:
@@ -347,7 +414,7 @@ def format_plan(plan: MemoryPlan) -> str:
         return f"  {name:<52}{allocated / GiB:6.2f}   {(allocated + margin(allocated)) / GiB:6.2f}"
 
     opt = "weights + states + all gradients" + (" + foreach temporaries" if s.optimizer_temp else "")
-    lines = [f"T4 memory plan: {plan.title}", *[f"note: {n}" for n in plan.notes], "",
+    lines = [f"{plan.card} memory plan: {plan.title}", *[f"note: {n}" for n in plan.notes], "",
              f"  {'training step':<52}   GiB  predicted",
              row("frozen weights", text=f"{s.frozen / GiB:6.2f}"),
              row("trained parameters (fp32)", text=f"{s.trained / GiB:6.2f}"),
@@ -360,12 +427,17 @@ def format_plan(plan: MemoryPlan) -> str:
              f"  {'other phases of the run (everything on the GPU)':<52}   GiB  predicted"]
     lines += [row(name, v) for name, v in plan.phases.items()]
     name, peak = plan.worst()
-    verdict = (f"fits a T4 ({T4_USABLE_GIB} GiB usable), {T4_USABLE_GIB - plan.predicted / GiB:.1f} GiB to spare"
-               if plan.fits else f"does NOT fit a T4 ({T4_USABLE_GIB} GiB usable): "
-               f"{plan.predicted / GiB - T4_USABLE_GIB:.1f} GiB too much")
+    card = ("an " if plan.card.startswith(("8", "11 ", "18 ")) else "a ") + plan.card
+    spare = plan.usable_gib - plan.predicted / GiB
+    verdict = (f"fits {card} ({plan.usable_gib:.2f} GiB usable), {spare:.1f} GiB to spare" if plan.fits
+               else f"does NOT fit {card} ({plan.usable_gib:.2f} GiB usable): {-spare:.1f} GiB too much")
     low, mid, high = seconds_per_step(s.flops)
     optimizer_s = s.trained / 4 * OPTIMIZER_BYTES_PER_VALUE / T4_BANDWIDTH
     optimizer_note = f", + {optimizer_s:.2f} s for the memory-bound optimizer step" if optimizer_s >= 0.01 else ""
+    if plan.quantised_weights:
+        optimizer_note += (f", + {dequant_passes(plan.cfg) * dequant_seconds(plan):.2f} s to dequantise the "
+                           f"{plan.cfg.base_weights} base {dequant_passes(plan.cfg)} times (bytes moved at "
+                           f"{T4_BANDWIDTH / 1e9:.0f} GB/s: assumed)")
     lines += ["", f"GiB: bytes allocated at the peak (what torch.cuda.max_memory_allocated reports); predicted: + "
               f"{MARGIN_FIXED_GIB} GiB (assumed CUDA context, cuBLAS/cuDNN workspaces) + {MARGIN_FRACTION:.0%} "
               "(assumed allocator fragmentation)",
