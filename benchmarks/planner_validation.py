@@ -118,7 +118,7 @@ def child(case: str, side: str, latent: int, threads: int) -> dict:
     model.unet = build_unet(configs["unet"]).to(precision.weight_dtype).requires_grad_(False)  # real weights
     quantise = quantiser(cfg.base_weights)  # as load_weights(quantise=...) does while reading
     for layer in [m for m in model.unet.modules() if isinstance(m, torch.nn.Linear)] if quantise else []:
-        quantise(layer, layer.weight)
+        quantise(layer, layer.weight, layer.weight.dtype)
     method = build_method(model, cfg, "sks", "person")
     optimizer, _ = make_optimizer(method.param_groups(), cfg.optimizer, lr=cfg.lr)
     scaler = make_grad_scaler(precision)

@@ -129,7 +129,7 @@ def meta_model(configs: dict, weight_dtype: torch.dtype, vae_dtype_wanted: torch
             enc.to(weight_dtype).eval().requires_grad_(False)
     quantise = quantiser(base_weights)  # None for fp16
     for layer in [m for m in unet.modules() if isinstance(m, torch.nn.Linear)] if quantise else []:
-        quantise(layer, layer.weight)  # meta in, meta out: shapes and dtypes of the codes and scales
+        quantise(layer, layer.weight, layer.weight.dtype)  # meta in, meta out: shapes and dtypes of the codes and scales
     text = TextEncoders(ShapeTokenizer(), encoders[0], ShapeTokenizer() if encoders[1] is not None else None,
                         encoders[1])
     schedule = {k: v for k, v in configs["scheduler"].items() if k in ScheduleConfig.__dataclass_fields__}
