@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu_check                        # a CUDA GPU: full-size SDXL at 1024 px, a few minutes
     python -m benchmarks.gpu_check --device cpu --small   # the same code on the bundled tiny model's shapes
+    ... --base-weights fp16 int8 nf4                      # also the 8 and 6 GB recipes' step (quantised base)
     ... --write                                           # also put the report into benchmarks/RESULTS.md
 
 Nothing is downloaded: the UNet is built from configs/sdxl-base-1.0/unet/config.json (--small: the
@@ -45,6 +46,7 @@ from minidream.config import TrainConfig  # noqa: E402
 from minidream.lora import inject_lora, lora_parameters, mark_only_lora_trainable, unet_targets  # noqa: E402
 from minidream.optim import BNB_MIN_8BIT_SIZE, make_optimizer  # noqa: E402
 from minidream.planner import memory  # noqa: E402
+from minidream.quant.linear import quantiser  # noqa: E402
 from minidream.schedule import ScheduleConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,11 +68,15 @@ def pooled_dim(config: dict) -> int:
     return config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
 
 
-def build_minidream(config: dict, device, rank: int):
-    """minidream's UNet, fp16, with fp32 LoRA adapters (B = 0 as train.py starts), checkpointing on."""
+def build_minidream(config: dict, device, rank: int, base_weights: str = "fp16"):
+    """minidream's UNet, fp16 (its Linears quantised as --base-weights int8 / nf4 has them), with fp32
+    LoRA adapters (B = 0 as train.py starts), checkpointing on."""
     with torch.device("meta"):
         unet = build_unet(config)
     unet = on_device(unet, device)
+    quantise = quantiser(base_weights)  # None for fp16
+    for layer in [m for m in unet.modules() if isinstance(m, torch.nn.Linear)] if quantise else []:
+        quantise(layer, layer.weight, layer.weight.dtype)
     inject_lora(unet, TARGETS, rank=rank, alpha=rank)  # adapters are made on the weights' device
     mark_only_lora_trainable(unet)
     unet.enable_gradient_checkpointing(True)
@@ -98,13 +104,16 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def measure_training(side: str, config: dict, inputs: dict, args) -> dict:
+def measure_training(side: str, config: dict, inputs: dict, args, base_weights: str = "fp16") -> dict:
     """Warm-up + `steps` timed steps of one library; the checks' evidence from the minidream side."""
     device, cuda = args.device, torch.device(args.device).type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    unet, params = (build_minidream if side == "minidream" else build_diffusers)(config, device, args.rank)
+    if side == "minidream":
+        unet, params = build_minidream(config, device, args.rank, base_weights)
+    else:
+        unet, params = build_diffusers(config, device, args.rank)
     optimizer, optimizer_name = make_optimizer([{"params": params}], "adamw8bit", lr=args.lr)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=True)
     before = [p.detach().clone() for p in params]
@@ -148,10 +157,11 @@ def measure_sampling(unet, config: dict, vae_config: dict, latent: int, device, 
     return time.perf_counter() - start
 
 
-def planned_peak_gib(model_dir: Path, resolution: int, rank: int) -> float:
+def planned_peak_gib(model_dir: Path, resolution: int, rank: int, base_weights: str = "fp16") -> float:
     """The planner's peak of the training step for this recipe (fake tensors: no memory, no compute)."""
     cfg = TrainConfig(model=str(model_dir), resolution=resolution, rank=rank, lr=LR, precision="fp16",
-                      gradient_checkpointing=True, optimizer="adamw8bit", lora_targets="attn", prior_weight=1.0)
+                      gradient_checkpointing=True, optimizer="adamw8bit", lora_targets="attn", prior_weight=1.0,
+                      base_weights=base_weights)
     return memory.plan_training(cfg).step.peak / GiB
 
 
@@ -165,6 +175,18 @@ def failed_checks(ours: dict) -> list[str]:
             ours["optimizer"] == "adamw8bit" and 0 < ours["big_params"] == ours["big_params_8bit"],
     }
     return [name for name, ok in checks.items() if not ok]
+
+
+def quantised_lines(args, others: dict, model_dir: Path) -> list[str]:
+    """The step on an int8 / nf4 base (the 8 and 6 GB recipes' step): measured next to the planner."""
+    lines = []
+    for base, r in others.items():
+        planned = planned_peak_gib(model_dir, args.resolution, args.rank, base)
+        peak = "no CUDA allocator here" if r["peak_gib"] is None else f"measured {r['peak_gib']:.2f} GiB " \
+            f"(error {(r['peak_gib'] - planned) / planned * 100:+.1f}%)"
+        lines.append(f"- --base-weights {base}: {r['s_per_step']:.3f} s/step, last loss {r['losses'][-1]:.4f}; "
+                     f"planner's predicted step peak {planned:.3f} GiB, {peak}")
+    return lines
 
 
 def report(args, ours: dict, ref: dict | None, sample_s: float, planned: float, device_name: str) -> str:
@@ -208,6 +230,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="measured training steps after the warm-up [3]")
     parser.add_argument("--lr", type=float, default=LR, help=f"learning rate [{LR}] (0 makes the LoRA check fail)")
     parser.add_argument("--write", action="store_true", help="put the report into benchmarks/RESULTS.md")
+    parser.add_argument("--base-weights", nargs="+", default=["fp16"], choices=["fp16", "int8", "nf4"],
+                        help="also run the step on these quantised bases (the 8 / 6 GB recipes' step) [fp16]")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.exit(2, "error: no CUDA GPU here: run this on a machine with one, or pass --device cpu --small\n")
@@ -229,7 +253,11 @@ def main(argv=None) -> int:
         ref = measure_training("diffusers", config, inputs, args)
         ref.pop("unet")
     name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    others = {b: measure_training("minidream", config, inputs, args, b) for b in args.base_weights if b != "fp16"}
+    for r in others.values():
+        r.pop("unet")
     text = report(args, ours, ref, sample_s, planned_peak_gib(model_dir, args.resolution, args.rank), name)
+    text = "\n".join([text, *quantised_lines(args, others, model_dir)])
     print(text)
     if args.write:
         smoke = "" if args.device.startswith("cuda") else (

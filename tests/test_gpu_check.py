@@ -33,3 +33,12 @@ def test_gpu_check_without_cuda_is_one_error_line(capsys):
         assert e.code == 2
     assert capsys.readouterr().err.strip() == ("error: no CUDA GPU here: run this on a machine with one, or pass "
                                                "--device cpu --small")
+
+
+def test_gpu_check_runs_the_step_on_quantised_bases_too(capsys):
+    """--base-weights int8 nf4: the 8 and 6 GB recipes' step, with the planner's prediction beside it."""
+    assert gpu_check.main(["--device", "cpu", "--small", "--steps", "1", "--base-weights", "fp16", "int8", "nf4"]) == 0
+    out = capsys.readouterr().out
+    for base in ("int8", "nf4"):
+        line = next(l for l in out.splitlines() if l.startswith(f"- --base-weights {base}:"))
+        assert "s/step" in line and "planner's predicted step peak" in line
