@@ -46,7 +46,7 @@ from minidream.config import TrainConfig  # noqa: E402
 from minidream.lora import inject_lora, lora_parameters, mark_only_lora_trainable, unet_targets  # noqa: E402
 from minidream.optim import BNB_MIN_8BIT_SIZE, make_optimizer  # noqa: E402
 from minidream.planner import memory  # noqa: E402
-from minidream.quant.linear import quantiser  # noqa: E402
+from minidream.quant.linear import quantise_model  # noqa: E402
 from minidream.schedule import ScheduleConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,9 +74,7 @@ def build_minidream(config: dict, device, rank: int, base_weights: str = "fp16")
     with torch.device("meta"):
         unet = build_unet(config)
     unet = on_device(unet, device)
-    quantise = quantiser(base_weights)  # None for fp16
-    for layer in [m for m in unet.modules() if isinstance(m, torch.nn.Linear)] if quantise else []:
-        quantise(layer, layer.weight, layer.weight.dtype)
+    quantise_model(unet, base_weights)
     inject_lora(unet, TARGETS, rank=rank, alpha=rank)  # adapters are made on the weights' device
     mark_only_lora_trainable(unet)
     unet.enable_gradient_checkpointing(True)

@@ -43,7 +43,7 @@ from benchmarks.harness import MID_TEXT, MID_UNET  # noqa: E402
 from minidream.formats.checkpoint import build_unet  # noqa: E402
 from minidream.config import TrainConfig  # noqa: E402
 from minidream.methods import build_method  # noqa: E402
-from minidream.quant.linear import quantiser  # noqa: E402
+from minidream.quant.linear import quantise_model  # noqa: E402
 from minidream.optim import make_grad_scaler, make_optimizer, resolve_precision  # noqa: E402
 from minidream.planner import memory, recipes  # noqa: E402
 from minidream.schedule import alphas_cumprod as alphas_cumprod_of  # noqa: E402
@@ -116,9 +116,7 @@ def child(case: str, side: str, latent: int, threads: int) -> dict:
                 "states_mib": step.optimizer_states / 2**20, "activations_mib": step.activations / 2**20}
     torch.manual_seed(0)
     model.unet = build_unet(configs["unet"]).to(precision.weight_dtype).requires_grad_(False)  # real weights
-    quantise = quantiser(cfg.base_weights)  # as load_weights(quantise=...) does while reading
-    for layer in [m for m in model.unet.modules() if isinstance(m, torch.nn.Linear)] if quantise else []:
-        quantise(layer, layer.weight, layer.weight.dtype)
+    quantise_model(model.unet, cfg.base_weights)  # as load_weights(quantise=...) does while reading
     method = build_method(model, cfg, "sks", "person")
     optimizer, _ = make_optimizer(method.param_groups(), cfg.optimizer, lr=cfg.lr)
     scaler = make_grad_scaler(precision)

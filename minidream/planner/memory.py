@@ -40,7 +40,7 @@ from minidream.formats.models import REPO, SDXL_LOCATIONS
 from minidream.lowmem.tiled_vae import use_tiled_vae
 from minidream.optim import BNB_MIN_8BIT_SIZE, DTYPES, Precision
 from minidream.pipeline import unet_closure
-from minidream.quant.linear import quantised_layers, quantiser
+from minidream.quant.linear import quantise_model, quantised_layers
 from minidream.planner.fake_run import (ByteCounter, ShapeTokenizer, count_gradients, cuda_autocast_policy,
                                         fake_tensors, materialize)
 from minidream.schedule import ScheduleConfig, alphas_cumprod as alphas_cumprod_of
@@ -127,9 +127,7 @@ def meta_model(configs: dict, weight_dtype: torch.dtype, vae_dtype_wanted: torch
     for enc in encoders:
         if enc is not None:
             enc.to(weight_dtype).eval().requires_grad_(False)
-    quantise = quantiser(base_weights)  # None for fp16
-    for layer in [m for m in unet.modules() if isinstance(m, torch.nn.Linear)] if quantise else []:
-        quantise(layer, layer.weight, layer.weight.dtype)  # meta in, meta out: shapes and dtypes of the codes and scales
+    quantise_model(unet, base_weights)  # meta in, meta out: shapes and dtypes of the codes and scales
     text = TextEncoders(ShapeTokenizer(), encoders[0], ShapeTokenizer() if encoders[1] is not None else None,
                         encoders[1])
     schedule = {k: v for k, v in configs["scheduler"].items() if k in ScheduleConfig.__dataclass_fields__}

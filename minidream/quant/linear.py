@@ -80,6 +80,16 @@ def quantiser(fmt: str):
     return lambda layer, weight, dtype: quantise_linear(layer, weight, fmt, dtype)
 
 
+def quantise_model(model: nn.Module, fmt: str) -> nn.Module:
+    """Quantise every nn.Linear of an already built `model` in place, as load_weights does while it
+    reads with quantise=quantiser(fmt) ("fp16": nothing). For models made without reading a file:
+    the planner's UNet on meta, the benchmarks' random UNets. Returns the model."""
+    quantise = quantiser(fmt)
+    for layer in [m for m in model.modules() if isinstance(m, nn.Linear)] if quantise else []:
+        quantise(layer, layer.weight, layer.weight.dtype)
+    return model
+
+
 def quantised_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
 

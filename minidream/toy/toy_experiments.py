@@ -16,8 +16,8 @@ world's judge sees what it should (toy_eval.py). The sections:
   5. the sampler: DDIM vs PNDM at 50 and 80 steps (the demo samples with DDIM, 20 steps);
   6. merging the subject LoRA with a "pixel art" style LoRA trained on toy pixel-art pictures;
   7. the other methods (--method full, --method textual-inversion, the word before or after the noun);
-  8. context leak (context_experiment.py): six photos in front of one background; do captions naming
-     it, masks of the subject, or both keep the background out of "rraj"?  9. the same with an int8 / nf4 base.
+  8. context leak (context_experiment.py): do captions, masks or both keep a shared background out of "rraj"?
+  9. the demo on an int8 / nf4 base (base_weights_experiment.py).
 """
 
 from __future__ import annotations
@@ -44,10 +44,9 @@ from minidream.methods.textual_inversion import load_embedding, name_the_word
 from minidream.formats.models import BUNDLED_MODEL, REPO, load_model
 from minidream.drawing import labelled_grid
 from minidream.samplers import ddim, pndm
-from minidream.toy import toy_eval as te
+from minidream.toy import toy_eval as te, toyworld as tw
 from minidream.toy.base_weights_experiment import quantised_base
 from minidream.toy.context_experiment import context_leak, pct
-from minidream.toy import toyworld as tw
 from minidream.toy.judge import Judge
 from minidream.toy.pretrain import RECORD
 
