@@ -29,7 +29,8 @@ from minidream.formats.archives import unpack_class_images
 from minidream.lowmem.tiled_vae import WithTiledVAE
 from minidream.methods import method_class
 from minidream.parallel import distributed
-from minidream.planner.memory import default_plan_model, format_plan, plan_training
+from minidream.planner.memory import default_plan_model, plan_training
+from minidream.planner.report import format_plan
 from minidream.planner.recipes import choose_recipe, format_search, search
 from minidream.runs import link_latest
 from minidream.toy.run_score import score_run

@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu_check                        # a CUDA GPU: full-size SDXL at 1024 px, a few minutes
     python -m benchmarks.gpu_check --device cpu --small   # the same code on the bundled tiny model's shapes
-    ... --base-weights fp16 int8 nf4                      # also the 8 and 6 GB recipes' step (quantised base)
+    ... --base-weights fp16 int8 nf4                      # also the 8 and 6 GB recipes (quantised base)
     ... --write                                           # also put the report into benchmarks/RESULTS.md
 
 Nothing is downloaded: the UNet is built from configs/sdxl-base-1.0/unet/config.json (--small: the
@@ -16,6 +16,9 @@ the same steps with diffusers + peft where installed (the loop body of diffusers
 script, benchmarks/training_step.py; ratio minidream / diffusers), one 30-step DDIM sample with
 guidance at the training resolution plus its VAE decode (s/image), and the memory planner's
 prediction of the step's peak (minidream.planner.memory) next to the measured peak (error %).
+Then, for the T4 recipe and each --base-weights recipe (int8 / nf4 with 512 px VAE tiles: what
+`train.py --gpu-memory 8 / 6` chooses), the run's other phases (VAE encode, a UNet call with
+guidance, VAE decode) with the whole model on the device as train.py loads it, next to the plan.
 
 Checks (exit 1 if one fails): the GradScaler was enabled and its scale finite, every loss finite,
 the LoRA weights changed, the optimizer is AdamW8bit with 8-bit (uint8) moment states.
@@ -163,6 +166,55 @@ def planned_peak_gib(model_dir: Path, resolution: int, rank: int, base_weights: 
     return memory.plan_training(cfg).step.peak / GiB
 
 
+RECIPE_TILES = {"fp16": 0, "int8": 512, "nf4": 512}  # --vae-tiling of the 16 / 8 / 6 GB recipes (test_memory)
+PHASES = {"vae_encode": "latent cache: VAE encode", "unet_guidance": "class images: UNet with guidance",
+          "vae_decode": "class images: VAE decode"}  # memory.sampling_phases -> MemoryPlan.phases
+
+
+def random_fill(module: torch.nn.Module) -> None:
+    """Random values for a module given empty storage: floats N(0, 0.02), quantised codes any code,
+    scales small (what they hold does not change the memory a phase takes)."""
+    with torch.no_grad():
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if t.dtype == torch.uint8:
+                t.random_(0, 256)
+            elif t.dtype == torch.int8:
+                t.random_(-127, 128)
+            elif name.endswith("weight_scales"):
+                t.fill_(0.02 / 127)
+            else:
+                fill([(name, t)])
+
+
+def measure_phases(model_dir: Path, args, base_weights: str) -> list[list[str]]:
+    """The run's other phases for one recipe, measured on the device next to the planner: the model
+    as train.py loads it (text encoders, the UNet quantised as `base_weights` says, the VAE tiled as
+    the recipe's card needs; random weights), each phase of memory.sampling_phases run once."""
+    tiles = RECIPE_TILES[base_weights] if not args.small else 32 * bool(RECIPE_TILES[base_weights])
+    cfg = TrainConfig(model=str(model_dir), resolution=args.resolution, rank=args.rank, precision="fp16",
+                      gradient_checkpointing=True, base_weights=base_weights, vae_tiling=tiles)
+    planned = memory.plan_training(cfg).phases
+    cuda = torch.device(args.device).type == "cuda"
+    model = memory.meta_model(memory.read_configs(model_dir), torch.float16, torch.float16, base_weights, tiles)
+    for module in memory.modules_of(model, vae=True):
+        random_fill(module.to_empty(device=args.device))
+    rows = []
+    for name, run in memory.sampling_phases(model, args.resolution, args.device).items():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            finite = bool(run().float().isfinite().all()) if name != "vae_encode" else True
+        predicted = planned[PHASES[name]] / GiB
+        measured = torch.cuda.max_memory_allocated() / GiB if cuda else None
+        error = "" if measured is None else f"{(measured - predicted) / predicted * 100:+.1f}%"
+        rows.append([f"{base_weights}, tiles {tiles or 'off'}", PHASES[name], f"{predicted:.3f}",
+                     "n/a" if measured is None else f"{measured:.3f}", error, "yes" if finite else "NO"])
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
 def failed_checks(ours: dict) -> list[str]:
     """What did not hold of the fp16 + 8-bit path (empty: all did)."""
     checks = {
@@ -256,6 +308,10 @@ def main(argv=None) -> int:
         r.pop("unet")
     text = report(args, ours, ref, sample_s, planned_peak_gib(model_dir, args.resolution, args.rank), name)
     text = "\n".join([text, *quantised_lines(args, others, model_dir)])
+    phases = [row for base in dict.fromkeys(["fp16", *args.base_weights]) for row in measure_phases(model_dir, args, base)]
+    text += ("\n\nThe run's other phases, the whole model on the device as train.py loads it for each recipe "
+             "(peak allocated GiB, weights included; no margin):\n\n" + harness.markdown_table(
+                 ["recipe", "phase", "predicted", "measured", "error", "finite"], phases))
     print(text)
     if args.write:
         smoke = "" if args.device.startswith("cuda") else (

@@ -45,7 +45,7 @@ from minidream.config import TrainConfig  # noqa: E402
 from minidream.methods import build_method  # noqa: E402
 from minidream.quant.linear import quantise_model  # noqa: E402
 from minidream.optim import make_grad_scaler, make_optimizer, resolve_precision  # noqa: E402
-from minidream.planner import memory, recipes  # noqa: E402
+from minidream.planner import memory, recipes, report  # noqa: E402
 from minidream.schedule import alphas_cumprod as alphas_cumprod_of  # noqa: E402
 from minidream.step import apply_gradients, training_step  # noqa: E402
 from minidream.toy.tiny import clip_text_config  # noqa: E402
@@ -165,7 +165,7 @@ def plans_section(info: dict) -> str:
             verdict = "yes" if plan.fits else f"no, {plan.predicted / memory.GiB - memory.T4_USABLE_GIB:.1f} GiB over"
             rows.append([what, f"`{flags}`", f"{s.peak / memory.GiB:.2f}", f"{step_total / memory.GiB:.2f}",
                          phase, f"{plan.predicted / memory.GiB:.2f}", verdict,
-                         f"{s.flops / 1e12:.1f}", f"{memory.seconds_per_step(s.flops)[1]:.1f}"])
+                         f"{s.flops / 1e12:.1f}", f"{report.seconds_per_step(s.flops)[1]:.1f}"])
             print(rows[-1])
     table = harness.markdown_table(["run", "python train.py --plan ...", "step peak allocated GiB",
                                     "step predicted GiB", "largest phase of the run", "run predicted GiB",

@@ -174,7 +174,7 @@ def settings(cfg: TrainConfig, method_class: type[Method], dist, models):
     subject = load_subject(cfg.subject, cfg.token, cfg.class_noun, cfg.instance_prompt,
                            cfg.class_prompt)
     if not Path(cfg.model).exists():
-        raise TrainingError(f"model {cfg.model} does not exist: pass --model DIR|FILE (docs/t4.md)")
+        raise TrainingError(f"model {cfg.model} is missing: pass --model DIR|FILE (docs/gpus.md)")
     note = fill_defaults(cfg, models.model_image_size(cfg.model))
     if note and not cfg.resume:
         print(note)

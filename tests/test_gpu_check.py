@@ -42,3 +42,6 @@ def test_gpu_check_runs_the_step_on_quantised_bases_too(capsys):
     for base in ("int8", "nf4"):
         line = next(l for l in out.splitlines() if l.startswith(f"- --base-weights {base}:"))
         assert "s/step" in line and "planner's predicted step peak" in line
+    phases = [l for l in out.splitlines() if l.startswith(("| fp16, tiles off |", "| int8, tiles 32 |", "| nf4, tiles 32 |"))]
+    assert len(phases) == 9 and all("| n/a |" in l and l.endswith("| yes |") for l in phases)
+    assert {l.split(" | ")[1] for l in phases} == set(gpu_check.PHASES.values())

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
+from benchmarks import gpu_check
 from minidream.config import TrainConfig, TrainingError, fill_defaults
 from minidream.layers import Attention
 from minidream.methods import build_method
 from minidream.formats.models import BUNDLED_MODEL, REPO
 from minidream.planner.memory import optimizer_state_bytes
-from minidream.planner import memory, recipes
+from minidream.planner import memory, recipes, report
 from minidream.quant.linear import QuantLinear, quantised_layers
 from minidream.planner.fake_run import FLOP_FORMULAS, ByteCounter, cuda_autocast_policy, fake_tensors
 
@@ -74,7 +75,7 @@ def test_plan_of_the_tiny_model_from_its_configs_alone(config_only):
     assert s.attention == ["fused flash attention (CPU)"]  # never the math kernel's L x L scores
     assert set(plan.phases) >= {"latent cache: VAE encode", "class images: VAE decode", "validation: VAE decode"}
     assert plan.fits and plan.predicted > memory.MARGIN_FIXED_GIB * memory.GiB
-    text = memory.format_plan(plan)
+    text = report.format_plan(plan)
     assert "fits a T4" in text and "s/step" in text
 
 
@@ -172,5 +173,6 @@ def test_sdxl_recipes_for_8_and_6_gb():
     six = recipes.search(cfg, 6, {"gradient_checkpointing"}, runs)
     assert eight.chosen.cfg.base_weights == "int8" and eight.chosen.predicted <= 7.5 * memory.GiB
     assert six.chosen.cfg.base_weights == "nf4" and six.chosen.predicted <= recipes.usable_gib(6) * memory.GiB
-    assert eight.chosen.cfg.vae_tiling and six.chosen.cfg.vae_tiling
+    assert (eight.chosen.cfg.vae_tiling, six.chosen.cfg.vae_tiling) == (gpu_check.RECIPE_TILES["int8"],
+                                                                  gpu_check.RECIPE_TILES["nf4"])  # gpu_check runs these
     assert not any(p.fits for p in eight.plans if p.cfg.base_weights == "fp16")

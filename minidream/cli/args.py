@@ -139,7 +139,7 @@ def resumed_config(cfg: TrainConfig) -> TrainConfig:
 
 SAMPLE_EPILOG = """\
 Without --model: weights/sdxl-base-1.0 (or weights/sd_xl_base_1.0.safetensors) once downloaded
-(README: 'Real SDXL on a T4'), else the bundled tiny model weights/tiny-sdxl, which runs on a CPU
+(README: 'Real SDXL on a GPU'), else the bundled tiny model weights/tiny-sdxl, which runs on a CPU
 in seconds (pretrained on minidream's toy world: 64 px toy pictures from toy prompts).
 Bad input ends in one line 'sample.py: error: ...' and exit code 2."""
 
@@ -317,7 +317,7 @@ def check_paths(args: argparse.Namespace, loras, embeddings) -> tuple[list, list
         raise UserError(f"--tokenizer {args.tokenizer} is not a folder; give one holding tokenizer/ and tokenizer_2/")
     if args.model and not Path(args.model).exists():
         raise UserError(f"--model {args.model} does not exist; give a diffusers SDXL folder or a .safetensors "
-                        "file (README: 'Real SDXL on a T4'), or leave --model out for the bundled tiny model")
+                        "file (README: 'Real SDXL on a GPU'), or leave --model out for the bundled tiny model")
     return loras, embeddings
 
 

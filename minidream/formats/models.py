@@ -31,7 +31,7 @@ def default_model_path() -> tuple[Path, str]:
     for location in SDXL_LOCATIONS:
         if (REPO / location).exists():
             return REPO / location, f"SDXL base found at {location}"
-    why = f"for real photos put SDXL at {SDXL_LOCATIONS[0]} (README: 'Real SDXL on a T4')"
+    why = f"for real photos put SDXL at {SDXL_LOCATIONS[0]} (README: 'Real SDXL on a GPU')"
     return REPO / BUNDLED_MODEL, f"the bundled tiny model, trained on the toy world; {why}"
 
 
@@ -63,7 +63,7 @@ def find_tokenizer_dir(candidates, need_second: bool = True) -> Path:
         f"no CLIP tokenizer found (looked in: {where}). Single-file checkpoints carry none: pass "
         f"--tokenizer DIR, where DIR holds {' and '.join(s + '/' for s in subfolders)} as in "
         f"https://huggingface.co/{SDXL_REPO}, each with vocab.json + merges.txt + "
-        "tokenizer_config.json + special_tokens_map.json (docs/t4.md shows the download command).")
+        "tokenizer_config.json + special_tokens_map.json (docs/gpus.md shows the download command).")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ the model built from its config.json files alone, so a user can check before dow
 
 The other phases of a run that put weights on the GPU are planned the same way: encoding the
 latent cache (everything loaded, VAE encode), generating class images and validation grids (UNet
-with guidance, batch 2, then a VAE decode). The time per step is estimated from the step's FLOPs
-(torch.utils.flop_counter) at an assumed fraction of the T4's fp16 tensor-core peak.
+with guidance, batch 2, then a VAE decode). report.py prints the plan and the time per step,
+estimated from the step's FLOPs (torch.utils.flop_counter) at an assumed fraction of a T4's peak.
 
 The model is planned as train.py would load it: the UNet's Linears quantised as --base-weights says
 (QuantLinear codes + scales; the per-layer dequantised weights are temporaries the fake run
@@ -52,18 +52,7 @@ GiB = 2**30
 T4_USABLE_GIB = 15.0  # a T4's 16 GB is 15360 MiB as nvidia-smi reports it; the CUDA context comes out of it
 MARGIN_FIXED_GIB = 0.6  # assumed: CUDA context (~0.4 GiB with lazy module loading) + cuBLAS/cuDNN workspaces
 MARGIN_FRACTION = 0.10  # assumed: caching-allocator fragmentation (reserved - allocated) as a fraction of the peak
-T4_FP16_TFLOPS = 65.0  # T4 datasheet: fp16 tensor-core peak (fp32 accumulate)
-T4_EFFICIENCY = (0.25, 0.30, 0.35)  # assumed fraction of that peak a training step sustains (low, mid, high)
-T4_BANDWIDTH = 320e9  # bytes/s (datasheet): the optimizer step is memory-bound, not FLOP-bound
-OPTIMIZER_BYTES_PER_VALUE = 24  # ~ unscale (read + write grad) + clip (read grad) + Adam (param, grad, moments)
-ATTENTION_NOTE = ("a T4 (Turing, sm_75) has no FlashAttention-2: torch's SDPA runs its memory-efficient kernel, "
-                  "which keeps the output and one logsumexp per query for backward and never materialises the "
-                  "(B, heads, L, L) scores")
 BNB_BLOCK = 256  # bitsandbytes AdamW8bit: one fp32 scale per block of 256 values
-# bytes read + written per weight by one dequantisation (minidream/quant): int8: codes -> fp16 (1 + 2),
-# x scales (2 + 2); nf4: two nibble ops (0.5 + 0.5 each), stack (1 + 1), int32 index (1 + 4),
-# level lookup (4 + 2), x absmax (2 + 2). The matmul reads W as an fp16 base's would: not counted.
-DEQUANT_BYTES = {"fp16": 0, "int8": 7, "nf4": 19}
 
 
 def optimizer_state_bytes(params, name: str = "adamw8bit") -> int:
@@ -251,8 +240,6 @@ def plan_sampling(model, resolution: int, fake, block: int = 512, extra: int = 0
     one UNet call with guidance (batch 2: class images, validation grids), VAE decode (one image).
     `extra`: bytes held besides the model (validation: the optimizer states). `flops`: a dict that
     gets each phase's FLOPs (for the time estimates of minidream/planner/recipes.py)."""
-    side = resolution // model.vae_scale
-    vae_weights_dtype = next(model.vae.parameters()).dtype
     counter, peaks, flops = ByteCounter(block), {}, {} if flops is None else flops
     with fake, counter, torch.no_grad():
         for module in modules_of(model, vae=True):
@@ -262,21 +249,28 @@ def plan_sampling(model, resolution: int, fake, block: int = 512, extra: int = 0
                 for t in (*module.parameters(), *module.buffers()):
                     counter.add(t)
 
-        def phase(name, run):
+        for name, run in sampling_phases(model, resolution).items():
             counter.reset_peak()
             counter.flops = 0
             run()
             peaks[name], flops[name] = counter.peak + extra, counter.flops
-
-        phase("vae_encode", lambda: model.vae.encode(torch.empty(1, 3, resolution, resolution,
-                                                                 dtype=vae_weights_dtype)))
-        context = torch.empty(2, 77, model.unet.config.cross_attention_dim)
-        pooled = torch.empty(2, model.text.text_encoder_2.config.projection_dim) if model.is_sdxl else None
-        time_ids = torch.empty(2, 6) if model.is_sdxl else None
-        denoiser = unet_closure(model, context, pooled, time_ids)
-        phase("unet_guidance", lambda: denoiser(torch.empty(2, 4, side, side), 500))  # eps or v
-        phase("vae_decode", lambda: model.vae.decode(torch.empty(1, 4, side, side, dtype=vae_weights_dtype)))
     return peaks
+
+
+def sampling_phases(model, resolution: int, device="cpu") -> dict:
+    """name -> a function running that phase once on zero inputs on `device`: VAE encode (one
+    image), one UNet call with guidance (batch 2), VAE decode (one image). plan_sampling runs them
+    on fake tensors; benchmarks/gpu_check.py runs them on a GPU to measure what was predicted."""
+    side, vae_dtype_ = resolution // model.vae_scale, next(model.vae.parameters()).dtype
+    context = torch.zeros(2, 77, model.unet.config.cross_attention_dim, device=device)
+    sdxl = model.is_sdxl
+    pooled = torch.zeros(2, model.text.text_encoder_2.config.projection_dim, device=device) if sdxl else None
+    time_ids = torch.zeros(2, 6, device=device) if sdxl else None
+    denoiser = unet_closure(model, context, pooled, time_ids)
+    return {"vae_encode": lambda: model.vae.encode(torch.zeros(1, 3, resolution, resolution,
+                                                               dtype=vae_dtype_, device=device)),
+            "unet_guidance": lambda: denoiser(torch.zeros(2, 4, side, side, device=device), 500),  # eps or v
+            "vae_decode": lambda: model.vae.decode(torch.zeros(1, 4, side, side, dtype=vae_dtype_, device=device))}
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -383,69 +377,6 @@ def plan_training(cfg, runs: dict | None = None, with_phases: bool = True) -> Me
              f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, "
              f"{cfg.optimizer}, {text}, grad accumulation {cfg.grad_accum}")
     return MemoryPlan(title, step, phases, notes, cfg, flops, quantised, vae_fp32)
-
-
-def seconds_per_step(flops: int) -> list[float]:
-    """Seconds per optimizer step at each assumed T4 efficiency (low, mid, high)."""
-    return [flops / (T4_FP16_TFLOPS * 1e12 * e) for e in T4_EFFICIENCY]
-
-
-def dequant_seconds(plan: MemoryPlan) -> float:
-    """Seconds of one dequantisation of every quantised UNet layer: bytes moved at a T4's bandwidth
-    (assumed: elementwise kernels are memory-bound; a lower bound, launch overheads left out)."""
-    return plan.quantised_weights * DEQUANT_BYTES[plan.cfg.base_weights] / T4_BANDWIDTH
-
-
-def dequant_passes(cfg) -> int:
-    """Dequantisations of each layer per optimizer step: forward, backward (QuantMatmul), and the
-    forward again that gradient checkpointing recomputes."""
-    return (3 if cfg.gradient_checkpointing else 2) * cfg.grad_accum
-
-
-def format_plan(plan: MemoryPlan) -> str:
-    """The plan as the table train.py --plan prints."""
-    s = plan.step
-
-    def row(name, allocated=None, text=""):
-        if allocated is None:
-            return f"  {name:<52}{text}"
-        return f"  {name:<52}{allocated / GiB:6.2f}   {(allocated + margin(allocated)) / GiB:6.2f}"
-
-    opt = "weights + states + all gradients" + (" + foreach temporaries" if s.optimizer_temp else "")
-    lines = [f"{plan.card} memory plan: {plan.title}", *[f"note: {n}" for n in plan.notes], "",
-             f"  {'training step':<52}   GiB  predicted",
-             row("frozen weights", text=f"{s.frozen / GiB:6.2f}"),
-             row("trained parameters (fp32)", text=f"{s.trained / GiB:6.2f}"),
-             row("optimizer states", text=f"{s.optimizer_states / GiB:6.2f}"),
-             row("gradients (fp32) written at the peak / all", text=f"{s.gradients_at_peak / GiB:6.2f} / "
-                 f"{s.gradients / GiB:.2f}"),
-             row("activations, saved tensors, temporaries at the peak", text=f"{s.activations / GiB:6.2f}"),
-             row("= forward + backward peak", s.peak_forward_backward),
-             row(f"optimizer step ({opt})", s.peak_optimizer), "",
-             f"  {'other phases of the run (everything on the GPU)':<52}   GiB  predicted"]
-    lines += [row(name, v) for name, v in plan.phases.items()]
-    name, peak = plan.worst()
-    card = ("an " if plan.card.startswith(("8", "11 ", "18 ")) else "a ") + plan.card
-    spare = plan.usable_gib - plan.predicted / GiB
-    verdict = (f"fits {card} ({plan.usable_gib:.2f} GiB usable), {spare:.1f} GiB to spare" if plan.fits
-               else f"does NOT fit {card} ({plan.usable_gib:.2f} GiB usable): {-spare:.1f} GiB too much")
-    low, mid, high = seconds_per_step(s.flops)
-    optimizer_s = s.trained / 4 * OPTIMIZER_BYTES_PER_VALUE / T4_BANDWIDTH
-    optimizer_note = f", + {optimizer_s:.2f} s for the memory-bound optimizer step" if optimizer_s >= 0.01 else ""
-    if plan.quantised_weights:
-        optimizer_note += (f", + {dequant_passes(plan.cfg) * dequant_seconds(plan):.2f} s to dequantise the "
-                           f"{plan.cfg.base_weights} base {dequant_passes(plan.cfg)} times (bytes moved at "
-                           f"{T4_BANDWIDTH / 1e9:.0f} GB/s: assumed)")
-    lines += ["", f"GiB: bytes allocated at the peak (what torch.cuda.max_memory_allocated reports); predicted: + "
-              f"{MARGIN_FIXED_GIB} GiB (assumed CUDA context, cuBLAS/cuDNN workspaces) + {MARGIN_FRACTION:.0%} "
-              "(assumed allocator fragmentation)",
-              f"largest: {name}, predicted {plan.predicted / GiB:.2f} GiB: {verdict}", "",
-              f"attention: the fake run used SDPA's {', '.join(s.attention) or 'no SDPA kernel'}; {ATTENTION_NOTE}.",
-              f"time: {s.flops / 1e12:.1f} TFLOP per optimizer step (forward, checkpoint recomputation, backward) "
-              f"-> about {mid:.1f} s/step on a T4 at {T4_EFFICIENCY[1]:.0%} of its {T4_FP16_TFLOPS:.0f} TFLOP/s fp16 "
-              f"peak ({high:.1f}..{low:.1f} s at {T4_EFFICIENCY[2]:.0%}..{T4_EFFICIENCY[0]:.0%}; an assumed "
-              f"efficiency, not a measurement){optimizer_note}"]
-    return "\n".join(lines)
 
 
 def default_plan_model() -> str:

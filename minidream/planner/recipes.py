@@ -23,7 +23,7 @@ Time, to rank the recipes that fit (for a T4-class card; every rate is an assump
 here was measured on a GPU):
     compute       FLOPs counted in the fake runs at 30% of the T4's 65 TFLOP/s fp16 peak (of its
                   8.1 TFLOP/s fp32 for a VAE in fp32, SDXL's own)
-    dequantising  memory.dequant_seconds per pass over the quantised layers (bytes moved at
+    dequantising  report.dequant_seconds per pass over the quantised layers (bytes moved at
                   320 GB/s): one pass per sampler step, two per training step, three with
                   checkpointing
     the run       steps x s/step + class images (class_steps guided UNet calls, a decode and an
@@ -40,9 +40,9 @@ import math
 from dataclasses import dataclass, replace
 
 from minidream.config import VALIDATION_TEMPLATES, TrainingError
-from minidream.planner.memory import (GiB, OPTIMIZER_BYTES_PER_VALUE, T4_BANDWIDTH, T4_EFFICIENCY, T4_FP16_TFLOPS,
-                                      T4_USABLE_GIB, MemoryPlan, dequant_passes, dequant_seconds, format_plan,
-                                      plan_training)
+from minidream.planner.memory import GiB, T4_USABLE_GIB, MemoryPlan, plan_training
+from minidream.planner.report import (OPTIMIZER_BYTES_PER_VALUE, T4_BANDWIDTH, T4_EFFICIENCY, T4_FP16_TFLOPS,
+                                      dequant_passes, dequant_seconds, format_plan)
 
 T4_FP32_TFLOPS = 8.1  # T4 datasheet: fp32 peak
 ASSUMED_PHOTOS = 10  # subject photos the latent cache encodes (views_per_image times each)
