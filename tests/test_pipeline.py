@@ -11,12 +11,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionXLPipeline
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler,
+                       StableDiffusionXLPipeline)
 
 from checkpoint_fixtures import write_single_file
 from lora_models import write_random_lora
 from minidream import samplers
-from minidream.cli.sample_command import SAMPLERS
+from minidream.cli.sample_command import SAMPLERS, dpmpp_2m_karras
 from minidream.formats.lora_files import add_loras
 from minidream import formats
 from minidream.formats.models import load_model
@@ -24,7 +25,8 @@ from minidream.pipeline import check_size, decode, generate, sample_latents
 from minidream.toy.tiny import write_tiny_sdxl
 
 LATENT_TOL = 1e-4  # max |ours - theirs| / max |theirs|
-SCHEDULERS = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler}
+SCHEDULERS = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler,
+              "dpmpp-2m": DPMSolverMultistepScheduler}
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +51,10 @@ def theirs(folder):
 
 
 def diffusers_run(pipe, sampler, prompts, negative, output_type, *, seed, steps, guidance, height, width,
-                  num_images=1, eta=0.0):
+                  num_images=1, eta=0.0, karras=False):
     # PNDM from an Euler config keeps skip_prk_steps=True (SDXL's config sets it), the PLMS start.
-    pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config)
+    # use_karras_sigmas is given every time: an earlier karras run leaves it in the config, for Euler too.
+    pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config, use_karras_sigmas=karras)
     extra = {"eta": eta} if sampler == "ddim" else {}
     out = pipe(prompt=prompts, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance,
                height=height, width=width, num_images_per_prompt=num_images, output_type=output_type,
@@ -72,6 +75,8 @@ CASES = {
     "ddim": ("ddim", ["a photo of rraj person"], None, {}),
     "pndm": ("pndm", ["a photo of rraj person"], None, {}),
     "euler": ("euler", ["a photo of rraj person"], None, {}),
+    "dpmpp-2m": ("dpmpp-2m", ["a photo of rraj person"], None, {}),
+    "dpmpp-2m --karras, negative": ("dpmpp-2m", ["a photo of rraj person"], "blurry", {"karras": True, "seed": 2}),
     "ddim eta, negative": ("ddim", ["a photo of rraj person"], "blurry, low quality", {"eta": 0.8, "seed": 7}),
     "pndm batch, negatives, 2 each": ("pndm", ["a photo of rraj person", "a painting of a dog at the beach"],
                                       ["ugly", "blurry"], {"num_images": 2, "seed": 3}),
@@ -86,7 +91,7 @@ def test_generation_matches_diffusers(ours, theirs, case):
     kw = BASE | kw
     want_latents = diffusers_run(theirs, sampler, prompts, negative, "latent", **kw)
     want_images = diffusers_run(theirs, sampler, prompts, negative, "pil", **kw)
-    options = dict(sampler=SAMPLERS[sampler], steps=kw["steps"], guidance_scale=kw["guidance"], seed=kw["seed"],
+    options = dict(sampler=dpmpp_2m_karras if kw.get("karras") else SAMPLERS[sampler], steps=kw["steps"], guidance_scale=kw["guidance"], seed=kw["seed"],
                    height=kw["height"], width=kw["width"], num_images=kw.get("num_images", 1),
                    eta=kw.get("eta", 0.0), progress=False)
     latents = sample_latents(ours, prompts, negative, **options)

@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from lora_models import write_random_lora
+from minidream.cli.sample_command import SAMPLERS, dpmpp_2m_karras
 from minidream.formats.lora_files import add_loras
 from minidream.formats.models import BUNDLED_MODEL, default_model_path, load_model
 from minidream.pipeline import generate
@@ -65,6 +66,8 @@ def error_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "LoRA that is no safetensors": (tiny + ["--prompt", "a dog", "--lora", str(tmp / "not_a_lora.safetensors")],
                                         "not a valid safetensors file"),
         "eta without ddim": (tiny + ["--prompt", "a dog", "--scheduler", "pndm", "--eta", "0.5"], "--eta is DDIM's noise"),
+        "karras without dpmpp-2m": (tiny + ["--prompt", "a dog", "--sampler", "euler", "--karras"],
+                                    "is for dpmpp-2m; use --sampler dpmpp-2m or drop --karras"),
         "steps zero": (tiny + ["--prompt", "a dog", "--steps", "0"], "--steps must be between 1 and 1,000, got 0"),
         "steps too many": (tiny + ["--prompt", "a dog", "--steps", "100000"], "--steps must be between 1 and 1,000"),
         "not a number": (tiny + ["--prompt", "a dog", "--steps", "many"], "invalid int value: 'many'"),
@@ -95,11 +98,13 @@ def runs(tmp_path_factory):
         good += ["--model", str(TINY)]
     shared = ["--model", str(TINY), "--steps", "2", "--out", str(tmp / "shared"), "--no-progress"]
     same_time = {f"same out, at once {i}": (shared + ["--prompt", "a red ball", "--seed", str(i)], "") for i in (1, 2)}
-    cases = {"good": (good, ""), "help": (["--help"], "")} | same_time | error_cases(tmp)
+    karras = ["--model", str(TINY), "--prompt", "a red ball", "--sampler", "dpmpp-2m", "--karras", "--steps", "3",
+              "--out", str(tmp / "karras"), "--no-progress"]
+    cases = {"good": (good, ""), "help": (["--help"], ""), "karras": (karras, "")} | same_time | error_cases(tmp)
     results = run_all({name: args for name, (args, _) in cases.items()})
     (out,) = (tmp / "out").iterdir()  # the good run's own new folder
     return {"results": results, "expected": {k: v[1] for k, v in cases.items()}, "out": out, "lora": lora,
-            "shared": shared}
+            "shared": shared, "karras": tmp / "karras"}
 
 
 def run_all(cases: dict[str, list[str]]) -> dict[str, tuple[int, str, str]]:
@@ -166,19 +171,31 @@ def test_images_are_the_pipelines_with_the_lora_fused(runs):
     assert np.abs(pixels(got) - pixels(plain)).max() > 10  # the LoRA was applied
 
 
+def test_dpmpp_2m_karras_image_and_its_metadata(runs):
+    code, _, err = runs["results"]["karras"]
+    assert code == 0, err
+    (png,) = runs["karras"].glob("*/000-*.png")
+    assert Image.open(png).text["sampler"] == "dpmpp-2m --karras"
+    model, pixels = load_model(TINY), lambda image: np.asarray(image, dtype=np.int16)  # noqa: E731
+    want = generate(model, ["a red ball"], sampler=dpmpp_2m_karras, steps=3, progress=False)[0]
+    plain = generate(model, ["a red ball"], sampler=SAMPLERS["dpmpp-2m"], steps=3, progress=False)[0]
+    assert np.abs(pixels(Image.open(png)) - pixels(want)).max() <= 1
+    assert np.abs(pixels(want) - pixels(plain)).max() > 10  # --karras changed the sigmas
+
+
 def test_help_explains_every_flag(runs):
     code, out, _ = runs["results"]["help"]
     assert code == 0
     for flag in ("--model", "--prompt", "--prompts-file", "--negative-prompt", "--sampler", "--steps", "--guidance",
                  "--seed", "--num-images", "--height", "--width", "--lora", "--out", "--device", "--dtype",
-                 "--vae", "--tokenizer", "--variant", "--eta", "FILE[:SCALE]", "tiny"):
+                 "--vae", "--tokenizer", "--variant", "--eta", "--karras", "dpmpp-2m", "FILE[:SCALE]", "tiny"):
         assert flag in out, flag
 
 
 @pytest.mark.parametrize("case", [
     "missing model", "folder that is not a model", "no prompt", "blank prompt", "height not a multiple of 8",
     "width zero", "unknown sampler", "unknown sampler, older flag", "missing prompts file", "binary prompts file", "prompts file without prompts",
-    "missing LoRA", "unfinished run as LoRA", "folder as embedding", "LoRA that does not fit", "LoRA that is no safetensors", "eta without ddim", "steps zero", "steps too many",
+    "missing LoRA", "unfinished run as LoRA", "folder as embedding", "LoRA that does not fit", "LoRA that is no safetensors", "eta without ddim", "karras without dpmpp-2m", "steps zero", "steps too many",
     "not a number",
 ])
 def test_bad_input_is_one_line_and_exit_code_2(runs, case):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from minidream import samplers
-from minidream.more_samplers import euler, init_noise_sigma, prk_start
+from minidream.more_samplers import dpmpp_2m, euler, init_noise_sigma, prk_start
 from minidream.cli.sample_command import SAMPLERS
 from minidream.schedule import ScheduleConfig
 
@@ -52,6 +52,9 @@ def run_minidream(c: dict, x_T: torch.Tensor, model=ref.analytic_model, betas=No
         out = samplers.ddim(model, x_T, cfg, c["steps"], eta=c["eta"], generator=g, callback=record)
     elif c["sampler"] == "pndm":
         out = samplers.pndm(model, x_T, cfg, c["steps"], start=prk_start if c["prk"] else None, callback=record)
+    elif c["sampler"] == "dpmpp-2m":  # karras: diffusers' config key, which ScheduleConfig ignores
+        karras = c["extra"].get("use_karras_sigmas", False)
+        out = dpmpp_2m(model, x_T, cfg, c["steps"], karras=karras, callback=record)
     else:  # euler scales the unit noise x_T by init_noise_sigma itself
         out = euler(model, x_T, cfg, c["steps"], callback=record)
     assert torch.equal(out, xs[-1]), "the sampler returns the last x it reported"
@@ -96,10 +99,11 @@ def test_matches_live_diffusers(stored, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["ddim-50-leading-epsilon-eta0.5", "pndm-20-trailing-v_prediction-prk", "euler-20-leading-v_prediction"]
+    "name", ["ddim-50-leading-epsilon-eta0.5", "pndm-20-trailing-v_prediction-prk", "euler-20-leading-v_prediction",
+             "dpmpp-2m-20-trailing-v_prediction-use_karras_sigmas=True"]
 )
 def test_half_precision_matches_live_diffusers(stored, name):
-    """A float16 model keeps float16 latents; diffusers' Euler steps in float32 in between."""
+    """A float16 model keeps float16 latents; diffusers' Euler and DPM-Solver++ step in float32 in between."""
     pytest.importorskip("diffusers")
     x_T = stored["x_T"].half()
     ref_ts, ref_xs = ref.run_diffusers(CASES[name], x_T)
@@ -111,6 +115,7 @@ def test_half_precision_matches_live_diffusers(stored, name):
 def test_fixture_holds_exactly_the_current_cases(stored):
     names = {k[: -len("/x")] for k in stored if k.endswith("/x")}
     assert names == set(CASES), "regenerate: python tests/fixtures/make_reference.py"
+    assert len(CASES) == len(ref.CASES), "two cases share a name"
     assert stored["x_T"].shape == ref.X_SHAPE
 
 
@@ -127,7 +132,7 @@ def test_trajectory_lengths_show_the_pndm_warmups():
 def test_samplers_keep_no_state_between_calls(stored):
     """Two identical calls give identical results: no history survives a call."""
     x_T, cfg = stored["x_T"], ScheduleConfig()
-    for fn in (samplers.ddim, samplers.pndm, euler):
+    for fn in (samplers.ddim, samplers.pndm, euler, dpmpp_2m):
         a = fn(ref.analytic_model, x_T, cfg, 10)
         b = fn(ref.analytic_model, x_T, cfg, 10)
         assert torch.equal(a, b), fn.__name__
@@ -149,7 +154,7 @@ def test_ddim_rejects_eta_outside_0_1(eta):
         samplers.ddim(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(), 10, eta=eta)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler"])
+@pytest.mark.parametrize("sampler", ["ddim", "pndm", "euler", "dpmpp-2m"])
 @pytest.mark.parametrize("steps", [0, 1001])
 def test_samplers_reject_bad_step_counts(sampler, steps):
     with pytest.raises(ValueError, match="steps must be between 1 and num_train_timesteps=1000"):
@@ -164,7 +169,36 @@ def test_prk_warmup_needs_four_steps():
 def test_euler_rejects_linspace_and_sample_py_offers_it():
     with pytest.raises(ValueError, match="euler supports leading or trailing"):
         euler(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(timestep_spacing="linspace"), 5)
-    assert SAMPLERS["euler"] is euler and sorted(SAMPLERS) == ["ddim", "euler", "pndm"]
+    assert SAMPLERS["euler"] is euler and sorted(SAMPLERS) == ["ddim", "dpmpp-2m", "euler", "pndm"]
+
+
+@pytest.mark.parametrize("settings", [dict(thresholding=True), dict(clip_sample=True)])
+def test_dpmpp_rejects_x0_clipping(settings):
+    with pytest.raises(ValueError, match="dpmpp_2m supports neither clip_sample nor thresholding"):
+        dpmpp_2m(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(**settings), 5)
+
+
+def test_dpmpp_karras_rejects_the_cosine_schedule_and_sample_py_offers_it():
+    cfg = ScheduleConfig(beta_schedule="squaredcos_cap_v2")
+    with pytest.raises(ValueError, match="karras needs a beta_schedule other than squaredcos_cap_v2"):
+        dpmpp_2m(ref.analytic_model, torch.zeros(ref.X_SHAPE), cfg, 5, karras=True)
+    assert SAMPLERS["dpmpp-2m"] is dpmpp_2m
+
+
+@pytest.mark.parametrize("karras", [False, True])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_dpmpp_timesteps_match_diffusers(spacing, karras):
+    """Every step count from 1 to 60 (at 61 trailing, diffusers adds a bogus timestep -1, as for DDIM)."""
+    diffusers = pytest.importorskip("diffusers")
+    cfg_dict = {**ref.scheduler_config(ref._case("dpmpp-2m", 1)), "timestep_spacing": spacing,
+                "use_karras_sigmas": karras}
+    sched = diffusers.DPMSolverMultistepScheduler.from_config(cfg_dict)
+    cfg = ScheduleConfig.from_dict(cfg_dict)
+    for steps in range(1, 61):
+        sched.set_timesteps(steps)
+        ts = []
+        dpmpp_2m(lambda x, t: x, torch.zeros(1), cfg, steps, karras=karras, callback=lambda i, t, x: ts.append(t))
+        assert ts == sched.timesteps.tolist(), steps
 
 
 # ----------------------------------------------------------------------------- init sigma, guidance
