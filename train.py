@@ -22,7 +22,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from minidream import formats, training
+from minidream import formats, more_samplers, training
 from minidream.cli.args import config_from_args, resumed_config, train_parser
 from minidream.cli.script import run_script
 from minidream.formats.archives import unpack_class_images
@@ -32,7 +32,7 @@ from minidream.parallel import distributed
 from minidream.planner.memory import default_plan_model, plan_training
 from minidream.planner.report import format_plan
 from minidream.planner.recipes import choose_recipe, format_search, search
-from minidream.runs import link_latest
+from minidream.cli.latest_link import link_latest
 from minidream.toy.run_score import score_run
 
 OUT_OF_MEMORY = ("see what fits with --plan; try --gradient-checkpointing, --optimizer adamw8bit, "
@@ -73,7 +73,8 @@ def train(argv: list[str] | None) -> None:
     dist = distributed.setup(cfg.device)  # one process, or this rank among torchrun's
     try:
         models = WithTiledVAE(formats, cfg.vae_tiling) if cfg.vae_tiling else formats
-        run = training.train(cfg, method_class(cfg.method), dist, models=models)
+        run = training.train(cfg, method_class(cfg.method), dist, models=models,
+                             sampler_table=more_samplers.SAMPLERS)
     finally:
         distributed.shutdown()
     if dist.is_main:

@@ -1,5 +1,5 @@
-"""The run folder (laid out in docs/training.md): checkpoints for exact resume, the loss log, the
-latest link, Ctrl-C and SIGTERM. A checkpoint holds every piece of state a step reads, so a resumed
+"""The run folder (laid out in docs/training.md): checkpoints for exact resume, the loss log,
+Ctrl-C and SIGTERM. A checkpoint holds every piece of state a step reads, so a resumed
 run continues bit for bit; every file is written atomically (files.py), so a crash or a full disk
 leaves the previous checkpoint intact."""
 
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import random
 import re
 import signal
@@ -40,27 +39,6 @@ def new_folder(path) -> Path:
 def new_run_folder(out, subject_name: str) -> Path:
     """out/<subject>-<YYYYmmdd-HHMMSS> (-2, -3, ... if two runs start in the same second)."""
     return new_folder(Path(out) / f"{subject_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def link_latest(run: Path, subject_name: str) -> Path | None:
-    """Point <out>/<subject>-latest at this finished run (a relative symlink, replaced atomically),
-    so that `python sample.py --lora runs/raj-latest` uses the newest result. The link is only ever
-    set to a real run folder's name, never to a link (resuming through the link itself)."""
-    run = run.resolve()
-    link = run.parent / f"{subject_name}-latest"
-    tmp = run.parent / f".{link.name}.{os.getpid()}.tmp"
-    try:
-        if run.name == link.name:
-            raise OSError(f"{run} is named like the link")
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(run.name, target_is_directory=True)
-        os.replace(tmp, link)
-    except OSError as e:  # a file system without symlinks, a real folder of that name
-        tmp.unlink(missing_ok=True)
-        print(f"note: {link} does not point at this run ({e.strerror or e}); use the run folder")
-        return None
-    print(f"latest run: {link} -> {run.name}")
-    return link
 
 
 # ----------------------------------------------------------------------------- RNG states

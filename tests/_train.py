@@ -6,7 +6,7 @@ from pathlib import Path
 from minidream import formats, training
 from minidream.cli.args import resumed_config
 from minidream.methods import method_class
-from minidream.runs import link_latest
+from minidream.cli.latest_link import link_latest
 
 
 def train_like_cli(cfg, dist=None):
