@@ -33,10 +33,10 @@ TINY_MAX_SIZE = 128  # px: a model whose native images are this small gets the "
 # prompts far more often, at no drift (benchmarks/TOY_WORLD.md, "What was tried").
 _SDXL = dict(steps=1000, lr=1e-4, num_class_images=200, gradient_checkpointing=True,
              validate_every=250, save_every=250, class_steps=30, validation_steps=30,
-             cpu_threads=None, lora_targets="attn", prior_weight=1.0)
+             sampler="ddim", cpu_threads=None, lora_targets="attn", prior_weight=1.0)
 _TINY = dict(steps=1200, lr=3e-3, num_class_images=40, gradient_checkpointing=False,
              validate_every=500, save_every=500, class_steps=20, validation_steps=20, cpu_threads=1,
-             lora_targets="attn,ff,proj", prior_weight=0.5)
+             sampler="ddim", lora_targets="attn,ff,proj", prior_weight=0.5)
 PRESETS = {
     ("sdxl", "lora"): _SDXL,
     ("sdxl", "full"): _SDXL | dict(steps=800, lr=2e-6),
@@ -150,6 +150,10 @@ class TrainConfig:
     generate_class_images: bool = setting(True, "generate missing class images "
                                           "(--no-generate-class-images: error if too few)")
     class_steps: int | None = setting(None, "sampler steps per generated class image [preset]")
+    class_batch: int = setting(0, "class images per UNet call; 0: by free GPU memory, CPU: "
+                               "prior.CPU_CLASS_BATCH")
+    sampler: str | None = setting(None, "sampler of class and validation images: ddim, pndm, "
+                                  "euler, dpmpp-2m, dpmpp-2m-karras [preset]")
     guidance_scale: float = setting(5.0, "classifier-free guidance (class, validation images)")
     # -- validation, checkpoints, logs
     validate_every: int | None = setting(None, "steps between validation grids, 0 = never [preset]")
@@ -212,7 +216,7 @@ def check_config(cfg: TrainConfig) -> None:
                  "class_steps", "validation_steps", "log_every", "num_vectors"):
         need(getattr(cfg, name) >= 1, f"{flag(name)} must be at least 1 (got {getattr(cfg, name)})")
     for name in ("validate_every", "save_every", "keep_checkpoints", "warmup_steps", "noise_offset",
-                 "prior_weight", "max_grad_norm", "weight_decay"):
+                 "class_batch", "prior_weight", "max_grad_norm", "weight_decay"):
         need(getattr(cfg, name) >= 0, f"{flag(name)} must be >= 0 (got {getattr(cfg, name)})")
     need(cfg.cpu_threads is None or cfg.cpu_threads >= 1, "--cpu-threads must be at least 1")
     need(0 < cfg.lr <= 1 and 0 < cfg.text_encoder_lr <= 1,

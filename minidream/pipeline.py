@@ -82,12 +82,14 @@ def initial_noise(model: Model, batch: int, height: int, width: int, generator: 
 
 @torch.no_grad()
 def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler=samplers.ddim,
-                   steps: int = 30, guidance_scale: float = 5.0, seed: int = 0,
+                   steps: int = 30, guidance_scale: float = 5.0, seed: int | list = 0,
                    height: int | None = None, width: int | None = None, num_images: int = 1,
                    eta: float = 0.0, guidance_rescale: float = 0.0, progress: bool = True,
                    initial_latents=None, embeddings=None) -> torch.Tensor:
     """Run the sampler; returns the final latents (len(prompts) * num_images, 4, H/8, W/8), still
     scaled by the VAE's scaling_factor, in prompt-major order (p0, p0, p1, p1, ...).
+    seed: an int, or a list of one seed per image: each image's x_T is then drawn as that seed
+    alone would draw it (class images in batches equal the same images made one at a time).
     initial_latents: x_T before the sampler's sigma scaling, instead of drawn from `seed`.
     embeddings: (context, pooled) of the conditional half instead of the prompts' (one row per
     image); the prompts then only set the batch size."""
@@ -98,9 +100,12 @@ def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler=sampl
     context, pooled, time_ids, use_cfg = conditioning(
         model, prompts, negative_prompt, guidance_scale, num_images, height, width, embeddings)
     batch = context.shape[0] // (2 if use_cfg else 1)
-    generator = torch.Generator("cpu").manual_seed(seed)  # CPU: the same numbers on any device
-    if initial_latents is None:
-        initial_latents = initial_noise(model, batch, height, width, generator, context.dtype)
+    seeds = seed if isinstance(seed, list) else [seed]
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]  # CPU: same on any device
+    if initial_latents is None:  # (batch, C, h, w) from one generator, or one image from each
+        initial_latents = torch.cat([initial_noise(model, batch if len(seeds) == 1 else 1, height,
+                                                   width, g, context.dtype) for g in generators])
+    generator = generators[0]
     x = initial_latents.to(context.device)
 
     denoiser = unet_closure(model, context, pooled, time_ids)

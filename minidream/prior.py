@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from minidream.data import DataError, class_image_folder, existing_class_images
@@ -18,6 +19,7 @@ from minidream.pipeline import generate
 from minidream.samplers import ddim
 
 NAME = re.compile(r"^class-(\d{5})\.png$")
+CPU_CLASS_BATCH = 8  # class images per UNet call on a CPU (benchmarks/class_batch.py)
 
 
 @dataclass
@@ -55,10 +57,12 @@ def plan_class_images(class_dir, wanted: int, can_generate: bool) -> ClassImageP
 
 
 def fill_class_folder(plan: ClassImagePlan, model, prompt: str, *, resolution: int, seed: int = 0,
-                      steps: int = 30, guidance_scale: float = 5.0, sampler=ddim,
+                      steps: int = 30, guidance_scale: float = 5.0, sampler=ddim, batch: int = 0,
                       negative_prompt: str | None = None, progress: bool = True, dist=None):
     """Generate the plan's missing images with `model` (the base model, before any LoRA) and return
-    the images training uses. With dist (torchrun), rank r makes missing image r, r + N, ..."""
+    the images training uses. With dist (torchrun), rank r makes missing image r, r + N, ...
+    batch: images per UNet call (0: class_batch_size's choice after the first image); image NNNNN
+    is the same in any batch (its x_T drawn from its own seed)."""
     if plan.missing:
         taken = {int(m.group(1)) for p in plan.folder.iterdir() if (m := NAME.match(p.name))}
         free = [i for i in range(len(taken) + plan.missing) if i not in taken][: plan.missing]
@@ -66,11 +70,33 @@ def fill_class_folder(plan: ClassImagePlan, model, prompt: str, *, resolution: i
         barrier = dist.barrier if dist else (lambda: None)
         barrier()  # every rank listed the folder before any rank writes to it
         settings = {"steps": steps, "guidance_scale": guidance_scale}
-        for i in tqdm(free[rank::world], desc=f"class images for {prompt!r}", disable=not progress):
-            image = generate(model, prompt, negative_prompt, sampler=sampler, **settings,
-                             seed=seed + i, height=resolution, width=resolution, progress=False)[0]
-            save_png(plan.folder / f"class-{i:05d}.png", image, {"prompt": prompt, "seed": seed + i,
-                     "sampler": sampler.__name__, **settings, "model": getattr(model, "name", "")})
+        mine, done, desc = free[rank::world], 0, f"class images for {prompt!r}"
+        with tqdm(total=len(mine), desc=desc, disable=not progress) as bar:
+            while done < len(mine):
+                ids, device = mine[done : done + (batch or 1)], model.unet.conv_in.weight.device
+                if not batch and device.type == "cuda":  # class_batch_size reads this image's peak
+                    torch.cuda.reset_peak_memory_stats(device)
+                images = generate(model, [prompt], negative_prompt, sampler=sampler, **settings,
+                                  seed=[seed + i for i in ids], num_images=len(ids),
+                                  height=resolution, width=resolution, progress=False)
+                for i, image in zip(ids, images):
+                    save_png(plan.folder / f"class-{i:05d}.png", image,
+                             {"prompt": prompt, "seed": seed + i, "sampler": sampler.__name__,
+                              **settings, "model": getattr(model, "name", "")})
+                done, batch = done + len(ids), batch or class_batch_size(model)
+                bar.update(len(ids))
         barrier()  # every share is written
         plan = ClassImagePlan(plan.folder, existing_class_images(plan.folder), plan.wanted)
     return plan.used()
+
+
+def class_batch_size(model, most: int = 8) -> int:
+    """Class images per UNet call, chosen after one image was made alone: on a GPU as many as 80%
+    of its free memory holds at that image's peak (an overestimate: the VAE decode, one image at a
+    time, is in it), at most `most`; on a CPU, CPU_CLASS_BATCH (measured: benchmarks/RESULTS.md)."""
+    device = model.unet.conv_in.weight.device
+    if device.type != "cuda":
+        return CPU_CLASS_BATCH
+    free, _ = torch.cuda.mem_get_info(device)
+    one = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+    return max(1, min(most, int(0.8 * free / max(one, 1))))

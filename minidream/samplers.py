@@ -144,3 +144,6 @@ def with_guidance(model, scale: float, rescale: float = 0.0):
         return guidance(out_uncond, out_cond, scale, rescale)
 
     return guided
+
+
+SAMPLERS = {"ddim": ddim, "pndm": pndm}  # by name (--sampler); more_samplers.SAMPLERS has them all

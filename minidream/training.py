@@ -34,7 +34,7 @@ from minidream.prior import fill_class_folder, plan_class_images
 from minidream.progress import Progress, log_line, new_progress, record
 from minidream.runs import (StopRequest, Stopped, load_latest_checkpoint, new_run_folder,
                             save_checkpoint, write_loss_csv)
-from minidream.samplers import ddim
+from minidream.samplers import SAMPLERS
 from minidream.schedule import alphas_cumprod
 from minidream.step import apply_gradients, training_step
 from minidream.text import encode_text
@@ -72,16 +72,17 @@ class PromptTable:
 
 # ----------------------------------------------------------------------------- train
 
-def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, models) -> Path:
-    """Run a DreamBooth training, or continue one (cfg from cli.args.resumed_config); returns the
-    run folder.
+def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, models,
+          sampler_table: dict = SAMPLERS) -> Path:
+    """Run a DreamBooth training or continue one (cfg: cli.args.resumed_config); returns the run.
 
     method_class: what trains (LoRA; minidream.methods: full fine-tuning, textual inversion).
     dist: OneProcess(), or minidream.parallel.distributed.setup() under torchrun.
-    models: what reads model paths (load_model, model_image_size, default_model_path):
-    minidream.formats, for diffusers folders and single .safetensors files."""
+    models: what reads model paths (minidream.formats: load_model, model_image_size, ...).
+    sampler_table: name -> sampler, for cfg.sampler (more_samplers.SAMPLERS: every one)."""
     dist = dist or OneProcess()
-    cfg, subject, device, precision = settings(cfg, method_class, dist, models)  # cheap checks
+    cfg, subject, device, precision, sampler = settings(cfg, method_class, dist, models,
+                                                        sampler_table)  # cheap checks
     instance_images = load_images(subject.images, cfg.resolution)  # unreadable photos fail here
     masks = load_masks(instance_images, subject.masks)  # a bad mask fails here
     plan = (plan_class_images(cfg.class_dir, cfg.num_class_images, cfg.generate_class_images)
@@ -93,7 +94,7 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
                               tokenizer=cfg.tokenizer, base_weights=cfg.base_weights)
     trains_text = method_class.trains_text(cfg)
     cache = prepare_cache(model, cfg, subject, instance_images, masks, plan, run, dist,
-                          not trains_text)
+                          not trains_text, sampler)
     offload_encoders(model, keep_text=trains_text)
 
     # -- what trains (LoRA adapters), the optimizer, the fp16 loss scaler, the loop's random state
@@ -115,7 +116,7 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
     params, base_lrs = method.parameters(), [g["lr"] for g in optimizer.param_groups]
     print(start_line(cfg, method, device, precision, optimizer_name, dist))
     if progress.step == 0 and cfg.validate_every:
-        validate(model, validation, cfg, run, device, dist, step=0)
+        validate(model, validation, cfg, run, device, dist, sampler, step=0)
 
     # -- the loop
     with StopRequest() as stop:
@@ -143,7 +144,7 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
                 print(log_line(progress.history, cfg.steps, progress.skipped))
                 write_logs(run, progress.history, dist)
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
-                validate(model, validation, cfg, run, device, dist, step)
+                validate(model, validation, cfg, run, device, dist, sampler, step)
             stopping = dist.any(stop.requested)
             if (cfg.save_every and step % cfg.save_every == 0) or stopping or step == cfg.steps:
                 save_training_state(run, cfg, method, optimizer, optimizer_name, scaler, progress,
@@ -155,8 +156,9 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
 
 # ----------------------------------------------------------------------------- before the loop
 
-def settings(cfg: TrainConfig, method_class: type[Method], dist, models):
-    """The run's settings (presets filled, everything checked), subject, device, precision."""
+def settings(cfg: TrainConfig, method_class: type[Method], dist, models, sampler_table: dict):
+    """The run's settings (presets filled, everything checked), subject, device, precision and the
+    sampler of class images and validation grids."""
     if cfg.resume and cfg.model is None:  # resumed_config's settings always name the model
         raise TrainingError("to continue a run, pass cli.args.resumed_config(cfg): its settings")
     if cfg.method != method_class.name:
@@ -174,7 +176,7 @@ def settings(cfg: TrainConfig, method_class: type[Method], dist, models):
     subject = load_subject(cfg.subject, cfg.token, cfg.class_noun, cfg.instance_prompt,
                            cfg.class_prompt)
     if not Path(cfg.model).exists():
-        raise TrainingError(f"model {cfg.model} is missing: pass --model DIR|FILE (docs/gpus.md)")
+        raise TrainingError(f"model {cfg.model} does not exist: --model DIR|FILE (docs/gpus.md)")
     note = fill_defaults(cfg, models.model_image_size(cfg.model))
     if note and not cfg.resume:
         print(note)
@@ -189,7 +191,9 @@ def settings(cfg: TrainConfig, method_class: type[Method], dist, models):
     if cfg.prior and cfg.class_dir is None:  # class images depend on the prompt and the resolution
         folder = f"{slug(subject.class_prompt)}-{cfg.resolution}px"
         cfg.class_dir = str(Path(cfg.out) / "class-images" / Path(cfg.model).stem / folder)
-    return cfg, subject, device, precision
+    if cfg.sampler not in sampler_table:
+        raise TrainingError(f"--sampler: one of {', '.join(sampler_table)}, not {cfg.sampler!r}")
+    return cfg, subject, device, precision, sampler_table[cfg.sampler]
 
 
 def open_run_folder(cfg: TrainConfig, subject_name: str, dist) -> Path:
@@ -209,7 +213,7 @@ def open_run_folder(cfg: TrainConfig, subject_name: str, dist) -> Path:
 
 
 def prepare_cache(model, cfg, subject, instance_images, masks, plan, run: Path, dist,
-                  cache_text: bool):
+                  cache_text: bool, sampler):
     """Fill the class folder (each rank its share), then encode images and prompts once (rank 0;
     the other ranks read rank 0's file, so every rank trains on the same latents). A resumed run
     reads its cache back when it was made from the same inputs."""
@@ -217,7 +221,8 @@ def prepare_cache(model, cfg, subject, instance_images, masks, plan, run: Path, 
     if plan is not None:
         class_paths = fill_class_folder(plan, model, subject.class_prompt, seed=cfg.seed,
                                         resolution=cfg.resolution, steps=cfg.class_steps,
-                                        guidance_scale=cfg.guidance_scale, dist=dist)
+                                        guidance_scale=cfg.guidance_scale, sampler=sampler,
+                                        batch=cfg.class_batch, dist=dist)
     photos = [p for p, _ in instance_images]
     files = [(p.name, p.stat().st_size) for p in [*photos, *subject.masks.values(), *class_paths]]
     fingerprint = json.dumps([cfg.model, cfg.resolution, cfg.seed, cfg.flip, cfg.center_crop,
@@ -283,7 +288,8 @@ def write_logs(run: Path, history: list[dict], dist) -> None:
         save_png(run / "loss.png", draw_loss_curve(history))
 
 
-def validate(model, prompts, cfg: TrainConfig, run: Path, device, dist, step: int) -> Path | None:
+def validate(model, prompts, cfg: TrainConfig, run: Path, device, dist, sampler,
+             step: int) -> Path | None:
     """A grid (one row per prompt, one column per seed) from the model as it is now, fixed seeds."""
     path = None
     if dist.is_main:
@@ -295,7 +301,7 @@ def validate(model, prompts, cfg: TrainConfig, run: Path, device, dist, step: in
             p.to(device)
         for m in modes:  # eval mode: no LoRA dropout in the pictures
             m.eval()
-        images = [generate(model, prompt, sampler=ddim, steps=cfg.validation_steps, seed=seed,
+        images = [generate(model, prompt, sampler=sampler, steps=cfg.validation_steps, seed=seed,
                            guidance_scale=cfg.guidance_scale, height=cfg.resolution,
                            width=cfg.resolution, progress=False)[0]
                   for prompt in prompts for seed in cfg.validation_seeds]

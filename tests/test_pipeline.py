@@ -17,7 +17,8 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscrete
 from checkpoint_fixtures import write_single_file
 from lora_models import write_random_lora
 from minidream import samplers
-from minidream.cli.sample_command import SAMPLERS, dpmpp_2m_karras
+from minidream.cli.sample_command import SAMPLERS
+from minidream.more_samplers import dpmpp_2m_karras
 from minidream.formats.lora_files import add_loras
 from minidream import formats
 from minidream.formats.models import load_model

@@ -19,7 +19,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from lora_models import write_random_lora
-from minidream.cli.sample_command import SAMPLERS, dpmpp_2m_karras
+from minidream.cli.sample_command import SAMPLERS
+from minidream.more_samplers import dpmpp_2m_karras
 from minidream.formats.lora_files import add_loras
 from minidream.formats.models import BUNDLED_MODEL, default_model_path, load_model
 from minidream.pipeline import generate

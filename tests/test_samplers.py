@@ -169,7 +169,7 @@ def test_prk_warmup_needs_four_steps():
 def test_euler_rejects_linspace_and_sample_py_offers_it():
     with pytest.raises(ValueError, match="euler supports leading or trailing"):
         euler(ref.analytic_model, torch.zeros(ref.X_SHAPE), ScheduleConfig(timestep_spacing="linspace"), 5)
-    assert SAMPLERS["euler"] is euler and sorted(SAMPLERS) == ["ddim", "dpmpp-2m", "euler", "pndm"]
+    assert SAMPLERS["euler"] is euler and sorted(SAMPLERS) == ["ddim", "dpmpp-2m", "dpmpp-2m-karras", "euler", "pndm"]
 
 
 @pytest.mark.parametrize("settings", [dict(thresholding=True), dict(clip_sample=True)])

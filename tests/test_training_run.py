@@ -9,13 +9,14 @@ import signal
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import minidream.training as training
-from minidream import formats
+from minidream import formats, more_samplers
 from minidream.toy.tiny import write_tiny_sdxl
 from minidream.data import DataError
 from minidream.formats.lora_stack import stack_layers
@@ -23,7 +24,7 @@ from minidream.formats.lora_files import load_lora
 from minidream.formats.models import load_model
 from minidream.optim import make_optimizer
 from minidream.pipeline import NonFiniteError, generate
-from minidream.prior import fill_class_folder, plan_class_images
+from minidream.prior import CPU_CLASS_BATCH, class_batch_size, fill_class_folder, plan_class_images
 from minidream.drawing import MIN_TILE, labelled_grid
 from minidream.progress import MAX_SKIPPED_IN_A_ROW
 from minidream.runs import Stopped
@@ -300,6 +301,38 @@ def test_class_generation_fills_a_partial_folder_and_keeps_existing_images(world
                              resolution=world["size"], steps=3, progress=False)
     assert len(used) == 4 and (folder / "class-00001.png").read_bytes() == second
     assert plan_class_images(folder, 3, False).used() == used[:3]  # enough: nothing to generate
+
+
+def test_class_images_in_batches_are_the_images_made_one_at_a_time(world, tmp_path):
+    """Image NNNNN's x_T comes from its own seed, so the batch size does not change it (up to the
+    float rounding of a larger matmul), and a batch size that does not divide the count is fine."""
+    model = load_model(world["model"])
+    folders = {b: tmp_path / f"batch-{b}" for b in (1, 3)}
+    for b, folder in folders.items():
+        folder.mkdir()
+        fill_class_folder(plan_class_images(folder, 5, True), model, "a photo of person",
+                          resolution=world["size"], steps=3, batch=b, progress=False)
+    for i in range(5):
+        one, three = (np.asarray(Image.open(f / f"class-{i:05d}.png"), dtype=np.int16) for f in folders.values())
+        assert np.abs(one - three).max() <= 1
+    alone = generate(model, ["a photo of person"], seed=7, steps=3, progress=False)[0]
+    batched = generate(model, ["a photo of person"], seed=[3, 7], num_images=2, steps=3, progress=False)[1]
+    assert np.abs(np.asarray(alone, dtype=np.int16) - np.asarray(batched, dtype=np.int16)).max() <= 1
+
+
+def test_class_batch_size_on_a_cpu_is_the_measured_constant(world):
+    assert class_batch_size(load_model(world["model"])) == CPU_CLASS_BATCH >= 1
+
+
+def test_the_sampler_setting_draws_class_images_and_names_the_choices(world, tmp_path):
+    cfg = TrainConfig(subject=world["subject"], model=world["model"], out=str(tmp_path), steps=1,
+                      num_class_images=2, class_dir=str(tmp_path / "classes"), class_steps=2,
+                      validate_every=0, score=False, sampler="dpmpp-2m")
+    with pytest.raises(TrainingError, match="--sampler: one of ddim, pndm, not 'dpmpp-2m'"):
+        train(cfg)
+    training.train(cfg, models=formats, sampler_table=more_samplers.SAMPLERS)
+    metadata = Image.open(tmp_path / "classes" / "class-00001.png").text
+    assert metadata["sampler"] == "dpmpp_2m" and metadata["steps"] == "2"
 
 
 def test_tiny_and_t4_defaults():

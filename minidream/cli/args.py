@@ -161,15 +161,17 @@ def sample_parser(description: str) -> Parser:
 
     how = p.add_argument_group("sampling")
     how.add_argument("--sampler", metavar="NAME", default="ddim",  # checked against cli.sample_command.SAMPLERS
-                     help="ddim (Song et al. 2021), pndm (PLMS, Liu et al. 2022), euler (Karras et al. 2022) "
-                          "or dpmpp-2m (DPM-Solver++(2M), Lu et al. 2022: good images in fewer steps) [%(default)s]")
+                     help="ddim (Song et al. 2021), pndm (PLMS, Liu et al. 2022), euler (Karras et al. 2022), "
+                          "dpmpp-2m (DPM-Solver++(2M), Lu et al. 2022: good images in fewer steps) or "
+                          "dpmpp-2m-karras (the same on Karras et al.'s sigmas) [%(default)s]")
     how.add_argument("--scheduler", dest="sampler", help=argparse.SUPPRESS)  # the flag's earlier name
     how.add_argument("--steps", type=int, default=30, help="sampling steps [%(default)s]")
     how.add_argument("--guidance", type=float, default=5.0,
                      help="classifier-free guidance scale; <= 1 turns it off [%(default)s]")
     how.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0 (deterministic) to 1 [%(default)s]")
     how.add_argument("--karras", action="store_true",
-                     help="dpmpp-2m on Karras et al.'s sigma schedule (denser near the end) [off]")
+                     help="dpmpp-2m on Karras et al.'s sigma schedule (denser near the end), as "
+                          "--sampler dpmpp-2m-karras [off]")
 
     model = p.add_argument_group("model")
     model.add_argument("--model", metavar="PATH", help="diffusers SDXL folder or single .safetensors file")

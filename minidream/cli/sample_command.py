@@ -26,18 +26,12 @@ from minidream.formats import default_model_path, detect, load_model, model_imag
 from minidream.lowmem.tiled_vae import use_tiled_vae
 from minidream.model import Model
 from minidream.optim import DTYPES
-from minidream.more_samplers import dpmpp_2m, euler
+from minidream import more_samplers
 from minidream.pipeline import generate
-from minidream.samplers import ddim, pndm
 from minidream.drawing import labelled_grid
 from minidream.runs import new_folder
 
-SAMPLERS = {"ddim": ddim, "pndm": pndm, "euler": euler, "dpmpp-2m": dpmpp_2m}  # sample.py --sampler NAME
-
-
-def dpmpp_2m_karras(model, x, cfg, steps, *, callback=None):
-    """sample.py --sampler dpmpp-2m --karras (a function of its own: the progress bar shows its name)."""
-    return dpmpp_2m(model, x, cfg, steps, karras=True, callback=callback)
+SAMPLERS = more_samplers.SAMPLERS  # sample.py --sampler NAME; --karras: dpmpp-2m-karras
 
 
 def sample_images(args: argparse.Namespace, request: SampleRequest) -> None:
@@ -146,7 +140,7 @@ def load(args: argparse.Namespace, request: SampleRequest, path: Path, dtype: st
 
 def sampling_options(args: argparse.Namespace, model: Model) -> dict:
     """The keywords of minidream.pipeline.sample_latents that images and morph frames share."""
-    sampler = dpmpp_2m_karras if args.karras else SAMPLERS[args.sampler]
+    sampler = SAMPLERS[args.sampler + ("-karras" if args.karras else "")]
     return dict(negative_prompt=args.negative_prompt, sampler=sampler, steps=args.steps,
                 guidance_scale=args.guidance, height=args.height or model.default_size,
                 width=args.width or model.default_size, progress=not args.no_progress)

@@ -50,6 +50,11 @@ def dpmpp_2m(model, x, cfg: ScheduleConfig, steps: int, *, karras: bool = False,
     return x
 
 
+def dpmpp_2m_karras(model, x, cfg: ScheduleConfig, steps: int, *, callback=None):
+    """dpmpp_2m on Karras et al.'s sigmas, as a sampler of its own name (--sampler dpmpp-2m-karras)."""
+    return dpmpp_2m(model, x, cfg, steps, karras=True, callback=callback)
+
+
 def _vp(s):
     """sigma_VE = sigma / alpha (diffusers' sigmas, float32 scalar) -> (alpha, sigma, lambda)."""
     alpha = 1 / (s**2 + 1) ** 0.5

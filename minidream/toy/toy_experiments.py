@@ -17,7 +17,8 @@ world's judge sees what it should (toy_eval.py). The sections:
   6. merging the subject LoRA with a "pixel art" style LoRA trained on toy pixel-art pictures;
   7. the other methods (--method full, --method textual-inversion, the word before or after the noun);
   8. context leak (context_experiment.py): do captions, masks or both keep a shared background out of "rraj"?
-  9. the demo on an int8 / nf4 base (base_weights_experiment.py).
+  9. the demo on an int8 / nf4 base (base_weights_experiment.py);
+ 10. class images and validation from DPM-Solver++ at 10-20 steps vs DDIM at 20-50 (sampler_experiment.py).
 """
 
 from __future__ import annotations
@@ -43,12 +44,14 @@ from minidream.methods import method_class
 from minidream.methods.textual_inversion import load_embedding, name_the_word
 from minidream.formats.models import BUNDLED_MODEL, REPO, load_model
 from minidream.drawing import labelled_grid
+from minidream.more_samplers import SAMPLERS
 from minidream.samplers import ddim, pndm
 from minidream.toy import toy_eval as te, toyworld as tw
 from minidream.toy.base_weights_experiment import quantised_base
 from minidream.toy.context_experiment import context_leak, pct
 from minidream.toy.judge import Judge
 from minidream.toy.pretrain import RECORD
+from minidream.toy.sampler_experiment import fewer_steps
 
 INSTANCE = "a photo of rraj person"
 CLASS = "a photo of person"
@@ -113,7 +116,7 @@ class Experiments:
         overrides = {"steps": self.s.steps, **overrides} if self.s.steps else overrides
         start = time.perf_counter()
         cfg = TrainConfig(subject=str(subject), out=str(self.out / "runs"), score=False, **overrides)
-        run = training.train(cfg, method_class(cfg.method), models=formats)
+        run = training.train(cfg, method_class(cfg.method), models=formats, sampler_table=SAMPLERS)
         self.seconds = time.perf_counter() - start
         self.notes.append(f"{name}: trained in {self.seconds:.0f} s ({run.name})")
         return run / LORA_FILE
@@ -127,18 +130,18 @@ class Experiments:
         shutil.copy(REPO / "data" / "raj" / "subject.json", folder / "subject.json")
         return folder
 
-    def subject_rows(self, model, name_the_subject=str) -> dict[str, float]:
+    def subject_rows(self, model, name_the_subject=str, **sampling) -> dict[str, float]:
         """Subject fidelity for the instance prompt; subject + edit for every EDITS prompt. The model is
         given name_the_subject(prompt) (textual inversion learns a word of its own)."""
-        images = self.images(model, name_the_subject(INSTANCE))
+        images = self.images(model, name_the_subject(INSTANCE), **sampling)
         row = {"instance": te.subject_fidelity(self.judge, images), "marks": te.subject_marks(self.judge, images)}
         for _, prompt in EDITS:
-            row[prompt] = te.subject_fidelity(self.judge, self.images(model, name_the_subject(prompt)), prompt)
+            row[prompt] = te.subject_fidelity(self.judge, self.images(model, name_the_subject(prompt), **sampling), prompt)
         row["edits"] = float(np.mean([row[p] for _, p in EDITS]))
         return row
 
-    def drift(self, model) -> dict[str, float]:
-        images = self.images(model, CLASS)
+    def drift(self, model, **sampling) -> dict[str, float]:
+        images = self.images(model, CLASS, **sampling)
         return {"drift": te.subject_fidelity(self.judge, images), "person": te.shows(self.judge, images, {"kind": "person"}),
                 "div": te.attribute_diversity(self.judge, images)}
 
@@ -356,12 +359,13 @@ def run(s: Settings) -> Path:
                 ("7. LoRA, full fine-tuning or textual inversion", e.methods),
                 ("8. Context leak: one shared background, captions and masks",
                  lambda: context_leak(e, TrainConfig.unmasked_weight)),
-                ("9. A quantised frozen base (--base-weights int8 / nf4)", lambda: quantised_base(e))]
+                ("9. A quantised frozen base (--base-weights int8 / nf4)", lambda: quantised_base(e)),
+                ("10. Fewer sampler steps for class images and validation (DPM-Solver++)", lambda: fewer_steps(e))]
     wanted = set(s.only.replace(" ", "").split(","))  # '2' or '3' names '2-3'
     todo = [(t, f) for t, f in sections if not s.only or {section_key(t), *section_key(t).split("-")} & wanted]
     keys = {section_key(t) for t, _ in todo}
-    if not todo or (keys - {"1", "8", "9"} and not {"1", "2-3"} <= keys):  # 2-7 use what 1 and 2-3 measured
-        raise SystemExit(f"--only {s.only}: the sections are 1, 2-3, 4, ..., 9; 2-7 need 1 and 2 (--only 1,2,5)")
+    if not todo or (keys - {"1", "8", "9", "10"} and not {"1", "2-3"} <= keys):  # 2-7 use what 1 and 2-3 measured
+        raise SystemExit(f"--only {s.only}: the sections are 1, 2-3, 4, ..., 10; 2-7 need 1 and 2 (--only 1,2,5)")
     path = Path(s.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     old, parts = path.read_text() if path.is_file() else "", {}
