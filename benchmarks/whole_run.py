@@ -40,6 +40,7 @@ folder that holds it with --torchvision-dir. It goes on the reference's PYTHONPA
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import statistics
@@ -62,6 +63,7 @@ FIGURE = Path(__file__).resolve().parent / "figures" / "whole_run_samples.png"
 INSTANCE, CLASS = "a photo of rraj person", "a photo of person"
 RANK, WEIGHT_DECAY, MAX_NORM, SEED = 4, 1e-4, 1.0, 0
 CLASS_STEPS = 50  # diffusers' script samples class images with the pipeline's default, 50 steps
+REFERENCE_CLASS_BATCH = 4  # ... and 4 per pipeline call (its --sample_batch_size default)
 SAMPLE_STEPS, GUIDANCE = 25, 5.0
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
              "HF_DATASETS_OFFLINE": "1", "TQDM_MININTERVAL": "0"}
@@ -78,6 +80,7 @@ class Recipe:
     class_images: int
     lr: float
     gradient_checkpointing: bool = False
+    protocol: str = "matched"  # class images: "matched" settings, or each script's "defaults"
     rank: int = RANK
     weight_decay: float = WEIGHT_DECAY
     max_norm: float = MAX_NORM
@@ -88,7 +91,7 @@ class Recipe:
 
     @property
     def label(self) -> str:
-        return f"{self.name}, checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+        return f"{self.name}, checkpointing {'on' if self.gradient_checkpointing else 'off'}, {self.protocol}"
 
 
 RECIPES = {"tiny": Recipe("tiny", TINY_MODEL, resolution=64, steps=100, class_images=10, lr=3e-3),
@@ -153,10 +156,19 @@ def minidream_args(out: Path, r: Recipe) -> list[str]:
             "--weight-decay", str(r.weight_decay), "--max-grad-norm", str(r.max_norm), "--lr-schedule", "constant",
             "--flip", "--no-center-crop", "--instance-prompt", INSTANCE, "--class-prompt", CLASS,
             "--prior", "--prior-weight", "1.0", "--num-class-images", str(r.class_images),
-            "--class-dir", str(out / "class"), "--class-steps", str(CLASS_STEPS), "--guidance-scale", str(GUIDANCE),
+            "--class-dir", str(out / "class"), *class_image_args(r), "--guidance-scale", str(GUIDANCE),
             "--validate-every", "0", "--save-every", str(r.save_every), "--keep-checkpoints", "2",
             "--log-every", "10", "--no-score",
             "--gradient-checkpointing" if r.gradient_checkpointing else "--no-gradient-checkpointing"]
+
+
+def class_image_args(r: Recipe) -> list[str]:
+    """matched: diffusers' script's settings as far as minidream has them (50 steps, 4 per call; DDIM,
+    as its Euler is not minidream's training-time sampler); defaults: none (the preset's sampler and
+    steps, prior.CPU_CLASS_BATCH per call), as a user runs train.py."""
+    if r.protocol == "defaults":
+        return []
+    return ["--sampler", "ddim", "--class-steps", str(CLASS_STEPS), "--class-batch", str(REFERENCE_CLASS_BATCH)]
 
 
 def minidream_losses(out: Path) -> list[float]:
@@ -180,7 +192,7 @@ def make_case(side: str, r: Recipe, args, counter: dict[str, int]):
     """A harness case: one fresh run of `side` with recipe `r` in its own new folder -> its figures."""
 
     def run() -> dict:
-        key = f"{r.name}-{'gc' if r.gradient_checkpointing else 'nogc'}-{side}"
+        key = f"{r.name}-{'gc' if r.gradient_checkpointing else 'nogc'}-{r.protocol}-{side}"
         counter[key] = counter.get(key, 0) + 1
         out = WORK / f"{key}-{counter[key]}"
         shutil.rmtree(out, ignore_errors=True)
@@ -255,13 +267,15 @@ def write_samples(r: Recipe, runs: dict[str, list[dict]]) -> None:
 
 
 def table(results: dict[Recipe, dict[str, list[dict]]]) -> str:
-    headers = ["model", "grad. checkpointing", "px", "steps", "class images", "minidream wall s", "diffusers wall s",
+    headers = ["model", "grad. checkpointing", "class images: settings", "px", "steps", "class images",
+               "minidream wall s", "diffusers wall s",
                "ratio wall", "minidream peak RSS GiB", "diffusers peak RSS GiB", "ratio RSS",
                "minidream final loss", "diffusers final loss"]
     rows = []
     for r, runs in results.items():
         ours, ref = runs["minidream"], runs["diffusers"]
-        rows.append([r.name, "on" if r.gradient_checkpointing else "off", r.resolution, r.steps, r.class_images,
+        rows.append([r.name, "on" if r.gradient_checkpointing else "off", r.protocol, r.resolution, r.steps,
+                     r.class_images,
                      f"{harness.median(ours, 'wall_s'):.1f} ({harness.spread(ours, 'wall_s')})",
                      f"{harness.median(ref, 'wall_s'):.1f} ({harness.spread(ref, 'wall_s')})",
                      f"{harness.paired_ratio(ours, ref, 'wall_s'):.2f}",
@@ -324,8 +338,8 @@ What differs between the two setups:
 def recipes(args) -> list[Recipe]:
     chosen = []
     for name in args.models.split(","):
-        for mode in args.checkpointing.split(","):
-            r = replace(RECIPES[name], gradient_checkpointing=mode == "on")
+        for mode, protocol in itertools.product(args.checkpointing.split(","), args.protocols.split(",")):
+            r = replace(RECIPES[name], gradient_checkpointing=mode == "on", protocol=protocol)
             if args.steps:
                 r = replace(r, steps=args.steps)
             if args.class_images:
@@ -338,6 +352,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="tiny,mid", help="base models, of tiny,mid [%(default)s]")
     parser.add_argument("--checkpointing", default="off,on", help="gradient checkpointing, of off,on [%(default)s]")
+    parser.add_argument("--protocols", default="matched,defaults", help="class-image settings, of matched,defaults: "
+                        "the same as far as both scripts allow, or each script's own [%(default)s]")
     parser.add_argument("--steps", type=int, help="optimizer steps per run [per model: tiny 100, mid 10]")
     parser.add_argument("--class-images", type=int, help="class images per run [per model: tiny 10, mid 4]")
     parser.add_argument("--repeats", type=int, default=2, help="counted rounds per recipe [%(default)s]")
@@ -349,7 +365,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if not REFERENCE.exists():
         parser.error(f"diffusers' script not found at {REFERENCE}")
-    choices = (("--models", args.models, RECIPES), ("--checkpointing", args.checkpointing, ("off", "on")))
+    choices = (("--models", args.models, RECIPES), ("--checkpointing", args.checkpointing, ("off", "on")),
+               ("--protocols", args.protocols, ("matched", "defaults")))
     for flag, value, allowed in choices:
         if not value or any(part not in allowed for part in value.split(",")):
             parser.error(f"{flag} {value!r}: a comma-separated list of {', '.join(allowed)}")
