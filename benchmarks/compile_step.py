@@ -339,8 +339,8 @@ def conclusion(train: dict, sample: dict) -> str:
         if cmp["s"] is None:
             return f"failed ({fig.get('error')})"
         e = statistics.median(eager["step_s"])
-        return (f"{e:.3f} -> {cmp['s']:.3f} s/step ({e / cmp['s']:.2f}x), compile {cmp['compile_s']:.0f} s, "
-                f"break-even {cmp['break_even']} steps")
+        even = "never breaks even" if cmp["break_even"] == "never" else f"break-even {cmp['break_even']} steps"
+        return f"{e:.3f} -> {cmp['s']:.3f} s/step ({e / cmp['s']:.2f}x), compile {cmp['compile_s']:.0f} s, {even}"
 
     lines = ["Conclusion (generated from the figures above):", "",
              f"- tiny model, preset (checkpointing off), cold cache: {pays('tiny', 'off')}; warm cache: "
@@ -362,10 +362,11 @@ def conclusion(train: dict, sample: dict) -> str:
 
 
 def kept_note(args) -> str:
-    if not getattr(args, "keep", False):
+    if not getattr(args, "keep", False) or not RAW.exists():
         return ""
-    return (" With --keep, the figures of the tiny model and of sampling come from the previous run of this "
-            "command (its raw figures: runs/bench-compile/compile_step.json); the machine line is this run's.")
+    earlier = json.loads(RAW.read_text()).get("machine", {}).get("load average", "?")
+    return (f"\nWith --keep, cases measured without error by the previous run of this command (load average "
+            f"{earlier}; raw figures in runs/bench-compile/compile_step.json) were kept, not measured again.")
 
 
 def report(args, info: dict, train: dict, sample: dict) -> str:
@@ -442,7 +443,7 @@ def main() -> None:
     body = report(args, info, train, sample)
     print(body)
     RAW.parent.mkdir(parents=True, exist_ok=True)
-    RAW.write_text(json.dumps({"train": {" | ".join(k): v for k, v in train.items()},
+    RAW.write_text(json.dumps({"machine": info, "train": {" | ".join(k): v for k, v in train.items()},
                                "sample": {" | ".join(k): v for k, v in sample.items()}}, indent=1))
     if not args.no_write and not args.quick:
         harness.write_section("compile", body)
