@@ -113,6 +113,8 @@ class TrainConfig:
     seed: int = setting(0, "seeds the LoRA init, crops, data order, noise, timesteps, class images")
     gradient_checkpointing: bool | None = setting(None, "recompute activations in backward "
                                                   "[preset]")
+    compile: bool = setting(False, "torch.compile the UNet (on a CPU a first run is slower, "
+                            "compile time included: benchmarks/RESULTS.md g)")
     optimizer: str = setting("adamw8bit", "bitsandbytes 8-bit AdamW, or torch AdamW (also used, "
                              "with a warning, where bitsandbytes cannot run)", choices=OPTIMIZERS)
     weight_decay: float = setting(1e-4, "AdamW decoupled weight decay")

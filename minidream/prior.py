@@ -1,7 +1,8 @@
 """Class images for prior preservation (Ruiz et al. 2022, sec. 3.3, eq. 2; step.py), made by the
 *base* model itself so the class does not drift towards the subject. Only missing images are made,
 each written atomically as class-NNNNN.png with seed = class_seed + NNNNN: an interrupted
-generation resumes, and image NNNNN is the same whenever it is made."""
+generation resumes, and image NNNNN is the same whenever it is made (bit for bit one per UNet
+call; in batches up to the rounding of a larger matmul, pixel values within 1)."""
 
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ def fill_class_folder(plan: ClassImagePlan, model, prompt: str, *, resolution: i
                       negative_prompt: str | None = None, progress: bool = True, dist=None):
     """Generate the plan's missing images with `model` (the base model, before any LoRA) and return
     the images training uses. With dist (torchrun), rank r makes missing image r, r + N, ...
-    batch: images per UNet call (0: class_batch_size's choice after the first image); image NNNNN
-    is the same in any batch (its x_T drawn from its own seed)."""
+    batch: images per UNet call (0: class_batch_size's choice after the first image); each image's
+    x_T is drawn from its own seed, whatever the batch."""
     if plan.missing:
         taken = {int(m.group(1)) for p in plan.folder.iterdir() if (m := NAME.match(p.name))}
         free = [i for i in range(len(taken) + plan.missing) if i not in taken][: plan.missing]

@@ -77,9 +77,8 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
     """Run a DreamBooth training or continue one (cfg: cli.args.resumed_config); returns the run.
 
     method_class: what trains (LoRA; minidream.methods: full fine-tuning, textual inversion).
-    dist: OneProcess(), or minidream.parallel.distributed.setup() under torchrun.
-    models: what reads model paths (minidream.formats: load_model, model_image_size, ...).
-    sampler_table: name -> sampler, for cfg.sampler (more_samplers.SAMPLERS: every one)."""
+    dist: OneProcess(), or minidream.parallel.distributed.setup() under torchrun. models: what
+    reads model paths (minidream.formats). sampler_table: cfg.sampler's choices (more_samplers)."""
     dist = dist or OneProcess()
     cfg, subject, device, precision, sampler = settings(cfg, method_class, dist, models,
                                                         sampler_table)  # cheap checks
@@ -102,12 +101,13 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
     method = method_class(model, cfg, subject.token, subject.class_noun)
     optimizer, optimizer_name = make_optimizer(method.param_groups(), cfg.optimizer, lr=cfg.lr,
                                                weight_decay=cfg.weight_decay)
-    scaler = make_grad_scaler(precision)
-    progress = new_progress(cfg.seed, cache)
+    scaler, progress = make_grad_scaler(precision), new_progress(cfg.seed, cache)
     if cfg.resume:
         resume(run, method, optimizer, scaler, progress)
     prompts = PromptTable([method.prompt(p) for p in cache.prompts],
                           model.text if trains_text else None, *cached_prompts(cache, device))
+    if cfg.compile:  # in place (state_dict keys kept), after the adapters exist
+        model.unet.compile()
     text_modules = {k: m for k, m in method.trained_modules().items() if k != "unet"}
     denoiser = dist.wrap(model.unet, text_modules, find_unused=cfg.train_text_encoder)
     alpha_bar = alphas_cumprod(model.schedule).to(device)  # the noise schedule's table

@@ -22,6 +22,7 @@ from minidream.data import DataError
 from minidream.formats.lora_stack import stack_layers
 from minidream.formats.lora_files import load_lora
 from minidream.formats.models import load_model
+from minidream.lora import LoRALayer
 from minidream.optim import make_optimizer
 from minidream.pipeline import NonFiniteError, generate
 from minidream.prior import CPU_CLASS_BATCH, class_batch_size, fill_class_folder, plan_class_images
@@ -253,6 +254,26 @@ def test_text_encoder_lora_trains_and_is_saved(world, tmp_path):
         ups = [v for k, v in keys.items() if k.startswith(component + ".") and ".lora_B." in k]
         assert ups and any(v.abs().max() > 0 for v in ups), component
     assert all(r[3] == "0.0" for r in losses(run))  # no prior term
+
+
+def test_compile_compiles_the_unet_in_place_after_the_adapters(world, tmp_path, monkeypatch):
+    """--compile calls nn.Module.compile on the UNet once its LoRA layers exist (torch.compile made
+    an identity here: inductor's own numbers are benchmarks/compile_step.py's); the run and its file
+    are those of an eager run."""
+    compiled = []
+
+    def record(fn, *args, **kwargs):
+        compiled.append(fn.__self__)
+        assert any(isinstance(m, LoRALayer) for m in fn.__self__.modules())
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    eager = train(config(world, tmp_path / "eager", steps=2, prior=False))
+    assert compiled == []
+    run = train(config(world, tmp_path / "compiled", steps=2, prior=False, compile=True))
+    assert len(compiled) == 1 and compiled[0].__class__.__name__ == "UNet"
+    want, got = load_file(eager / LORA_FILE), load_file(run / LORA_FILE)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_lora_targets_choose_the_unet_layers_and_the_file_loads_back(world, tmp_path):
