@@ -74,7 +74,8 @@ def build_pair(dtype: torch.dtype, checkpointing: bool, seed: int = 0):
             if ".lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
                 # fp32 adapters, as the script's cast_training_params(unet, torch.float32) makes them
-                ref_params[name + ".weight"].data = p.detach().clone().float()
+                peft_name = name.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+                ref_params[peft_name].data = p.detach().clone().float()
     ours.enable_gradient_checkpointing(checkpointing)
     if checkpointing:
         ref.enable_gradient_checkpointing()

@@ -8,8 +8,8 @@
 Every step is taken as diffusers' StableDiffusionXLPipeline takes it (noise and DDIM's eta noise
 from one CPU generator seeded with `seed`, [uncond; cond] in one UNet call), so the same seed gives
 the same image. The sampler is a function, k-diffusion style:
-generate(model, prompt, sampler=samplers.pndm); minidream.more_samplers has Euler, and sample.py's
-table (cli/sample_command.py) names them."""
+generate(model, prompt, sampler=samplers.pndm); minidream.more_samplers has Euler and
+DPM-Solver++, and its SAMPLERS table names them all (sample.py --sampler, train.py --sampler)."""
 
 from __future__ import annotations
 
