@@ -31,12 +31,12 @@ def channel_norm(weight: torch.Tensor) -> torch.Tensor:
     return weight.flatten(1).norm(dim=1)
 
 
-def decomposed(weight: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """m * W / ||W||, the norm over the dims where `magnitude` has size 1 (detached, sec. 4.3):
-    m (out, 1[, 1, 1]) normalises each output channel (eq. 5 as peft), m (1, in[, 1, 1]) each
-    input channel (LyCORIS's wd_on_out=False files)."""
+def magnitude_factor(weight: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """f = m / ||W||, so that f * W is eq. 5's W'. The norm, over the dims where `magnitude` has size
+    1, is a constant (sec. 4.3). m (out, 1[, 1, 1]) normalises each output channel (the paper's
+    ||.||_c as peft computes it), m (1, in[, 1, 1]) each input channel (LyCORIS, wd_on_out=False)."""
     dims = tuple(d for d, size in enumerate(magnitude.shape) if size == 1)
-    return weight * (magnitude / weight.norm(dim=dims, keepdim=True).detach())
+    return magnitude / torch.linalg.vector_norm(weight.detach(), dim=dims, keepdim=True)
 
 
 class DoRALayer(LoRALayer):
@@ -55,9 +55,8 @@ class DoRALayer(LoRALayer):
     def dora_factor(self) -> torch.Tensor:
         """f = m / ||W0 + s B A||_c, shaped like m; the norm is a constant (sec. 4.3)."""
         m = self.lora_magnitude_vector
-        with torch.no_grad():
-            norm = channel_norm(self.weight.to(m.dtype) + self.delta_weight().to(m.dtype))
-        return m / norm.view(m.shape)
+        w = self.weight.to(m.dtype) + self.delta_weight().to(m.dtype)  # W0 + s B A
+        return magnitude_factor(w, m.view(-1, *[1] * (w.dim() - 1))).view(m.shape)
 
     def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """W0 x without the bias (Linear, QuantLinear: W0 dequantised; Conv2d)."""
