@@ -123,3 +123,83 @@ def test_quantised_base():
     assert rel(layer(x), want) < 1e-5
     layer(x).sum().backward()
     assert layer.lora_magnitude_vector.grad is not None and layer.lora_B.weight.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: written by minidream, read by diffusers and minidream; peft's read by minidream
+
+
+from safetensors.torch import save_file  # noqa: E402
+
+from lora_models import reference_unet, rel_err, unet_under_test  # noqa: E402
+from minidream.formats.lora_files import add_loras, load_lora, read_lora, read_safetensors  # noqa: E402
+from minidream.formats.lora_stack import merge_lora, stack_layers, unmerge_lora  # noqa: E402
+from minidream.lora_file import DIFFUSERS_METADATA_KEY  # noqa: E402
+from minidream.methods.dora_file import save_dora  # noqa: E402
+from test_lora_files import (assert_same_outputs, base_models, loaded_by_diffusers,  # noqa: E402
+                             outputs)
+
+BLOCK = "down_blocks.1.attentions.0.transformer_blocks.0"
+
+
+def dora_models():
+    """The tiny UNet and text encoders with random DoRA adapters (A, B and m all non-trivial):
+    attention and a resnet conv in the UNet (alpha 8, rank 4), attention in the text encoders."""
+    unet, te1, te2 = base_models()
+    inject_dora(unet, ("attn1.to_q", "attn1.to_v", "attn2.to_out.0", "resnets.0.conv1"), rank=4, alpha=8)
+    inject_dora(te1, "text", rank=2, alpha=3)
+    inject_dora(te2, "text", rank=2, alpha=2)
+    for seed, model in enumerate((unet, te1, te2)):
+        randomize(model.named_parameters(), seed=seed)
+    return unet, te1, te2
+
+
+def test_diffusers_layout_loads_in_diffusers_and_minidream_fused(tmp_path):
+    models = dora_models()
+    path = save_dora(tmp_path / "dora.safetensors", unet=models[0], text_encoder=models[1],
+                     text_encoder_2=models[2], token="rraj")
+    tensors, meta = read_safetensors(path)
+    conv = "unet.down_blocks.0.resnets.0.conv1"
+    assert tensors[f"unet.{BLOCK}.attn1.to_q.lora_magnitude_vector"].shape == (64,)
+    assert tensors[f"{conv}.lora_magnitude_vector"].shape == (1, 32, 1, 1)  # peft's conv shape
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_magnitude_vector.weight" in tensors
+    config = json.loads(meta[DIFFUSERS_METADATA_KEY])
+    assert config["unet.use_dora"] and config["text_encoder.use_dora"] and meta["token"] == "rraj"
+    want = outputs(*models)
+    assert min(rel_err(w, p) for w, p in zip(want, outputs(*base_models()))) > 1e-3
+
+    pipe, got = loaded_by_diffusers(path)
+    assert type(pipe.unet.get_submodule(f"{BLOCK}.attn1.to_q").lora_magnitude_vector["default_0"]).__name__ \
+        == "DoraLinearLayer"
+    assert_same_outputs(got, want)
+    ours = base_models()
+    load_lora(path, unet=ours[0], text_encoder=ours[1], text_encoder_2=ours[2])
+    assert_same_outputs(outputs(*ours), want)  # unfused: the adapted weight each call
+    weights = [m.weight.clone() for model in ours for _, m in stack_layers(model)]
+    for model in ours:
+        merge_lora(model)
+    assert_same_outputs(outputs(*ours), want)  # fused
+    for model in ours:
+        unmerge_lora(model)
+    restored = [m.weight for model in ours for _, m in stack_layers(model)]
+    # W0 = W' / f - s B A in fp32, with s B A several times W0 here: rounding, cancelled
+    assert max(rel_err(a, b) for a, b in zip(restored, weights)) < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["kohya", "kohya_sgm"])
+def test_kohya_layout_round_trip(tmp_path, layout):
+    models = dora_models()
+    path = save_dora(tmp_path / "k.safetensors", unet=models[0], text_encoder=models[1],
+                     text_encoder_2=models[2], layout=layout)
+    tensors, _ = read_safetensors(path)
+    stem = "lora_unet_input_blocks_3_1" if layout == "kohya_sgm" else "lora_unet_down_blocks_1_attentions_0"
+    assert tensors[f"{stem}_transformer_blocks_0_attn1_to_q.dora_scale"].shape == (64, 1)  # LyCORIS
+    assert tensors[f"lora_unet_{'input_blocks_1_0_in_layers_2' if layout == 'kohya_sgm' else 'down_blocks_0_resnets_0_conv1'}"
+                   ".dora_scale"].shape == (32, 1, 1, 1)
+    assert read_lora(path).layout == layout
+    ours = base_models()
+    load_lora(path, unet=ours[0], text_encoder=ours[1], text_encoder_2=ours[2])
+    for model in ours:
+        merge_lora(model)
+    assert_same_outputs(outputs(*ours), outputs(*models))
+
