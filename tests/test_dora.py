@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-from minidream.lora import LoRALayer
+from minidream.lora import UNET_ATTENTION, LoRALayer
 from minidream.methods.dora import (DoRAConv2d, DoRALinear, DoRAQuantLinear, dora_parameters,
                                     dora_state_dict, inject_dora, load_dora_state_dict,
                                     mark_only_dora_trainable)
@@ -129,9 +129,13 @@ def test_quantised_base():
 # Files: written by minidream, read by diffusers and minidream; peft's read by minidream
 
 
+from diffusers import DDIMScheduler, StableDiffusionXLPipeline  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from lora_models import reference_unet, rel_err, unet_under_test  # noqa: E402
+from lora_models import rel_err, write_random_lora  # noqa: E402
+from minidream.formats.models import load_model  # noqa: E402
+from minidream.pipeline import sample_latents  # noqa: E402
+from minidream.toy.tiny import write_tiny_sdxl  # noqa: E402
 from minidream.formats.lora_files import add_loras, load_lora, read_lora, read_safetensors  # noqa: E402
 from minidream.formats.lora_stack import merge_lora, stack_layers, unmerge_lora  # noqa: E402
 from minidream.lora_file import DIFFUSERS_METADATA_KEY  # noqa: E402
@@ -203,3 +207,111 @@ def test_kohya_layout_round_trip(tmp_path, layout):
         merge_lora(model)
     assert_same_outputs(outputs(*ours), outputs(*models))
 
+
+
+def peft_file(model, adapter: str, path, rank: int, alpha: float, dora: bool):
+    """Adapter `adapter` of a peft model written as diffusers writes a UNet's: peft's own state-dict
+    keys under "unet.", its LoraConfig in the metadata."""
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
+    tensors = {"unet." + k.removeprefix("base_model.model."): v.contiguous() for k, v in state.items()}
+    config = {"unet.r": rank, "unet.lora_alpha": alpha, "unet.use_dora": dora}
+    save_file(tensors, path, metadata={DIFFUSERS_METADATA_KEY: json.dumps(config)})
+    return path
+
+
+@pytest.mark.parametrize("order", [("dora", "plain"), ("plain", "dora")])
+def test_peft_files_fuse_as_merge_and_unload(tmp_path, order):
+    """A peft DoRA adapter, stacked with a plain LoRA one in either order: minidream's stack gives
+    peft's outputs unmerged and peft's merge_and_unload weights fused."""
+    torch.manual_seed(0)
+    base = Tiny()
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(use_dora=True, r=2, lora_alpha=6,
+                                                            target_modules=["lin", "conv"]), "dora")
+    theirs.add_adapter("plain", LoraConfig(r=3, lora_alpha=4, target_modules=["lin", "conv"]))
+    theirs.base_model.set_adapter(list(order))
+    randomize(theirs.named_parameters())
+    files = {"dora": peft_file(theirs, "dora", tmp_path / "dora.safetensors", 2, 6, True),
+             "plain": peft_file(theirs, "plain", tmp_path / "plain.safetensors", 3, 4, False)}
+    ours = copy.deepcopy(base)
+    for name in order:
+        load_lora(files[name], unet=ours, name=name)
+    g = torch.Generator().manual_seed(1)
+    inputs = torch.randn(3, 12, generator=g), torch.randn(2, 5, 6, 6, generator=g)
+    with torch.no_grad():
+        errs = [rel(a, b) for a, b in zip(ours(*inputs), theirs(*inputs))]
+        merge_lora(ours)
+        fused = theirs.merge_and_unload()
+        errs += [rel(getattr(ours, m).weight, getattr(fused, m).weight) for m in ("lin", "conv")]
+        plain = [rel(getattr(base, m).weight, getattr(fused, m).weight) for m in ("lin", "conv")]
+    print(f"{' then '.join(order)}: max rel err outputs {max(errs[:2]):.1e}, fused weights {max(errs[2:]):.1e}")
+    assert max(errs) < 1e-6 and min(plain) > 0.1
+
+
+def test_kohya_input_axis_dora_scale(tmp_path):
+    """LyCORIS with wd_on_out=False (OneTrainer's files): dora_scale (1, in[, 1, 1]) is the length of
+    each input channel's weights (a column of W, over out and the kernel)."""
+    torch.manual_seed(0)
+    model = Tiny()
+    g = torch.Generator().manual_seed(2)
+    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    parts = {"lin": (rand(2, 12), rand(7, 2), rand(1, 12).abs()),
+             "conv": (rand(2, 5, 3, 3), rand(6, 2, 1, 1), rand(1, 5, 1, 1).abs())}
+    tensors = {}
+    for name, (down, up, scale) in parts.items():
+        tensors |= {f"lora_unet_{name}.lora_down.weight": down, f"lora_unet_{name}.lora_up.weight": up,
+                    f"lora_unet_{name}.alpha": torch.tensor(1.0), f"lora_unet_{name}.dora_scale": scale}
+    save_file(tensors, tmp_path / "onetrainer.safetensors")
+    want = {}
+    for name, (down, up, scale) in parts.items():  # ComfyUI's weight_decompose, input axis
+        w0 = getattr(model, name).weight.detach()
+        w = w0 + (up.flatten(1) @ down.flatten(1)).view(w0.shape) * 0.5  # alpha 1 / rank 2
+        want[name] = w * scale / w.transpose(0, 1).flatten(1).norm(dim=1).view(scale.shape)
+    load_lora(tmp_path / "onetrainer.safetensors", unet=model)
+    merge_lora(model)
+    errs = [rel(getattr(model, name).weight, want[name]) for name in parts]
+    assert max(errs) < 1e-6, errs
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling with DoRA files (sample.py's add_loras): the images diffusers makes
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_tiny_sdxl(tmp_path_factory.mktemp("dora") / "tiny-sdxl", seed=1, dtype=torch.float32)
+
+
+def dora_file(folder, path, seed=3):
+    """A DoRA file for the tiny SDXL in `folder`: UNet attention and conv1, text attention."""
+    throwaway = load_model(folder)
+    unet, te1, te2 = throwaway.unet, throwaway.text.text_encoder, throwaway.text.text_encoder_2
+    inject_dora(unet, UNET_ATTENTION + ("resnets.0.conv1",), rank=4, alpha=8)
+    inject_dora(te1, "text", rank=2, alpha=2)
+    for i, model in enumerate((unet, te1)):
+        randomize(model.named_parameters(), seed=seed + i)
+    return save_dora(path, unet=unet, text_encoder=te1)
+
+
+def test_sampling_with_dora_files_matches_diffusers(folder, tmp_path):
+    """add_loras (fused) with a DoRA file alone, then stacked after a plain LoRA at strength 0.7,
+    gives diffusers' latents (load_lora_weights + set_adapters)."""
+    dora = dora_file(folder, tmp_path / "dora.safetensors")
+    throwaway = load_model(folder)
+    lora = write_random_lora(tmp_path / "lora.safetensors", throwaway.unet, seed=5)
+    prompt, kw = "a photo of rraj person", dict(steps=4, seed=0, height=64, width=64, progress=False)
+    plain = sample_latents(load_model(folder), prompt, **kw)
+    for loras in ([(dora, 1.0)], [(lora, 1.0), (dora, 0.7)]):
+        model = load_model(folder)
+        add_loras(model, loras)
+        got = sample_latents(model, prompt, **kw)
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder, dtype=torch.float32, add_watermarker=False)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        names = [f"a{i}" for i in range(len(loras))]
+        for name, (path, _) in zip(names, loras):
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+        want = pipe(prompt=prompt, num_inference_steps=4, guidance_scale=5.0, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+        print(f"{len(loras)} file(s): latents rel err {rel_err(got, want):.2e}")
+        assert rel_err(got, want) <= 1e-4 and rel_err(got, plain) > 1e-2
