@@ -247,6 +247,26 @@ def test_peft_files_fuse_as_merge_and_unload(tmp_path, order):
     assert max(errs) < 1e-6 and min(plain) > 0.1
 
 
+def test_dora_file_on_a_quantised_model(tmp_path):
+    """int8 Linear weights keep a DoRA file's adapter unmerged: each call runs the adapted weight,
+    from W0 dequantised; the same as fusing the file into the dequantised weights."""
+    torch.manual_seed(0)
+    theirs = get_peft_model(Tiny(), LoraConfig(use_dora=True, r=2, lora_alpha=6, target_modules=["lin"]))
+    randomize(theirs.named_parameters())
+    path = peft_file(theirs, "default", tmp_path / "dora.safetensors", 2, 6, True)
+    quantised = quantise_model(Tiny(), "int8")
+    reference = Tiny()
+    reference.lin.weight.data = quantised.lin.weight.clone()
+    reference.lin.bias.data = quantised.lin.bias.clone()
+    for model in (quantised, reference):
+        load_lora(path, unet=model)
+    merge_lora(reference)
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        err = rel(quantised.lin(x), reference.lin(x))
+    assert err < 1e-6 and not quantised.lin.merged
+
+
 def test_kohya_input_axis_dora_scale(tmp_path):
     """LyCORIS with wd_on_out=False (OneTrainer's files): dora_scale (1, in[, 1, 1]) is the length of
     each input channel's weights (a column of W, over out and the kernel)."""

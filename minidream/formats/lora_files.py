@@ -43,8 +43,7 @@ from minidream.formats.loading import widen_float8
 from minidream.lora_file import LoRAWeights
 from minidream.formats.lora_stack import merge_lora
 from minidream.quant.linear import quantised_layers
-from minidream.formats.lora_weights import (DoRAWeights, LoRAFileError, check_adapter_weights, load_adapter_weights,
-                                           mismatch_error)
+from minidream.formats.lora_weights import DoRAWeights, LoRAFileError, check_adapter_weights, load_adapter_weights, mismatch_error
 from minidream.lora_file import DIFFUSERS_METADATA_KEY, diffusers_tensors, file_module_name
 from minidream.lora_file import save_lora as save_diffusers_layout
 from minidream.formats.sgm_keys import sgm_unet_name
@@ -113,7 +112,8 @@ def read_lora(path) -> LoRAFile:
         alphas = lambda component, module, rank: float(rank)  # noqa: E731  (kohya: no alpha = rank)
     else:
         parts, alphas = _parse_diffusers(tensors, layout), _diffusers_alphas(metadata, path)
-    return LoRAFile(layout, _assemble(parts, alphas, path, kohya=layout.startswith("kohya")), metadata)
+    kohya = layout.startswith("kohya")
+    return LoRAFile(layout, _assemble(parts, alphas, path, kohya), metadata)
 
 
 def _key_kind(key: str) -> str:
@@ -266,8 +266,8 @@ def _parse_kohya(tensors) -> dict[str, dict[str, LoRAWeights]]:
 
 
 def _assemble(parts, default_alpha, path, kohya: bool) -> dict[str, dict[str, LoRAWeights]]:
-    """{component: {module: LoRAWeights}} from each module's down, up and alpha tensors, each checked;
-    DoRAWeights where a magnitude comes too. A kohya dora_scale (1, in[, 1, 1]) is per input channel."""
+    """{component: {module: LoRAWeights}} from each module's down, up and alpha tensors, each
+    checked; DoRAWeights with a magnitude (a kohya dora_scale (1, in[, 1, 1]): input channels)."""
     adapters: dict[str, dict[str, LoRAWeights]] = defaultdict(dict)
     for (component, module), p in parts.items():
         missing = [name for name in ("down", "up") if name not in p]
@@ -280,11 +280,12 @@ def _assemble(parts, default_alpha, path, kohya: bool) -> dict[str, dict[str, Lo
                                 "re-download or re-train it")
         rank = p["down"].shape[0]
         alpha = float(p["alpha"].item()) if "alpha" in p else default_alpha(component, module, rank)
-        adapters[component][module] = LoRAWeights(p["down"], p["up"], alpha)
-        if "magnitude" in p:
+        if "magnitude" in p:  # DoRA
             m = p["magnitude"]
             on_output = not kohya or m.shape[0] != 1 or m.numel() == 1
             adapters[component][module] = DoRAWeights(p["down"], p["up"], alpha, m.flatten(), on_output)
+        else:
+            adapters[component][module] = LoRAWeights(p["down"], p["up"], alpha)
     return dict(adapters)
 
 

@@ -62,13 +62,16 @@ class LoRAStack:
     def dora_factors(self) -> dict[str, torch.Tensor]:
         """f = m / ||W0 + s B A|| of each active DoRA adapter, from W0 (in fp32 or wider)."""
         names = [name for name in self.active if name in self.lora_magnitude_vector]
-        w0 = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32)) if names else None
+        w0 = self.wide_weight() if names else None
         return {name: magnitude_factor(w0 + self.delta_weight(name) * self.scaling(name),
                                        self.lora_magnitude_vector[name]) for name in names}
 
+    def wide_weight(self) -> torch.Tensor:  # W0 in fp32 (fp64 stays), for DoRA's norms
+        return self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+
     def adapted_weight(self, factors: dict) -> torch.Tensor:
-        """W0 with the active adapters applied in order (peft's): W + s B A, for DoRA f (W + s B A)."""
-        w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        """W0 with the active adapters applied in order (peft's): W + s B A; DoRA f (W + s B A)."""
+        w = self.wide_weight()
         for name in self.active:
             w = w + self.delta_weight(name).to(w.dtype) * self.scaling(name)
             w = factors[name] * w if name in factors else w
@@ -77,8 +80,10 @@ class LoRAStack:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factors = {} if self.merged else self.dora_factors()
         if factors:  # DoRA, unmerged (a quantised W0): run the adapted weight
-            w, bias = self.adapted_weight(factors).to(x.dtype), self.bias
-            return self._conv_forward(x, w, bias) if isinstance(self, nn.Conv2d) else F.linear(x, w, bias)
+            w = self.adapted_weight(factors).to(x.dtype)
+            if isinstance(self, nn.Conv2d):
+                return self._conv_forward(x, w, self.bias)
+            return F.linear(x, w, self.bias)
         out = super().forward(x)  # W0 x (+ bias): nn.Linear / nn.Conv2d
         if self.merged:
             return out  # the active adapters are already inside self.weight
@@ -168,7 +173,8 @@ def unmerge_layer(layer: LoRAStack) -> None:
     """Subtract what merge_layer() added (divide by each DoRA factor, last adapter first):
     exact up to rounding in the weight's dtype."""
     for name, s in reversed(layer.merged.items()):
-        w = layer.weight / layer.merged_factors[name] if name in layer.merged_factors else layer.weight
+        f = layer.merged_factors.get(name)
+        w = layer.weight if f is None else layer.weight / f
         layer.weight.copy_(w - (layer.delta_weight(name) * s).to(layer.weight.dtype))
     layer.merged, layer.merged_factors = {}, {}
 

@@ -94,14 +94,16 @@ def check_adapter_weights(model: nn.Module, name: str, weights: dict[str, LoRAWe
 
 
 def _fit_magnitude(key: str, w: LoRAWeights, shape: tuple) -> torch.Tensor | None:
-    """A DoRA magnitude shaped to scale the weight's output (out, 1, ..) or input (1, in, ..) channels."""
+    """A DoRA magnitude shaped to scale the weight's output (out, 1, ..) or input (1, in, ..)
+    channels; None for a LoRA."""
     if not isinstance(w, DoRAWeights):
         return None
     axis = 0 if w.on_output else 1
     if w.magnitude.numel() != shape[axis]:
-        raise LoRAFileError(f"DoRA magnitude mismatch at {key}: {w.magnitude.numel()} numbers for the "
-                            f"{shape[axis]} {'output' if w.on_output else 'input'} channels of the "
-                            f"module's weight {tuple(shape)}; the LoRA was made for another base model")
+        side = "output" if w.on_output else "input"
+        raise LoRAFileError(f"DoRA magnitude mismatch at {key}: {w.magnitude.numel()} numbers for "
+                            f"the {shape[axis]} {side} channels of the module's weight "
+                            f"{tuple(shape)}; the LoRA was made for another base model")
     view = [1] * len(shape)
     view[axis] = shape[axis]
     return w.magnitude.reshape(view)
@@ -112,4 +114,5 @@ def load_adapter_weights(model: nn.Module, name: str, weights: dict[str, LoRAWei
     """Add adapter `name` holding `weights` to `model`. Everything is checked first
     (check_adapter_weights), so a bad LoRA leaves the model untouched."""
     for key, (down, up, alpha, magnitude) in check_adapter_weights(model, name, weights).items():
-        stack_layer(model.get_submodule(key)).add_adapter(name, down, up, alpha, scale, dtype, magnitude)
+        layer = stack_layer(model.get_submodule(key))
+        layer.add_adapter(name, down, up, alpha, scale, dtype, magnitude)

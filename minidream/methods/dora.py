@@ -3,8 +3,8 @@ Weight-Decomposed Low-Rank Adaptation", eq. (5):
 
     W' = m * (W0 + s B A) / ||W0 + s B A||_c
 
-W0 is frozen, A and B are LoRA's adapter (minidream/lora.py, s = alpha / r), and m is a trained vector
-with one number per output channel, initialised to ||W0||_c so that W' = W0 at the start (B = 0).
+W0 is frozen, A and B are LoRA's adapter (minidream/lora.py, s = alpha / r), and m is a trained
+vector, one number per output channel, initialised to ||W0||_c so that W' = W0 at first (B = 0).
 ||.||_c is the norm of each output channel's weights (over in, or in x kh x kw for a conv), as peft
 computes it. Sec. 4.3: the norm is treated as a constant (detached), so no gradient flows through
 it; this saves its backward pass at little cost in accuracy.
@@ -32,17 +32,17 @@ def channel_norm(weight: torch.Tensor) -> torch.Tensor:
 
 
 def magnitude_factor(weight: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """f = m / ||W||, so that f * W is eq. 5's W'. The norm, over the dims where `magnitude` has size
-    1, is a constant (sec. 4.3). m (out, 1[, 1, 1]) normalises each output channel (the paper's
-    ||.||_c as peft computes it), m (1, in[, 1, 1]) each input channel (LyCORIS, wd_on_out=False)."""
+    """f = m / ||W||, so that f * W is eq. 5's W'. The norm, over the dims where `magnitude` has
+    size 1, is a constant (sec. 4.3). m (out, 1[, 1, 1]) normalises each output channel (||.||_c
+    as peft computes it), m (1, in[, 1, 1]) each input channel (LyCORIS with wd_on_out=False)."""
     dims = tuple(d for d, size in enumerate(magnitude.shape) if size == 1)
     return magnitude / torch.linalg.vector_norm(weight.detach(), dim=dims, keepdim=True)
 
 
 class DoRALayer(LoRALayer):
-    """The DoRA adapter of DoRALinear / DoRAConv2d / DoRAQuantLinear: LoRA's A, B, alpha, dropout and
-    `lora_magnitude_vector`, m in peft's shape: (out,) for Linear, (1, out, 1, 1) for Conv2d (the
-    shape of one output position, so it scales y directly)."""
+    """The adapter of DoRALinear / DoRAConv2d / DoRAQuantLinear: LoRA's A, B, alpha, dropout, and
+    `lora_magnitude_vector`, m in peft's shape: (out,) for a Linear, (1, out, 1, 1) for a Conv2d
+    (the shape of the output's channel dim, so f scales y directly)."""
 
     def delta_weight(self) -> torch.Tensor:
         """s B A shaped like W0 (for a conv: B @ A over the flattened kernel)."""
@@ -55,7 +55,8 @@ class DoRALayer(LoRALayer):
     def dora_factor(self) -> torch.Tensor:
         """f = m / ||W0 + s B A||_c, shaped like m; the norm is a constant (sec. 4.3)."""
         m = self.lora_magnitude_vector
-        w = self.weight.to(m.dtype) + self.delta_weight().to(m.dtype)  # W0 + s B A
+        with torch.no_grad():
+            w = self.weight.to(m.dtype) + self.delta_weight().to(m.dtype)  # W0 + s B A
         return magnitude_factor(w, m.view(-1, *[1] * (w.dim() - 1))).view(m.shape)
 
     def base_matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,8 +72,9 @@ class DoRALayer(LoRALayer):
             x = self.lora_dropout(x)
             w0x = self.base_matmul(x)  # W0 of the dropped-out input, as peft
         else:
-            bias = self.bias if self.bias is None or isinstance(self, nn.Linear) else self.bias.view(-1, 1, 1)
-            w0x = h if bias is None else h - bias  # W0 x: the base output less its bias
+            conv = isinstance(self, nn.Conv2d)
+            b = self.bias.view(-1, 1, 1) if conv and self.bias is not None else self.bias
+            w0x = h if b is None else h - b  # W0 x: the base output less its bias
         f = self.dora_factor()
         return h + ((f - 1) * w0x + f * self.lora_B(self.lora_A(x)) * self.scaling()).to(h.dtype)
 
@@ -136,7 +138,7 @@ def mark_only_dora_trainable(model: nn.Module) -> None:  # requires_grad on A, B
 
 
 def dora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """peft's keys: <module>.lora_A.weight, <module>.lora_B.weight, <module>.lora_magnitude_vector."""
+    """peft's keys: <module>.lora_A.weight, .lora_B.weight and .lora_magnitude_vector."""
     return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
 
 

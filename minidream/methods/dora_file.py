@@ -15,7 +15,8 @@ import json
 
 import torch
 
-from minidream.formats.lora_files import COMPONENTS, KOHYA_PREFIX, lora_to_tensors, unet_module_to_sgm
+from minidream.formats.lora_files import (COMPONENTS, KOHYA_PREFIX, lora_to_tensors,
+                                          unet_module_to_sgm)
 from minidream.lora_file import DIFFUSERS_METADATA_KEY, file_module_name, save_lora
 from minidream.methods.dora import dora_layers
 
@@ -24,7 +25,8 @@ def magnitude_key(component: str, path: str, layout: str, unet=None) -> str:
     """The file key of module `path`'s magnitude, named as lora_files names its A and B."""
     name = file_module_name(component, path)
     if layout == "diffusers":
-        return f"{component}.{name}.lora_magnitude_vector" + ("" if component == "unet" else ".weight")
+        suffix = "" if component == "unet" else ".weight"  # for transformers 5: see above
+        return f"{component}.{name}.lora_magnitude_vector{suffix}"
     if component == "unet" and layout == "kohya_sgm":
         name = unet_module_to_sgm(path, unet)
     return f"{KOHYA_PREFIX[component]}{name.replace('.', '_')}.dora_scale"
@@ -40,7 +42,7 @@ def dora_tensors(adapters: dict, models: dict, layout: str = "diffusers", dtype=
             tensors[magnitude_key(component, path, layout, models.get("unet"))] = m
     if metadata:  # diffusers' LoraConfig per component: rank, alpha, targets, and now use_dora
         config = json.loads(metadata[DIFFUSERS_METADATA_KEY])
-        config.update({f"{component}.use_dora": True for component in adapters if adapters[component]})
+        config.update({f"{component}.use_dora": True for component, w in adapters.items() if w})
         metadata[DIFFUSERS_METADATA_KEY] = json.dumps(config, sort_keys=True)
     return tensors, metadata
 
