@@ -8,13 +8,24 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import save_file
 
+from lora_models import rel_err, write_random_lora
+from minidream.formats.lora_files import add_loras, load_lora, read_lora, read_safetensors
+from minidream.formats.lora_stack import merge_lora, stack_layers, unmerge_lora
+from minidream.formats.models import load_model
 from minidream.lora import UNET_ATTENTION, LoRALayer
+from minidream.lora_file import DIFFUSERS_METADATA_KEY
 from minidream.methods.dora import (DoRAConv2d, DoRALinear, DoRAQuantLinear, dora_parameters,
                                     dora_state_dict, inject_dora, load_dora_state_dict,
                                     mark_only_dora_trainable)
+from minidream.methods.dora_file import save_dora
+from minidream.pipeline import sample_latents
 from minidream.quant.linear import quantise_model
+from minidream.toy.tiny import write_tiny_sdxl
+from test_lora_files import assert_same_outputs, base_models, loaded_by_diffusers, outputs
 
 F64 = torch.float64
 
@@ -128,21 +139,6 @@ def test_quantised_base():
 # ---------------------------------------------------------------------------------------------
 # Files: written by minidream, read by diffusers and minidream; peft's read by minidream
 
-
-from diffusers import DDIMScheduler, StableDiffusionXLPipeline  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from lora_models import rel_err, write_random_lora  # noqa: E402
-from minidream.formats.models import load_model  # noqa: E402
-from minidream.pipeline import sample_latents  # noqa: E402
-from minidream.toy.tiny import write_tiny_sdxl  # noqa: E402
-from minidream.formats.lora_files import add_loras, load_lora, read_lora, read_safetensors  # noqa: E402
-from minidream.formats.lora_stack import merge_lora, stack_layers, unmerge_lora  # noqa: E402
-from minidream.lora_file import DIFFUSERS_METADATA_KEY  # noqa: E402
-from minidream.methods.dora_file import save_dora  # noqa: E402
-from test_lora_files import (assert_same_outputs, base_models, loaded_by_diffusers,  # noqa: E402
-                             outputs)
-
 BLOCK = "down_blocks.1.attentions.0.transformer_blocks.0"
 
 
@@ -198,8 +194,8 @@ def test_kohya_layout_round_trip(tmp_path, layout):
     tensors, _ = read_safetensors(path)
     stem = "lora_unet_input_blocks_3_1" if layout == "kohya_sgm" else "lora_unet_down_blocks_1_attentions_0"
     assert tensors[f"{stem}_transformer_blocks_0_attn1_to_q.dora_scale"].shape == (64, 1)  # LyCORIS
-    assert tensors[f"lora_unet_{'input_blocks_1_0_in_layers_2' if layout == 'kohya_sgm' else 'down_blocks_0_resnets_0_conv1'}"
-                   ".dora_scale"].shape == (32, 1, 1, 1)
+    conv = "input_blocks_1_0_in_layers_2" if layout == "kohya_sgm" else "down_blocks_0_resnets_0_conv1"
+    assert tensors[f"lora_unet_{conv}.dora_scale"].shape == (32, 1, 1, 1)
     assert read_lora(path).layout == layout
     ours = base_models()
     load_lora(path, unet=ours[0], text_encoder=ours[1], text_encoder_2=ours[2])
@@ -243,7 +239,8 @@ def test_peft_files_fuse_as_merge_and_unload(tmp_path, order):
         fused = theirs.merge_and_unload()
         errs += [rel(getattr(ours, m).weight, getattr(fused, m).weight) for m in ("lin", "conv")]
         plain = [rel(getattr(base, m).weight, getattr(fused, m).weight) for m in ("lin", "conv")]
-    print(f"{' then '.join(order)}: max rel err outputs {max(errs[:2]):.1e}, fused weights {max(errs[2:]):.1e}")
+    print(f"{' then '.join(order)}: max rel err outputs {max(errs[:2]):.1e}, "
+          f"fused weights {max(errs[2:]):.1e}")
     assert max(errs) < 1e-6 and min(plain) > 0.1
 
 
