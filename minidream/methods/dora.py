@@ -95,12 +95,9 @@ DORA_CLASS = {LoRALinear: DoRALinear, LoRAConv2d: DoRAConv2d, LoRAQuantLinear: D
 
 
 def dora_layer(base, rank: int, alpha: float, dropout=0.0, dtype=torch.float32) -> DoRALayer:
-    """Turn `base` (Linear, Conv2d or QuantLinear) into its DoRA subclass in place: a fresh LoRA
-    adapter (lora.lora_layer: A random, B = 0) and m = ||W0||_c (peft: ||W0 + s B A||_c, the same
-    as B = 0), in `dtype`."""
-    layer = lora_layer(base, rank, alpha, dropout, dtype)
-    if type(layer) not in DORA_CLASS:
-        raise TypeError(f"DoRA supports nn.Linear, nn.Conv2d and QuantLinear, not {type(layer)}")
+    """Turn `base` (Linear, Conv2d, QuantLinear) into its DoRA subclass in place: a fresh LoRA
+    adapter (A random, B = 0) and m = ||W0||_c (peft's ||W0 + s B A||_c with B = 0), in `dtype`."""
+    layer = lora_layer(base, rank, alpha, dropout, dtype)  # a LoRA layer first: A, B, alpha
     layer.__class__ = DORA_CLASS[type(layer)]
     with torch.no_grad():
         norm = channel_norm(layer.weight.to(dtype))
