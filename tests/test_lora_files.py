@@ -254,8 +254,8 @@ BAD = {
                              "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 2)},
                             ValueError, r"text_encoder_2 LoRA module\(s\) but no text_encoder_2 was given"),
     "loha": ({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, LoRAMismatchError, r"not a LoRA file minidream can read"),
-    "dora": (_unet_lora(Q, torch.zeros(4, 64), torch.zeros(64, 4), {f"unet.{Q}.lora_magnitude_vector": torch.zeros(64)}),
-             ValueError, "DoRA"),
+    "dora": (_unet_lora(Q, torch.zeros(4, 64), torch.zeros(64, 4), {f"unet.{Q}.lora_magnitude_vector": torch.zeros(63)}),
+             ValueError, rf"DoRA magnitude mismatch at {re.escape(Q)}: 63 numbers for the 64 output channels"),
     # Valid UNet part, bad text-encoder part: the UNet must stay untouched.
     "atomic": (_unet_lora(Q, torch.zeros(4, 64), torch.zeros(64, 4),
                           {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 33),

@@ -17,6 +17,10 @@ Tools disagree on how to spell that:
                    (down_blocks_1_attentions_0_...) or in SGM spelling (input_blocks_4_1_...).
   "kohya_sgm"      kohya with SGM UNet names, what kohya's sd-scripts write for SDXL.
 
+DoRA files (methods/dora.py) add a magnitude per module: <module>.lora_magnitude_vector (peft:
+(out,) for Linear, (1, out, 1, 1) for Conv2d; metadata use_dora) or kohya's <stem>.dora_scale
+(LyCORIS: (out, 1[, 1, 1]), or (1, in[, 1, 1]) for a file normalising input channels).
+
 Writing defaults to "diffusers" (rank and alpha survive a diffusers round trip); "kohya" is for
 ComfyUI/A1111, which ignore diffusers' metadata and would otherwise apply alpha = rank. Reading
 detects the layout from the keys, and every key must land on a module of the given models.
@@ -39,7 +43,7 @@ from minidream.formats.loading import widen_float8
 from minidream.lora_file import LoRAWeights
 from minidream.formats.lora_stack import merge_lora
 from minidream.quant.linear import quantised_layers
-from minidream.formats.lora_weights import LoRAFileError, check_adapter_weights, load_adapter_weights, mismatch_error
+from minidream.formats.lora_weights import DoRAWeights, LoRAFileError, check_adapter_weights, load_adapter_weights, mismatch_error
 from minidream.lora_file import DIFFUSERS_METADATA_KEY, diffusers_tensors, file_module_name
 from minidream.lora_file import save_lora as save_diffusers_layout
 from minidream.formats.sgm_keys import sgm_unet_name
@@ -108,13 +112,14 @@ def read_lora(path) -> LoRAFile:
         alphas = lambda component, module, rank: float(rank)  # noqa: E731  (kohya: no alpha = rank)
     else:
         parts, alphas = _parse_diffusers(tensors, layout), _diffusers_alphas(metadata, path)
-    return LoRAFile(layout, _assemble(parts, alphas, path), metadata)
+    kohya = layout.startswith("kohya")
+    return LoRAFile(layout, _assemble(parts, alphas, path, kohya), metadata)
 
 
 def _key_kind(key: str) -> str:
     if _KOHYA_PATTERN.fullmatch(key):
         return "kohya"
-    if ".lora_A." in key or ".lora_B." in key:
+    if ".lora_A." in key or ".lora_B." in key or _MAGNITUDE_PATTERN.fullmatch(key):
         return "diffusers"
     if re.search(r"\.lora\.(down|up)\.|\.lora_linear_layer\.|_lora\.(down|up)\.", key):
         return "diffusers_old"
@@ -129,8 +134,6 @@ def detect_layout(keys, source: str = "the LoRA") -> str:
     if set(keys) == {"clip_l", "clip_g"} or (len(keys) == 1 and "." not in keys[0]):  # SDXL's, A1111's, diffusers
         raise LoRAFileError(f"{source} is a textual-inversion embedding ({', '.join(keys)[:80]}), not a LoRA: "
                             "pass it with --embedding")
-    if any("dora_scale" in k or "lora_magnitude_vector" in k for k in keys):
-        raise LoRAFileError(f"{source} is a DoRA adapter; minidream supports plain LoRA only")
     kinds = defaultdict(list)
     for k in keys:
         kinds[_key_kind(k)].append(k)
@@ -162,6 +165,7 @@ _PROCESSOR_PATTERN = re.compile(r"(?P<parent>.+?)(\.processor)?\.to_(?P<proj>q|k
 _PROCESSOR_PROJ = {"unet": {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"},
                    "text": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "out": "out_proj"}}
 _PART = {"A": "down", "B": "up", "down": "down", "up": "up"}
+_MAGNITUDE_PATTERN = re.compile(r"(?P<module>.+)\.lora_magnitude_vector(\.weight)?")  # DoRA's m
 
 
 def _parse_diffusers(tensors, layout) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
@@ -170,6 +174,10 @@ def _parse_diffusers(tensors, layout) -> dict[tuple[str, str], dict[str, torch.T
         component, rest = _split_component(key)
         if rest.endswith(".alpha"):
             parts[component, rest[: -len(".alpha")]]["alpha"] = tensor
+            continue
+        m = _MAGNITUDE_PATTERN.fullmatch(rest) if layout == "diffusers" else None
+        if m:
+            parts[component, m["module"]]["magnitude"] = tensor
             continue
         m = _DIFFUSERS_PATTERNS[layout].fullmatch(rest)
         if m:
@@ -189,8 +197,6 @@ def _diffusers_alphas(metadata: dict[str, str], path):
 
     def alpha(component: str, module: str, rank: int) -> float:
         get = lambda name, default=None: config.get(f"{component}.{name}", default)  # noqa: E731
-        if get("use_dora"):
-            raise LoRAFileError(f"{path} is a DoRA adapter (use_dora in its metadata); minidream supports plain LoRA only")
         value = get("lora_alpha", rank)
         for (literal, anchored), pattern_alpha in (get("alpha_pattern") or {}).items():
             if module == literal or (not anchored and module.endswith("." + literal)):  # peft's rule, without regex
@@ -241,7 +247,7 @@ def _is_number(value) -> bool:
 
 
 _KOHYA_PATTERN = re.compile(r"(?P<prefix>lora_unet|lora_te1|lora_te2|lora_te)_(?P<module>[^.]+)\."
-                            r"(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
+                            r"(?P<part>lora_down\.weight|lora_up\.weight|alpha|dora_scale)")
 _KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te": "text_encoder", "lora_te1": "text_encoder",
                     "lora_te2": "text_encoder_2"}
 
@@ -252,14 +258,16 @@ def _parse_kohya(tensors) -> dict[str, dict[str, LoRAWeights]]:
         m = _KOHYA_PATTERN.fullmatch(key)
         if m is None:
             raise LoRAFileError(f"LoRA key {key!r} is not a kohya key (<prefix>_<module>.lora_down.weight / "
-                             ".lora_up.weight / .alpha)")
-        part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[m["part"]]
+                             ".lora_up.weight / .alpha / .dora_scale)")
+        part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha",
+                "dora_scale": "magnitude"}[m["part"]]
         parts[_KOHYA_COMPONENT[m["prefix"]], m["module"]][part] = tensor
     return parts
 
 
-def _assemble(parts, default_alpha, path) -> dict[str, dict[str, LoRAWeights]]:
-    """{component: {module: LoRAWeights}} from each module's down, up and alpha tensors, each checked."""
+def _assemble(parts, default_alpha, path, kohya: bool) -> dict[str, dict[str, LoRAWeights]]:
+    """{component: {module: LoRAWeights}} from each module's down, up and alpha tensors, each
+    checked; DoRAWeights with a magnitude (a kohya dora_scale (1, in[, 1, 1]): input channels)."""
     adapters: dict[str, dict[str, LoRAWeights]] = defaultdict(dict)
     for (component, module), p in parts.items():
         missing = [name for name in ("down", "up") if name not in p]
@@ -272,7 +280,12 @@ def _assemble(parts, default_alpha, path) -> dict[str, dict[str, LoRAWeights]]:
                                 "re-download or re-train it")
         rank = p["down"].shape[0]
         alpha = float(p["alpha"].item()) if "alpha" in p else default_alpha(component, module, rank)
-        adapters[component][module] = LoRAWeights(p["down"], p["up"], alpha)
+        if "magnitude" in p:  # DoRA
+            m = p["magnitude"]
+            on_output = not kohya or m.shape[0] != 1 or m.numel() == 1
+            adapters[component][module] = DoRAWeights(p["down"], p["up"], alpha, m.flatten(), on_output)
+        else:
+            adapters[component][module] = LoRAWeights(p["down"], p["up"], alpha)
     return dict(adapters)
 
 
@@ -388,7 +401,8 @@ def add_loras(model, loras, fuse: bool = True) -> list[str]:
     fit, or nothing of that file is loaded. fuse=True folds all of them into the base weights
     (W += scale * B A * alpha / r, lora_stack.merge_lora), so sampling runs plain matmuls at the
     base model's speed; lora_stack.unmerge_lora undoes it. A quantised UNet (int8/nf4 base weights)
-    keeps its adapters unmerged whatever `fuse` says.
+    keeps its adapters unmerged whatever `fuse` says. DoRA files fuse too, in the order given
+    (W <- f (W + s B A), lora_stack); `scale` multiplies s, as peft's adapter weights do.
     """
     text = model.text
     names = []

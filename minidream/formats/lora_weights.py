@@ -9,6 +9,7 @@ fails with a clear message and leaves the model untouched.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,16 @@ from minidream.errors import UserError
 from minidream.formats.lora_stack import adapter_names, stack_layer
 from minidream.lora import LoRALayer
 from minidream.lora_file import LoRAWeights
+
+
+@dataclass
+class DoRAWeights(LoRAWeights):
+    """A DoRA module's adapter (methods/dora.py): LoRA's, plus the magnitude m, 1-D: one number per
+    output channel (on_output, peft's and LyCORIS's default) or per input channel (LyCORIS's
+    wd_on_out=False, e.g. OneTrainer's files)."""
+
+    magnitude: torch.Tensor
+    on_output: bool = True
 
 
 class LoRAFileError(UserError):
@@ -47,7 +58,8 @@ def _fit(tensor: torch.Tensor, shape: tuple) -> torch.Tensor | None:
 
 def check_adapter_weights(model: nn.Module, name: str, weights: dict[str, LoRAWeights]) -> dict:
     """Validate `weights` against `model` (names, ranks, shapes, free adapter name) without
-    changing anything; returns {module name: (down, up, alpha)} fitted to the module shapes."""
+    changing anything; returns {module name: (down, up, alpha, DoRA magnitude or None)} fitted to
+    the module shapes (a magnitude shaped (out, 1[, 1, 1]) or (1, in[, 1, 1]) like the weight)."""
     if name in adapter_names(model):
         raise ValueError(f"adapter {name!r} is already loaded in {type(model).__name__}; "
                          "pick another name or remove_adapter() it first")
@@ -77,13 +89,30 @@ def check_adapter_weights(model: nn.Module, name: str, weights: dict[str, LoRAWe
                              f"{tuple(w.up.shape)} do not fit the module's weight "
                              f"{tuple(module.weight.shape)} (wanted {in_shape} / {out_shape}); "
                              "the LoRA was made for another base model")
-        fitted[key] = (down, up, w.alpha)
+        fitted[key] = (down, up, w.alpha, _fit_magnitude(key, w, module.weight.shape))
     return fitted
+
+
+def _fit_magnitude(key: str, w: LoRAWeights, shape: tuple) -> torch.Tensor | None:
+    """A DoRA magnitude shaped to scale the weight's output (out, 1, ..) or input (1, in, ..)
+    channels; None for a LoRA."""
+    if not isinstance(w, DoRAWeights):
+        return None
+    axis = 0 if w.on_output else 1
+    if w.magnitude.numel() != shape[axis]:
+        side = "output" if w.on_output else "input"
+        raise LoRAFileError(f"DoRA magnitude mismatch at {key}: {w.magnitude.numel()} numbers for "
+                            f"the {shape[axis]} {side} channels of the module's weight "
+                            f"{tuple(shape)}; the LoRA was made for another base model")
+    view = [1] * len(shape)
+    view[axis] = shape[axis]
+    return w.magnitude.reshape(view)
 
 
 def load_adapter_weights(model: nn.Module, name: str, weights: dict[str, LoRAWeights],
                          scale: float = 1.0, dtype: torch.dtype = torch.float32) -> None:
     """Add adapter `name` holding `weights` to `model`. Everything is checked first
     (check_adapter_weights), so a bad LoRA leaves the model untouched."""
-    for key, (down, up, alpha) in check_adapter_weights(model, name, weights).items():
-        stack_layer(model.get_submodule(key)).add_adapter(name, down, up, alpha, scale, dtype)
+    for key, (down, up, alpha, magnitude) in check_adapter_weights(model, name, weights).items():
+        layer = stack_layer(model.get_submodule(key))
+        layer.add_adapter(name, down, up, alpha, scale, dtype, magnitude)
