@@ -20,7 +20,7 @@ from minidream.pipeline import generate
 from minidream.samplers import ddim
 
 NAME = re.compile(r"^class-(\d{5})\.png$")
-CPU_CLASS_BATCH = 8  # class images per UNet call on a CPU (benchmarks/class_batch.py)
+CPU_CLASS_BATCH = 1  # "0: auto" on a CPU: a mid-size UNet gains nothing (benchmarks/class_batch.py)
 
 
 @dataclass
@@ -94,7 +94,7 @@ def fill_class_folder(plan: ClassImagePlan, model, prompt: str, *, resolution: i
 def class_batch_size(model, most: int = 8) -> int:
     """Class images per UNet call, chosen after one image was made alone: on a GPU as many as 80%
     of its free memory holds at that image's peak (an overestimate: the VAE decode, one image at a
-    time, is in it), at most `most`; on a CPU, CPU_CLASS_BATCH (measured: benchmarks/RESULTS.md)."""
+    time, is in it), at most `most`; on a CPU, CPU_CLASS_BATCH (the tiny preset asks for 8)."""
     device = model.unet.conv_in.weight.device
     if device.type != "cuda":
         return CPU_CLASS_BATCH

@@ -192,7 +192,8 @@ def settings(cfg: TrainConfig, method_class: type[Method], dist, models, sampler
         folder = f"{slug(subject.class_prompt)}-{cfg.resolution}px"
         cfg.class_dir = str(Path(cfg.out) / "class-images" / Path(cfg.model).stem / folder)
     if cfg.sampler not in sampler_table:
-        raise TrainingError(f"--sampler: one of {', '.join(sampler_table)}, not {cfg.sampler!r}")
+        raise TrainingError(f"--sampler: one of {', '.join(sampler_table)}, not {cfg.sampler!r} "
+                            "(train(..., sampler_table=more_samplers.SAMPLERS) knows them all)")
     return cfg, subject, device, precision, sampler_table[cfg.sampler]
 
 
