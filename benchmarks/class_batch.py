@@ -1,4 +1,4 @@
-"""Class images per UNet call on a CPU: s/image at batch 1, 2, 4, 8 (prior.CPU_CLASS_BATCH).
+"""Class images per UNet call on a CPU: s/image at batch 1, 2, 4, 8 (--class-batch, its presets).
 
 prior.fill_class_folder draws class images `batch` at a time, each from its own seed (the same
 image in any batch). On a GPU the batch follows the free memory; on a CPU it is a fixed number,
@@ -20,6 +20,7 @@ harness.passive_waiting()
 import torch  # noqa: E402
 
 from benchmarks.sampling import write_model  # noqa: E402
+from minidream.config import PRESETS  # noqa: E402
 from minidream.formats.models import BUNDLED_MODEL, REPO, load_model  # noqa: E402
 from minidream.prior import CPU_CLASS_BATCH, fill_class_folder, plan_class_images  # noqa: E402
 
@@ -52,12 +53,14 @@ def main() -> None:
             per_image = harness.median(runs[b], "s") / images
             rows.append([name, b, images, f"{per_image:.3f}", f"{per_image / one:.2f}"])
     body = "\n".join([
-        "## Class images per UNet call on a CPU (prior.CPU_CLASS_BATCH)", "",
+        "## Class images per UNet call on a CPU (--class-batch)", "",
         f"Command: `{harness.command_line()}`", "", harness.machine_lines(harness.machine(1)), "",
         __doc__.split("\n\n")[1].replace("\n", " "), "",
         harness.markdown_table(["model", "batch", "images per round", "s / image (median)",
                                 "ratio to batch 1"], rows), "",
-        f"minidream uses batch {CPU_CLASS_BATCH} on a CPU."])
+        f"The tiny preset draws {PRESETS['tiny', 'lora']['class_batch']} per call; the SDXL preset's 0 draws as many "
+        f"as the free GPU memory holds, and {CPU_CLASS_BATCH} on a CPU (prior.CPU_CLASS_BATCH), where a mid-size "
+        "UNet gains nothing."])
     print(body)
     harness.write_section("class-batch", body)
 
