@@ -100,10 +100,11 @@ RECIPES = {"tiny": Recipe("tiny", TINY_MODEL, resolution=64, steps=100, class_im
 
 SECTION_DIFFERENCES = f"""\
 - **Class images**: diffusers' script samples them with the model's own scheduler (Euler discrete),
-  its pipeline default of 50 steps, guidance 5, and saves JPEGs; minidream with its DDIM sampler,
-  `--class-steps {CLASS_STEPS}` (same count of UNet evaluations), guidance 5, PNGs. Both generate into
-  a fresh empty folder in every run, so generation is part of each wall time. diffusers' script
-  generates them 4 at a time (`--sample_batch_size` 4), minidream one at a time. diffusers' script
+  its pipeline default of 50 steps, guidance 5, 4 at a time (`--sample_batch_size` 4), and saves
+  JPEGs. minidream, "matched": DDIM, `--class-steps {CLASS_STEPS}` (same count of UNet evaluations),
+  `--class-batch {REFERENCE_CLASS_BATCH}`; "defaults": its presets (the mid model is SDXL-sized:
+  DPM-Solver++(2M), 15 steps, one per call on a CPU); guidance 5, PNGs. Both generate into a
+  fresh empty folder in every run, so generation is part of each wall time. diffusers' script
   draws them at the pipeline's default size (the model's native size, not `--resolution`), so each
   model is trained at its native size here: 64 px tiny, 256 px mid.
 - **Latents**: minidream VAE-encodes each subject photo once, as 4 augmented views (random crop + flip,
