@@ -14,8 +14,9 @@ from minidream.cli.args import config_from_args, train_parser
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def args_for(models="tiny,mid", checkpointing="off,on", steps=None, class_images=None):
-    return argparse.Namespace(models=models, checkpointing=checkpointing, steps=steps, class_images=class_images)
+def args_for(models="tiny,mid", checkpointing="off,on", steps=None, class_images=None, protocols="matched"):
+    return argparse.Namespace(models=models, checkpointing=checkpointing, steps=steps, class_images=class_images,
+                              protocols=protocols)
 
 
 def test_recipes_cover_every_model_and_checkpointing_mode():
@@ -34,6 +35,17 @@ def test_minidream_command_line_is_a_valid_train_py_call(tmp_path):
         assert (cfg.steps, cfg.rank, cfg.lora_targets, cfg.prior, cfg.num_class_images) == (
             r.steps, r.rank, "attn", True, r.class_images)
         assert cfg.gradient_checkpointing is r.gradient_checkpointing
+
+
+def test_protocols_give_matched_class_image_settings_or_the_presets(tmp_path):
+    matched, defaults = whole_run.recipes(args_for(models="mid", checkpointing="off", protocols="matched,defaults"))
+    assert (matched.protocol, defaults.protocol) == ("matched", "defaults")
+    parse = lambda r: config_from_args(train_parser("train").parse_args(whole_run.minidream_args(tmp_path, r)[1:]))
+    cfg = parse(matched)
+    assert (cfg.sampler, cfg.class_steps, cfg.class_batch) == ("ddim", whole_run.CLASS_STEPS,
+                                                                whole_run.REFERENCE_CLASS_BATCH)
+    cfg = parse(defaults)
+    assert (cfg.sampler, cfg.class_steps, cfg.class_batch) == (None, None, None)  # the presets fill them
 
 
 def test_reference_command_line_matches_the_recipe(tmp_path):
