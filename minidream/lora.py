@@ -101,14 +101,16 @@ def find_targets(model: nn.Module, targets) -> list[str]:
 
 
 def inject_lora(model: nn.Module, targets=UNET_ATTENTION, *, rank: int = 4,
-                alpha: float | None = None, dropout: float = 0.0, dtype=torch.float32) -> list[str]:
+                alpha: float | None = None, dropout: float = 0.0, dtype=torch.float32,
+                make_layer=lora_layer) -> list[str]:
     """Give each module matched by `targets` (name suffixes or a TARGET_GROUPS key) a fresh adapter;
-    returns their names. alpha defaults to rank (scaling 1, diffusers' convention)."""
+    returns their names. alpha defaults to rank (scaling 1, diffusers' convention). make_layer: a
+    LoRA variant's lora_layer (methods/dora.py)."""
     names, alpha = find_targets(model, targets), rank if alpha is None else alpha
     for name in names:
         if isinstance(model.get_submodule(name), LoRALayer):
             raise ValueError(f"{name} already has a LoRA adapter (one per layer)")
-        lora_layer(model.get_submodule(name), rank, alpha, dropout, dtype)
+        make_layer(model.get_submodule(name), rank, alpha, dropout, dtype)
     return names
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidream.lora import LoRAConv2d, LoRALayer, LoRALinear, find_targets, lora_layer
+from minidream.lora import LoRAConv2d, LoRALayer, LoRALinear, inject_lora, lora_layer
 from minidream.quant.linear import LoRAQuantLinear
 
 
@@ -110,12 +110,8 @@ def inject_dora(model: nn.Module, targets, *, rank: int = 4, alpha: float | None
                 dropout: float = 0.0, dtype=torch.float32) -> list[str]:
     """Make each module matched by `targets` (as lora.inject_lora) a DoRA layer; returns their
     names. alpha defaults to rank (s = 1)."""
-    names, alpha = find_targets(model, targets), rank if alpha is None else alpha
-    for name in names:
-        if isinstance(model.get_submodule(name), LoRALayer):
-            raise ValueError(f"{name} already has a LoRA/DoRA adapter (one per layer)")
-        dora_layer(model.get_submodule(name), rank, alpha, dropout, dtype)
-    return names
+    return inject_lora(model, targets, rank=rank, alpha=alpha, dropout=dropout, dtype=dtype,
+                       make_layer=dora_layer)
 
 
 def dora_layers(model: nn.Module) -> list[tuple[str, DoRALayer]]:  # (module name, layer) pairs
