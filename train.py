@@ -73,7 +73,7 @@ def train(argv: list[str] | None) -> None:
     dist = distributed.setup(cfg.device)  # one process, or this rank among torchrun's
     try:
         models = WithTiledVAE(formats, cfg.vae_tiling) if cfg.vae_tiling else formats
-        run = training.train(cfg, method_class(cfg.method), dist, models=models,
+        run = training.train(cfg, method_class(cfg), dist, models=models,
                              sampler_table=more_samplers.SAMPLERS)
     finally:
         distributed.shutdown()

@@ -51,6 +51,8 @@ PRESETS = {
     ("tiny", "lora"): _TINY,
     ("tiny", "full"): _TINY | dict(steps=1500, lr=1e-4, prior_weight=1.0),
     ("tiny", "textual-inversion"): _TINY | dict(steps=1500, lr=5e-3, prior_weight=1.0),
+    ("sdxl", "pivotal"): _SDXL | dict(embedding_lr=5e-4),  # LoRA's, + textual inversion's lr
+    ("tiny", "pivotal"): _TINY | dict(embedding_lr=5e-3),
 }
 VALIDATION_TEMPLATES = ("a painting of {} at Oktoberfest", "a painting of {} in the style of Van "
                         "Gogh", "a painting of {} with blonde hair", "a side view photo of {}",
@@ -59,8 +61,8 @@ RESUME_OVERRIDES = ("steps", "save_every", "validate_every", "keep_checkpoints",
                     "device", "score", "cpu_threads")
 # train.py --help's sections, each from its first setting on (TrainConfig's fields are in order)
 HELP_SECTIONS = {"subject": "subject", "model": "model", "out": "run", "method": "training",
-                 "placeholder_token": "textual inversion", "prior": "prior preservation",
-                 "validate_every": "validation"}
+                 "placeholder_token": "new word (textual inversion, pivotal tuning)",
+                 "prior": "prior preservation", "validate_every": "validation"}
 
 
 class TrainingError(UserError):
@@ -81,8 +83,7 @@ def _resume_help() -> str:
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run (saved as the run's config.json). None: from PRESETS, or as its help
-    says."""
+    """Every setting of a run (the run's config.json). None: from PRESETS, or as its help says."""
 
     # -- subject
     subject: str = setting("data/raj", "folder of subject photos (+ subject.json)")
@@ -102,12 +103,14 @@ class TrainConfig:
     device: str | None = setting(None, "cuda, cuda:1, cpu, ... [cuda if available]")
     cpu_threads: int | None = setting(None, "torch CPU threads [preset]")
     # -- training
-    method: str = setting("lora", "LoRA adapters, every UNet weight, a new word", choices=METHODS)
+    method: str = setting("lora", "LoRA adapters, every UNet weight, a new word, a new word + "
+                          "LoRA (pivotal tuning)", choices=METHODS)
     steps: int | None = setting(None, "optimizer steps [preset]")
     lr: float | None = setting(None, "learning rate of what trains [preset]")
     rank: int = setting(4, "LoRA rank r")
     alpha: float | None = setting(None, "LoRA alpha; the update is scaled by alpha/rank [= rank]")
     lora_dropout: float = setting(0.0, "dropout on the LoRA branch's input while training")
+    dora: bool = setting(False, "DoRA: LoRA + a trained length per output channel")
     lora_targets: str | None = setting(None, "UNet layers that get LoRA, comma-separated groups: "
                                        "attn (to_q/k/v/out, as diffusers' script), ff "
                                        "(feed-forward), proj (proj_in/out), conv (ResNet and "
@@ -146,10 +149,14 @@ class TrainConfig:
                                        "--method full all their weights (more memory; prompts are "
                                        "encoded every step)")
     text_encoder_lr: float = setting(5e-6, "learning rate of the text encoders")
+    ema_decay: float = setting(0.0, "EMA of the trained weights (e.g. 0.99): the result and "
+                               "validation use it; 0 = off")
     # -- textual inversion
     placeholder_token: str | None = setting(None, "the new word [<TOKEN>, e.g. <rraj>]")
     init_word: str | None = setting(None, "the new word starts as this word [the class noun]")
     num_vectors: int = setting(1, "embedding vectors per text encoder for the new word")
+    embedding_lr: float | None = setting(None, "pivotal tuning: the new word's lr [preset]")
+    embedding_steps: int = setting(0, "pivotal tuning: the word freezes after this step; 0 = never")
     # -- prior preservation (DreamBooth eq. 2)
     prior: bool = setting(True, "prior preservation with class images (--no-prior: without)")
     prior_weight: float | None = setting(None, "lambda, the class-image loss's weight [preset]")
@@ -205,7 +212,7 @@ def fill_defaults(cfg: TrainConfig, image_size: int) -> str:
                      "the class prompt lacks the new word: the prior term would have no gradient")
     unused = set() if cfg.prior else {"num_class_images", "class_steps", "class_batch",
                                       "prior_weight"}
-    unused |= set() if cfg.method == "lora" else {"lora_targets"}
+    unused |= set() if cfg.method in ("lora", "pivotal") else {"lora_targets"}
     shown = ", ".join(f"{k} {v}" for k, v in chosen.items() if k not in unused)
     if kind == "tiny" and shown:
         notes.insert(0, f"tiny model ({image_size} px): demo settings {shown} (flags you pass "
@@ -242,7 +249,7 @@ def check_config(cfg: TrainConfig) -> None:
         need(getattr(cfg, name) in allowed,
              f"{flag(name)} must be one of {', '.join(allowed)} (got {getattr(cfg, name)!r})")
     need(cfg.snr_gamma is None or cfg.snr_gamma > 0, "--snr-gamma must be positive")
-    for name in ("lora_dropout", "caption_dropout"):  # a share of inputs or rows dropped
+    for name in ("lora_dropout", "caption_dropout", "ema_decay"):  # shares, in [0, 1)
         value = getattr(cfg, name)
         need(0 <= value < 1, f"{flag(name)} must be in [0, 1) (got {value})")
     need(0 <= cfg.unmasked_weight <= 1,
@@ -252,9 +259,10 @@ def check_config(cfg: TrainConfig) -> None:
     need(cfg.resolution % 8 == 0, f"--resolution must be a multiple of 8 (got {cfg.resolution})")
     need(cfg.base_weights == "fp16" or cfg.method != "full", f"--base-weights {cfg.base_weights} "
          "freezes the UNet; --method full trains it: use --base-weights fp16")
-    need(not (cfg.method == "textual-inversion" and cfg.train_text_encoder),
-         "--train-text-encoder does not go with --method textual-inversion, which trains only the "
-         "new word's embedding: drop one of them")
+    need(not (cfg.method in ("textual-inversion", "pivotal") and cfg.train_text_encoder),
+         f"--train-text-encoder does not go with --method {cfg.method}, which trains only the new "
+         "word's embedding in the text encoders: drop one of them")
+    need(not cfg.dora or cfg.method == "lora", "--dora is a kind of LoRA: use --method lora")
     need(not Path(cfg.out).is_file(),
          f"--out {cfg.out} is a file: give the folder where run folders are made")
     need(cfg.class_dir is None or not Path(cfg.class_dir).is_file(),

@@ -4,15 +4,17 @@ is written and how prompts name the subject. LoRA (Hu et al. 2021) is here; full
 textual inversion are in minidream/methods/. Building a method reads no tensor value, so the
 memory planner builds it on a meta-device model."""
 
+import contextlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from minidream.lora import (TEXT_ATTENTION, inject_lora, lora_parameters, lora_state_dict,
-                            mark_only_lora_trainable, unet_targets)
+from minidream.lora import (TEXT_ATTENTION, inject_lora, lora_layer, lora_parameters,
+                            lora_state_dict, mark_only_lora_trainable, unet_targets)
 from minidream.lora_file import save_lora
 from minidream.config import LORA_FILE, TrainingError
+from minidream.optim import make_optimizer
 
 
 class Method:
@@ -36,6 +38,14 @@ class Method:
     # {module name: {tensor name: tensor}}: what a checkpoint must store to resume
     def state_dict(self) -> dict[str, dict[str, torch.Tensor]]: raise NotImplementedError
     def save(self, path, step: int) -> Path: raise NotImplementedError  # write the result
+
+    def make_optimizer(self):  # (optimizer, name): EMA and pivotal tuning add hooks to it
+        cfg = self.cfg
+        return make_optimizer(self.param_groups(), cfg.optimizer, lr=cfg.lr,
+                              weight_decay=cfg.weight_decay)
+
+    # the weights validation images are drawn from (EMA swaps its average in for the duration)
+    def result_weights(self): return contextlib.nullcontext()
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for g in self.param_groups() for p in g["params"]]
@@ -87,6 +97,7 @@ class LoRA(Method):
     name = "lora"
     output = LORA_FILE
     sample_flag = "--lora"
+    make_layer = staticmethod(lora_layer)  # DoRA's (methods/dora.py) makes its own layers
 
     def __init__(self, model, cfg, token, class_noun):
         super().__init__(model, cfg, token, class_noun)
@@ -94,7 +105,8 @@ class LoRA(Method):
         self.modules = {"unet": model.unet} | text
         for name, module in self.modules.items():
             targets = unet_targets(cfg.lora_targets) if name == "unet" else TEXT_ATTENTION
-            inject_lora(module, targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout)
+            inject_lora(module, targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                        make_layer=self.make_layer)
             mark_only_lora_trainable(module)
             train_mode(module, cfg.gradient_checkpointing)
 

@@ -24,8 +24,7 @@ LOG_COLUMNS = ("step", "loss", "instance_loss", "prior_loss", "lr", "grad_norm",
 
 
 def new_folder(path) -> Path:
-    """Make the folder `path`, or path-2, path-3, ... if it exists. mkdir either creates or fails,
-    so two processes starting at once never get the same folder, and nothing written is reused."""
+    """Make the folder `path`, or path-2, path-3, ... if it exists (mkdir creates or fails)."""
     folder, n = Path(path), 1
     while True:
         try:
@@ -73,8 +72,7 @@ def list_checkpoints(run: Path) -> list[Path]:
 
 
 def save_checkpoint(run: Path, step: int, state: dict, keep: int = 2) -> Path:
-    """Write checkpoints/step-NNNNNN.pt atomically, then (only once it is complete) delete all but
-    the newest `keep`."""
+    """Write checkpoints/step-NNNNNN.pt atomically; once complete, keep only the newest `keep`."""
     path = Path(run) / "checkpoints" / f"step-{step:06d}.pt"
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     if keep > 0:

@@ -28,7 +28,7 @@ from minidream.files import save_png, write_json
 from minidream.latent_cache import build_cache, draw_batch, load_cache, offload_encoders, save_cache
 from minidream.lora import unet_targets
 from minidream.method import LoRA, Method
-from minidream.optim import make_grad_scaler, make_optimizer, resolve_precision, set_lr
+from minidream.optim import make_grad_scaler, resolve_precision, set_lr
 from minidream.pipeline import generate
 from minidream.prior import fill_class_folder, plan_class_images
 from minidream.progress import Progress, log_line, new_progress, record
@@ -99,8 +99,7 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
     # -- what trains (LoRA adapters), the optimizer, the fp16 loss scaler, the loop's random state
     torch.manual_seed(cfg.seed)  # LoRA init
     method = method_class(model, cfg, subject.token, subject.class_noun)
-    optimizer, optimizer_name = make_optimizer(method.param_groups(), cfg.optimizer, lr=cfg.lr,
-                                               weight_decay=cfg.weight_decay)
+    optimizer, optimizer_name = method.make_optimizer()  # + the method's hooks (EMA, ...)
     scaler, progress = make_grad_scaler(precision), new_progress(cfg.seed, cache)
     if cfg.resume:
         resume(run, method, optimizer, scaler, progress)
@@ -116,7 +115,7 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
     params, base_lrs = method.parameters(), [g["lr"] for g in optimizer.param_groups]
     print(start_line(cfg, method, device, precision, optimizer_name, dist))
     if progress.step == 0 and cfg.validate_every:
-        validate(model, validation, cfg, run, device, dist, sampler, step=0)
+        validate(method, validation, cfg, run, device, dist, sampler, step=0)
 
     # -- the loop
     with StopRequest() as stop:
@@ -144,7 +143,7 @@ def train(cfg: TrainConfig, method_class: type[Method] = LoRA, dist=None, *, mod
                 print(log_line(progress.history, cfg.steps, progress.skipped))
                 write_logs(run, progress.history, dist)
             if cfg.validate_every and (step % cfg.validate_every == 0 or step == cfg.steps):
-                validate(model, validation, cfg, run, device, dist, sampler, step)
+                validate(method, validation, cfg, run, device, dist, sampler, step)
             stopping = dist.any(stop.requested)
             if (cfg.save_every and step % cfg.save_every == 0) or stopping or step == cfg.steps:
                 save_training_state(run, cfg, method, optimizer, optimizer_name, scaler, progress,
@@ -289,10 +288,10 @@ def write_logs(run: Path, history: list[dict], dist) -> None:
         save_png(run / "loss.png", draw_loss_curve(history))
 
 
-def validate(model, prompts, cfg: TrainConfig, run: Path, device, dist, sampler,
+def validate(method: Method, prompts, cfg: TrainConfig, run: Path, device, dist, sampler,
              step: int) -> Path | None:
-    """A grid (one row per prompt, one column per seed) from the model as it is now, fixed seeds."""
-    path = None
+    """A grid (a row per prompt, a column per seed) from the result's weights as they are now."""
+    path, model = None, method.model
     if dist.is_main:
         text = model.text
         parts = [p for p in (model.vae, text.text_encoder, text.text_encoder_2) if p is not None]
@@ -302,10 +301,11 @@ def validate(model, prompts, cfg: TrainConfig, run: Path, device, dist, sampler,
             p.to(device)
         for m in modes:  # eval mode: no LoRA dropout in the pictures
             m.eval()
-        images = [generate(model, prompt, sampler=sampler, steps=cfg.validation_steps, seed=seed,
-                           guidance_scale=cfg.guidance_scale, height=cfg.resolution,
-                           width=cfg.resolution, progress=False)[0]
-                  for prompt in prompts for seed in cfg.validation_seeds]
+        with method.result_weights():
+            images = [generate(model, prompt, sampler=sampler, steps=cfg.validation_steps,
+                               seed=seed, guidance_scale=cfg.guidance_scale, height=cfg.resolution,
+                               width=cfg.resolution, progress=False)[0]
+                      for prompt in prompts for seed in cfg.validation_seeds]
         for m, was_training in modes.items():
             m.train(was_training)
         for p, home in zip(parts, homes):

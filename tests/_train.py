@@ -11,7 +11,7 @@ from minidream.cli.latest_link import link_latest
 
 def train_like_cli(cfg, dist=None):
     cfg = resumed_config(cfg) if cfg.resume else cfg
-    run = training.train(cfg, method_class(cfg.method), dist, models=formats)
+    run = training.train(cfg, method_class(cfg), dist, models=formats)
     if dist is None or dist.is_main:
         link_latest(run, Path(cfg.subject).name)
     return run

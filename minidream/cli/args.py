@@ -48,9 +48,10 @@ def as_typed(value) -> str:
 
 def preset_note(name: str) -> str:
     """"preset: SDXL 1000, tiny 1500" from PRESETS, per method where the methods' presets differ."""
+    methods = [method for method in METHODS if name in PRESETS["sdxl", method]]  # those it is for
     by_method = {method: f"SDXL {as_typed(PRESETS['sdxl', method][name])}, "
-                         f"tiny {as_typed(PRESETS['tiny', method][name])}" for method in METHODS}
-    if len(set(by_method.values())) == 1:
+                         f"tiny {as_typed(PRESETS['tiny', method][name])}" for method in methods}
+    if len(set(by_method.values())) == 1 and methods == list(METHODS):
         return f"preset: {by_method[METHODS[0]]}"
     return "preset: " + "; ".join(f"{method} {values}" for method, values in by_method.items())
 

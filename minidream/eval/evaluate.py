@@ -244,7 +244,7 @@ def train_pair(subject: str, out: str, model: str | None = None, seed: int = 0, 
     """The prior-preservation experiment from scratch: train the subject with and without prior
     preservation (train.py's defaults, or `settings`: any TrainConfig field); returns the two run folders."""
     configs = [TrainConfig(subject=subject, out=out, model=model, seed=seed, prior=p, **settings) for p in (True, False)]
-    runs = [training.train(cfg, method_class(cfg.method), models=formats) for cfg in configs]
+    runs = [training.train(cfg, method_class(cfg), models=formats) for cfg in configs]
     return runs[0], runs[1]
 
 

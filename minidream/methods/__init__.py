@@ -17,12 +17,13 @@ METHOD_CLASSES = {"lora": LoRA, "full": FullFinetune, "textual-inversion": Textu
 assert tuple(METHOD_CLASSES) == METHODS
 
 
-def method_class(name: str) -> type[Method]:
-    if name not in METHOD_CLASSES:
-        raise TrainingError(f"unknown training method {name!r}: choose one of {', '.join(METHODS)}")
-    return METHOD_CLASSES[name]
+def method_class(cfg) -> type[Method]:
+    """The class that trains cfg.method (with cfg's variants of it)."""
+    if cfg.method not in METHOD_CLASSES:
+        raise TrainingError(f"unknown training method {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    return METHOD_CLASSES[cfg.method]
 
 
 def build_method(model, cfg, token: str, class_noun: str) -> Method:
     """Set `model` up for cfg.method (adapters / fp32 weights / new token rows) and return the method."""
-    return method_class(cfg.method)(model, cfg, token, class_noun)
+    return method_class(cfg)(model, cfg, token, class_noun)

@@ -116,7 +116,7 @@ class Experiments:
         overrides = {"steps": self.s.steps, **overrides} if self.s.steps else overrides
         start = time.perf_counter()
         cfg = TrainConfig(subject=str(subject), out=str(self.out / "runs"), score=False, **overrides)
-        run = training.train(cfg, method_class(cfg.method), models=formats, sampler_table=SAMPLERS)
+        run = training.train(cfg, method_class(cfg), models=formats, sampler_table=SAMPLERS)
         self.seconds = time.perf_counter() - start
         self.notes.append(f"{name}: trained in {self.seconds:.0f} s ({run.name})")
         return run / LORA_FILE
