@@ -73,7 +73,7 @@ def test_only_is_a_setting_that_the_command_repeats(tmp_path):
     with pytest.raises(SystemExit, match="2-7 need 1 and 2"):  # section 5 samples the LoRA that 2-3 trains
         main(["--only", "5", "--results", str(tmp_path / "r.md"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="the sections are"):
-        main(["--only", "11", "--results", str(tmp_path / "r.md"), "--out", str(tmp_path)])
+        main(["--only", "12", "--results", str(tmp_path / "r.md"), "--out", str(tmp_path)])
     assert not (tmp_path / "r.md").exists()
 
 

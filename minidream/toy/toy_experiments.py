@@ -18,7 +18,9 @@ world's judge sees what it should (toy_eval.py). The sections:
   7. the other methods (--method full, --method textual-inversion, the word before or after the noun);
   8. context leak (context_experiment.py): do captions, masks or both keep a shared background out of "rraj"?
   9. the demo on an int8 / nf4 base (base_weights_experiment.py);
- 10. class images and validation from DPM-Solver++ at 10-20 steps vs DDIM at 20-50 (sampler_experiment.py).
+ 10. class images and validation from DPM-Solver++ at 10-20 steps vs DDIM at 20-50 (sampler_experiment.py);
+ 11. LoRA, DoRA, pivotal tuning, LoRA + EMA and textual inversion, with what the model still knows
+     (methods_experiment.py).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from minidream.toy.base_weights_experiment import quantised_base
 from minidream.toy.context_experiment import context_leak, pct
 from minidream.toy.judge import Judge
 from minidream.toy.pretrain import RECORD
+from minidream.toy.methods_experiment import AFTER_THE_NOUN, after_the_noun, methods_now
 from minidream.toy.sampler_experiment import fewer_steps
 
 INSTANCE = "a photo of rraj person"
@@ -64,15 +67,6 @@ EDITS = (  # (what the prompt asks for, prompt): each keeps the subject and chan
     ("property", "a photo of rraj person with blonde hair"),
     ("outfit", "a photo of rraj person in a red shirt"),
 )
-
-
-def after_the_noun(prompt: str) -> str:
-    """'a photo of rraj person on the beach' -> 'a photo of person rraj on the beach'."""
-    return prompt.replace("rraj person", "person rraj")
-
-
-# Textual inversion's word after the noun, where toy captions describe a person, as 3 vectors (docs/methods.md)
-AFTER_THE_NOUN = dict(instance_prompt=after_the_noun(INSTANCE), num_vectors=3)
 
 
 def setting(default, help: str):
@@ -89,6 +83,7 @@ class Settings:
     threads: int = setting(1, "torch CPU threads for sampling")
     steps: int | None = setting(None, "training steps (None: the demo's), for quick checks")
     only: str = setting("", "run only these sections (8, or 1,2,5) and replace just their text in the results file")
+    variants: str = setting("", "section 11: measure only these variants (methods_experiment.VARIANTS, comma-separated)")
 
 
 class Experiments:
@@ -360,12 +355,13 @@ def run(s: Settings) -> Path:
                 ("8. Context leak: one shared background, captions and masks",
                  lambda: context_leak(e, TrainConfig.unmasked_weight)),
                 ("9. A quantised frozen base (--base-weights int8 / nf4)", lambda: quantised_base(e)),
-                ("10. Fewer sampler steps for class images and validation (DPM-Solver++)", lambda: fewer_steps(e))]
+                ("10. Fewer sampler steps for class images and validation (DPM-Solver++)", lambda: fewer_steps(e)),
+                ("11. DoRA, pivotal tuning, EMA: the methods people train with now", lambda: methods_now(e, s.variants))]
     wanted = set(s.only.replace(" ", "").split(","))  # '2' or '3' names '2-3'
     todo = [(t, f) for t, f in sections if not s.only or {section_key(t), *section_key(t).split("-")} & wanted]
     keys = {section_key(t) for t, _ in todo}
-    if not todo or (keys - {"1", "8", "9", "10"} and not {"1", "2-3"} <= keys):  # 2-7 use what 1 and 2-3 measured
-        raise SystemExit(f"--only {s.only}: the sections are 1, 2-3, 4, ..., 10; 2-7 need 1 and 2 (--only 1,2,5)")
+    if not todo or (keys - {"1", "8", "9", "10", "11"} and not {"1", "2-3"} <= keys):  # 2-7 use 1's and 2-3's
+        raise SystemExit(f"--only {s.only}: the sections are 1, 2-3, 4, ..., 11; 2-7 need 1 and 2 (--only 1,2,5)")
     path = Path(s.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     old, parts = path.read_text() if path.is_file() else "", {}
