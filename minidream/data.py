@@ -80,16 +80,15 @@ def read_captions(images: list[Path], token: str) -> dict[Path, str]:
 
 
 def find_images(folder: Path) -> list[Path]:
-    """Image files of a folder by suffix, not masks; files other than their captions and masks are
-    skipped with a warning."""
+    """Image files of a folder by suffix, not masks; stray files (not captions or masks) warn."""
     images, others = [], []
     for path in sorted(folder.iterdir()):
         if not (path.name.startswith(".") or path.name == SETTINGS_FILE or path.is_dir()):
             image = path.suffix.lower() in IMAGE_SUFFIXES and not path.name.endswith(MASK_SUFFIX)
             (images if image else others).append(path)
     beside = {p.stem + end for p in images for end in (CAPTION_SUFFIX, MASK_SUFFIX)}
-    warn_all([p.name for p in others if p.name not in beside], f"non-image file(s) in {folder} "
-             "skipped")
+    warn_all([p.name for p in others if p.name not in beside],
+             f"non-image file(s) in {folder} skipped")
     if not images:
         raise DataError(f"no images in {folder}: add 5-6 photos ({', '.join(IMAGE_SUFFIXES)})")
     return images
@@ -198,8 +197,7 @@ def bucket_sizes(resolution: int, multiple: int) -> list[tuple[int, int]]:
 
 
 def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
-    """The bucket whose aspect ratio is nearest a (height, width), in log ratio (so 2:1 and 1:2 are
-    as far from 1:1)."""
+    """The bucket nearest a (height, width) in log aspect ratio (2:1 and 1:2 as far from 1:1)."""
     return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - math.log(size[1] / size[0])))
 
 

@@ -92,13 +92,6 @@ def stack_views(rows: list[tuple]) -> Views:
                  torch.tensor(prompts), masks)
 
 
-def prompt_table(instance_prompt: str, class_prompt: str, captions: list[str], empty: bool):
-    """Every distinct prompt once (a text embedding each): instance, class, the photos' captions,
-    and "" when caption dropout trains rows without a prompt."""
-    prompts = [instance_prompt, class_prompt, *captions] + [""] * empty
-    return list(dict.fromkeys(prompts))
-
-
 def build_cache(model, instance_images, class_paths, *, resolution: int, instance_prompt: str,
                 class_prompt: str, seed: int, captions=None, masks=None, buckets=True,
                 empty_prompt=False, flip=True, center_crop=False, cache_text=True,
@@ -109,11 +102,10 @@ def build_cache(model, instance_images, class_paths, *, resolution: int, instanc
 
     Each photo goes to the aspect bucket nearest its own (data.bucket_sizes; one square bucket
     without `buckets`). Class images are the base model's squares at `resolution`, spread over the
-    buckets in use in the photos' proportions (image i takes photo i's bucket, cyclically), and
-    cropped to them: a crop of one, with its true crop in the time ids, is still an image of the
-    class as the model knows it (SDXL trained on such crops, sec. 2.2), while class images drawn
-    at each bucket's size would tie the class folder to one subject's photos and cost a
-    generation per subject."""
+    buckets in use in the photos' proportions (image i takes photo i's bucket, cyclically) and
+    cropped to them: with its true crop in the time ids, a crop is still an image of the class as
+    the model knows it (SDXL trained on such crops, sec. 2.2); drawing them at each bucket's size
+    would tie the class folder to one subject's photos and cost a generation per subject."""
     vae = model.vae.to(vae_dtype(model.vae.config, next(model.vae.parameters()).dtype))
     multiple = model.vae_scale * 2 ** (len(model.unet.config.block_out_channels) - 1)
     sizes = bucket_sizes(resolution, multiple) if buckets else [(resolution, resolution)]
@@ -125,8 +117,10 @@ def build_cache(model, instance_images, class_paths, *, resolution: int, instanc
           f"{sum(m is not None for m in masks)} with a mask")
     if any(m is not None for m in masks):  # a photo without a mask is all subject
         masks = [m or Image.new("L", img.size, 255) for m, (_, img) in zip(masks, instance_images)]
-    prompts = prompt_table(instance_prompt, class_prompt, sorted(set(captions.values())),
-                           empty_prompt)
+    # The prompt table: instance, class, the photos' captions, and "" when caption dropout trains
+    # rows without a prompt; each distinct prompt once (a text embedding each).
+    prompts = [instance_prompt, class_prompt, *sorted(set(captions.values()))] + [""] * empty_prompt
+    prompts = list(dict.fromkeys(prompts))
     items = [(img, b, prompts.index(captions.get(path, instance_prompt)), mask)
              for (path, img), b, mask in zip(instance_images, photo_buckets, masks)]
     rng = random.Random(seed)

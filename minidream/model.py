@@ -1,6 +1,5 @@
-"""The model bundle: UNet + VAE + text encoders + noise schedule, everything generate() and training
-need. Reading one from disk (a diffusers folder or a single .safetensors file) is
-minidream.formats.load_model."""
+"""The model bundle: UNet + VAE + text encoders + noise schedule. Reading one from disk (a diffusers
+folder or a single .safetensors file) is minidream.formats.load_model."""
 
 from __future__ import annotations
 

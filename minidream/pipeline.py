@@ -37,8 +37,7 @@ def check_size(height: int, width: int, multiple: int = 8) -> None:
 
 def conditioning(model: Model, prompts, negative_prompt, guidance_scale: float, num_images: int,
                  height: int, width: int, embeddings=None):
-    """(context, pooled, time_ids, use_cfg) for the UNet; with guidance the batch is
-    [uncond; cond]."""
+    """(context, pooled, time_ids, use_cfg) for the UNet, a batch [uncond; cond] with guidance."""
     use_cfg = guidance_scale > 1.0  # as diffusers: a scale <= 1 is the plain conditional model
     context, pooled, u_context, u_pooled = encode_prompt(
         model.text, prompts, negative_prompt, guidance=use_cfg, num_images_per_prompt=num_images,
@@ -57,24 +56,21 @@ def conditioning(model: Model, prompts, negative_prompt, guidance_scale: float, 
 
 
 def unet_closure(model: Model, context, pooled, time_ids):
-    """model(x, t) for the samplers: the UNet (predicting eps, or v) with its text conditioning
-    bound in."""
+    """model(x, t) for the samplers: the UNet (eps or v) with its text conditioning bound in."""
     unet = model.unet
     dtype = next(unet.parameters()).dtype
-    context, pooled, time_ids = (x if x is None else x.to(dtype) for x in (context, pooled,
-                                                                           time_ids))
+    cond = [c if c is None else c.to(dtype) for c in (context, pooled, time_ids)]
 
     def denoiser(x, t):  # (B, 4, h, w) -> the UNet's output: eps or v, as the model was trained
         t = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        return unet(x.to(dtype), t, context, pooled, time_ids).to(x.dtype)
+        return unet(x.to(dtype), t, *cond).to(x.dtype)
 
     return denoiser
 
 
 def initial_noise(model: Model, batch: int, height: int, width: int, generator: torch.Generator,
                   dtype=torch.float32) -> torch.Tensor:
-    """x_T ~ N(0, I), (batch, C, H/8, W/8), drawn as diffusers draws it (embeddings' dtype, CPU
-    generator)."""
+    """x_T ~ N(0, I), (batch, C, H/8, W/8), drawn as diffusers draws it (embeddings' dtype, CPU)."""
     scale = model.vae_scale
     shape = (batch, model.unet.config.in_channels, height // scale, width // scale)
     return torch.randn(shape, generator=generator, dtype=dtype)
@@ -105,14 +101,13 @@ def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler=sampl
     if initial_latents is None:  # (batch, C, h, w) from one generator, or one image from each
         initial_latents = torch.cat([initial_noise(model, batch if len(seeds) == 1 else 1, height,
                                                    width, g, context.dtype) for g in generators])
-    generator = generators[0]
     x = initial_latents.to(context.device)
 
     denoiser = unet_closure(model, context, pooled, time_ids)
     if use_cfg:
         denoiser = samplers.with_guidance(denoiser, guidance_scale, guidance_rescale)
     evaluations = steps + 1 if sampler is samplers.pndm else steps  # PLMS evaluates step 2 twice
-    noise = dict(eta=eta, generator=generator) if sampler is samplers.ddim else {}
+    noise = dict(eta=eta, generator=generators[0]) if sampler is samplers.ddim else {}
     name = f"{sampler.__name__} x{steps}"
     with tqdm(total=evaluations, desc=name, disable=not progress, leave=False) as bar:
         return sampler(denoiser, x, model.schedule, steps, callback=lambda *_: bar.update(),
@@ -121,8 +116,7 @@ def sample_latents(model: Model, prompts, negative_prompt=None, *, sampler=sampl
 
 @torch.no_grad()
 def decode(model: Model, latents: torch.Tensor) -> list[Image.Image]:
-    """Scaled latents -> PIL images, one at a time (a 1024 px SDXL decode in fp32 needs GBs), in
-    vae_dtype."""
+    """Scaled latents -> PIL images in vae_dtype, one at a time (1024 px in fp32 needs GBs)."""
     vae = model.vae
     dtype = vae_dtype(vae.config, next(vae.parameters()).dtype)
     vae.to(dtype)  # a no-op when load_model already chose it

@@ -17,8 +17,7 @@ MAX_SKIPPED_IN_A_ROW = 25  # inf/NaN gradients in a row stop a run (fp16 loss sc
 
 @dataclass
 class Progress:
-    """Where the run is: with the trained tensors, optimizer and scaler, all a checkpoint must hold
-    for a resumed run to continue bit for bit."""
+    """Where the run is: with the trained tensors, optimizer, scaler, all an exact resume needs."""
 
     generator: torch.Generator  # every random draw of the loop (data order, noise, timesteps)
     instance_orders: list[ShuffledOrder]  # one per aspect bucket
@@ -50,8 +49,7 @@ def new_progress(seed: int, cache) -> Progress:
 
 def record(progress: Progress, losses: list, lr: float, grad_norm: float, applied: bool,
            start: float, dist, device) -> int:
-    """Count the step and add its row (the global batch's losses, averaged over micro-batches and
-    ranks)."""
+    """Count the step and add its row (the losses averaged over micro-batches and ranks)."""
     progress.step += 1
     progress.skipped += not applied
     per_micro = torch.tensor([[p.loss.item(), p.instance.item(), p.prior.item()] for p in losses],

@@ -176,9 +176,8 @@ class UNet(nn.Module):
     """eps_theta(x_t, t, text): the noise in latent x_t (or v, as the checkpoint was trained).
 
     forward(x (B, in_channels, H, W), t (int, float, 0-d or (B,) tensor),
-            context (B, L, cross_attention_dim), pooled (B, P),
-            time_ids (B, 6): orig size, crop corner, target size; pooled and time_ids SDXL only)
-    returns (B, out_channels, H, W)."""
+            context (B, L, cross_attention_dim), SDXL only: pooled (B, P), time_ids (B, 6) =
+            (orig size, crop corner, target size)) -> (B, out_channels, H, W)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -232,15 +231,13 @@ class UNet(nn.Module):
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device).reshape(-1)
         if t.numel() not in (1, B):
-            raise ValueError(f"UNet: got {t.numel()} timesteps for a batch of {B}; give one, or "
-                             "one per sample")
+            raise ValueError(f"UNet: {t.numel()} timesteps for a batch of {B}: give 1 or {B}")
         emb = self.time_embedding(self._sinusoid(t.expand(B), self.config.block_out_channels[0])
                                   .to(x.dtype))  # (B, temb_ch)
         if self.add_embedding is not None:
             emb = emb + self.add_embedding(self._micro_conditioning(pooled, time_ids, B, emb.dtype))
         elif pooled is not None or time_ids is not None:
-            raise ValueError("UNet: pooled/time_ids given, but this UNet (SD 1.x/2.x style) takes "
-                             "no added embedding")
+            raise ValueError("UNet: SD 1.x/2.x UNets have no added embedding: drop pooled/time_ids")
         temb = F.silu(emb)  # every resnet starts its time projection with SiLU: do it once here
 
         h = self.conv_in(x)
