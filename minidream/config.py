@@ -16,7 +16,7 @@ from pathlib import Path
 
 from minidream.errors import UserError
 
-METHODS = ("lora", "full", "textual-inversion")
+METHODS = ("lora", "full", "textual-inversion", "pivotal")
 OPTIMIZERS = ("adamw8bit", "adamw")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "cosine")
 PRECISIONS = ("fp16", "bf16", "fp32")

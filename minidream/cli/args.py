@@ -182,8 +182,9 @@ def sample_parser(description: str) -> Parser:
                        help="folder with tokenizer/ and tokenizer_2/ (single files carry no tokenizer)")
     model.add_argument("--variant", choices=["fp16"], help="read a folder's *.fp16.safetensors files")
     model.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                       help="a LoRA adapter (or a training run folder: its LoRA) and its strength [1.0]; repeat to "
-                            "combine several, e.g. --lora runs/raj-latest --lora style.safetensors:0.8")
+                       help="a LoRA adapter (or a training run folder: its LoRA, and the new word of a --method "
+                            "pivotal run) and its strength [1.0]; repeat to combine several, e.g. "
+                            "--lora runs/raj-latest --lora style.safetensors:0.8")
     model.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                        help="a textual-inversion embedding (.safetensors, e.g. train.py --method textual-inversion's "
                             "learned_embeds.safetensors); prompts name it by TOKEN [the token stored in the file, "
@@ -315,9 +316,13 @@ def result_file(path: Path, name: str, flag: str, example: str) -> Path:
 
 def check_paths(args: argparse.Namespace, loras, embeddings) -> tuple[list, list]:
     """Every file or folder given exists (what they hold is checked when they are read); run folders given as
-    --lora / --embedding are replaced by their result files."""
+    --lora / --embedding are replaced by their result files. A --lora run folder holding a word as well
+    (train.py --method pivotal) gives its embedding too, as if --embedding RUN/learned_embeds.safetensors."""
+    words = [p / EMBEDDING_FILE for p, _ in loras if p.is_dir() and (p / EMBEDDING_FILE).is_file()]
     loras = [(result_file(p, LORA_FILE, "--lora", "FILE.safetensors[:SCALE]"), s) for p, s in loras]
     embeddings = [(result_file(p, EMBEDDING_FILE, "--embedding", "FILE.safetensors[:TOKEN]"), t) for p, t in embeddings]
+    given = {p.resolve() for p, _ in embeddings}  # a word given both ways is loaded once
+    embeddings += [(p, None) for p in words if p.resolve() not in given]
     if args.vae and not Path(args.vae).exists():
         raise UserError(f"--vae {args.vae} does not exist; give a VAE folder or .safetensors file")
     if args.tokenizer and not Path(args.tokenizer).is_dir():

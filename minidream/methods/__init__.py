@@ -3,6 +3,7 @@
     lora                low-rank adapters on the frozen model          (Hu et al. 2021)    minidream/method.py
     full                every UNet weight (+ the text encoders)        (Ruiz et al. 2022)  full_finetune.py
     textual-inversion   a new word's embedding in each text encoder    (Gal et al. 2022)   textual_inversion.py
+    pivotal             a new word + LoRA on the UNet, together        (Roich et al. 2022) pivotal.py
 
 The core loop (minidream/training.py) trains any of them through the Method interface of
 minidream/method.py; LoRA, the method DreamBooth-LoRA is about, lives there beside the interface.
@@ -11,9 +12,11 @@ minidream/method.py; LoRA, the method DreamBooth-LoRA is about, lives there besi
 from minidream.config import METHODS, TrainingError
 from minidream.method import LoRA, Method
 from minidream.methods.full_finetune import FullFinetune
+from minidream.methods.pivotal import Pivotal
 from minidream.methods.textual_inversion import TextualInversion
 
-METHOD_CLASSES = {"lora": LoRA, "full": FullFinetune, "textual-inversion": TextualInversion}
+METHOD_CLASSES = {"lora": LoRA, "full": FullFinetune, "textual-inversion": TextualInversion,
+                  "pivotal": Pivotal}
 assert tuple(METHOD_CLASSES) == METHODS
 
 
