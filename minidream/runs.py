@@ -77,8 +77,8 @@ def save_checkpoint(run: Path, step: int, state: dict, keep: int = 2) -> Path:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     if keep > 0:
         for old in list_checkpoints(run)[:-keep]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".safetensors").unlink(missing_ok=True)
+            for written in [*old.parent.glob(f"{old.stem}.*"), *old.parent.glob(f"{old.stem}-*")]:
+                written.unlink(missing_ok=True)  # step-N.pt, .safetensors, -embeddings.safetensors
     return path
 
 

@@ -31,10 +31,9 @@ Files: at path P the LoRA file, as LoRA writes it, and the word beside it (textu
 layout, SDXL {"clip_l", "clip_g"}): for the run's result, P = RUN/pytorch_lora_weights.safetensors,
 it is RUN/learned_embeds.safetensors (the names diffusers' scripts write); for any other P, P's
 stem + "-embeddings.safetensors" (checkpoints/step-000500.safetensors ->
-checkpoints/step-000500-embeddings.safetensors, deleted at the save after runs.py deletes the
-checkpoint's LoRA file). `sample.py --lora RUN` loads both. In diffusers:
-pipe.load_lora_weights(RUN), then load_textual_inversion of "clip_l" (with text_encoder,
-tokenizer) and of "clip_g" (with text_encoder_2, tokenizer_2).
+checkpoints/step-000500-embeddings.safetensors, deleted with its checkpoint). `sample.py --lora
+RUN` loads both. In diffusers: pipe.load_lora_weights(RUN), then load_textual_inversion of
+"clip_l" (with text_encoder, tokenizer) and of "clip_g" (with text_encoder_2, tokenizer_2).
 """
 
 from __future__ import annotations
@@ -56,14 +55,6 @@ def embedding_path(lora_file) -> Path:
     if lora_file.name == LORA_FILE:
         return lora_file.with_name(EMBEDDING_FILE)
     return lora_file.with_name(lora_file.stem + CHECKPOINT_WORD)
-
-
-def remove_orphans(checkpoints: Path) -> None:
-    """Delete the word files of checkpoints whose LoRA file runs.save_checkpoint has deleted (it
-    keeps --keep-checkpoints of them, and knows only their .pt and .safetensors files)."""
-    for old in checkpoints.glob("*" + CHECKPOINT_WORD):
-        if not old.with_name(old.name.removesuffix(CHECKPOINT_WORD) + ".safetensors").exists():
-            old.unlink(missing_ok=True)
 
 
 class Pivotal(LoRA):
@@ -109,9 +100,7 @@ class Pivotal(LoRA):
         save_lora(path, unet=self.modules["unet"], token=self.word.placeholder,
                   class_noun=self.class_noun, steps=step, base_model=self.model.name)
         self.word.save(embedding_path(path), step)
-        result = path.name == LORA_FILE
-        remove_orphans(path.parent / "checkpoints" if result else path.parent)
-        return path.parent if result else path
+        return path.parent if path.name == LORA_FILE else path
 
     def prompt(self, text: str) -> str:
         return self.word.prompt(text)

@@ -198,11 +198,18 @@ class ShapeTokenizer:
     (a model folder with config.json files only has no vocabulary)."""
 
     def __init__(self, length: int = 77):
-        self.length = length
+        self.length, self.added = length, []
 
     def __call__(self, texts, return_tensors=None, **kwargs):
         class Ids:
             input_ids = (torch.zeros(len(texts), self.length, dtype=torch.long) if return_tensors == "pt"
+                         else [0] if isinstance(texts, str)  # one word (textual inversion's init word)
                          else [[0] * self.length for _ in texts])
 
         return Ids()
+
+    # What textual_inversion.add_token asks of a tokenizer, for a new word (pivotal tuning's)
+    def get_vocab(self) -> dict: return {}
+    def __len__(self) -> int: return 49408 + len(self.added)  # CLIP's vocabulary, then the new word(s)
+    def add_tokens(self, tokens) -> None: self.added += list(tokens)
+    def convert_tokens_to_ids(self, tokens) -> list[int]: return [49408 + self.added.index(t) for t in tokens]

@@ -323,9 +323,9 @@ def plan_training(cfg, runs: dict | None = None, with_phases: bool = True) -> Me
     """Plan `cfg` (a TrainConfig; unset settings get the recipe's values) on a T4. `runs`: a dict
     keeping the fake runs for the next call (recipes.py plans many recipes of one run);
     with_phases=False: the training step only."""
-    if cfg.method not in ("lora", "full"):
-        raise TrainingError(f"--plan covers --method lora and full, not {cfg.method!r} (textual inversion trains a "
-                            "few KB; its memory is that of LoRA with --train-text-encoder)")
+    if cfg.method not in ("lora", "full", "pivotal"):
+        raise TrainingError(f"--plan covers --method lora, full and pivotal, not {cfg.method!r} (textual inversion "
+                            "trains a few KB; its memory is that of pivotal tuning, less the UNet's LoRA)")
     cfg = replace(cfg)
     configs = read_configs(cfg.model)
     if cfg.vae:  # e.g. an fp16-fix VAE, which runs in fp16 instead of fp32
@@ -369,8 +369,10 @@ def plan_training(cfg, runs: dict | None = None, with_phases: bool = True) -> Me
         phases["validation: VAE decode"] = after["vae_decode"]
     quantised, sdxl, context, vae_fp32 = memoised(runs, ("facts", base), lambda: facts(model_as_loaded()))
     family = "SDXL" if sdxl else f"SD ({context}-wide context)"
-    what = f"LoRA rank {cfg.rank}" if cfg.method == "lora" else "full fine-tuning (fp32 master weights)"
+    what = {"lora": f"{'DoRA' if cfg.dora else 'LoRA'} rank {cfg.rank}", "full": "full fine-tuning (fp32 master weights)",
+            "pivotal": f"LoRA rank {cfg.rank} + a new word (pivotal tuning)"}[cfg.method]
     text = ("text encoders trained" + (" (LoRA)" if cfg.method == "lora" else "")) if text else "text cached"
+    text = "text encoded every step (the new word trains)" if cfg.method == "pivotal" else text
     classes = f" + {cfg.batch_size} class" if cfg.prior else ""
     title = (f"{family} from {cfg.model}: {what}, {cfg.resolution} px, batch {cfg.batch_size}{classes}, "
              f"{precision.name}, base weights {base}, VAE {f'in {tiles} px tiles' if tiles else 'untiled'}, "

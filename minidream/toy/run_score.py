@@ -70,10 +70,11 @@ def trained_model(run: Path, cfg: dict, token: str):
     if cfg["method"] == "full":
         return load_model(run / "model"), str
     model = load_model(cfg["model"])
-    if cfg["method"] == "textual-inversion":
+    if cfg["method"] != "textual-inversion":
+        add_loras(model, [(run / LORA_FILE, 1.0)])
+    if cfg["method"] in ("textual-inversion", "pivotal"):  # a new word names the subject
         word, vectors = load_embedding(model.text, run / EMBEDDING_FILE)
         return model, lambda prompt: name_the_word(prompt, token, word, vectors)
-    add_loras(model, [(run / LORA_FILE, 1.0)])
     return model, str
 
 
