@@ -1,6 +1,7 @@
 """minidream.methods.dora against peft's DoRA (LoraConfig(use_dora=True)), float64, CPU: the same
 outputs and gradients (A, B, magnitude, input) to rounding; DoRA files in the diffusers/peft and
-kohya layouts written, read back, loaded by diffusers and fused as peft's merge_and_unload does."""
+kohya layouts written, read back, loaded by diffusers and fused as peft's merge_and_unload does;
+`train.py --dora` (methods/dora_method.py) on a tiny model: its file, resume, --plan."""
 
 import copy
 import json
@@ -12,19 +13,28 @@ from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 
+import train as train_cli
+from _train import train_like_cli
 from lora_models import rel_err, write_random_lora
-from minidream.formats.lora_files import add_loras, load_lora, read_lora, read_safetensors
+from minidream.config import LORA_FILE, TrainConfig
+from minidream.formats.lora_files import (DoRAWeights, add_loras, load_lora, read_lora,
+                                          read_safetensors)
 from minidream.formats.lora_stack import merge_lora, stack_layers, unmerge_lora
 from minidream.formats.models import load_model
 from minidream.lora import UNET_ATTENTION, LoRALayer
 from minidream.lora_file import DIFFUSERS_METADATA_KEY
+from minidream.formats.models import BUNDLED_MODEL, REPO
 from minidream.methods.dora import (DoRAConv2d, DoRALinear, DoRAQuantLinear, dora_parameters,
                                     dora_state_dict, inject_dora, load_dora_state_dict,
                                     mark_only_dora_trainable)
 from minidream.methods.dora_file import save_dora
+from minidream.methods.dora_method import DoRA
+from minidream.planner.memory import plan_training
 from minidream.pipeline import sample_latents
 from minidream.quant.linear import quantise_model
 from minidream.toy.tiny import write_tiny_sdxl
+from test_ema import (capture_methods, config, interrupted_then_resumed, losses,  # noqa: F401
+                      same_tensors, world)
 from test_lora_files import assert_same_outputs, base_models, loaded_by_diffusers, outputs
 
 F64 = torch.float64
@@ -332,3 +342,66 @@ def test_sampling_with_dora_files_matches_diffusers(folder, tmp_path):
                     generator=torch.Generator().manual_seed(0), output_type="latent").images
         print(f"{len(loras)} file(s): latents rel err {rel_err(got, want):.2e}")
         assert rel_err(got, want) <= 1e-4 and rel_err(got, plain) > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: train.py --method lora --dora on the tiny model of test_ema.py's `world`
+
+
+def test_a_dora_run_trains_the_magnitudes_and_writes_a_dora_file(world, tmp_path, monkeypatch):
+    """UNet and text-encoder attention get DoRA layers; A, B and m train; the file is a DoRA file
+    (diffusers layout, use_dora) that sample.py's add_loras turns back into the trained model."""
+    built = capture_methods(monkeypatch, DoRA)
+    run = train_like_cli(config(world, tmp_path, steps=3, dora=True, train_text_encoder=True,
+                                text_encoder_lr=1e-3))
+    (method,) = built
+    trained = [p for m in method.modules.values() for p in m.parameters() if p.requires_grad]
+    dora = [p for m in method.modules.values() for p in dora_parameters(m)]
+    assert {id(p) for p in method.parameters()} == {id(p) for p in trained} == {id(p) for p in dora}
+    lora = read_lora(run / LORA_FILE)
+    assert lora.layout == "diffusers"
+    assert set(lora.adapters) == {"unet", "text_encoder", "text_encoder_2"}
+    assert all(isinstance(w, DoRAWeights) for a in lora.adapters.values() for w in a.values())
+    config_json = json.loads(lora.metadata[DIFFUSERS_METADATA_KEY])
+    assert all(config_json[f"{c}.use_dora"] for c in lora.adapters)
+    assert lora.metadata["token"] == "rraj" and lora.metadata["steps"] == "3"
+    base = load_model(world["model"])
+    encoders = {"unet": base.unet, "text_encoder": base.text.text_encoder,
+                "text_encoder_2": base.text.text_encoder_2}
+    for component, adapters in lora.adapters.items():  # m moved away from ||W0||_c
+        modules = dict(encoders[component].named_modules())
+        modules |= {f"text_model.{n}": m for n, m in modules.items()}  # CLIP's, either spelling
+        moved = [not torch.allclose(w.magnitude, modules[name].weight.flatten(1).norm(dim=1))
+                 for name, w in adapters.items()]
+        # everywhere but in text_encoder's last layer, which SDXL does not read (its penultimate's)
+        assert all(moved) if component == "unet" else sum(moved) >= len(moved) / 2, component
+    prompt, kw = "a photo of rraj person", dict(steps=2, seed=0, progress=False)
+    method.model.unet.eval()
+    with torch.no_grad():
+        latents = sample_latents(method.model, prompt, **kw)
+    add_loras(base, [(run / LORA_FILE, 1.0)])  # sample.py --lora
+    assert rel_err(sample_latents(base, prompt, **kw), latents) < 1e-5
+    assert rel_err(sample_latents(load_model(world["model"]), prompt, **kw), latents) > 1e-3
+
+
+def test_a_resumed_dora_run_is_the_uninterrupted_run(world, tmp_path, monkeypatch):
+    uninterrupted = train_like_cli(config(world, tmp_path / "a", dora=True, lora_dropout=0.1))
+    resumed = interrupted_then_resumed(config(world, tmp_path / "b", dora=True, lora_dropout=0.1),
+                                       monkeypatch)
+    state = torch.load(resumed / "checkpoints" / "step-000002.pt")["trained"]["unet"]
+    assert any(k.endswith(".lora_magnitude_vector") for k in state)  # m is checkpointed
+    assert losses(resumed) == losses(uninterrupted)
+    assert same_tensors(read_safetensors(resumed / LORA_FILE)[0],
+                        read_safetensors(uninterrupted / LORA_FILE)[0])
+
+
+def test_plan_with_dora(capsys):
+    """The planner builds the method on a meta-device model: DoRA's m adds to what trains."""
+    tiny = str(REPO / BUNDLED_MODEL)
+    assert train_cli.main(["--model", tiny, "--plan", "--dora", "--no-prior", "--validate-every",
+                           "0", "--ema-decay", "0.9"]) == 0
+    assert "T4 memory plan" in capsys.readouterr().out
+    settings = dict(model=tiny, prior=False, validate_every=0)
+    plain, dora = (plan_training(TrainConfig(**settings, dora=d), with_phases=False).step
+                   for d in (False, True))
+    assert dora.trained > plain.trained and dora.optimizer_states > plain.optimizer_states
