@@ -2,6 +2,7 @@
 tests of the byte counting, the CUDA autocast policy, the attention kernel, and `train.py --plan`.
 (Its agreement with a real step's memory is measured by benchmarks/planner_validation.py.)"""
 
+import dataclasses
 import shutil
 
 import pytest
@@ -162,6 +163,33 @@ def test_explicit_flags_win(config_only, capsys):
     assert "--gpu-memory 6: 5.62 GiB usable" in out and "predicted" in out and "base weights int8" in out
     with pytest.raises(TrainingError, match="--gpu-memory"):
         recipes.search(cfg, 0)
+
+
+def test_time_phases_sum_to_the_run_and_scale_with_class_steps():
+    """estimate_time on a hand-made plan (no fake run): the phases sum to the whole run; the class
+    images' UNet part is linear in class_steps; batching class images changes no FLOP count."""
+    def timing(quantised=0, **settings):
+        cfg = TrainConfig(model="x", steps=100, num_class_images=10, class_steps=20, class_batch=0,
+                          validate_every=50, validation_steps=10, base_weights="fp16")
+        cfg = dataclasses.replace(cfg, **settings)
+        step = memory.StepMemory(0, 4 * 10**6, 0, 0, 0, 0, 0, 0, 0, flops=3 * 10**12)
+        flops = {"unet_guidance": 10**12, "vae_encode": 2 * 10**12, "vae_decode": 4 * 10**12}
+        plan = memory.MemoryPlan("hand-made", step, {}, cfg=cfg, flops=flops, quantised_weights=quantised)
+        return recipes.estimate_time(plan)
+
+    full = timing()
+    assert list(full.phases) == ["class images", "latent cache", "training steps", "validation"]
+    assert full.run_s == pytest.approx(sum(full.phases.values())) and min(full.phases.values()) > 0
+    decodes_only = timing(class_steps=0).phases["class images"]
+    half = timing(class_steps=10)
+    assert half.phases["class images"] - decodes_only == pytest.approx(
+        (full.phases["class images"] - decodes_only) / 2)
+    assert {k: v for k, v in half.phases.items() if k != "class images"} == \
+        {k: v for k, v in full.phases.items() if k != "class images"}
+    assert timing(class_batch=4).phases == full.phases  # FLOPs per image: batching changes nothing
+    int8 = {k: timing(10**9, base_weights="int8", class_batch=k).phases["class images"] for k in (0, 4)}
+    assert full.phases["class images"] < int8[4] < int8[0]  # ... but the dequantisation is shared
+    assert timing(prior=False).phases["class images"] == 0 == timing(validate_every=0).phases["validation"]
 
 
 @pytest.mark.slow

@@ -26,9 +26,19 @@ here was measured on a GPU):
     dequantising  report.dequant_seconds per pass over the quantised layers (bytes moved at
                   320 GB/s): one pass per sampler step, two per training step, three with
                   checkpointing
-    the run       steps x s/step + class images (class_steps guided UNet calls, a decode and an
-                  encode each; all assumed missing) + photos x views encodes (10 photos assumed)
-                  + validation grids (validation_steps calls and a decode per image)
+    the run       the run's Work (run_work: what train.py computes) priced phase by phase, the
+                  phases summing to the whole run (Timing.phases, Timing.run_s):
+                    class images    class_steps guided UNet calls and a decode each (all assumed
+                                    missing)
+                    latent cache    a VAE encode per photo view (10 photos assumed) and per class
+                                    image
+                    training steps  steps x s/step
+                    validation      validation_steps guided UNet calls and a decode per image
+    batching      a FLOP count grows with the images in a call, so --class-batch changes none: a
+                  batch of k class images costs k images' FLOPs. Only the dequantisation, once
+                  per UNet call, is shared by a batch's images (auto, --class-batch 0, is decided
+                  on the GPU: counted as one image per call). A GPU may run larger batches at a
+                  higher efficiency; no such speed-up is assumed.
 Tiling's cost is its extra FLOPs (tiles overlap by a quarter of their side): rough, since small
 tiles also run less efficiently than one large image.
 """
@@ -69,28 +79,57 @@ def recipe_flags(cfg) -> str:
 
 
 @dataclass
+class Work:
+    """What a whole run computes, in the units estimate_time prices (see the top)."""
+
+    steps: int  # optimizer steps
+    class_images: int  # class images generated (all assumed missing)
+    class_steps: int  # guided UNet calls per class image: one per sampler step
+    class_batch: int  # class images per UNet call: they share its dequantisation, nothing else
+    encodes: int  # one-image VAE encodes: the latent cache's photo views and class images
+    validation_images: int  # each one decode
+    validation_calls: int  # guided UNet calls of all validation images together
+
+
+def run_work(cfg) -> Work:
+    """The Work of train.py's run of `cfg` (presets filled), for ASSUMED_PHOTOS subject photos."""
+    classes = cfg.num_class_images if cfg.prior else 0
+    grids = cfg.steps // cfg.validate_every + 1 if cfg.validate_every else 0  # + the one at step 0
+    prompts = len(cfg.validation_prompts or [*VALIDATION_TEMPLATES, "class"])
+    images = grids * prompts * len(cfg.validation_seeds)
+    return Work(cfg.steps, classes, cfg.class_steps, cfg.class_batch or 1,
+                ASSUMED_PHOTOS * cfg.views_per_image + classes, images, images * cfg.validation_steps)
+
+
+@dataclass
 class Timing:
     step_s: float  # one optimizer step: compute, dequantisation, the optimizer's memory traffic
-    run_s: float  # the whole run (see the top)
+    phases: dict[str, float]  # phase of the run -> its seconds (see the top)
+
+    @property
+    def run_s(self) -> float:
+        """The whole run: the sum of its phases."""
+        return sum(self.phases.values())
 
 
-def estimate_time(plan: MemoryPlan) -> Timing:
-    """Estimated seconds of a step and of the whole run of a planned recipe (see the top)."""
+def estimate_time(plan: MemoryPlan, work: Work | None = None) -> Timing:
+    """Estimated seconds of a step and of each phase of the whole run of a planned recipe (see the
+    top). `work`: what the run computes (default: train.py's run of plan.cfg, run_work)."""
     cfg, flops = plan.cfg, plan.flops
+    work = run_work(cfg) if work is None else work
     fp16 = T4_FP16_TFLOPS * 1e12 * T4_EFFICIENCY[1]
     vae = (T4_FP32_TFLOPS if plan.vae_fp32 else T4_FP16_TFLOPS) * 1e12 * T4_EFFICIENCY[1]
     dequant = dequant_seconds(plan)
     optimizer = plan.step.trained / 4 * OPTIMIZER_BYTES_PER_VALUE / T4_BANDWIDTH
     step = plan.step.flops / fp16 + dequant_passes(cfg) * dequant + optimizer
-    call = flops["unet_guidance"] / fp16 + dequant  # one sampler step: a batch-2 UNet call
+    call = flops["unet_guidance"] / fp16  # one sampler step of one image: a batch-2 UNet call
     encode, decode = flops["vae_encode"] / vae, flops["vae_decode"] / vae
-    classes = cfg.num_class_images if cfg.prior else 0
-    grids = cfg.steps // cfg.validate_every + 1 if cfg.validate_every else 0
-    per_grid = len(cfg.validation_prompts or [*VALIDATION_TEMPLATES, "class"]) * len(cfg.validation_seeds)
-    run = (cfg.steps * step + classes * (cfg.class_steps * call + decode + encode)
-           + ASSUMED_PHOTOS * cfg.views_per_image * encode
-           + grids * per_grid * (cfg.validation_steps * call + decode))
-    return Timing(step, run)
+    class_calls = math.ceil(work.class_images / work.class_batch) * work.class_steps
+    phases = {"class images": work.class_images * (work.class_steps * call + decode) + class_calls * dequant,
+              "latent cache": work.encodes * encode,
+              "training steps": work.steps * step,
+              "validation": work.validation_calls * (call + dequant) + work.validation_images * decode}
+    return Timing(step, phases)
 
 
 @dataclass
