@@ -27,7 +27,7 @@ from minidream.cli.args import config_from_args, resumed_config, train_parser
 from minidream.cli.script import run_script
 from minidream.formats.archives import unpack_class_images
 from minidream.lowmem.tiled_vae import WithTiledVAE
-from minidream.methods import method_class
+from minidream.methods.registry import method_class
 from minidream.parallel import distributed
 from minidream.planner.memory import default_plan_model, plan_training
 from minidream.planner.report import format_plan

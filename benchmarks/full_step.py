@@ -127,7 +127,7 @@ def count_flops() -> int:
     planner loads transformers and the training methods, which the measured child processes must not
     carry (their peak RSS is reported)."""
     from minidream.config import TrainConfig
-    from minidream.methods import build_method
+    from minidream.methods.registry import build_method
     from minidream.optim import resolve_precision
     from minidream.planner import memory
 

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from benchmarks.harness import MID_TEXT, MID_UNET  # noqa: E402
 from minidream.formats.checkpoint import build_unet  # noqa: E402
 from minidream.config import TrainConfig  # noqa: E402
-from minidream.methods import build_method  # noqa: E402
+from minidream.methods.registry import build_method  # noqa: E402
 from minidream.quant.linear import quantise_model  # noqa: E402
 from minidream.optim import make_grad_scaler, make_optimizer, resolve_precision  # noqa: E402
 from minidream.planner import memory, recipes, report  # noqa: E402

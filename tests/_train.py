@@ -5,7 +5,7 @@ from pathlib import Path
 
 from minidream import formats, training
 from minidream.cli.args import resumed_config
-from minidream.methods import method_class
+from minidream.methods.registry import method_class
 from minidream.cli.latest_link import link_latest
 
 

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 
 from minidream.parallel import distributed
 from minidream.parallel.distributed import Dist
-from minidream.methods import build_method
+from minidream.methods.registry import build_method
 from minidream.formats.models import BUNDLED_MODEL, load_model
 from minidream.runs import StopRequest
 from minidream.schedule import alphas_cumprod

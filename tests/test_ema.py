@@ -19,7 +19,7 @@ import minidream.training as training
 from _train import train_like_cli
 from minidream.config import LORA_FILE, TrainConfig
 from minidream.method import LoRA, Method
-from minidream.methods import method_class
+from minidream.methods.registry import method_class
 from minidream.methods.dora_method import DoRA
 from minidream.methods.ema import EMA, with_ema
 from minidream.optim import make_grad_scaler, resolve_precision

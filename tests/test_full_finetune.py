@@ -15,7 +15,7 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
 from minidream.method import text_encoders
-from minidream.methods import build_method
+from minidream.methods.registry import build_method
 from minidream.methods.full_finetune import FullFinetune
 from minidream import formats
 from minidream.formats.models import load_model

@@ -14,7 +14,7 @@ import train
 from benchmarks import gpu_check
 from minidream.config import TrainConfig, TrainingError, fill_defaults
 from minidream.layers import Attention
-from minidream.methods import build_method
+from minidream.methods.registry import build_method
 from minidream.formats.models import BUNDLED_MODEL, REPO
 from minidream.planner.memory import optimizer_state_bytes
 from minidream.planner import memory, recipes, report

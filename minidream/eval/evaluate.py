@@ -44,7 +44,7 @@ from minidream.eval.eval_targets import EvalError, Settings, Target, prompt_set,
 from minidream.files import save_png, write_json, write_text
 from minidream.formats.lora_files import load_lora
 from minidream.formats.lora_stack import adapter_names, remove_adapter
-from minidream.methods import method_class
+from minidream.methods.registry import method_class
 from minidream.formats import default_model_path, load_model
 from minidream.drawing import labelled_grid
 

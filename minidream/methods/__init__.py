@@ -1,36 +1,15 @@
-"""The training methods besides LoRA, and choosing one by name (`train.py --method`).
+"""The training methods besides LoRA; registry.py chooses one from the settings (`train.py --method`).
 
     lora                low-rank adapters on the frozen model          (Hu et al. 2021)    minidream/method.py
     full                every UNet weight (+ the text encoders)        (Ruiz et al. 2022)  full_finetune.py
     textual-inversion   a new word's embedding in each text encoder    (Gal et al. 2022)   textual_inversion.py
     pivotal             a new word + LoRA on the UNet, together        (Roich et al. 2022) pivotal.py
 
+    --dora              LoRA + each adapted channel's length trains    (Liu et al. 2024)   dora_method.py
+    --ema-decay D       the result: an average of the trained weights  (any method)        ema.py
+
 The core loop (minidream/training.py) trains any of them through the Method interface of
 minidream/method.py; LoRA, the method DreamBooth-LoRA is about, lives there beside the interface.
+This file imports nothing, so importing one module of the package (dora.py's layers, say) does not
+import every method.
 """
-
-from minidream.config import METHODS, TrainingError
-from minidream.method import LoRA, Method
-from minidream.methods.dora_method import DoRA
-from minidream.methods.ema import with_ema
-from minidream.methods.full_finetune import FullFinetune
-from minidream.methods.pivotal import Pivotal
-from minidream.methods.textual_inversion import TextualInversion
-
-METHOD_CLASSES = {"lora": LoRA, "full": FullFinetune, "textual-inversion": TextualInversion,
-                  "pivotal": Pivotal}
-assert tuple(METHOD_CLASSES) == METHODS
-
-
-def method_class(cfg) -> type[Method]:
-    """The class that trains cfg.method, with cfg's variants of it: --dora makes LoRA's layers DoRA
-    layers (dora_method.py), --ema-decay makes the result an average of the weights (ema.py)."""
-    if cfg.method not in METHOD_CLASSES:
-        raise TrainingError(f"unknown training method {cfg.method!r}: choose one of {', '.join(METHODS)}")
-    chosen = DoRA if cfg.dora and cfg.method == "lora" else METHOD_CLASSES[cfg.method]
-    return with_ema(chosen) if cfg.ema_decay else chosen
-
-
-def build_method(model, cfg, token: str, class_noun: str) -> Method:
-    """Set `model` up for cfg.method (adapters / fp32 weights / new token rows) and return the method."""
-    return method_class(cfg)(model, cfg, token, class_noun)

@@ -5,6 +5,7 @@ neither of them: dora_file.py reads dora.py's layers)."""
 
 from minidream.method import LoRA
 from minidream.methods.dora import dora_layer, dora_parameters, mark_only_dora_trainable
+from minidream.methods.dora_file import save_dora
 
 
 class DoRA(LoRA):
@@ -27,9 +28,6 @@ class DoRA(LoRA):
                 for n, m in self.modules.items()]
 
     def save(self, path, step):
-        # Imported here, not above: dora_file imports formats.lora_files, whose lora_stack imports
-        # methods.dora, which runs methods/__init__.py (and so this module) first: a circle.
-        from minidream.methods.dora_file import save_dora
         return save_dora(path, **self.modules, token=self.token, class_noun=self.class_noun,
                          steps=step, base_model=self.model.name)
 

@@ -34,7 +34,7 @@ from minidream.formats.checkpoint import CheckpointError, build_text_encoder, bu
 from minidream.formats import detect, text_encoder_parts, text_encoder_weights, unet_weights, vae_weights
 from minidream.config import OPTIMIZERS, TrainingError, check_config, fill_defaults
 from minidream.formats.loading import parameters_on_meta
-from minidream.methods import build_method
+from minidream.methods.registry import build_method
 from minidream.model import Model
 from minidream.formats.models import REPO, SDXL_LOCATIONS
 from minidream.lowmem.tiled_vae import use_tiled_vae

@@ -42,7 +42,7 @@ from minidream import formats, training
 from minidream.config import LORA_FILE, PRESETS, TrainConfig
 from minidream.data import load_subject
 from minidream.formats.lora_files import add_loras
-from minidream.methods import method_class
+from minidream.methods.registry import method_class
 from minidream.methods.textual_inversion import load_embedding, name_the_word
 from minidream.formats.models import BUNDLED_MODEL, REPO, load_model
 from minidream.drawing import labelled_grid
