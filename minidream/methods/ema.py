@@ -42,10 +42,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        """ema <- D ema + (1 - D) p, for every trained parameter (all at once: foreach)."""
-        params = [p.detach().float() for p in self.parameters()]
-        torch._foreach_mul_(self.averages, self.decay)
-        torch._foreach_add_(self.averages, params, alpha=1 - self.decay)
+        """ema <- D ema + (1 - D) p, for every trained parameter."""
+        for average, p in zip(self.averages, self.parameters()):
+            average.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
 
     def state_dict(self):
         return super().state_dict() | {"ema": {str(i): a for i, a in enumerate(self.averages)}}
