@@ -2,12 +2,14 @@
 and keeps the rest, and section 8 (context leak) trains the variants it says and reports them."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from minidream.toy import context_experiment as cx
+from minidream.toy import methods_experiment as mx
 from minidream.toy import toyworld as tw
 from minidream.toy.toy_experiments import LOG_MARKER, Settings, command, main, results_text, section_key
 
@@ -138,3 +140,30 @@ def test_context_leak_trains_each_variant_and_reports_the_leak(tmp_path, monkeyp
     cx.context_leak(e, 0.5)
     assert [o.get("unmasked_weight") for _, o in e.trained] == [None, None, 0.0, 0.1, 0.3, 0.5, 0.5]
     assert tw.SHARED_CONTEXT == "city"
+
+
+def test_methods_section_measures_each_variant_once_and_reuses_what_it_stored(tmp_path, monkeypatch):
+    """Section 11 keeps each variant's figures in OUT/methods/NAME.json keyed by its settings: a second
+    run (another process's, or the assembling one) reuses them; other settings measure again."""
+    measured = []
+
+    def fake_measure(e, name):
+        measured.append(name)
+        return {"look": 0.5, "edits": 0.25, "drift": 0.0, "fields": 0.75, "prompt": f"a photo of {name}",
+                "bytes": 2000, "seconds": 10.0, "run": "r", "files": ["x.safetensors"]}
+
+    monkeypatch.setattr(mx, "measure", fake_measure)
+    monkeypatch.setattr(mx, "judged", lambda e, model, name: {"look": 0.0, "edits": 0.0, "drift": 0.0,
+                                                              "fields": 0.94, "prompt": "p"})
+    e = SimpleNamespace(out=tmp_path, s=Settings(samples=4), model=lambda: None, tag=None)
+    table = mx.methods_now(e, "lora,dora-6e-3")
+    assert measured == ["lora", "dora-6e-3"]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["LoRA (the demo)", "DoRA, lr 6e-3"]
+    assert "| 2.0 KB | 10 | 50% | 25% | 0% | 75% |" in rows[0] and "94% of fields right" in table
+    mx.methods_now(e, "lora,dora-6e-3")
+    assert measured == ["lora", "dora-6e-3"]  # stored: nothing measured again
+    e.s = Settings(samples=8)
+    mx.methods_now(e, "lora")
+    assert measured == ["lora", "dora-6e-3", "lora"]  # other settings: measured again
+    assert set(mx.VARIANTS) >= {"lora", "lora-ema-0.99", "pivotal-5e-3", "ti-after"}

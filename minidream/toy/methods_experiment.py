@@ -44,6 +44,8 @@ VARIANTS = {
     "lora-ema-0.99": ("LoRA + EMA 0.99", dict(ema_decay=0.99), False),
     "lora-ema-0.995": ("LoRA + EMA 0.995", dict(ema_decay=0.995), False),
     "lora-ema-0.999": ("LoRA + EMA 0.999", dict(ema_decay=0.999), False),
+    "lora-seed-1": ("LoRA (the demo), training seed 1", dict(seed=1), False),  # run-to-run noise
+    "lora-ema-0.99-seed-1": ("LoRA + EMA 0.99, training seed 1", dict(ema_decay=0.99, seed=1), False),
     "dora-1.5e-3": ("DoRA, lr 1.5e-3", dict(dora=True, lr=1.5e-3), False),
     "dora-3e-3": ("DoRA, lr 3e-3", dict(dora=True), False),
     "dora-6e-3": ("DoRA, lr 6e-3", dict(dora=True, lr=6e-3), False),
