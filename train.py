@@ -5,6 +5,8 @@ minidream.training.train() does the work.
     python train.py --subject data/me --token zwx --class-noun person
     python train.py --subject data/raj --method full   # every UNet weight -> a diffusers model folder
     python train.py --subject data/raj --method textual-inversion   # a new word "<rraj>" -> a few KB
+    python train.py --subject data/raj --method pivotal   # the new word + LoRA, in one run
+    python train.py --subject data/raj --dora --ema-decay 0.99   # DoRA layers, an averaged result
     python train.py --resume runs/raj-latest           # continue a stopped run
     torchrun --nproc_per_node 2 train.py --subject data/raj        # 2 GPUs (DistributedDataParallel)
 
