@@ -204,3 +204,10 @@ def test_sdxl_recipes_for_8_and_6_gb():
     assert (eight.chosen.cfg.vae_tiling, six.chosen.cfg.vae_tiling) == (gpu_check.RECIPE_TILES["int8"],
                                                                   gpu_check.RECIPE_TILES["nf4"])  # gpu_check runs these
     assert not any(p.fits for p in eight.plans if p.cfg.base_weights == "fp16")
+
+
+def test_ema_adds_an_fp32_copy_of_what_trains(config_only):
+    """--ema-decay keeps an fp32 average of every trained value on the GPU, beside the optimizer states."""
+    cfg = dict(model=str(config_only), resolution=64, gradient_checkpointing=True)
+    plain, with_ema = step_plan(TrainConfig(**cfg)), step_plan(TrainConfig(**cfg, ema_decay=0.99))
+    assert with_ema.optimizer_states - plain.optimizer_states == plain.trained > 0  # fp32 trained values

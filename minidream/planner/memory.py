@@ -195,6 +195,7 @@ def plan_step(model, method, cfg, precision: Precision, fake, block: int = 512, 
     trains_text = method.trains_text(cfg)
     resident = modules_of(model, text=trains_text)  # offload_encoders leaves only these on the GPU
     states = optimizer_state_bytes(trained, cfg.optimizer)
+    states += 4 * sum(p.numel() for p in trained) if cfg.ema_decay else 0  # --ema-decay's fp32 average
     grads = sum(p.numel() * 4 for p in trained)
     opt_temp = optimizer_temporaries(trained, cfg.optimizer, cuda)
     alphas_cumprod = alphas_cumprod_of(model.schedule)

@@ -54,7 +54,8 @@ def format_plan(plan: MemoryPlan) -> str:
              f"  {'training step':<52}   GiB  predicted",
              row("frozen weights", text=f"{s.frozen / GiB:6.2f}"),
              row("trained parameters (fp32)", text=f"{s.trained / GiB:6.2f}"),
-             row("optimizer states", text=f"{s.optimizer_states / GiB:6.2f}"),
+             row("optimizer states (+ EMA)" if getattr(plan.cfg, "ema_decay", 0) else "optimizer states",
+                 text=f"{s.optimizer_states / GiB:6.2f}"),
              row("gradients (fp32) written at the peak / all", text=f"{s.gradients_at_peak / GiB:6.2f} / "
                  f"{s.gradients / GiB:.2f}"),
              row("activations, saved tensors, temporaries at the peak", text=f"{s.activations / GiB:6.2f}"),
