@@ -233,12 +233,14 @@ def check_config(cfg: TrainConfig) -> None:
                  "class_steps", "validation_steps", "log_every", "num_vectors"):
         need(getattr(cfg, name) >= 1, f"{flag(name)} must be at least 1 (got {getattr(cfg, name)})")
     for name in ("validate_every", "save_every", "keep_checkpoints", "warmup_steps", "noise_offset",
-                 "class_batch", "prior_weight", "max_grad_norm", "weight_decay"):
+                 "class_batch", "prior_weight", "max_grad_norm", "weight_decay", "embedding_steps"):
         need(getattr(cfg, name) >= 0, f"{flag(name)} must be >= 0 (got {getattr(cfg, name)})")
     need(cfg.cpu_threads is None or cfg.cpu_threads >= 1, "--cpu-threads must be at least 1")
     need(0 < cfg.lr <= 1 and 0 < cfg.text_encoder_lr <= 1,
          f"learning rates must be in (0, 1] (got --lr {cfg.lr}, --text-encoder-lr "
          f"{cfg.text_encoder_lr}): above 1 nothing trains, inf/NaN are no rate")
+    need(cfg.embedding_lr is None or 0 < cfg.embedding_lr <= 1,
+         f"--embedding-lr must be in (0, 1] (got {cfg.embedding_lr})")
     seeds = [cfg.seed, *cfg.validation_seeds]
     need(all(0 <= s < 2**63 for s in seeds), "seeds must be in 0 .. 2**63 - 1")
     need(1 <= len(cfg.validation_seeds) <= 16, "--validation-seeds: give 1 to 16 seeds (one grid "

@@ -130,7 +130,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:  # what a chec
     return {k: v for k, v in model.state_dict().items() if ".lora_" in k}  # <module>.lora_A.weight
 
 
-def mark_only_lora_trainable(model: nn.Module) -> None:  # requires_grad on LoRA's only
+def mark_only_lora_trainable(model: nn.Module, trained=lora_parameters) -> None:
+    """requires_grad on the adapters' parameters only (`trained`: which; DoRA's adds m)."""
     model.requires_grad_(False)
-    for p in lora_parameters(model):
+    for p in trained(model):
         p.requires_grad_(True)

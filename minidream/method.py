@@ -98,6 +98,7 @@ class LoRA(Method):
     output = LORA_FILE
     sample_flag = "--lora"
     make_layer = staticmethod(lora_layer)  # DoRA's (methods/dora.py) makes its own layers
+    adapter_parameters = staticmethod(lora_parameters)  # what trains (DoRA's: A, B and m)
 
     def __init__(self, model, cfg, token, class_noun):
         super().__init__(model, cfg, token, class_noun)
@@ -107,14 +108,15 @@ class LoRA(Method):
             targets = unet_targets(cfg.lora_targets) if name == "unet" else TEXT_ATTENTION
             inject_lora(module, targets, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
                         make_layer=self.make_layer)
-            mark_only_lora_trainable(module)
+            mark_only_lora_trainable(module, self.adapter_parameters)
             train_mode(module, cfg.gradient_checkpointing)
 
     def trained_modules(self): return self.modules
 
     def param_groups(self):
         cfg = self.cfg
-        return [{"params": lora_parameters(m), "lr": cfg.lr if n == "unet" else cfg.text_encoder_lr}
+        return [{"params": self.adapter_parameters(m),
+                 "lr": cfg.lr if n == "unet" else cfg.text_encoder_lr}
                 for n, m in self.modules.items()]
 
     def state_dict(self): return {name: lora_state_dict(m) for name, m in self.modules.items()}

@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidream.lora import LoRAConv2d, LoRALayer, LoRALinear, inject_lora, lora_layer
+from minidream.lora import (LoRAConv2d, LoRALayer, LoRALinear, inject_lora, lora_layer,
+                            mark_only_lora_trainable)
 from minidream.quant.linear import LoRAQuantLinear
 
 
@@ -125,9 +126,7 @@ def dora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def mark_only_dora_trainable(model: nn.Module) -> None:  # requires_grad on A, B, m only
-    model.requires_grad_(False)
-    for p in dora_parameters(model):
-        p.requires_grad_(True)
+    mark_only_lora_trainable(model, dora_parameters)
 
 
 def dora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

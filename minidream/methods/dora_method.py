@@ -4,7 +4,7 @@ dora.py, the file in dora_file.py; this module joins them to the loop (it uses b
 neither of them: dora_file.py reads dora.py's layers)."""
 
 from minidream.method import LoRA
-from minidream.methods.dora import dora_layer, dora_parameters, mark_only_dora_trainable
+from minidream.methods.dora import dora_layer, dora_parameters
 from minidream.methods.dora_file import save_dora
 
 
@@ -16,16 +16,7 @@ class DoRA(LoRA):
     load_lora_weights read."""
 
     make_layer = staticmethod(dora_layer)  # m starts at ||W0||_c, so the model starts as the base
-
-    def __init__(self, model, cfg, token, class_noun):
-        super().__init__(model, cfg, token, class_noun)
-        for module in self.modules.values():
-            mark_only_dora_trainable(module)  # LoRA's marking left m frozen
-
-    def param_groups(self):
-        cfg = self.cfg
-        return [{"params": dora_parameters(m), "lr": cfg.lr if n == "unet" else cfg.text_encoder_lr}
-                for n, m in self.modules.items()]
+    adapter_parameters = staticmethod(dora_parameters)  # A, B and m: LoRA marks and groups them
 
     def save(self, path, step):
         return save_dora(path, **self.modules, token=self.token, class_noun=self.class_noun,

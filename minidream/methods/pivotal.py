@@ -40,8 +40,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minidream.config import EMBEDDING_FILE, LORA_FILE, TrainingError
-from minidream.lora import lora_parameters
+from minidream.config import EMBEDDING_FILE, LORA_FILE
 from minidream.lora_file import save_lora
 from minidream.method import LoRA
 from minidream.methods.textual_inversion import TextualInversion
@@ -75,8 +74,8 @@ class Pivotal(LoRA):
         return self.modules | self.word.trained_modules()
 
     def param_groups(self):  # the word's group last: the loop logs group 0's lr (the UNet's)
-        return [{"params": lora_parameters(self.modules["unet"]), "lr": self.cfg.lr},
-                {"params": self.word.parameters(), "lr": self.cfg.embedding_lr}]
+        word = {"params": self.word.parameters(), "lr": self.cfg.embedding_lr}
+        return super().param_groups() + [word]
 
     def state_dict(self):
         return super().state_dict() | self.word.state_dict()
@@ -105,14 +104,7 @@ class Pivotal(LoRA):
     def prompt(self, text: str) -> str:
         return self.word.prompt(text)
 
-    @staticmethod
-    def check_subject(cfg, subject) -> None:
-        TextualInversion.check_subject(cfg, subject)
-        if not (cfg.embedding_lr is not None and 0 < cfg.embedding_lr <= 1):
-            raise TrainingError(f"--embedding-lr must be in (0, 1] (got {cfg.embedding_lr})")
-        if cfg.embedding_steps < 0:
-            raise TrainingError(f"--embedding-steps must be >= 0, 0 = never freeze the word (got "
-                                f"{cfg.embedding_steps})")
+    check_subject = staticmethod(TextualInversion.check_subject)  # the prompt must name the word
 
     def summary(self) -> str:
         adapters = sum(p.numel() for p in self.param_groups()[0]["params"])

@@ -78,7 +78,7 @@ def measure(e, name: str) -> dict:
     validation = [move(p) for p in load_subject(REPO / "data" / "raj").validation_prompts]
     run = e.train(label, REPO / "data" / "raj", validation_prompts=validation, **settings).parent
     files = [f for f in (run / LORA_FILE, run / EMBEDDING_FILE) if f.is_file()]
-    model = e.model([(run / LORA_FILE, 1.0)] if (run / LORA_FILE).is_file() else [])
+    model = e.model([(run / LORA_FILE, 1.0)] if run / LORA_FILE in files else [])
     word, vectors = load_embedding(model.text, run / EMBEDDING_FILE) if run / EMBEDDING_FILE in files else ("rraj", 1)
     figures = judged(e, model, lambda prompt: name_the_word(move(prompt), "rraj", word, vectors))
     return figures | {"bytes": sum(f.stat().st_size for f in files), "seconds": e.seconds, "run": run.name,
@@ -91,8 +91,9 @@ def stored(e, name: str) -> dict:
     settings = repr(VARIANTS[name][1]) if name in VARIANTS else name
     key = {"settings": settings, "samples": e.s.samples, "seed": e.s.seed, "steps": e.s.steps}
     path = e.out / "methods" / f"{name}.json"
-    if path.is_file() and json.loads(path.read_text())["key"] == key:
-        return json.loads(path.read_text())["figures"]
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    if kept.get("key") == key:
+        return kept["figures"]
     start = time.perf_counter()
     if name == "base":
         e.tag = "methods-base"
