@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
 
 import train as train_cli
-from _train import train_like_cli
+from _train import interrupted_then_resumed, train_like_cli
 from lora_models import rel_err, write_random_lora
 from minidream.config import LORA_FILE, TrainConfig
 from minidream.formats.lora_files import (DoRAWeights, add_loras, load_lora, read_lora,
@@ -33,7 +33,7 @@ from minidream.planner.memory import plan_training
 from minidream.pipeline import sample_latents
 from minidream.quant.linear import quantise_model
 from minidream.toy.tiny import write_tiny_sdxl
-from test_ema import (capture_methods, config, interrupted_then_resumed, losses,  # noqa: F401
+from test_ema import (capture_methods, config, losses,  # noqa: F401
                       same_tensors, world)
 from test_lora_files import assert_same_outputs, base_models, loaded_by_diffusers, outputs
 
@@ -311,7 +311,7 @@ def folder(tmp_path_factory):
 def dora_file(folder, path, seed=3):
     """A DoRA file for the tiny SDXL in `folder`: UNet attention and conv1, text attention."""
     throwaway = load_model(folder)
-    unet, te1, te2 = throwaway.unet, throwaway.text.text_encoder, throwaway.text.text_encoder_2
+    unet, te1 = throwaway.unet, throwaway.text.text_encoder
     inject_dora(unet, UNET_ATTENTION + ("resnets.0.conv1",), rank=4, alpha=8)
     inject_dora(te1, "text", rank=2, alpha=2)
     for i, model in enumerate((unet, te1)):

@@ -4,28 +4,25 @@ draws from it and training goes on from the raw weights, resume continues the av
 The fixture and helpers here also drive test_dora.py's training runs."""
 
 import csv
-import json
-import signal
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
 import minidream.training as training
-from _train import train_like_cli
+from _train import interrupted_then_resumed, train_like_cli
 from minidream.config import LORA_FILE, TrainConfig
 from minidream.method import LoRA, Method
 from minidream.methods.registry import method_class
 from minidream.methods.dora_method import DoRA
 from minidream.methods.ema import EMA, with_ema
 from minidream.optim import make_grad_scaler, resolve_precision
-from minidream.runs import Stopped
 from minidream.step import apply_gradients
 from minidream.toy.tiny import write_tiny_sdxl
+from tests.test_distributed import write_subject
 
 
 # ----------------------------------------------------------------------------- the rule on a toy
@@ -115,17 +112,10 @@ def test_the_decay_chooses_the_class():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tiny model and a subject folder of two photos."""
+    """A tiny model and a subject folder of four photos."""
     root = tmp_path_factory.mktemp("world")
     model = write_tiny_sdxl(root / "tiny-sdxl")
-    subject = root / "raj"
-    subject.mkdir()
-    (subject / "subject.json").write_text(json.dumps({"token": "rraj", "class_noun": "person"}))
-    for i, size in enumerate([(72, 66), (66, 80)]):
-        img = Image.new("RGB", size, (60 * i, 120, 200 - 50 * i))
-        img.paste((250, 20, 180), (8, 8, 24, 24))
-        img.save(subject / f"{i}.png")
-    return {"model": str(model), "subject": str(subject)}
+    return {"model": str(model), "subject": str(write_subject(root))}
 
 
 def config(world, out, **overrides) -> TrainConfig:
@@ -138,26 +128,6 @@ def config(world, out, **overrides) -> TrainConfig:
 def losses(run: Path) -> list[tuple[str, ...]]:
     with open(run / "loss.csv") as f:
         return [(r["step"], r["loss"], r["grad_norm"]) for r in csv.DictReader(f)]
-
-
-def interrupted_then_resumed(cfg: TrainConfig, monkeypatch, stop_in_step: int = 3) -> Path:
-    """The run `cfg` describes, stopped by Ctrl-C during step `stop_in_step` (its checkpoint
-    written), then resumed from that checkpoint as `train.py --resume RUN` does."""
-    real_apply, calls = training.apply_gradients, []
-
-    def apply_then_signal(*args, **kw):
-        calls.append(1)
-        if len(calls) == stop_in_step:
-            signal.raise_signal(signal.SIGINT)
-        return real_apply(*args, **kw)
-
-    monkeypatch.setattr(training, "apply_gradients", apply_then_signal)
-    with pytest.raises(Stopped):
-        train_like_cli(cfg)
-    monkeypatch.setattr(training, "apply_gradients", real_apply)
-    (run,) = Path(cfg.out).glob("raj-2*")
-    assert not (run / LORA_FILE).exists()
-    return train_like_cli(TrainConfig(resume=str(run)))
 
 
 def same_tensors(a: dict, b: dict) -> bool:

@@ -4,7 +4,6 @@ freezes at the same step; diffusers' load_textual_inversion reads the word file 
 as minidream does; sample.py --lora RUN draws with both files."""
 
 import json
-import signal
 import sys
 from pathlib import Path
 
@@ -15,17 +14,14 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-import minidream.training as training
 from minidream.config import EMBEDDING_FILE, LORA_FILE, TrainConfig
 from minidream.formats.models import load_model
 from minidream.methods.pivotal import Pivotal, embedding_path
 from minidream.methods.textual_inversion import initial_vectors
 from minidream.optim import set_lr
-from minidream.runs import Stopped
 from minidream.text import encode_text
 from minidream.toy.tiny import write_tiny_sdxl
-from minidream.cli.args import resumed_config
-from _train import train_like_cli as train
+from _train import interrupted_then_resumed, train_like_cli as train
 from tests.test_distributed import write_subject
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,22 +123,7 @@ def test_the_word_freezes_bit_for_bit_while_the_lora_trains(folder, optimizer):
 
 def test_resume_across_the_freeze_reproduces_the_uninterrupted_run(root, uninterrupted, monkeypatch):
     """Stopped at step 2 (a checkpoint), resumed: the word freezes after step 3 as in one go."""
-    calls = {"n": 0}
-    real_apply = training.apply_gradients
-
-    def apply_then_signal(*args, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            signal.raise_signal(signal.SIGINT)
-        return real_apply(*args, **kw)
-
-    monkeypatch.setattr(training, "apply_gradients", apply_then_signal)
-    with pytest.raises(Stopped):
-        train(config(root, "b"))
-    monkeypatch.setattr(training, "apply_gradients", real_apply)
-    (run,) = (root / "b").glob("raj-2*")
-    assert len(losses(run)) == 3 and not (run / LORA_FILE).exists()  # header + 2 steps
-    train(resumed_config(TrainConfig(resume=str(run))))
+    run = interrupted_then_resumed(config(root, "b"), monkeypatch, stop_in_step=2)
     assert losses(run) == losses(uninterrupted)
     for name in (LORA_FILE, EMBEDDING_FILE):
         ours, theirs = load_file(run / name), load_file(uninterrupted / name)
